@@ -1,0 +1,36 @@
+"""llama_attrib: exact per-token decomposition of a stock Hugging Face LlamaForCausalLM.
+
+>>> model = llama_attrib.wrap(model)
+>>> out = model.generate(ids, decompose=True, use_cache=True,
+...                      return_dict_in_generate=True, output_attentions=True)
+>>> c = out["attentions"][0]            # one pydec.Composition per generated token
+>>> pred = c.recovery.argmax(0)
+>>> c[pred].components                  # contribution of every earlier token
+"""
+
+from .api import decompose, is_wrapped, unwrap, wrap
+from .composition import LogitComposition
+from .errors import (
+    DecompositionError,
+    LlamaAttribError,
+    UnsupportedModelError,
+    UnsupportedOptionError,
+)
+from .families import Family, register_family
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecompositionError",
+    "Family",
+    "LlamaAttribError",
+    "LogitComposition",
+    "UnsupportedModelError",
+    "UnsupportedOptionError",
+    "__version__",
+    "decompose",
+    "is_wrapped",
+    "register_family",
+    "unwrap",
+    "wrap",
+]

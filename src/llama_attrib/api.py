@@ -1,0 +1,227 @@
+"""The public entry points: ``wrap``, ``unwrap``, ``is_wrapped`` and ``decompose``.
+
+``wrap(model)`` replaces, on this instance only, ``forward`` and ``generate`` of the
+top-level model and ``forward`` of its leaf modules (embedding, RMSNorms, attentions,
+MLPs, LM head). Without ``decompose=True`` (or an enclosing ``decompose()`` block) every
+replacement calls the original and does nothing else.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import families
+from ._compat import CACHE_KEYWORDS, cache_length
+from .composition import LogitComposition
+from .errors import DecompositionError, UnsupportedOptionError
+from .patching import replace_method
+from .session import Forward, Session, completeness_error
+from .stream import strip
+
+_SENTINEL = "_llama_attrib_session"
+
+# A sum of components further than this from the real final hidden state (relative to its
+# largest entry) means components were lost: raise rather than return wrong numbers.
+_GUARD = {torch.float64: 1e-6, torch.float32: 1e-3}
+_GUARD_HALF = 5e-2
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    """Whether ``model`` is currently wrapped by llama_attrib."""
+    return _SENTINEL in model.__dict__
+
+
+def wrap(model: nn.Module) -> nn.Module:
+    """Make ``model`` decomposable, in place, and return it.
+
+    Checks everything first (architecture, stock module classes, biases, attention
+    implementation, training mode) and raises ``UnsupportedModelError`` listing every
+    problem before anything is touched. Wrapping a model that is already wrapped returns it
+    unchanged: patches never stack, and one ``unwrap`` undoes it.
+    """
+    if is_wrapped(model):
+        return model
+    session = Session(model, families.check(model))
+    session.install(model)
+    try:
+        session.patches.append(replace_method(model, "forward", lambda f: _forward(session, model, f)))
+        session.patches.append(replace_method(model, "generate", lambda g: _generate(session, g)))
+    except BaseException:
+        session.restore()
+        raise
+    model.__dict__[_SENTINEL] = session
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Undo :func:`wrap` exactly: every module's ``__dict__`` is as it was before."""
+    session = model.__dict__.pop(_SENTINEL, None)
+    if session is None:
+        raise ValueError("unwrap: this model is not wrapped by llama_attrib")
+    session.restore()
+    return model
+
+
+@contextmanager
+def decompose(model: nn.Module) -> Iterator[nn.Module]:
+    """Decompose every forward and generate inside the block, without extra arguments.
+
+    Wraps the model on entry if needed and unwraps it on exit (also on an exception); a
+    model that was already wrapped stays wrapped. Blocks nest.
+    """
+    wrapped_here = not is_wrapped(model)
+    wrap(model)
+    session: Session = model.__dict__[_SENTINEL]
+    session.forced += 1
+    try:
+        yield model
+    finally:
+        session.forced -= 1
+        if wrapped_here and model.__dict__.get(_SENTINEL) is session:
+            unwrap(model)
+
+
+def _forward(session: Session, model: nn.Module, original: Forward) -> Forward:
+    signature = inspect.signature(original)
+
+    def forward(*args: Any, decompose: bool | None = None, **kwargs: Any) -> Any:
+        if not session.wants(decompose):
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        options = _options(bound, signature)
+        _check_forward_options(options)
+        _set_option(bound, signature, "output_attentions", False)
+        cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
+        session.begin(cache_length(cache))
+        failed = True
+        try:
+            out = original(*bound.args, **bound.kwargs)
+            failed = False
+        finally:
+            head = session.end(failed)
+        return _attach(session, model, out, head)
+
+    return forward
+
+
+def _attach(session: Session, model: nn.Module, out: Any, head: Any) -> Any:
+    """Put the last position's LogitComposition in ``out["attentions"]``."""
+    if head is None:
+        raise DecompositionError("the decomposed forward never reached the LM head")
+    real, comps = head
+    tol = _GUARD.get(real.dtype, _GUARD_HALF)
+    err = completeness_error(real, comps)
+    if not err <= tol:
+        session.clear_caches()
+        raise DecompositionError(
+            f"components do not add up to the final hidden state (relative error {err:.2e} > "
+            f"{tol:.0e}); an operation outside llama_attrib's rules changed the hidden state"
+        )
+    for key in ("hidden_states", "last_hidden_state"):
+        if out.get(key) is not None:
+            out[key] = strip(out[key])
+    hidden, logits = comps[:, :, -1].detach(), out["logits"][:, -1]
+    if hidden.shape[1] == 1:
+        hidden, logits = hidden[:, 0], logits[0]
+    weight: torch.Tensor = model.get_submodule("lm_head").weight
+    composition = LogitComposition(hidden, weight.detach(), logits)
+    out["attentions"] = composition
+    if session.steps is not None:
+        session.steps.append(composition)
+    return out
+
+
+def _options(bound: inspect.BoundArguments, signature: inspect.Signature) -> dict[str, Any]:
+    """All arguments of a bound call, with the ``**kwargs`` ones flattened in."""
+    options = dict(bound.arguments)
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            options.update(options.pop(name, {}))
+    return options
+
+
+def _set_option(bound: inspect.BoundArguments, signature: inspect.Signature, key: str, value: Any) -> None:
+    if key in signature.parameters:
+        bound.arguments[key] = value
+        return
+    for name, param in signature.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.arguments.setdefault(name, {})[key] = value
+
+
+def _check_forward_options(options: dict[str, Any]) -> None:
+    if options.get("inputs_embeds") is not None:
+        raise UnsupportedOptionError(
+            "decompose=True needs input_ids: with inputs_embeds there are no tokens to attribute to"
+        )
+    if options.get("input_ids") is None:
+        raise UnsupportedOptionError("decompose=True needs input_ids")
+    if options.get("return_dict") is False:
+        raise UnsupportedOptionError(
+            "decompose=True returns the decomposition in the output's 'attentions': "
+            "call without return_dict=False"
+        )
+
+
+_REFUSED_GENERATION = {
+    "num_beams": (lambda v: v is not None and v > 1, "beam search (num_beams > 1)"),
+    "assistant_model": (lambda v: v is not None, "assisted generation (assistant_model)"),
+    "prompt_lookup_num_tokens": (lambda v: v is not None, "prompt lookup decoding"),
+    "cache_implementation": (
+        lambda v: v not in (None, "dynamic"),
+        "a cache other than the default dynamic cache (cache_implementation)",
+    ),
+}
+
+
+def _generation_option(default_config: Any, kwargs: dict[str, Any], key: str) -> Any:
+    """The value generate will use for ``key``: keyword, else generation_config, else default."""
+    if key in kwargs:
+        return kwargs[key]
+    config = kwargs.get("generation_config") or default_config
+    return getattr(config, key, None)
+
+
+def _generate(session: Session, original: Forward) -> Forward:
+    generation_config = getattr(getattr(original, "__self__", None), "generation_config", None)
+
+    def generate(*args: Any, decompose: bool | None = None, **kwargs: Any) -> Any:
+        if not session.wants(decompose):
+            return original(*args, **kwargs)
+        problems = [
+            what
+            for key, (refused, what) in _REFUSED_GENERATION.items()
+            if refused(_generation_option(generation_config, kwargs, key))
+        ]
+        if problems:
+            raise UnsupportedOptionError(
+                "decompose=True does not support " + ", ".join(problems) + " yet; use greedy "
+                "search or sampling"
+            )
+        if kwargs.get("return_dict_in_generate") is False:
+            raise UnsupportedOptionError(
+                "decompose=True returns one Composition per generated token in "
+                "out['attentions']: call with return_dict_in_generate=True"
+            )
+        kwargs = {**kwargs, "return_dict_in_generate": True, "output_attentions": False}
+        if session.steps is not None:
+            raise DecompositionError("a decomposed generate was called from inside another one")
+        session.steps = []
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            steps, session.steps = session.steps, None
+            session.clear_caches()
+        out["attentions"] = tuple(steps)
+        return out
+
+    return generate
+
+
+__all__ = ["decompose", "is_wrapped", "unwrap", "wrap"]

@@ -1,0 +1,118 @@
+"""A ``pydec.Composition`` of logits over the vocabulary, computed lazily.
+
+A full Composition of one position's logits holds ``components x vocab`` numbers (for a
+300-token sequence and a 49k vocabulary, 59 MB per generated token). The LM head is linear,
+so it is enough to keep the decomposed final hidden state ``[C, *batch, hidden]`` and the
+head's weight: ``c[token]`` costs one dot product per component, ``c.recovery`` one
+vector-matrix product, and only ``c.components`` materialises the full tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydec
+import torch
+from torch import Tensor
+
+
+class LogitComposition(pydec.Composition):  # type: ignore[misc]
+    """Logits ``[*batch, vocab]`` as components ``[C, *batch, vocab]`` (residual zero).
+
+    ``hidden``: decomposed final hidden state ``[C, *batch, hidden]``; ``weight``: the LM
+    head's ``[vocab, hidden]`` weight (shared, not copied); ``logits``: the real logits the
+    model returned, kept for reference (``recovery`` is the components' sum).
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, logits: Tensor) -> None:
+        self._hidden = hidden
+        self._weight = weight
+        self.logits = logits
+        self._full: Tensor | None = None
+        self._zeros: Tensor | None = None
+
+    # pydec's methods read these two attributes; they materialise on first use.
+    @property  # type: ignore[override]
+    def _component_tensor(self) -> Tensor:
+        if self._full is None:
+            self._full = torch.matmul(self._hidden, self._w())
+        return self._full
+
+    @_component_tensor.setter
+    def _component_tensor(self, value: Tensor) -> None:
+        self._full = value
+
+    @property  # type: ignore[override]
+    def _residual_tensor(self) -> Tensor:
+        if self._zeros is None:
+            self._zeros = self._hidden.new_zeros(self.shape)
+        return self._zeros
+
+    @_residual_tensor.setter
+    def _residual_tensor(self, value: Tensor) -> None:
+        self._zeros = value
+
+    def _w(self) -> Tensor:
+        """The head weight as ``[hidden, vocab]``, in component precision."""
+        return self._row(slice(None)).T
+
+    def _row(self, index: int | slice) -> Tensor:
+        return self._weight[index].to(device=self._hidden.device, dtype=self._hidden.dtype)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self._hidden.shape[1:-1], self._weight.shape[0]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._hidden.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._hidden.device
+
+    @property
+    def hidden(self) -> Tensor:
+        """The decomposed final hidden state ``[C, *batch, hidden]`` (after the final norm)."""
+        return self._hidden
+
+    @property
+    def recovery(self) -> Tensor:
+        """Sum of the components: the logits ``[*batch, vocab]`` they add up to."""
+        return torch.matmul(self._hidden.sum(0), self._w())
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def numc(self) -> int:
+        return int(self._hidden.shape[0])
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, indices: Any) -> pydec.Composition:
+        """``c[token]`` (or ``c[row, token]`` for a batch) without building the full tensor."""
+        if self._full is not None or pydec.is_c_accessing_enabled():
+            return super().__getitem__(indices)
+        if not isinstance(indices, tuple):
+            indices = (indices,)
+        batch_dims = len(self.shape) - 1
+        if len(indices) != batch_dims + 1 or any(i is Ellipsis or i is None for i in indices):
+            return super().__getitem__(indices)
+        token = indices[-1]
+        if isinstance(token, Tensor) and token.dim() == 0:
+            token = int(token)
+        if not isinstance(token, int):
+            return super().__getitem__(indices)
+        hidden = self._hidden[(slice(None), *indices[:-1])]  # [C, *rest, hidden]
+        components = torch.matmul(hidden, self._row(token))
+        return pydec.Composition(components, components.new_zeros(components.shape[1:]))
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"LogitComposition(size={tuple(self.shape)}, components={self.numc()}, dtype={self.dtype})"

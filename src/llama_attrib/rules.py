@@ -1,0 +1,202 @@
+"""The decomposition rules: pure maths on components, one function per module kind.
+
+Shapes: the real hidden state is ``[batch, seq, hidden]``; its decomposition is
+``components`` of shape ``[C, batch, seq, hidden]`` with one component per position of the
+sequence so far (``C = past + seq``), summing to the real hidden state. Every rule reads its
+hyperparameters (eps, heads, scaling) from the module, never from a copy of the config.
+
+Frozen factors (RMSNorm scales, attention probabilities, the SwiGLU gate) are computed from
+the real hidden state and applied to every component alike, so each rule is linear in the
+components and their sum follows the real computation.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import DecompositionError
+
+# Keep one chunk's intermediate tensors (e.g. the MLP's [chunk, batch, seq, intermediate])
+# under this many elements, so memory follows the largest tensor kept, not C times it.
+CHUNK_ELEMENTS = 1 << 26
+
+
+def _linear(x: Tensor, layer: nn.Module) -> Tensor:
+    """A bias-free ``nn.Linear`` applied to components in their own precision."""
+    weight: Tensor = layer.weight  # type: ignore[assignment]
+    return F.linear(x, weight.to(device=x.device, dtype=x.dtype))
+
+
+def _chunked(fn: Callable[[Tensor], Tensor], comps: Tensor, width: int) -> Tensor:
+    """Apply ``fn`` to slices of ``comps`` along the component dimension.
+
+    ``width`` is the number of elements ``fn`` creates per component at its widest point.
+    """
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, width))
+    if comps.shape[0] <= per_chunk:
+        return fn(comps)
+    return torch.cat([fn(part) for part in comps.split(per_chunk)], dim=0)
+
+
+@torch.no_grad()
+def embedding(real: Tensor, offset: int, dtype: torch.dtype) -> Tensor:
+    """Token embeddings ``[batch, seq, hidden]`` -> components ``[offset+seq, batch, seq, hidden]``.
+
+    Position ``j`` of this call is sequence position ``offset + j``: its embedding is that
+    component's whole value there, every other component is zero.
+    """
+    batch, seq, hidden = real.shape
+    comps = real.new_zeros((offset + seq, batch, seq, hidden), dtype=dtype)
+    pos = torch.arange(seq, device=real.device)
+    comps[offset + pos, :, pos, :] = real.transpose(0, 1).to(dtype)
+    return comps
+
+
+@torch.no_grad()
+def rms_norm(module: nn.Module, real: Tensor, comps: Tensor) -> Tensor:
+    """``weight * x / rms(x)``: the scale ``1/rms`` comes from the real ``x``."""
+    eps = float(module.variance_epsilon)  # type: ignore[arg-type]
+    variance = real.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    scale = torch.rsqrt(variance + eps).to(comps.dtype)
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    return comps * scale * weight.to(comps.dtype)
+
+
+@torch.no_grad()
+def mlp(module: nn.Module, real: Tensor, comps: Tensor) -> Tensor:
+    """``down(act(gate(x)) * up(x))``: the gate ``act(gate(x))`` comes from the real ``x``."""
+    gate = module.act_fn(module.gate_proj(real)).to(comps.dtype)  # type: ignore[operator]
+    width = gate[0].numel() * 2
+
+    def rule(part: Tensor) -> Tensor:
+        return _linear(_linear(part, module.up_proj) * gate, module.down_proj)  # type: ignore[arg-type]
+
+    return _chunked(rule, comps, width)
+
+
+class ValueCache:
+    """One layer's cache for decomposition: rotated keys and decomposed values.
+
+    Buffers grow by doubling and are written in place, so a generation step costs what its
+    own maths costs; nothing is re-padded or copied per step. Values are stored
+    component-major, ``[C_cap, batch, kv_heads, S_cap, head_dim]`` (``C == S``: one component
+    per position), so the first ``C`` components over the first ``S`` positions are a view.
+    """
+
+    def __init__(self) -> None:
+        self.length = 0
+        self._keys: Tensor | None = None
+        self._values: Tensor | None = None
+
+    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Add ``keys [B, kv, q, hd]`` and ``values [C, B, kv, q, hd]``; return all of both."""
+        q = keys.shape[2]
+        end = self.length + q
+        if values.shape[0] != end:
+            raise DecompositionError(
+                f"decomposed cache holds {self.length} positions but the new values have "
+                f"{values.shape[0]} components for {q} new positions"
+            )
+        self._reserve(end, keys, values)
+        assert self._keys is not None and self._values is not None
+        self._keys[:, :, self.length : end] = keys
+        self._values[:end, :, :, self.length : end] = values
+        self.length = end
+        return self._keys[:, :, :end], self._values[:end, :, :, :end]
+
+    def _reserve(self, needed: int, keys: Tensor, values: Tensor) -> None:
+        capacity = 0 if self._keys is None else self._keys.shape[2]
+        if needed <= capacity:
+            return
+        capacity = max(needed, 2 * capacity, 16)
+        b, kv, _, hd = keys.shape
+        new_keys = keys.new_empty((b, kv, capacity, hd))
+        new_values = values.new_zeros((capacity, b, kv, capacity, hd))
+        if self._keys is not None and self._values is not None:
+            n = self.length
+            new_keys[:, :, :n] = self._keys[:, :, :n]
+            new_values[:n, :, :, :n] = self._values[:n, :, :, :n]
+        self._keys, self._values = new_keys, new_values
+
+
+def _rope(module: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The model's own ``apply_rotary_pos_emb`` (from the module that defines the class)."""
+    return sys.modules[type(module).__module__].apply_rotary_pos_emb  # type: ignore[no-any-return]
+
+
+def _additive_mask(mask: Tensor | None, batch: int, q: int, past: int, device: torch.device) -> Tensor:
+    """The stock mask (None, bool or additive float) as an additive float32 ``[B, 1, q, S]``."""
+    s = past + q
+    neg = torch.finfo(torch.float32).min
+    if mask is None:
+        rows = torch.arange(q, device=device)[:, None] + past
+        allowed = torch.arange(s, device=device)[None, :] <= rows
+        return torch.where(allowed, 0.0, neg)[None, None].expand(batch, 1, q, s)
+    if mask.shape[-1] != s or mask.shape[-2] != q:
+        raise DecompositionError(
+            f"attention mask of shape {tuple(mask.shape)} does not match {q} queries over {s} keys"
+        )
+    if mask.dtype == torch.bool:
+        return torch.where(mask, 0.0, neg)
+    return mask.to(torch.float32).clamp(min=neg)
+
+
+def attention_probs(
+    module: nn.Module,
+    real: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    mask: Tensor | None,
+    cache: ValueCache | None,
+    comps: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Attention probabilities from the real ``x`` (float32, ``[B, kv, g*q, S]``) and the
+    decomposed values ``[C, B, kv, S, hd]`` of every position so far."""
+    batch, q, _ = real.shape
+    hd = int(module.head_dim)  # type: ignore[arg-type]
+    groups = int(module.num_key_value_groups)  # type: ignore[arg-type]
+    queries = module.q_proj(real).view(batch, q, -1, hd).transpose(1, 2)  # type: ignore[operator]
+    keys = module.k_proj(real).view(batch, q, -1, hd).transpose(1, 2)  # type: ignore[operator]
+    cos, sin = position_embeddings
+    queries, keys = _rope(module)(queries, keys, cos, sin)
+    kv = keys.shape[1]
+    values = _linear(comps, module.v_proj).view(comps.shape[0], batch, q, kv, hd).transpose(2, 3)  # type: ignore[arg-type]
+    past = 0 if cache is None else cache.length
+    if cache is not None:
+        keys, values = cache.append(keys, values)
+    queries = queries.to(torch.float32).reshape(batch, kv, groups * q, hd)
+    scores = queries @ keys.to(torch.float32).transpose(-1, -2) * float(module.scaling)  # type: ignore[arg-type]
+    scores = scores.view(batch, kv * groups, q, -1)
+    scores = scores + _additive_mask(mask, batch, q, past, real.device)
+    probs = torch.softmax(scores, dim=-1).view(batch, kv, groups * q, -1)
+    return probs.to(comps.dtype), values
+
+
+@torch.no_grad()
+def attention(
+    module: nn.Module,
+    real: Tensor,
+    comps: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    mask: Tensor | None,
+    cache: ValueCache | None,
+) -> Tensor:
+    """``o(softmax(q k^T) v)``: probabilities from the real ``x``, values per component."""
+    batch, q, _ = real.shape
+    probs, values = attention_probs(module, real, position_embeddings, mask, cache, comps)
+    c, _, kv, s, hd = values.shape
+    groups = probs.shape[2] // q
+    if groups * q <= hd:
+        # Few queries (generation steps): batch over components, reading the cache as a view.
+        out = torch.matmul(probs.unsqueeze(0), values)  # [C, B, kv, g*q, hd]
+        out = out.view(c, batch, kv, groups, q, hd).permute(0, 1, 4, 2, 3, 5)
+    else:
+        # Many queries (a prompt): components go into the matrix columns, one big matmul.
+        cols = values.permute(1, 2, 3, 0, 4).reshape(batch, kv, s, c * hd)
+        out = torch.matmul(probs, cols).view(batch, kv, groups, q, c, hd).permute(4, 0, 3, 1, 2, 5)
+    out = out.reshape(c, batch, q, kv * groups * hd)
+    return _linear(out, module.o_proj)  # type: ignore[arg-type]

@@ -1,0 +1,187 @@
+"""State of one wrapped model, and the replacement forwards of its leaf modules.
+
+All state lives on a :class:`Session` stored on the model instance (never in module
+globals), so two wrapped models never share anything. Each replacement forward first asks
+whether this call decomposes; if not it calls the original forward and nothing else.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import families, rules
+from ._compat import cache_length, find_cache
+from .errors import DecompositionError
+from .patching import Patch, replace_method, restore_all
+from .stream import DecomposedTensor, split
+
+Forward = Callable[..., Any]
+
+
+def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str, position: int) -> Any:
+    return kwargs[name] if name in kwargs else (args[position] if len(args) > position else None)
+
+
+class Session:
+    """Everything llama_attrib keeps for one wrapped model."""
+
+    def __init__(self, model: nn.Module, family: families.Family) -> None:
+        self.family = family
+        self.dtype = families.component_dtype(model)
+        self.patches: list[Patch] = []
+        self.forced = 0  # depth of enclosing ``decompose()`` blocks
+        self.steps: list[Any] | None = None  # collecting a decomposed generate
+        self.active = False  # the current forward decomposes
+        self.offset = 0  # positions already in the cache when the current forward began
+        self.head: tuple[Tensor, Tensor] | None = None  # LM head input: real, components
+        self._caches: dict[int, rules.ValueCache] = {}
+        self._owners: dict[int, weakref.ref[Any]] = {}
+
+    def wants(self, decompose: bool | None) -> bool:
+        """Whether a call decomposes: an explicit ``decompose=`` wins over the context."""
+        if decompose is not None:
+            return bool(decompose)
+        return self.forced > 0 or self.steps is not None
+
+    # -- one decomposed forward -------------------------------------------------------
+    def begin(self, offset: int) -> None:
+        if self.active:
+            raise DecompositionError("a decomposed forward was called from inside another one")
+        if offset == 0:
+            self.clear_caches()
+        self.active, self.offset, self.head = True, offset, None
+
+    def end(self, failed: bool) -> tuple[Tensor, Tensor] | None:
+        head, self.active, self.head = self.head, False, None
+        if failed:
+            self.clear_caches()
+        return head
+
+    def clear_caches(self) -> None:
+        self._caches.clear()
+        self._owners.clear()
+
+    def value_cache(self, layer_idx: int, cache: Any) -> rules.ValueCache | None:
+        """This layer's decomposed cache, checked against the transformers cache it mirrors."""
+        if cache is None:
+            return None
+        past = cache_length(cache, layer_idx)
+        if past != self.offset:
+            raise DecompositionError(
+                f"layer {layer_idx}'s cache holds {past} positions, the call began with "
+                f"{self.offset}: caches that differ per layer are not supported"
+            )
+        if past == 0:
+            self._caches[layer_idx] = rules.ValueCache()
+            self._owners[layer_idx] = weakref.ref(cache)
+        entry = self._caches.get(layer_idx)
+        owner = self._owners.get(layer_idx)
+        if entry is None or owner is None or owner() is not cache or entry.length != past:
+            raise DecompositionError(
+                f"the cache passed in holds {past} positions that were not decomposed by this "
+                "model's decomposed calls; decompose from an empty cache (or none), e.g. "
+                "generate with decompose=True from the start"
+            )
+        return entry
+
+    # -- installing the leaf rules ----------------------------------------------------
+    def install(self, model: nn.Module) -> None:
+        """Patch every leaf module's forward; on any failure undo what was done."""
+        makers = {
+            families.EMBEDDING: self._embedding,
+            families.NORM: self._norm,
+            families.ATTENTION: self._attention,
+            families.MLP: self._mlp,
+            families.LM_HEAD: self._lm_head,
+        }
+        try:
+            for role, module in families.roles(model, self.family):
+                self.patches.append(replace_method(module, "forward", _bind(makers[role], module)))
+        except BaseException:
+            restore_all(self.patches)
+            raise
+
+    def restore(self) -> None:
+        restore_all(self.patches)
+        self.clear_caches()
+
+    def _embedding(self, module: nn.Module, original: Forward) -> Forward:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            if not self.active:
+                return out
+            return DecomposedTensor.wrap(out, rules.embedding(out, self.offset, self.dtype))
+
+        return forward
+
+    def _norm(self, module: nn.Module, original: Forward) -> Forward:
+        def forward(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self.active:
+                return original(hidden_states, *args, **kwargs)
+            real, comps = split(hidden_states)
+            out = original(real, *args, **kwargs)
+            return DecomposedTensor.wrap(out, rules.rms_norm(module, real, comps))
+
+        return forward
+
+    def _mlp(self, module: nn.Module, original: Forward) -> Forward:
+        def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self.active:
+                return original(x, *args, **kwargs)
+            real, comps = split(x)
+            out = original(real, *args, **kwargs)
+            return DecomposedTensor.wrap(out, rules.mlp(module, real, comps))
+
+        return forward
+
+    def _attention(self, module: nn.Module, original: Forward) -> Forward:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not self.active:
+                return original(*args, **kwargs)
+            real, comps = split(_argument(args, kwargs, "hidden_states", 0))
+            if "hidden_states" in kwargs:
+                kwargs["hidden_states"] = real
+            else:
+                args = (real, *args[1:])
+            cache = self.value_cache(int(module.layer_idx), find_cache(kwargs))  # type: ignore[arg-type]
+            out, weights = original(*args, **kwargs)
+            comps_out = rules.attention(
+                module,
+                real,
+                comps,
+                _argument(args, kwargs, "position_embeddings", 1),
+                _argument(args, kwargs, "attention_mask", 2),
+                cache,
+            )
+            return DecomposedTensor.wrap(out, comps_out), weights
+
+        return forward
+
+    def _lm_head(self, module: nn.Module, original: Forward) -> Forward:
+        def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self.active:
+                return original(x, *args, **kwargs)
+            real, comps = split(x)
+            self.head = (real, comps)
+            return original(real, *args, **kwargs)
+
+        return forward
+
+
+def _bind(maker: Callable[[nn.Module, Forward], Forward], module: nn.Module) -> Callable[[Forward], Forward]:
+    def make(original: Forward) -> Forward:
+        return maker(module, original)
+
+    return make
+
+
+def completeness_error(real: Tensor, comps: Tensor) -> float:
+    """Largest ``|sum(components) - real|`` relative to the largest ``|real|``."""
+    total = comps.sum(0).to(torch.float64)
+    scale = real.abs().max().clamp(min=1e-30).double()
+    return float(((total - real.double()).abs().max() / scale).item())

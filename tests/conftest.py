@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random Llama models built here, the reference checkpoint, SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = Path(os.environ.get("LLAMA_ATTRIB_REFERENCE", REFERENCE))
+
+ROPE_SCALINGS: dict[str, dict[str, Any] | None] = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+    "longrope": {
+        "rope_type": "longrope",
+        "factor": 2.0,
+        "short_factor": [1.0] * 4,
+        "long_factor": [1.5] * 4,
+        "original_max_position_embeddings": 32,
+    },
+}
+
+
+def tiny_config(
+    kv_heads: int = 2, rope: str = "default", tied: bool = False, attn: str = "sdpa", layers: int = 2
+) -> LlamaConfig:
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        rope_scaling=ROPE_SCALINGS[rope],
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config._attn_implementation = attn
+    return config
+
+
+@cache
+def _tiny_state(kv_heads: int, rope: str, tied: bool) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1234 + kv_heads + len(rope) + tied)
+    model = LlamaForCausalLM(tiny_config(kv_heads, rope, tied))
+    # Larger-than-default weights so that attention is not uniform and the MLP matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def tiny_model(
+    kv_heads: int = 2,
+    rope: str = "default",
+    tied: bool = False,
+    attn: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+) -> LlamaForCausalLM:
+    """A fresh tiny random Llama (same weights for the same shape, whatever ``attn``)."""
+    model = LlamaForCausalLM(tiny_config(kv_heads, rope, tied, attn))
+    model.load_state_dict(_tiny_state(kv_heads, rope, tied), strict=False)
+    if tied:
+        model.tie_weights()
+    return model.to(dtype).eval()
+
+
+def prompt(length: int = 7, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 96, (batch, length), generator=g)
+    ids[:, 0] = 1
+    return ids
+
+
+def reference_case(name: str = "tiny_mha") -> tuple[Path, dict[str, Any]]:
+    folder = REFERENCE / name
+    if not folder.is_dir():
+        pytest.fail(f"reference folder {folder} is missing (set LLAMA_ATTRIB_REFERENCE)")
+    return folder, json.loads((folder / "reference.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[Any, Any]:
+    from llama_attrib.models import load
+
+    return load()

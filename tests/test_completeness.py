@@ -1,0 +1,78 @@
+"""Components sum to the real logit, on random tiny configs of every supported kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llama_attrib
+from conftest import ROPE_SCALINGS, prompt, tiny_model
+
+CONFIGS = [
+    pytest.param(kv, rope, tied, attn, id=f"kv{kv}-{rope}-{'tied' if tied else 'untied'}-{attn}")
+    for kv, rope, tied, attn in [
+        (4, "default", False, "eager"),
+        (2, "default", True, "sdpa"),
+        (1, "default", False, "sdpa"),
+        *[(2, rope, rope == "yarn", "sdpa") for rope in ROPE_SCALINGS if rope != "default"],
+    ]
+]
+
+
+def relative_error(c: llama_attrib.LogitComposition, logits: torch.Tensor) -> float:
+    """Largest |sum of components - real logit| over the vocabulary, relative to max |logit|."""
+    total = c.components.sum(0)
+    return float((total - logits).abs().max() / logits.abs().max())
+
+
+@pytest.mark.parametrize(("kv", "rope", "tied", "attn"), CONFIGS)
+def test_forward_and_generation_complete(kv: int, rope: str, tied: bool, attn: str) -> None:
+    model = llama_attrib.wrap(tiny_model(kv, rope, tied, attn))
+    ids = prompt(9)
+    out = model(ids, decompose=True)
+    c = out["attentions"]
+    assert c.shape == (96,) and c.numc() == 9
+    assert relative_error(c, out.logits[0, -1]) <= 1e-5
+    gen = model.generate(
+        ids,
+        decompose=True,
+        use_cache=True,
+        return_dict_in_generate=True,
+        output_attentions=True,
+        output_scores=True,
+        max_new_tokens=6,
+        do_sample=False,
+    )
+    assert len(gen["attentions"]) == 6
+    for k, (c, scores) in enumerate(zip(gen["attentions"], gen.scores, strict=True)):
+        assert c.numc() == 9 + k
+        assert relative_error(c, c.logits) <= 1e-5
+        # the logits the components sum to are generate's own scores (greedy, no processors)
+        assert torch.equal(c.logits, scores[0])
+        pred = c.recovery.argmax(0)
+        assert int(pred) == int(gen.sequences[0, 9 + k])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "bound"), [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)], ids=["float16", "bfloat16"]
+)
+def test_half_precision_bounds(dtype: torch.dtype, bound: float) -> None:
+    """Components are accumulated in float32; the gap to the half-precision logits is the
+    model's own rounding. Bounds measured here: see the README."""
+    model = llama_attrib.wrap(tiny_model(2, dtype=dtype))
+    ids = prompt(9)
+    gen = model.generate(ids, decompose=True, return_dict_in_generate=True, max_new_tokens=4, do_sample=False)
+    for c in gen["attentions"]:
+        assert c.dtype == torch.float32
+        err = float((c.recovery - c.logits.float()).abs().max() / c.logits.float().abs().max())
+        assert err <= bound
+    reference = llama_attrib.unwrap(model).generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(gen.sequences, reference)
+
+
+def test_float32_components_against_float64() -> None:
+    """float32 components agree with the same decomposition run in float64."""
+    ids = prompt(9)
+    c32 = llama_attrib.wrap(tiny_model(2))(ids, decompose=True)["attentions"]
+    c64 = llama_attrib.wrap(tiny_model(2, dtype=torch.float64))(ids, decompose=True)["attentions"]
+    assert torch.allclose(c32.components.double(), c64.components, atol=1e-4, rtol=1e-4)
