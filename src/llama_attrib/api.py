@@ -129,7 +129,7 @@ def _attach(session: Session, model: nn.Module, out: Any, head: Any) -> Any:
     hidden, logits = comps[:, :, -1].detach(), out["logits"][:, -1]
     if hidden.shape[1] == 1:
         hidden, logits = hidden[:, 0], logits[0]
-    weight: torch.Tensor = model.get_submodule("lm_head").weight
+    weight: Any = model.get_submodule("lm_head").weight
     composition = LogitComposition(hidden, weight.detach(), logits)
     out["attentions"] = composition
     if session.steps is not None:

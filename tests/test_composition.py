@@ -1,0 +1,42 @@
+"""LogitComposition: lazy indexing equals the materialised pydec Composition."""
+
+from __future__ import annotations
+
+import pydec
+import torch
+
+from llama_attrib import LogitComposition
+
+
+def make(batch: tuple[int, ...] = ()) -> LogitComposition:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, *batch, 8, generator=g)
+    weight = torch.randn(11, 8, generator=g)
+    return LogitComposition(hidden, weight, (hidden.sum(0) @ weight.T))
+
+
+def test_lazy_index_equals_full_components() -> None:
+    c = make()
+    full = c.components
+    assert full.shape == (5, 11) and c.shape == (11,) and c.numc() == 5
+    for token in (0, 7, torch.tensor(3)):
+        assert torch.allclose(c[token].components, full[:, int(token)])
+    assert isinstance(c[2], pydec.Composition)
+    assert torch.allclose(c.recovery, full.sum(0), atol=1e-5)
+    assert torch.allclose(c.recovery, c.logits, atol=1e-5)
+
+
+def test_batched_index_and_fallback_indexing() -> None:
+    c = make((3,))
+    assert c.shape == (3, 11)
+    lazy = c[1, 4].components
+    sliced = c[:, 2:4]  # not a single token: falls back to the full Composition
+    assert torch.allclose(lazy, c.components[:, 1, 4])
+    assert sliced.components.shape == (5, 3, 2)
+
+
+def test_pydec_operations_work() -> None:
+    c = make()
+    doubled = c * 2
+    assert torch.allclose(doubled.components, 2 * c.components)
+    assert "LogitComposition" in repr(c)

@@ -1,0 +1,125 @@
+"""Decomposed generation: same tokens as plain generation, cached = uncached, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llama_attrib
+from conftest import prompt, tiny_model
+
+GEN = {"return_dict_in_generate": True, "output_attentions": True, "max_new_tokens": 8}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tokens_identical_to_plain_generate(attn: str) -> None:
+    model = tiny_model(2, attn=attn)
+    ids = prompt(11)
+    plain = model.generate(ids, max_new_tokens=8, do_sample=False)
+    llama_attrib.wrap(model)
+    out = model.generate(ids, decompose=True, use_cache=True, do_sample=False, **GEN)
+    assert torch.equal(out.sequences, plain)
+
+
+def test_cached_equals_uncached() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = prompt(10)
+    cached = model.generate(ids, decompose=True, use_cache=True, do_sample=False, **GEN)
+    uncached = model.generate(ids, decompose=True, use_cache=False, do_sample=False, **GEN)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached["attentions"], uncached["attentions"], strict=True):
+        assert torch.allclose(a.components, b.components, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_give_the_same_numbers() -> None:
+    ids = prompt(10)
+    outs = [
+        llama_attrib.wrap(tiny_model(2, attn=attn)).generate(ids, decompose=True, do_sample=False, **GEN)
+        for attn in ("eager", "sdpa")
+    ]
+    for a, b in zip(outs[0]["attentions"], outs[1]["attentions"], strict=True):
+        assert torch.allclose(a.components, b.components, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_same_tokens_and_decomposes_the_sampled_token() -> None:
+    model = tiny_model(2)
+    ids = prompt(8)
+    options = {"do_sample": True, "temperature": 1.5, "top_k": 0, "max_new_tokens": 8}
+    torch.manual_seed(7)
+    plain = model.generate(ids, **options)
+    llama_attrib.wrap(model)
+    torch.manual_seed(7)
+    out = model.generate(ids, decompose=True, return_dict_in_generate=True, **options)
+    assert torch.equal(out.sequences, plain)
+    for k, c in enumerate(out["attentions"]):
+        token = int(out.sequences[0, 8 + k])  # the sampled token, not necessarily the argmax
+        scores = c[token].components
+        assert scores.shape == (8 + k,)
+        assert torch.allclose(scores.sum(), c.logits[token], atol=1e-5, rtol=1e-5)
+
+
+def test_decompose_block_needs_no_extra_argument() -> None:
+    model = tiny_model(2)
+    ids = prompt(6)
+    with llama_attrib.decompose(model):
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+        forward = model(ids)
+    assert len(out["attentions"]) == 3
+    assert isinstance(forward["attentions"], llama_attrib.LogitComposition)
+    assert not llama_attrib.is_wrapped(model)
+
+
+def test_seed_loop_runs_as_written() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = prompt(6)
+    out = model.generate(ids, decompose=True, use_cache=True, do_sample=False, **GEN)
+    rows = []
+    for c in out["attentions"]:
+        pred = c.recovery.argmax(dim=0)
+        for i, score in enumerate(c[pred].components):
+            rows.append((int(pred), i, float(score)))
+    assert len(rows) == sum(6 + k for k in range(8))
+
+
+def test_batch_rows_match_single_runs() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = prompt(7, batch=2, seed=3)
+    out = model(ids, decompose=True)
+    c = out["attentions"]
+    assert c.shape == (2, 96)
+    for row in range(2):
+        single = model(ids[row : row + 1], decompose=True)["attentions"]
+        token = int(single.recovery.argmax(0))
+        assert torch.allclose(c[row, token].components, single[token].components, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"num_beams": 2}, "beam search"),
+        ({"return_dict_in_generate": False}, "return_dict_in_generate=True"),
+        ({"cache_implementation": "static"}, "cache_implementation"),
+    ],
+)
+def test_unsupported_generation_options_are_refused(options: dict, message: str) -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    with pytest.raises(llama_attrib.UnsupportedOptionError, match=message):
+        model.generate(prompt(5), decompose=True, max_new_tokens=2, **options)
+
+
+def test_cache_from_a_plain_call_is_refused() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = prompt(6)
+    plain = model(ids, use_cache=True)
+    with pytest.raises(llama_attrib.DecompositionError, match="not decomposed"):
+        model(ids[:, -1:], past_key_values=plain.past_key_values, decompose=True)
+
+
+def test_forward_with_cache_continues_a_decomposed_forward() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = prompt(8)
+    first = model(ids[:, :6], use_cache=True, decompose=True)
+    step = model(ids[:, 6:], past_key_values=first.past_key_values, use_cache=True, decompose=True)
+    whole = model(ids, decompose=True)["attentions"]
+    assert step["attentions"].numc() == 8
+    assert torch.allclose(step["attentions"].components, whole.components, atol=1e-5)

@@ -1,0 +1,173 @@
+"""wrap / unwrap / decompose leave the user's model exactly as it was."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import llama_attrib
+from conftest import prompt, tiny_model
+from llama_attrib.stream import DecomposedTensor
+
+_HOOK_DICTS = [
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_state_dict_hooks",
+]
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Every module's instance ``__dict__`` (keys and object identities) and hooks."""
+    state = {}
+    for name, module in model.named_modules():
+        state[name] = {k: id(v) for k, v in module.__dict__.items() if k not in _HOOK_DICTS}
+        state[name + "#hooks"] = [len(getattr(module, h, {})) for h in _HOOK_DICTS]
+    return state
+
+
+def test_plain_calls_of_a_wrapped_model_are_bit_identical() -> None:
+    model = tiny_model(2)
+    ids = prompt(9)
+    before = model(ids).logits
+    gen_before = model.generate(ids, max_new_tokens=5, do_sample=False)
+    llama_attrib.wrap(model)
+    assert torch.equal(model(ids).logits, before)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), gen_before)
+    decomposed = model(ids, decompose=True)
+    assert torch.equal(decomposed.logits, before)
+
+
+def test_unwrap_restores_every_attribute_hook_and_logit() -> None:
+    model = tiny_model(2)
+    ids = prompt(9)
+    state, before = snapshot(model), model(ids).logits
+    signature = inspect.signature(model.forward)
+    llama_attrib.wrap(model)
+    assert llama_attrib.is_wrapped(model)
+    assert inspect.signature(model.forward) == signature
+    assert model.forward.__name__ == "forward"
+    model.generate(ids, decompose=True, return_dict_in_generate=True, max_new_tokens=3)
+    llama_attrib.unwrap(model)
+    assert not llama_attrib.is_wrapped(model)
+    assert snapshot(model) == state
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_unwrap_keeps_a_per_instance_forward_that_was_there_before() -> None:
+    model = tiny_model(2)
+    mlp = model.model.layers[0].mlp
+    original = mlp.forward
+
+    def custom(x: torch.Tensor) -> torch.Tensor:
+        return original(x)
+
+    mlp.forward = custom
+    llama_attrib.wrap(model)
+    assert mlp.__dict__["forward"] is not custom
+    llama_attrib.unwrap(model)
+    assert mlp.__dict__["forward"] is custom
+
+
+def test_wrapping_twice_is_a_no_op() -> None:
+    model = tiny_model(2)
+    state = snapshot(model)
+    assert llama_attrib.wrap(llama_attrib.wrap(model)) is model
+    llama_attrib.unwrap(model)
+    assert snapshot(model) == state
+    with pytest.raises(ValueError, match="not wrapped"):
+        llama_attrib.unwrap(model)
+
+
+def test_exception_inside_decompose_restores_the_model() -> None:
+    model = tiny_model(2)
+    state = snapshot(model)
+    with pytest.raises(KeyError), llama_attrib.decompose(model):
+        model(prompt(5))
+        raise KeyError("user code failed")
+    assert snapshot(model) == state
+
+
+def test_exception_inside_a_decomposed_forward_leaves_a_usable_model() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = prompt(6)
+    with pytest.raises(IndexError):
+        model(torch.tensor([[1, 500]]), decompose=True)  # token id out of the vocabulary
+    assert not model.__dict__["_llama_attrib_session"].active
+    assert torch.allclose(
+        model(ids, decompose=True)["attentions"].recovery, model(ids).logits[0, -1], atol=1e-5
+    )
+
+
+def test_nested_decompose_and_explicit_opt_out() -> None:
+    model = tiny_model(2)
+    ids = prompt(5)
+    with llama_attrib.decompose(model):
+        with llama_attrib.decompose(model):
+            assert model(ids)["attentions"] is not None
+        assert llama_attrib.is_wrapped(model)
+        assert model(ids, decompose=False).attentions is None
+    assert not llama_attrib.is_wrapped(model)
+
+
+def test_decompose_keeps_a_model_the_user_wrapped() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    with llama_attrib.decompose(model):
+        pass
+    assert llama_attrib.is_wrapped(model)
+
+
+def test_refusal_lists_every_problem_and_touches_nothing() -> None:
+    model = tiny_model(2)
+    model.train()
+    model.config._attn_implementation = "flash_attention_2"
+    model.model.layers[1].mlp.up_proj = nn.Linear(32, 64, bias=True)
+    state = snapshot(model)
+    with pytest.raises(llama_attrib.UnsupportedModelError) as info:
+        llama_attrib.wrap(model)
+    problems = info.value.problems
+    assert any("training mode" in p for p in problems)
+    assert any("flash_attention_2" in p for p in problems)
+    assert any("layers.1.mlp.up_proj" in p and "bias" in p for p in problems)
+    assert snapshot(model) == state
+    assert not llama_attrib.is_wrapped(model)
+
+
+def test_unknown_architecture_is_refused() -> None:
+    with pytest.raises(llama_attrib.UnsupportedModelError, match="not a supported architecture"):
+        llama_attrib.wrap(nn.Linear(2, 2))
+
+
+def test_inputs_embeds_are_refused() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    embeds = model.model.embed_tokens(prompt(4))
+    with pytest.raises(llama_attrib.UnsupportedOptionError, match="input_ids"):
+        model(inputs_embeds=embeds, decompose=True)
+
+
+def test_stream_refuses_ops_that_would_drop_components() -> None:
+    real = torch.randn(1, 3, 4)
+    stream = DecomposedTensor.wrap(real, torch.stack([real, torch.zeros_like(real)]))
+    with pytest.raises(llama_attrib.DecompositionError, match="lose the"):
+        torch.tanh(stream)
+    with pytest.raises(llama_attrib.DecompositionError, match="bias"):
+        stream + torch.ones(4)
+    both = stream + stream
+    assert torch.equal(both.components.sum(0), 2 * real)
+    assert stream[:, -1:].components.shape == (2, 1, 1, 4)
+    assert stream.shape == real.shape and stream.dtype == real.dtype
+
+
+def test_two_wrapped_models_do_not_interfere() -> None:
+    a, b = llama_attrib.wrap(tiny_model(2)), llama_attrib.wrap(tiny_model(1))
+    ids = prompt(6)
+    alone = a(ids, decompose=True)["attentions"].components
+    b(ids, decompose=True)
+    assert b(ids).attentions is None
+    assert torch.equal(a(ids, decompose=True)["attentions"].components, alone)
