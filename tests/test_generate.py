@@ -123,3 +123,20 @@ def test_forward_with_cache_continues_a_decomposed_forward() -> None:
     whole = model(ids, decompose=True)["attentions"]
     assert step["attentions"].numc() == 8
     assert torch.allclose(step["attentions"].components, whole.components, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_left_padded_batch_rows_match_single_runs(attn: str) -> None:
+    model = llama_attrib.wrap(tiny_model(2, attn=attn))
+    long, short = prompt(7, seed=1), prompt(4, seed=2)
+    ids = torch.cat([long, torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1)])
+    mask = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])
+    options = {"decompose": True, "return_dict_in_generate": True, "max_new_tokens": 4, "do_sample": False}
+    out = model.generate(ids, attention_mask=mask, pad_token_id=0, **options)
+    alone = model.generate(short, **options)
+    assert torch.equal(out.sequences[1, 7:], alone.sequences[0, 4:])
+    for k, (c, single) in enumerate(zip(out["attentions"], alone["attentions"], strict=True)):
+        token = int(alone.sequences[0, 4 + k])
+        row = c[1, token].components
+        assert torch.equal(row[:3], torch.zeros(3))  # padding contributes exactly nothing
+        assert torch.allclose(row[3:], single[token].components, atol=1e-5)
