@@ -17,8 +17,8 @@ venvs:
 	scripts/bootstrap.sh .venv-tf4 $(TF4)
 
 lint: venvs
-	.venv/bin/ruff check src tests
-	.venv/bin/ruff format --check src tests
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
 	.venv/bin/mypy
 
 test: lint

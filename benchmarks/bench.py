@@ -77,28 +77,36 @@ def model_for(shape: str) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def compare(model: LlamaForCausalLM, ids: torch.Tensor, new: int, repeat: int) -> tuple[float, ...]:
+    """Best-of-``repeat`` seconds and peak memory of plain, then decomposed, generation."""
+    kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
+
+    def plain() -> Any:
+        return model.generate(ids, **kwargs)
+
+    def decomposed() -> Any:
+        out = model.generate(ids, decompose=True, return_dict_in_generate=True, **kwargs)
+        for c in out["attentions"]:  # the seed's loop: argmax, then that token's components
+            c[c.recovery.argmax(0)].components.sum()
+        return out
+
+    with torch.inference_mode():
+        plain()  # warm-up
+        t_plain, m_plain = min(measure(plain) for _ in range(repeat))
+        llama_attrib.wrap(model)
+        try:
+            t_dec, m_dec = min(measure(decomposed) for _ in range(repeat))
+        finally:
+            llama_attrib.unwrap(model)
+    return t_plain, m_plain, t_dec, m_dec
+
+
 def run(shape: str, prompts: list[int], new: int, repeat: int) -> None:
     model = model_for(shape)
     vocab = model.config.vocab_size
     for length in prompts:
         ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(length))
-        kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
-
-        def plain() -> Any:
-            return model.generate(ids, **kwargs)
-
-        def decomposed() -> Any:
-            out = model.generate(ids, decompose=True, return_dict_in_generate=True, **kwargs)
-            for c in out["attentions"]:  # the seed's loop: argmax, then that token's components
-                c[c.recovery.argmax(0)].components.sum()
-            return out
-
-        with torch.inference_mode():
-            plain()  # warm-up
-            t_plain, m_plain = min(measure(plain) for _ in range(repeat))
-            llama_attrib.wrap(model)
-            t_dec, m_dec = min(measure(decomposed) for _ in range(repeat))
-            llama_attrib.unwrap(model)
+        t_plain, m_plain, t_dec, m_dec = compare(model, ids, new, repeat)
         print(
             f"{shape:8s} prompt {length:5d} + {new:3d} | plain {t_plain:7.2f} s {m_plain / 2**20:8.0f} MiB"
             f" | decomposed {t_dec:7.2f} s {m_dec / 2**20:8.0f} MiB | ratio {t_dec / t_plain:6.1f}x",
@@ -115,9 +123,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
-    print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, llama_attrib {llama_attrib.__version__}"
-    )
+    versions = f"torch {torch.__version__}, llama_attrib {llama_attrib.__version__}"
+    print(f"{versions}, {torch.get_num_threads()} threads")
     for shape in args.shapes.split(","):
         run(shape, [int(p) for p in args.prompts.split(",")], args.new, args.repeat)
 

@@ -188,6 +188,15 @@ def _generation_option(default_config: Any, kwargs: dict[str, Any], key: str) ->
     return getattr(config, key, None)
 
 
+def _expected_length(default_config: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """Prompt length + max_new_tokens of a generate call (0 if unknown): the size to reserve."""
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    new = _generation_option(default_config, kwargs, "max_new_tokens")
+    if not isinstance(ids, torch.Tensor) or not isinstance(new, int):
+        return 0
+    return int(ids.shape[-1]) + new
+
+
 def _generate(session: Session, original: Forward) -> Forward:
     generation_config = getattr(getattr(original, "__self__", None), "generation_config", None)
 
@@ -213,10 +222,11 @@ def _generate(session: Session, original: Forward) -> Forward:
         if session.steps is not None:
             raise DecompositionError("a decomposed generate was called from inside another one")
         session.steps = []
+        session.expected_length = _expected_length(generation_config, args, kwargs)
         try:
             out = original(*args, **kwargs)
         finally:
-            steps, session.steps = session.steps, None
+            steps, session.steps, session.expected_length = session.steps, None, 0
             session.clear_caches()
         out["attentions"] = tuple(steps)
         return out

@@ -32,15 +32,37 @@ def _linear(x: Tensor, layer: nn.Module) -> Tensor:
     return F.linear(x, weight.to(device=x.device, dtype=x.dtype))
 
 
-def _chunked(fn: Callable[[Tensor], Tensor], comps: Tensor, width: int) -> Tensor:
-    """Apply ``fn`` to slices of ``comps`` along the component dimension.
+def _causal_chunks(
+    fn: Callable[[int, int, int], Tensor], c: int, batch: int, q: int, offset: int, width: int
+) -> Tensor:
+    """Build a ``[c, batch, q, out]`` result from ``fn(c0, c1, t0)`` chunk by chunk.
 
-    ``width`` is the number of elements ``fn`` creates per component at its widest point.
+    Component ``c`` is the token at sequence position ``c``: it is exactly zero at the
+    positions of this call before ``c - offset`` (nothing flows backwards in a causal model).
+    ``fn(c0, c1, t0)`` returns components ``c0:c1`` at positions ``t0:`` only; the rest stays
+    zero. That skips the all-zero triangle of a prompt (about half the work), and chunks bound
+    the memory of ``fn``'s intermediates (``width``: elements per component and position).
     """
-    per_chunk = max(1, CHUNK_ELEMENTS // max(1, width))
-    if comps.shape[0] <= per_chunk:
-        return fn(comps)
-    return torch.cat([fn(part) for part in comps.split(per_chunk)], dim=0)
+    per_chunk = max(1, CHUNK_ELEMENTS // max(1, width * batch * q))
+    if q > 1:
+        per_chunk = min(per_chunk, max(8, -(-c // 16)))
+    if per_chunk >= c:
+        return fn(0, c, 0)
+    out: Tensor | None = None
+    for c0 in range(0, c, per_chunk):
+        c1, t0 = min(c, c0 + per_chunk), min(max(0, c0 - offset), q)
+        part = fn(c0, c1, t0)
+        if out is None:
+            out = part.new_zeros((c, batch, q, part.shape[-1]))
+        out[c0:c1, :, t0:] = part
+    assert out is not None
+    return out
+
+
+def _positionwise(fn: Callable[[Tensor, int], Tensor], comps: Tensor, offset: int, width: int) -> Tensor:
+    """:func:`_causal_chunks` for a position-wise ``fn(components, first_position)``."""
+    c, batch, q = comps.shape[:3]
+    return _causal_chunks(lambda c0, c1, t0: fn(comps[c0:c1, :, t0:], t0), c, batch, q, offset, width)
 
 
 @torch.no_grad()
@@ -62,21 +84,20 @@ def rms_norm(module: nn.Module, real: Tensor, comps: Tensor) -> Tensor:
     """``weight * x / rms(x)``: the scale ``1/rms`` comes from the real ``x``."""
     eps = float(module.variance_epsilon)  # type: ignore[arg-type]
     variance = real.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    scale = torch.rsqrt(variance + eps).to(comps.dtype)
     weight: Tensor = module.weight  # type: ignore[assignment]
-    return comps * scale * weight.to(comps.dtype)
+    factor = torch.rsqrt(variance + eps).to(comps.dtype) * weight.to(comps.dtype)  # [B, q, hidden]
+    return comps * factor
 
 
 @torch.no_grad()
-def mlp(module: nn.Module, real: Tensor, comps: Tensor) -> Tensor:
+def mlp(module: nn.Module, real: Tensor, comps: Tensor, offset: int) -> Tensor:
     """``down(act(gate(x)) * up(x))``: the gate ``act(gate(x))`` comes from the real ``x``."""
     gate = module.act_fn(module.gate_proj(real)).to(comps.dtype)  # type: ignore[operator]
-    width = gate[0].numel() * 2
 
-    def rule(part: Tensor) -> Tensor:
-        return _linear(_linear(part, module.up_proj) * gate, module.down_proj)  # type: ignore[arg-type]
+    def rule(part: Tensor, t0: int) -> Tensor:
+        return _linear(_linear(part, module.up_proj) * gate[:, t0:], module.down_proj)  # type: ignore[arg-type]
 
-    return _chunked(rule, comps, width)
+    return _positionwise(rule, comps, offset, 2 * gate.shape[-1])
 
 
 class ValueCache:
@@ -88,8 +109,9 @@ class ValueCache:
     per position), so the first ``C`` components over the first ``S`` positions are a view.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expected_length: int = 0) -> None:
         self.length = 0
+        self.expected_length = expected_length
         self._keys: Tensor | None = None
         self._values: Tensor | None = None
 
@@ -113,7 +135,9 @@ class ValueCache:
         capacity = 0 if self._keys is None else self._keys.shape[2]
         if needed <= capacity:
             return
-        capacity = max(needed, 2 * capacity, 16)
+        # First to the expected length (a generate call knows it), then by a quarter: the
+        # buffer is quadratic in length, so doubling would waste up to 3/4 of it.
+        capacity = max(needed, self.expected_length, capacity + capacity // 4, 16)
         b, kv, _, hd = keys.shape
         new_keys = keys.new_empty((b, kv, capacity, hd))
         new_values = values.new_zeros((capacity, b, kv, capacity, hd))
@@ -153,9 +177,10 @@ def attention_probs(
     mask: Tensor | None,
     cache: ValueCache | None,
     comps: Tensor,
+    offset: int,
 ) -> tuple[Tensor, Tensor]:
-    """Attention probabilities from the real ``x`` (float32, ``[B, kv, g*q, S]``) and the
-    decomposed values ``[C, B, kv, S, hd]`` of every position so far."""
+    """Attention probabilities from the real ``x`` (``[B, kv, g, q, S]``) and the decomposed
+    values ``[C, B, kv, S, hd]`` of every position so far."""
     batch, q, _ = real.shape
     hd = int(module.head_dim)  # type: ignore[arg-type]
     groups = int(module.num_key_value_groups)  # type: ignore[arg-type]
@@ -164,15 +189,14 @@ def attention_probs(
     cos, sin = position_embeddings
     queries, keys = _rope(module)(queries, keys, cos, sin)
     kv = keys.shape[1]
-    values = _linear(comps, module.v_proj).view(comps.shape[0], batch, q, kv, hd).transpose(2, 3)  # type: ignore[arg-type]
-    past = 0 if cache is None else cache.length
+    values = _positionwise(lambda part, _: _linear(part, module.v_proj), comps, offset, kv * hd)  # type: ignore[arg-type]
+    values = values.view(comps.shape[0], batch, q, kv, hd).transpose(2, 3)
     if cache is not None:
         keys, values = cache.append(keys, values)
     queries = queries.to(torch.float32).reshape(batch, kv, groups * q, hd)
     scores = queries @ keys.to(torch.float32).transpose(-1, -2) * float(module.scaling)  # type: ignore[arg-type]
-    scores = scores.view(batch, kv * groups, q, -1)
-    scores = scores + _additive_mask(mask, batch, q, past, real.device)
-    probs = torch.softmax(scores, dim=-1).view(batch, kv, groups * q, -1)
+    scores = scores.view(batch, kv * groups, q, -1) + _additive_mask(mask, batch, q, offset, real.device)
+    probs = torch.softmax(scores, dim=-1).view(batch, kv, groups, q, -1)
     return probs.to(comps.dtype), values
 
 
@@ -184,19 +208,28 @@ def attention(
     position_embeddings: tuple[Tensor, Tensor],
     mask: Tensor | None,
     cache: ValueCache | None,
+    offset: int,
 ) -> Tensor:
     """``o(softmax(q k^T) v)``: probabilities from the real ``x``, values per component."""
     batch, q, _ = real.shape
-    probs, values = attention_probs(module, real, position_embeddings, mask, cache, comps)
+    probs, values = attention_probs(module, real, position_embeddings, mask, cache, comps, offset)
     c, _, kv, s, hd = values.shape
-    groups = probs.shape[2] // q
+    groups = probs.shape[2]
+    heads = kv * groups * hd
+
     if groups * q <= hd:
         # Few queries (generation steps): batch over components, reading the cache as a view.
-        out = torch.matmul(probs.unsqueeze(0), values)  # [C, B, kv, g*q, hd]
-        out = out.view(c, batch, kv, groups, q, hd).permute(0, 1, 4, 2, 3, 5)
-    else:
+        out = torch.matmul(probs.reshape(1, batch, kv, groups * q, s), values)  # [C, B, kv, g*q, hd]
+        out = out.view(c, batch, kv, groups, q, hd).permute(0, 1, 4, 2, 3, 5).reshape(c, batch, q, heads)
+        return _linear(out, module.o_proj)  # type: ignore[arg-type]
+
+    def mix(c0: int, c1: int, t0: int) -> Tensor:
         # Many queries (a prompt): components go into the matrix columns, one big matmul.
-        cols = values.permute(1, 2, 3, 0, 4).reshape(batch, kv, s, c * hd)
-        out = torch.matmul(probs, cols).view(batch, kv, groups, q, c, hd).permute(4, 0, 3, 1, 2, 5)
-    out = out.reshape(c, batch, q, kv * groups * hd)
-    return _linear(out, module.o_proj)  # type: ignore[arg-type]
+        # Components c0:c1 have no value before key c0 and no output before query t0.
+        n, rows = c1 - c0, q - t0
+        p = probs[:, :, :, t0:, c0:].reshape(batch, kv, groups * rows, s - c0)
+        cols = values[c0:c1, :, :, c0:].permute(1, 2, 3, 0, 4).reshape(batch, kv, s - c0, n * hd)
+        out = torch.matmul(p, cols).view(batch, kv, groups, rows, n, hd).permute(4, 0, 3, 1, 2, 5)
+        return _linear(out.reshape(n, batch, rows, heads), module.o_proj)  # type: ignore[arg-type]
+
+    return _causal_chunks(mix, c, batch, q, offset, 2 * heads)

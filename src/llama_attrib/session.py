@@ -39,6 +39,7 @@ class Session:
         self.active = False  # the current forward decomposes
         self.offset = 0  # positions already in the cache when the current forward began
         self.head: tuple[Tensor, Tensor] | None = None  # LM head input: real, components
+        self.expected_length = 0  # final sequence length of the generate call, if known
         self._caches: dict[int, rules.ValueCache] = {}
         self._owners: dict[int, weakref.ref[Any]] = {}
 
@@ -77,7 +78,7 @@ class Session:
                 f"{self.offset}: caches that differ per layer are not supported"
             )
         if past == 0:
-            self._caches[layer_idx] = rules.ValueCache()
+            self._caches[layer_idx] = rules.ValueCache(self.expected_length)
             self._owners[layer_idx] = weakref.ref(cache)
         entry = self._caches.get(layer_idx)
         owner = self._owners.get(layer_idx)
@@ -135,7 +136,7 @@ class Session:
                 return original(x, *args, **kwargs)
             real, comps = split(x)
             out = original(real, *args, **kwargs)
-            return DecomposedTensor.wrap(out, rules.mlp(module, real, comps))
+            return DecomposedTensor.wrap(out, rules.mlp(module, real, comps, self.offset))
 
         return forward
 
@@ -157,6 +158,7 @@ class Session:
                 _argument(args, kwargs, "position_embeddings", 1),
                 _argument(args, kwargs, "attention_mask", 2),
                 cache,
+                self.offset,
             )
             return DecomposedTensor.wrap(out, comps_out), weights
 
