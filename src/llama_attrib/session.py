@@ -121,22 +121,22 @@ class Session:
         return forward
 
     def _norm(self, module: nn.Module, original: Forward) -> Forward:
-        def forward(hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
-            if not self.active:
-                return original(hidden_states, *args, **kwargs)
-            real, comps = split(hidden_states)
-            out = original(real, *args, **kwargs)
-            return DecomposedTensor.wrap(out, rules.rms_norm(module, real, comps))
-
-        return forward
+        return self._positionwise(module, original, rules.rms_norm)
 
     def _mlp(self, module: nn.Module, original: Forward) -> Forward:
+        return self._positionwise(module, original, lambda m, x, c: rules.mlp(m, x, c, self.offset))
+
+    def _positionwise(
+        self, module: nn.Module, original: Forward, rule: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    ) -> Forward:
+        """A leaf whose real output comes from ``original(real)`` and components from ``rule``."""
+
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
             if not self.active:
                 return original(x, *args, **kwargs)
             real, comps = split(x)
             out = original(real, *args, **kwargs)
-            return DecomposedTensor.wrap(out, rules.mlp(module, real, comps, self.offset))
+            return DecomposedTensor.wrap(out, rule(module, real, comps))
 
         return forward
 
