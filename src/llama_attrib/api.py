@@ -21,6 +21,7 @@ from ._compat import CACHE_KEYWORDS, cache_length
 from .composition import LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
 from .patching import replace_method
+from .sequence import MODES, Inputs, explain
 from .session import Forward, Session, completeness_error
 from .stream import strip
 
@@ -51,7 +52,7 @@ def wrap(model: nn.Module) -> nn.Module:
     session.install(model)
     try:
         session.patches.append(replace_method(model, "forward", lambda f: _forward(session, model, f)))
-        session.patches.append(replace_method(model, "generate", lambda g: _generate(session, g)))
+        session.patches.append(replace_method(model, "generate", lambda g: _generate(session, model, g)))
     except BaseException:
         session.restore()
         raise
@@ -90,12 +91,17 @@ def decompose(model: nn.Module) -> Iterator[nn.Module]:
 def _forward(session: Session, model: nn.Module, original: Forward) -> Forward:
     signature = inspect.signature(original)
 
-    def forward(*args: Any, decompose: bool | None = None, **kwargs: Any) -> Any:
+    def forward(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
+        if session.record is not None and decompose is None:
+            _record(session, signature, args, kwargs)
         if not session.wants(decompose):
             return original(*args, **kwargs)
+        mode = _mode(decompose, "forward")
         bound = signature.bind(*args, **kwargs)
         options = _options(bound, signature)
         _check_forward_options(options)
+        if mode == "target":
+            return _target_forward(model, original, bound, options)
         _set_option(bound, signature, "output_attentions", False)
         cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
         session.begin(cache_length(cache))
@@ -108,6 +114,40 @@ def _forward(session: Session, model: nn.Module, original: Forward) -> Forward:
         return _attach(session, model, out, head)
 
     return forward
+
+
+def _mode(decompose: bool | str | None, default: str) -> str:
+    """``True``/``None`` -> the call's default mode; a string must name a mode."""
+    if decompose is True or decompose is None:
+        return default
+    if decompose in MODES:
+        return str(decompose)
+    raise UnsupportedOptionError(f"decompose must be True, False or one of {MODES}, not {decompose!r}")
+
+
+def _record(session: Session, signature: inspect.Signature, args: Any, kwargs: dict[str, Any]) -> None:
+    """Keep the attention mask and position ids generate passes (target-mode generation)."""
+    assert session.record is not None
+    options = _options(signature.bind(*args, **kwargs), signature)
+    session.record.append((options.get("attention_mask"), options.get("position_ids")))
+
+
+def _target_forward(
+    model: nn.Module, original: Forward, bound: inspect.BoundArguments, options: dict[str, Any]
+) -> Any:
+    """A forward with ``decompose="target"``: the real output, then the last position's target."""
+    cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
+    if cache_length(cache):
+        raise UnsupportedOptionError(
+            'decompose="target" decomposes a whole sequence: call it without a filled cache, or use '
+            "decompose=True (forward mode) to continue a cached decomposition"
+        )
+    out = original(*bound.args, **bound.kwargs)
+    ids = options["input_ids"]
+    inputs = Inputs(ids, options.get("attention_mask"), options.get("position_ids"), [int(ids.shape[-1]) - 1])
+    (composition,) = explain(model, inputs, mode="target")
+    out["attentions"] = composition
+    return out
 
 
 def _attach(session: Session, model: nn.Module, out: Any, head: Any) -> Any:
@@ -169,6 +209,9 @@ def _check_forward_options(options: dict[str, Any]) -> None:
         )
 
 
+# Options of a target-mode generate that are llama_attrib's, not generate's.
+_SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress")
+
 _REFUSED_GENERATION = {
     "num_beams": (lambda v: v is not None and v > 1, "beam search (num_beams > 1)"),
     "assistant_model": (lambda v: v is not None, "assisted generation (assistant_model)"),
@@ -197,12 +240,13 @@ def _expected_length(default_config: Any, args: tuple[Any, ...], kwargs: dict[st
     return int(ids.shape[-1]) + new
 
 
-def _generate(session: Session, original: Forward) -> Forward:
+def _generate(session: Session, model: nn.Module, original: Forward) -> Forward:
     generation_config = getattr(getattr(original, "__self__", None), "generation_config", None)
 
-    def generate(*args: Any, decompose: bool | None = None, **kwargs: Any) -> Any:
+    def generate(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
         if not session.wants(decompose):
             return original(*args, **kwargs)
+        mode = _mode(decompose, "target")
         problems = [
             what
             for key, (refused, what) in _REFUSED_GENERATION.items()
@@ -219,8 +263,16 @@ def _generate(session: Session, original: Forward) -> Forward:
                 "out['attentions']: call with return_dict_in_generate=True"
             )
         kwargs = {**kwargs, "return_dict_in_generate": True, "output_attentions": False}
-        if session.steps is not None:
+        if session.steps is not None or session.record is not None:
             raise DecompositionError("a decomposed generate was called from inside another one")
+        options = {k: kwargs.pop(k) for k in _SEQUENCE_OPTIONS if k in kwargs}
+        if mode == "target":
+            return _generate_target(session, model, original, args, kwargs, options)
+        if options:
+            raise UnsupportedOptionError(
+                f"{sorted(options)} apply to target mode: use decompose=True, or "
+                "llama_attrib.decompose_sequence(..., mode='forward') on the finished sequence"
+            )
         session.steps = []
         session.expected_length = _expected_length(generation_config, args, kwargs)
         try:
@@ -232,6 +284,47 @@ def _generate(session: Session, original: Forward) -> Forward:
         return out
 
     return generate
+
+
+def _generate_target(
+    session: Session,
+    model: nn.Module,
+    original: Forward,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
+) -> Any:
+    """Plain generation (recording the masks and positions it used), then one target-mode pass."""
+    session.record, session.plain = [], session.plain + 1
+    try:
+        out = original(*args, **kwargs)
+    finally:
+        record, session.record, session.plain = session.record, None, session.plain - 1
+    sequences = out.sequences
+    prompt = int(_prompt_ids(args, kwargs).shape[-1])
+    if sequences.shape[-1] <= prompt or not record:
+        out["attentions"] = ()
+        return out
+    used = sequences[:, :-1]
+    mask, _ = record[0]
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], used.shape[1] - mask.shape[1]))], dim=1)
+    positions = [p for _, p in record]
+    position_ids = torch.cat(positions, dim=-1) if all(p is not None for p in positions) else None
+    if position_ids is not None and position_ids.shape[-1] != used.shape[-1]:
+        position_ids = None  # not a call per token: let the model derive them as generate did
+    inputs = Inputs(used, mask, position_ids, list(range(prompt - 1, used.shape[1])))
+    steps = len(inputs.positions)
+    targets = [("token", tuple(int(t) for t in sequences[:, prompt + k].tolist())) for k in range(steps)]
+    out["attentions"] = explain(model, inputs, mode="target", targets=targets, **options)
+    return out
+
+
+def _prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if not isinstance(ids, torch.Tensor):
+        raise UnsupportedOptionError("decompose=True needs the prompt's input_ids as a tensor")
+    return ids
 
 
 __all__ = ["decompose", "is_wrapped", "unwrap", "wrap"]
