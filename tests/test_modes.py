@@ -214,4 +214,16 @@ def test_generate_options_of_target_mode_are_checked() -> None:
     out = model.generate(prompt(9), decompose=True, component_dtype=torch.float64, **GEN)
     assert out["attentions"][0].dtype == torch.float64
     with pytest.raises(UnsupportedOptionError, match="apply to target mode"):
-        model.generate(prompt(9), decompose="forward", max_memory="1GB", **GEN)
+        model.generate(prompt(9), decompose="forward", component_dtype=torch.float64, **GEN)
+
+
+def test_forward_mode_refuses_what_cannot_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    with pytest.raises(MemoryBudgetError, match="decompose=True"):
+        model.generate(prompt(9), decompose="forward", max_memory="1KiB", **GEN)
+    monkeypatch.setattr(llama_attrib.memory, "available", lambda device: 1000)
+    with pytest.raises(MemoryBudgetError, match="mode='forward'"):
+        model(prompt(9), decompose=True)
+    monkeypatch.undo()
+    out = model.generate(prompt(9), decompose="forward", max_memory="1GB", **GEN)  # fits
+    assert len(out["attentions"]) == 6

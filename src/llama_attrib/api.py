@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import families
+from . import families, memory
 from ._compat import CACHE_KEYWORDS, cache_length
 from .composition import LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
@@ -104,6 +104,9 @@ def _forward(session: Session, model: nn.Module, original: Forward) -> Forward:
             return _target_forward(model, original, bound, options)
         _set_option(bound, signature, "output_attentions", False)
         cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
+        if session.steps is None:  # a single forward (inside generate, generate checked)
+            batch, length = options["input_ids"].shape
+            _check_fits(model, cache_length(cache) + length, batch, "forward", None, session.dtype)
         session.begin(cache_length(cache))
         failed = True
         try:
@@ -114,6 +117,23 @@ def _forward(session: Session, model: nn.Module, original: Forward) -> Forward:
         return _attach(session, model, out, head)
 
     return forward
+
+
+def _check_fits(
+    model: nn.Module, length: int, batch: int, mode: str, max_memory: Any, dtype: torch.dtype
+) -> None:
+    """Forward mode keeps every component at once: refuse, before starting, what cannot fit."""
+    device = next(model.parameters()).device
+    needed = memory.estimate(model, length, batch=batch, mode=mode, dtype=dtype)
+    limit = memory.budget(max_memory, device)
+    if needed > limit:
+        raise memory.MemoryBudgetError(
+            f"forward-mode decomposition of {batch} x {length} tokens needs about "
+            f"{memory.fmt(needed)}; the budget is {memory.fmt(limit)} (max_memory, default 80% of "
+            "the free memory). Use decompose=True (target mode: memory does not grow with the "
+            "number of components), or llama_attrib.decompose_sequence(..., mode='forward'), "
+            "which processes components in chunks that fit"
+        )
 
 
 def _mode(decompose: bool | str | None, default: str) -> str:
@@ -268,13 +288,17 @@ def _generate(session: Session, model: nn.Module, original: Forward) -> Forward:
         options = {k: kwargs.pop(k) for k in _SEQUENCE_OPTIONS if k in kwargs}
         if mode == "target":
             return _generate_target(session, model, original, args, kwargs, options)
-        if options:
+        if set(options) - {"max_memory"}:
             raise UnsupportedOptionError(
-                f"{sorted(options)} apply to target mode: use decompose=True, or "
+                f"{sorted(set(options) - {'max_memory'})} apply to target mode: use decompose=True, or "
                 "llama_attrib.decompose_sequence(..., mode='forward') on the finished sequence"
             )
+        expected = _expected_length(generation_config, args, kwargs)
+        if expected:
+            batch = int(_prompt_ids(args, kwargs).shape[0])
+            _check_fits(model, expected, batch, "generate", options.get("max_memory"), session.dtype)
         session.steps = []
-        session.expected_length = _expected_length(generation_config, args, kwargs)
+        session.expected_length = expected
         try:
             out = original(*args, **kwargs)
         finally:
