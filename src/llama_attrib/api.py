@@ -267,16 +267,6 @@ def _generate(session: Session, model: nn.Module, original: Forward) -> Forward:
         if not session.wants(decompose):
             return original(*args, **kwargs)
         mode = _mode(decompose, "target")
-        problems = [
-            what
-            for key, (refused, what) in _REFUSED_GENERATION.items()
-            if refused(_generation_option(generation_config, kwargs, key))
-        ]
-        if problems:
-            raise UnsupportedOptionError(
-                "decompose=True does not support " + ", ".join(problems) + " yet; use greedy "
-                "search or sampling"
-            )
         if kwargs.get("return_dict_in_generate") is False:
             raise UnsupportedOptionError(
                 "decompose=True returns one Composition per generated token in "
@@ -288,6 +278,17 @@ def _generate(session: Session, model: nn.Module, original: Forward) -> Forward:
         options = {k: kwargs.pop(k) for k in _SEQUENCE_OPTIONS if k in kwargs}
         if mode == "target":
             return _generate_target(session, model, original, args, kwargs, options)
+        problems = [
+            what
+            for key, (refused, what) in _REFUSED_GENERATION.items()
+            if refused(_generation_option(generation_config, kwargs, key))
+        ]
+        if problems:
+            raise UnsupportedOptionError(
+                'decompose="forward" does not support ' + ", ".join(problems) + "; use "
+                "decompose=True (target mode decomposes the finished sequences of any decoding "
+                "strategy)"
+            )
         if set(options) - {"max_memory"}:
             raise UnsupportedOptionError(
                 f"{sorted(set(options) - {'max_memory'})} apply to target mode: use decompose=True, or "
@@ -325,23 +326,48 @@ def _generate_target(
     finally:
         record, session.record, session.plain = session.record, None, session.plain - 1
     sequences = out.sequences
-    prompt = int(_prompt_ids(args, kwargs).shape[-1])
+    prompt_ids = _prompt_ids(args, kwargs)
+    prompt = int(prompt_ids.shape[-1])
     if sequences.shape[-1] <= prompt or not record:
         out["attentions"] = ()
         return out
     used = sequences[:, :-1]
-    mask, _ = record[0]
-    if mask is not None:
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], used.shape[1] - mask.shape[1]))], dim=1)
-    positions = [p for _, p in record]
-    position_ids = torch.cat(positions, dim=-1) if all(p is not None for p in positions) else None
-    if position_ids is not None and position_ids.shape[-1] != used.shape[-1]:
-        position_ids = None  # not a call per token: let the model derive them as generate did
+    mask, position_ids = _recorded_inputs(record, int(prompt_ids.shape[0]), used)
     inputs = Inputs(used, mask, position_ids, list(range(prompt - 1, used.shape[1])))
     steps = len(inputs.positions)
     targets = [("token", tuple(int(t) for t in sequences[:, prompt + k].tolist())) for k in range(steps)]
     out["attentions"] = explain(model, inputs, mode="target", targets=targets, **options)
     return out
+
+
+def _recorded_inputs(
+    record: list[tuple[Any, Any]], batch: int, used: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The attention mask and position ids generate used for each returned sequence.
+
+    generate expands the prompt rows (beams, ``num_return_sequences``) before its first call:
+    returned sequence ``r`` comes from prompt row ``r // n`` (``n`` sequences per prompt),
+    which is recorded row ``(r // n) * e`` (``e`` rows per prompt). Masks and position ids
+    depend on the prompt row only, so any of its expanded rows will do.
+    """
+    mask, _ = record[0]
+    rows = used.shape[0]
+    if mask is not None and mask.dim() == 2:
+        source = torch.arange(rows, device=mask.device) // (rows // batch) * (mask.shape[0] // batch)
+        prompt_mask = mask[source]
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones((rows, used.shape[1] - prompt_mask.shape[1]))], 1)
+    else:
+        mask = None
+    positions = [p for _, p in record]
+    if all(isinstance(p, torch.Tensor) and p.dim() == 2 for p in positions):
+        position_ids = torch.cat(positions, dim=-1)
+        if position_ids.shape[-1] == used.shape[-1]:
+            source = torch.arange(rows, device=position_ids.device)
+            source = source // (rows // batch) * (position_ids.shape[0] // batch)
+            return mask, position_ids[source]
+    if mask is None:
+        return None, None  # one call per token was not made (static cache, assisted decoding)
+    return mask, (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
 def _prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
