@@ -34,6 +34,7 @@ from .session import Session, completeness_error
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
 _TOLERANCE_HALF = 5e-2
 MODES = ("target", "forward")
+LEAN_BYTES = 64 << 20  # default working memory of target mode's batched backward
 
 Span = tuple[int, int]
 Groups = Mapping[str, Span | Sequence[Span]] | Sequence[Span] | Tensor
@@ -164,7 +165,7 @@ def explain(
         session: Session = model.__dict__["_llama_attrib_session"]
         if mode == "forward":
             return _forward_mode(model, session, inputs, members, names, dtype, limit, progress)
-        run = TargetRun(model, inputs, members, names, dtype, limit, progress)
+        run = TargetRun(model, inputs, members, names, dtype, limit, progress, lean=max_memory is None)
         return run.compositions(targets)
 
 
@@ -183,6 +184,7 @@ class TargetRun:
         dtype: torch.dtype,
         budget: int,
         progress: bool | None,
+        lean: bool = False,
     ) -> None:
         self.model = model
         self.inputs = inputs
@@ -190,6 +192,7 @@ class TargetRun:
         self.names = names
         self.dtype = dtype
         self.budget = budget
+        self.lean = lean
         self.progress = progress
         batch, length = inputs.ids.shape
         shape = memory.Shape.of(model)
@@ -242,6 +245,10 @@ class TargetRun:
         """
         n = len(requests)
         per_chunk = max(1, (self.budget - self.graph_bytes) // self.request_bytes)
+        if self.lean:
+            # Without an explicit budget, keep the backward's working memory near the graph's
+            # own size: batching more targets buys little speed (about 15% from 8 to 32 here).
+            per_chunk = min(per_chunk, max(4, max(self.graph_bytes, LEAN_BYTES) // self.request_bytes))
         chunks = math.ceil(n / per_chunk)
         per_chunk = math.ceil(n / chunks)  # even chunks
         results: list[Tensor] = []
