@@ -106,6 +106,7 @@ def _forward(session: Session, model: nn.Module, original: Forward) -> Forward:
         cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
         if session.steps is None:  # a single forward (inside generate, generate checked)
             batch, length = options["input_ids"].shape
+            families.check_length(model, cache_length(cache) + length)
             _check_fits(model, cache_length(cache) + length, batch, "forward", None, session.dtype)
         session.begin(cache_length(cache))
         failed = True
@@ -276,6 +277,7 @@ def _generate(session: Session, model: nn.Module, original: Forward) -> Forward:
         if session.steps is not None or session.record is not None:
             raise DecompositionError("a decomposed generate was called from inside another one")
         options = {k: kwargs.pop(k) for k in _SEQUENCE_OPTIONS if k in kwargs}
+        families.check_length(model, _expected_length(generation_config, args, kwargs))
         if mode == "target":
             return _generate_target(session, model, original, args, kwargs, options)
         problems = [

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from . import memory
 from .composition import Contributions, LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
+from .families import check_length
 from .rules import Layout
 from .session import Session, completeness_error
 
@@ -80,6 +81,7 @@ def decompose_sequence(
         raise UnsupportedOptionError(f"mode must be one of {MODES}, not {mode!r}")
     ids = _as_batch(input_ids, "input_ids")
     batch, length = ids.shape
+    check_length(model, length)
     mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask")
     if mask is not None and mask.shape != ids.shape:
         raise UnsupportedOptionError(
