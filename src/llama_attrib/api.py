@@ -115,7 +115,7 @@ def _forward(session: Session, model: nn.Module, original: Forward) -> Forward:
             failed = False
         finally:
             head = session.end(failed)
-        return _attach(session, model, out, head)
+        return _attach(session, model, out, head, options.get("attention_mask"))
 
     return forward
 
@@ -171,13 +171,19 @@ def _target_forward(
     return out
 
 
-def _attach(session: Session, model: nn.Module, out: Any, head: Any) -> Any:
+def _attach(session: Session, model: nn.Module, out: Any, head: Any, mask: Any = None) -> Any:
     """Put the last position's LogitComposition in ``out["attentions"]``."""
     if head is None:
         raise DecompositionError("the decomposed forward never reached the LM head")
     real, comps = head
     tol = _GUARD.get(real.dtype, _GUARD_HALF)
-    err = completeness_error(real, comps)
+    checked_real, checked = real, comps
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= real.shape[1]:
+        # Padding positions attend to nothing real (their outputs are whatever the attention
+        # kernel makes of a fully masked row) and feed no other position: not checked.
+        valid = mask[:, mask.shape[-1] - real.shape[1] :].bool().to(real.device)
+        checked_real, checked = real[valid], comps[:, valid]
+    err = completeness_error(checked_real, checked)
     if not err <= tol:
         session.clear_caches()
         raise DecompositionError(

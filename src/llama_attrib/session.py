@@ -216,6 +216,8 @@ def _bind(maker: Callable[[nn.Module, Forward], Forward], module: nn.Module) -> 
 
 def completeness_error(real: Tensor, comps: Tensor) -> float:
     """Largest ``|sum(components) - real|`` relative to the largest ``|real|``."""
+    if real.numel() == 0:
+        return 0.0
     total = comps.sum(0).to(torch.float64)
     scale = real.abs().max().clamp(min=1e-30).double()
     return float(((total - real.double()).abs().max() / scale).item())
