@@ -60,6 +60,7 @@ def word_groups(
             or special[i]
             or special[i - 1]
             or texts[i - 1].endswith("\n")
+            or pieces[i - 1].endswith(_NEWLINE_MARKERS)
             or i in breaks
         )
         if new:
