@@ -130,8 +130,7 @@ def plot(result: Attribution, ax: Any = None, cmap: str = "RdBu_r", max_label: i
         _, ax = plt.subplots(figsize=(width, max(2.5, 0.32 * scores.shape[0] + 1.8)))
     finite = np.abs(scores[~np.isnan(scores)])
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    colours = colormaps[cmap].copy()
-    colours.set_bad("#e6e6e6")
+    colours = colormaps[cmap].with_extremes(bad="#e6e6e6")
     image = ax.imshow(np.ma.masked_invalid(scores), cmap=colours, vmin=-vmax, vmax=vmax, aspect="auto")
     ax.set_xticks(range(scores.shape[1]))
     ax.set_xticklabels([visible(s)[:max_label] for s in result.sources], rotation=90, fontsize=8)
