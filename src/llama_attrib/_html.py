@@ -44,9 +44,11 @@ SCRIPT = """function(uid){
       el.classList.remove('la-selected');
       if(i<limit && row[i]!==null){
         el.style.backgroundColor=colour(row[i],vmax);
+        el.style.color=Math.abs(row[i])/vmax>0.55?'#fff':'';
         el.title=(data.labels[i]||data.tokens[i])+': '+fmt(row[i])+' ('+data.unit+')';
       } else {
         el.style.backgroundColor='transparent';
+        el.style.color='';
         el.title=i<limit?'(left out)':'after the selected token';
       }
     }
@@ -54,7 +56,7 @@ SCRIPT = """function(uid){
     root.querySelector('.la-min').textContent=fmt(-vmax);
     root.querySelector('.la-max').textContent=fmt(vmax);
     root.querySelector('.la-info').textContent='step '+step+': '+JSON.stringify(data.tokens[limit])+
-      ', logit '+data.logits[step].toFixed(4)+' ('+data.unit+' shown)';
+      ', logit '+data.logits[step].toFixed(4)+'; colours: '+data.unit;
   }
   root.querySelectorAll('.la-gen').forEach(function(el){
     el.addEventListener('click',function(){select(parseInt(el.getAttribute('data-step'),10));});
