@@ -104,6 +104,8 @@ def test_mode_is_passed_as_decompose(tokenizer: Any, result: Attribution) -> Non
 def test_reserved_options_are_refused(tokenizer: Any) -> None:
     with pytest.raises(llama_attrib.UnsupportedOptionError, match="output_attentions"):
         attribute(tiny_model(), tokenizer, PROMPT, output_attentions=False)
+    with pytest.raises(TypeError, match="chat messages"):
+        attribute(tiny_model(), tokenizer, [PROMPT, PROMPT])  # type: ignore[list-item]
 
 
 def test_progress_bar_goes_to_stderr(tokenizer: Any, capsys: pytest.CaptureFixture[str]) -> None:

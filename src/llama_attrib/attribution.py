@@ -27,12 +27,21 @@ from .tokens import piece_texts
 Messages = Sequence[Mapping[str, str]]
 
 # generate options that attribute() sets itself: the result depends on them.
-_RESERVED = ("decompose", "return_dict_in_generate", "output_attentions", "input_ids", "inputs")
+_RESERVED = (
+    "decompose",
+    "return_dict_in_generate",
+    "output_attentions",
+    "input_ids",
+    "inputs",
+    "attention_mask",
+)
 
 
 def encode(tokenizer: Any, prompt: str | Messages, chat: bool | None = None) -> torch.Tensor:
     """Prompt ids ``[1, P]``: plain text as is (with the tokenizer's BOS), or chat messages
     (or text with ``chat=True``, as one user message) through the chat template."""
+    if not isinstance(prompt, str) and not all(isinstance(m, Mapping) for m in prompt):
+        raise TypeError("prompt: a string, or chat messages [{'role': ..., 'content': ...}] (one sequence)")
     if isinstance(prompt, str) and not chat:
         ids: torch.Tensor = tokenizer(prompt, return_tensors="pt")["input_ids"]
         return ids
