@@ -43,10 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     view = result.words() if args.words else result
     if args.share or args.drop_first:
         view = view.normalize("share" if args.share else "logit", drop_first=args.drop_first)
-    print(view.table(top=args.top))
-    if args.html:
+    if args.html:  # files first: printing may stop early (a closed pipe)
         view.to_html(args.html)
-        print(f"\nHTML view written to {args.html}", file=sys.stderr)
+        print(f"HTML view written to {args.html}", file=sys.stderr)
+    print(view.table(top=args.top))
     return 0
 
 
