@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import families, memory
+from . import _offload, families, memory
 from ._compat import CACHE_KEYWORDS, cache_length
 from .composition import LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
@@ -196,7 +196,7 @@ def _attach(session: Session, model: nn.Module, out: Any, head: Any, mask: Any =
     hidden, logits = comps[:, :, -1].detach(), out["logits"][:, -1]
     if hidden.shape[1] == 1:
         hidden, logits = hidden[:, 0], logits[0]
-    weight: Any = model.get_submodule("lm_head").weight
+    weight = _offload.weight(model.get_submodule("lm_head"))
     composition = LogitComposition(hidden, weight.detach(), logits)
     out["attentions"] = composition
     if session.steps is not None:

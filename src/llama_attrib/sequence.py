@@ -25,7 +25,7 @@ import pydec
 import torch
 from torch import Tensor, nn
 
-from . import memory
+from . import _offload, memory
 from .composition import Contributions, LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
 from .families import check_length
@@ -209,8 +209,7 @@ class TargetRun:
                 "max_memory"
             )
         self.logits: Tensor | None = None
-        head: Any = model.get_submodule("lm_head")
-        self.weight: Tensor = head.weight
+        self.weight: Tensor = _offload.weight(model.get_submodule("lm_head"))
 
     @property
     def batch(self) -> int:
@@ -567,7 +566,7 @@ def _forward_mode(
         raise DecompositionError(
             f"components do not add up to the final hidden state (relative error {err:.2e} > {tol:.0e})"
         )
-    weight: Any = model.get_submodule("lm_head").weight
+    weight = _offload.weight(model.get_submodule("lm_head"))
     out_steps = []
     for k, position in enumerate(inputs.positions):
         count = total if members is not None else position + 1
