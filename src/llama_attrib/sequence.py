@@ -89,8 +89,11 @@ def decompose_sequence(
         )
     if position_ids is None and mask is not None:
         position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    last = None
     if prompt_length is None or prompt_length >= length:
         positions, next_tokens, used = [length - 1], None, length
+        if mask is not None and not bool(mask[:, -1].all()):  # right padding: last real tokens
+            last = length - 1 - mask.flip(-1).long().argmax(-1)
     else:
         if prompt_length < 1:
             raise UnsupportedOptionError("prompt_length must be at least 1")
@@ -104,6 +107,7 @@ def decompose_sequence(
         None if mask is None else mask[:, :used],
         None if position_ids is None else _as_batch(position_ids, "position_ids")[:, :used],
         positions,
+        last,
     )
     members, names = (None, None) if groups is None else group_members(groups, length)
     if members is not None:
@@ -129,10 +133,12 @@ class Inputs:
     mask: Tensor | None
     position_ids: Tensor | None
     positions: list[int]
+    last: Tensor | None = None  # right padding: each row's last real position (one step)
 
     def call(self, model: nn.Module) -> Any:
         kwargs: dict[str, Any] = {"use_cache": False, "decompose": False}
-        kwargs["logits_to_keep"] = self.ids.shape[1] - self.positions[0]
+        first = self.positions[0] if self.last is None else int(self.last.min())
+        kwargs["logits_to_keep"] = self.ids.shape[1] - first
         if self.mask is not None:
             kwargs["attention_mask"] = self.mask
         if self.position_ids is not None:
@@ -143,6 +149,15 @@ class Inputs:
     def kept(self) -> Tensor:
         """Index of each explained position among the logits kept."""
         return torch.tensor(self.positions) - self.positions[0]
+
+    def select(self, t: Tensor, dim: int = 0) -> Tensor:
+        """``t[..., B, T_kept, ...]`` (batch at ``dim``) -> the explained positions ``[..., B, K, ...]``."""
+        if self.last is None:
+            return t.index_select(dim + 1, self.kept.to(t.device))
+        index = (self.last - int(self.last.min())).to(t.device)
+        rows = torch.arange(t.shape[dim], device=t.device)
+        moved = t.movedim((dim, dim + 1), (0, 1))[rows, index]  # [B, ...]
+        return moved.unsqueeze(1).movedim((0, 1), (dim, dim + 1))
 
 
 def explain(
@@ -233,10 +248,9 @@ class TargetRun:
                 session.linear_dtype, session.embeds, session.head = None, None, None
             if embeds is None or head is None:
                 raise DecompositionError("the target-mode pass never reached the embeddings or the LM head")
-            kept = self.inputs.kept
             if self.logits is None:
-                self.logits = out["logits"][:, kept].detach().to(self.dtype)
-            yield embeds, head[0][:, kept]
+                self.logits = self.inputs.select(out["logits"]).detach().to(self.dtype)
+            yield embeds, self.inputs.select(head[0])
 
     def solve(self, requests: list[tuple[int, Any]]) -> Tensor:
         """Contributions ``[N, B, C]`` for each ``(step, target key)`` request.
@@ -528,7 +542,6 @@ def _forward_mode(
         )
     chunks = math.ceil(total / per_chunk)
     per_chunk = math.ceil(total / chunks)
-    kept = inputs.kept
     steps = len(inputs.positions)
     hidden: Tensor | None = None
     real: Tensor | None = None
@@ -553,8 +566,8 @@ def _forward_mode(
             part_real, part = head
             if hidden is None:
                 hidden = part.new_zeros((total, batch, steps, part.shape[-1]))
-                real, logits = part_real[:, kept], out["logits"][:, kept].detach()
-            hidden[c0:c1] = part[:, :, kept]
+                real, logits = inputs.select(part_real), inputs.select(out["logits"]).detach()
+            hidden[c0:c1] = inputs.select(part, dim=1)
             bar.update(1)
     finally:
         session.dtype, session.layout = saved
