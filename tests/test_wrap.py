@@ -217,3 +217,32 @@ def test_keyboard_interrupt_mid_generation_leaves_the_model_as_it_was() -> None:
     out = model.generate(ids, decompose=True, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert len(out["attentions"]) == 3
     assert torch.equal(model(ids).logits, expected)
+
+
+def test_lora_adapters_are_refused_and_merged_ones_decompose() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(2)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    with pytest.raises(llama_attrib.UnsupportedModelError, match="merge_and_unload") as refused:
+        llama_attrib.wrap(peft_model.base_model.model)
+    assert len(refused.value.problems) == 4  # q_proj and v_proj of both layers, all listed
+    assert not llama_attrib.is_wrapped(peft_model.base_model.model)
+    ids = prompt(8)
+    expected = peft_model(ids).logits[0, -1].detach()
+    merged = llama_attrib.wrap(peft_model.merge_and_unload())
+    c = merged(ids, decompose=True)["attentions"]
+    assert torch.allclose(c.recovery, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_linear_subclasses_are_refused() -> None:
+    class Linear8bitLt(nn.Linear):  # what bitsandbytes' 8-bit layer is: an nn.Linear subclass
+        pass
+
+    model = tiny_model(2)
+    old = model.model.layers[0].mlp.down_proj
+    model.model.layers[0].mlp.down_proj = Linear8bitLt(old.in_features, old.out_features, bias=False)
+    with pytest.raises(llama_attrib.UnsupportedModelError, match="Linear8bitLt is not a plain"):
+        llama_attrib.wrap(model)

@@ -127,9 +127,12 @@ def _module_problems(model: nn.Module, family: Family) -> list[str]:
             sub = getattr(module, attr) if attr else module
             label = f"{where}.{attr}" if attr else where
             if type(sub) is not nn.Linear:
+                kind = f"{type(sub).__module__}.{type(sub).__qualname__}"
                 problems.append(
-                    f"{label}: {type(sub).__name__} is not a plain torch.nn.Linear "
-                    "(quantized or adapter layers are not supported yet)"
+                    f"{label}: {kind} is not a plain torch.nn.Linear: merge adapters into the "
+                    "weights first (PEFT/LoRA: model.merge_and_unload()), and load quantized "
+                    "checkpoints unquantized (8-bit/4-bit layers are not exact linear maps of the "
+                    "stored weights)"
                 )
             elif sub.bias is not None:
                 problems.append(f"{label}: has a bias, which belongs to no input token")
