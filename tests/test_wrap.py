@@ -246,3 +246,30 @@ def test_quantized_linear_subclasses_are_refused() -> None:
     model.model.layers[0].mlp.down_proj = Linear8bitLt(old.in_features, old.out_features, bias=False)
     with pytest.raises(llama_attrib.UnsupportedModelError, match="Linear8bitLt is not a plain"):
         llama_attrib.wrap(model)
+
+
+def test_two_models_in_two_threads_decompose_independently() -> None:
+    import threading
+
+    models = [llama_attrib.wrap(tiny_model(2)), llama_attrib.wrap(tiny_model(1))]
+    ids = prompt(9)
+    options = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True}
+    alone = [
+        m.generate(ids, decompose=mode, **options)
+        for m, mode in zip(models, ("target", "forward"), strict=True)
+    ]
+    together: list[object] = [None, None]
+
+    def run(i: int, mode: str) -> None:
+        together[i] = models[i].generate(ids, decompose=mode, **options)
+
+    threads = [threading.Thread(target=run, args=(i, mode)) for i, mode in enumerate(("target", "forward"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a.sequences, b.sequences)  # type: ignore[attr-defined]
+        for k, (x, y) in enumerate(zip(a["attentions"], b["attentions"], strict=True)):  # type: ignore[index]
+            token = int(a.sequences[0, 9 + k])
+            assert torch.allclose(x[token].components, y[token].components, atol=1e-6, rtol=1e-6)
