@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _offload, memory
-from .composition import Contributions, LogitComposition
+from .composition import Contributions, LazyComposition, LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
 from .families import check_length
 from .rules import Layout
@@ -333,7 +333,7 @@ class TargetRun:
         raise ValueError(f"unknown target {key!r}")
 
 
-class TargetComposition(pydec.Composition):  # type: ignore[misc]
+class TargetComposition(LazyComposition):
     """One step's logits ``[*batch, vocab]`` as components, computed per target on demand.
 
     ``c[token].components`` (``c[row, token]`` for a batch) costs nothing for the step's
@@ -349,33 +349,13 @@ class TargetComposition(pydec.Composition):  # type: ignore[misc]
         self._step = step
         self._known: dict[tuple[int, Any], Tensor] = {}  # (row, token or (a, b)) -> [C]
         self._hidden: Tensor | None = None
-        self._full: Tensor | None = None
-        self._zeros: Tensor | None = None
         self.target: pydec.Composition | None = None
         self.target_key: Any = None
         self.names = run.names
 
-    # pydec's own methods read these two attributes; they materialise on first use.
-    @property  # type: ignore[override]
-    def _component_tensor(self) -> Tensor:
-        if self._full is None:
-            weight = self._run.weight.detach().to(self.dtype)
-            self._full = torch.matmul(self.hidden, weight.T)
-        return self._full
-
-    @_component_tensor.setter
-    def _component_tensor(self, value: Tensor) -> None:
-        self._full = value
-
-    @property  # type: ignore[override]
-    def _residual_tensor(self) -> Tensor:
-        if self._zeros is None:
-            self._zeros = torch.zeros(self.shape, dtype=self.dtype)
-        return self._zeros
-
-    @_residual_tensor.setter
-    def _residual_tensor(self, value: Tensor) -> None:
-        self._zeros = value
+    def _materialise(self) -> Tensor:
+        weight = self._run.weight.detach().to(device=self.hidden.device, dtype=self.dtype)
+        return torch.matmul(self.hidden, weight.T)
 
     @property
     def _squeeze(self) -> bool:
@@ -406,20 +386,8 @@ class TargetComposition(pydec.Composition):  # type: ignore[misc]
     def device(self) -> torch.device:
         return self._run.weight.device
 
-    def size(self, dim: int | None = None) -> Any:
-        return self.shape if dim is None else self.shape[dim]
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
     def numc(self) -> int:
         return self._run.components(self._step)
-
-    def __len__(self) -> int:
-        return int(self.shape[0])
 
     @property
     def hidden(self) -> Tensor:
