@@ -46,9 +46,17 @@ def mlp(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def attention(
-    module: nn.Module, x: Tensor, position_embeddings: tuple[Tensor, Tensor], mask: Tensor | None
+    module: nn.Module,
+    x: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    mask: Tensor | None,
+    keep_from: int = 0,
 ) -> Tensor:
-    """``o(softmax(q k^T) v)`` with the probabilities detached (float32, eager-style)."""
+    """``o(softmax(q k^T) v)`` with the probabilities detached (float32, eager-style).
+
+    Outputs at query positions before ``keep_from`` are computed without a graph (in the last
+    layer they reach no explained logit): the backward then skips their output projection.
+    """
     batch, q, _ = x.shape
     hd = int(module.head_dim)  # type: ignore[arg-type]
     groups = int(module.num_key_value_groups)  # type: ignore[arg-type]
@@ -64,6 +72,17 @@ def attention(
         scores = scores.view(batch, kv * groups, q, q) + _additive_mask(mask, batch, q, 0, x.device)
         probs = torch.softmax(scores, dim=-1).view(batch, kv, groups * q, q).to(x.dtype)
     values = linear(x, module.v_proj).view(batch, q, kv, hd).transpose(1, 2)  # type: ignore[arg-type]
-    out = torch.matmul(probs, values)  # [B, kv, g*q, hd]
-    out = out.view(batch, kv, groups, q, hd).permute(0, 3, 1, 2, 4).reshape(batch, q, kv * groups * hd)
-    return linear(out, module.o_proj)  # type: ignore[arg-type]
+
+    def mix(p: Tensor, v: Tensor) -> Tensor:
+        rows = p.shape[2] // groups
+        out = torch.matmul(p, v)  # [B, kv, g*rows, hd]
+        out = out.view(batch, kv, groups, rows, hd).permute(0, 3, 1, 2, 4).reshape(batch, rows, -1)
+        return linear(out, module.o_proj)  # type: ignore[arg-type]
+
+    if not 0 < keep_from < q:
+        return mix(probs, values)
+    probs = probs.view(batch, kv, groups, q, q)
+    with torch.no_grad():
+        before = mix(probs[:, :, :, :keep_from].reshape(batch, kv, -1, q), values.detach())
+    after = mix(probs[:, :, :, keep_from:].reshape(batch, kv, -1, q), values)
+    return torch.cat([before, after], dim=1)

@@ -135,10 +135,14 @@ class Inputs:
     positions: list[int]
     last: Tensor | None = None  # right padding: each row's last real position (one step)
 
+    @property
+    def first(self) -> int:
+        """The first position explained (the last layer's outputs before it are not read)."""
+        return self.positions[0] if self.last is None else int(self.last.min())
+
     def call(self, model: nn.Module) -> Any:
         kwargs: dict[str, Any] = {"use_cache": False, "decompose": False}
-        first = self.positions[0] if self.last is None else int(self.last.min())
-        kwargs["logits_to_keep"] = self.ids.shape[1] - first
+        kwargs["logits_to_keep"] = self.ids.shape[1] - self.first
         if self.mask is not None:
             kwargs["attention_mask"] = self.mask
         if self.position_ids is not None:
@@ -241,11 +245,13 @@ class TargetRun:
         with torch.inference_mode(False), torch.enable_grad(), decompose(self.model):
             session: Session = self.model.__dict__["_llama_attrib_session"]
             session.linear_dtype = self.dtype
+            session.keep_from = self.inputs.first
             try:
                 out = self.inputs.call(self.model)
                 embeds, head = session.embeds, session.head
             finally:
                 session.linear_dtype, session.embeds, session.head = None, None, None
+                session.keep_from = 0
             if embeds is None or head is None:
                 raise DecompositionError("the target-mode pass never reached the embeddings or the LM head")
             if self.logits is None:

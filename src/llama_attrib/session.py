@@ -45,6 +45,10 @@ class Session:
         # Target mode: the leaves run the differentiable frozen-factor pass (see linear.py).
         self.linear_dtype: torch.dtype | None = None
         self.embeds: Tensor | None = None  # the embeddings (leaf requiring grad) of that pass
+        # First position whose logits that pass explains: the last layer's attention and MLP
+        # outputs before it reach no explained logit, so they are computed without a graph.
+        self.keep_from = 0
+        self.last_layer: set[int] = set()
         # Forward mode over a finished sequence: which positions each component holds.
         self.layout: rules.Layout | None = None
         self._caches: dict[int, rules.ValueCache] = {}
@@ -109,6 +113,8 @@ class Session:
             families.MLP: self._mlp,
             families.LM_HEAD: self._lm_head,
         }
+        last_layer: Any = model.model.layers[-1]  # type: ignore[union-attr, index]
+        self.last_layer = {id(last_layer.self_attn), id(last_layer.mlp)}
         try:
             for role, module in families.roles(model, self.family):
                 self.patches.append(replace_method(module, "forward", _bind(makers[role], module)))
@@ -153,7 +159,7 @@ class Session:
 
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
             if self.linear_dtype is not None:
-                return linear_rule(module, x)
+                return self._last_layer_split(module, x, lambda part: linear_rule(module, part))
             if not self.active:
                 return original(x, *args, **kwargs)
             real, comps = split(x)
@@ -162,13 +168,23 @@ class Session:
 
         return forward
 
+    def _last_layer_split(self, module: nn.Module, x: Tensor, rule: Callable[[Tensor], Tensor]) -> Tensor:
+        """A position-wise linear-mode rule; in the last layer, with a graph only where it is read."""
+        keep = self.keep_from if id(module) in self.last_layer else 0
+        if keep <= 0 or keep >= x.shape[1]:
+            return rule(x)
+        with torch.no_grad():
+            head = rule(x[:, :keep].detach())
+        return torch.cat([head, rule(x[:, keep:])], dim=1)
+
     def _attention(self, module: nn.Module, original: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if self.linear_dtype is not None:
                 x = _argument(args, kwargs, "hidden_states", 0)
                 embeddings = _argument(args, kwargs, "position_embeddings", 1)
                 mask = _argument(args, kwargs, "attention_mask", 2)
-                return linear.attention(module, x, embeddings, mask), None
+                keep = self.keep_from if id(module) in self.last_layer else 0
+                return linear.attention(module, x, embeddings, mask, keep), None
             if not self.active:
                 return original(*args, **kwargs)
             real, comps = split(_argument(args, kwargs, "hidden_states", 0))
