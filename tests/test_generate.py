@@ -97,14 +97,80 @@ def test_batch_rows_match_single_runs() -> None:
     ("options", "message"),
     [
         ({"num_beams": 2}, "beam search"),
-        ({"return_dict_in_generate": False}, "return_dict_in_generate=True"),
+        ({"assistant_model": object()}, "assisted generation"),
         ({"cache_implementation": "static"}, "cache_implementation"),
     ],
 )
-def test_unsupported_generation_options_are_refused(options: dict, message: str) -> None:
+def test_unsupported_generation_options_are_refused_in_forward_mode(options: dict, message: str) -> None:
     model = llama_attrib.wrap(tiny_model(2))
     with pytest.raises(llama_attrib.UnsupportedOptionError, match=message):
-        model.generate(prompt(5), decompose=True, max_new_tokens=2, **options)
+        model.generate(prompt(5), decompose="forward", max_new_tokens=2, **options)
+
+
+def _check_rows_against_single_runs(model: torch.nn.Module, out: object, prompt_length: int) -> None:
+    """Every returned sequence's steps equal that sequence decomposed alone, and sum to the logit."""
+    sequences = out.sequences  # type: ignore[attr-defined]
+    for row in range(sequences.shape[0]):
+        alone = llama_attrib.decompose_sequence(model, sequences[row], prompt_length)
+        for k, (c, single) in enumerate(zip(out["attentions"], alone, strict=True)):  # type: ignore[index]
+            token = int(sequences[row, prompt_length + k])
+            scores = c[row, token].components if sequences.shape[0] > 1 else c[token].components
+            assert torch.allclose(scores, single[token].components, atol=1e-5, rtol=1e-5)
+            assert torch.allclose(scores.sum(), single.logits[token], atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_and_several_returned_sequences() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = prompt(7)
+    options = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 5, "do_sample": False}
+    plain = model.generate(ids, **options)
+    out = model.generate(ids, decompose=True, return_dict_in_generate=True, **options)
+    assert torch.equal(out.sequences, plain)
+    assert out["attentions"][0].shape == (2, 96)
+    _check_rows_against_single_runs(model, out, 7)
+
+
+def test_sampling_several_sequences_of_a_padded_batch() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = torch.cat(
+        [prompt(6, seed=3), torch.cat([torch.zeros(1, 2, dtype=torch.long), prompt(4, seed=4)], 1)]
+    )
+    mask = (ids != 0).long()
+    options = {"num_return_sequences": 2, "max_new_tokens": 4, "do_sample": True, "pad_token_id": 0}
+    torch.manual_seed(3)
+    out = model.generate(ids, attention_mask=mask, decompose=True, return_dict_in_generate=True, **options)
+    assert out.sequences.shape[0] == 4
+    for k, c in enumerate(out["attentions"]):
+        for row in range(4):
+            token = int(out.sequences[row, 6 + k])
+            scores = c[row, token].components
+            assert torch.allclose(scores.sum(), c.logits[row, token], atol=1e-5, rtol=1e-5)
+            if row >= 2:  # the padded prompt's rows: the pads contribute exactly 0
+                assert torch.equal(scores[:2], torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "options", [{"cache_implementation": "static"}, {"prompt_lookup_num_tokens": 2}], ids=["static", "lookup"]
+)
+def test_other_decoding_strategies_give_the_greedy_decomposition(options: dict) -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = torch.cat([prompt(8), prompt(8)[:, 1:5]], 1)  # repeats, so prompt lookup finds candidates
+    greedy = model.generate(
+        ids, decompose=True, return_dict_in_generate=True, max_new_tokens=5, do_sample=False
+    )
+    other = model.generate(
+        ids, decompose=True, return_dict_in_generate=True, max_new_tokens=5, do_sample=False, **options
+    )
+    assert torch.equal(other.sequences, greedy.sequences)
+    for k, (a, b) in enumerate(zip(greedy["attentions"], other["attentions"], strict=True)):
+        token = int(greedy.sequences[0, 12 + k])
+        assert torch.allclose(a[token].components, b[token].components, atol=1e-5, rtol=1e-5)
+
+
+def test_return_dict_in_generate_false_is_refused() -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    with pytest.raises(llama_attrib.UnsupportedOptionError, match="return_dict_in_generate=True"):
+        model.generate(prompt(5), decompose=True, max_new_tokens=2, return_dict_in_generate=False)
 
 
 def test_cache_from_a_plain_call_is_refused() -> None:

@@ -171,3 +171,49 @@ def test_two_wrapped_models_do_not_interfere() -> None:
     b(ids, decompose=True)
     assert b(ids).attentions is None
     assert torch.equal(a(ids, decompose=True)["attentions"].components, alone)
+
+
+def test_sequences_longer_than_the_model_positions_are_refused() -> None:
+    model = llama_attrib.wrap(tiny_model(2))  # max_position_embeddings = 128
+    long = prompt(130)
+    with pytest.raises(llama_attrib.UnsupportedOptionError, match="max_position_embeddings"):
+        model(long, decompose=True)
+    with pytest.raises(llama_attrib.UnsupportedOptionError, match="max_position_embeddings"):
+        model.generate(prompt(120), decompose=True, max_new_tokens=10)
+    with pytest.raises(llama_attrib.UnsupportedOptionError, match="max_position_embeddings"):
+        llama_attrib.decompose_sequence(model, long)
+
+
+def test_keyboard_interrupt_mid_generation_leaves_the_model_as_it_was() -> None:
+    model = tiny_model(2)
+    ids = prompt(8)
+    before = snapshot(model)
+    expected = model(ids).logits
+    calls = 0
+    norm = model.model.layers[1].mlp
+
+    def interrupt(module: torch.nn.Module, args: object, output: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # third decoding step of a decomposed generate
+            raise KeyboardInterrupt
+
+    handle = norm.register_forward_hook(interrupt)
+    for mode in ("forward", "target"):
+        calls = 0
+        with pytest.raises(KeyboardInterrupt), llama_attrib.decompose(model):
+            model.generate(ids, decompose=mode, max_new_tokens=6, do_sample=False)
+        assert not llama_attrib.is_wrapped(model)
+    handle.remove()
+    assert snapshot(model) == before
+    assert torch.equal(model(ids).logits, expected)
+    # and a wrapped model interrupted mid-generation stays usable, decomposing or not
+    llama_attrib.wrap(model)
+    handle = norm.register_forward_hook(interrupt)
+    calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(ids, decompose=True, max_new_tokens=6, do_sample=False)
+    handle.remove()
+    out = model.generate(ids, decompose=True, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    assert len(out["attentions"]) == 3
+    assert torch.equal(model(ids).logits, expected)

@@ -17,6 +17,9 @@ from .errors import (
     UnsupportedOptionError,
 )
 from .families import Family, register_family
+from .memory import MemoryBudgetError
+from .memory import estimate as estimate_memory
+from .sequence import TargetComposition, decompose_sequence
 
 __version__ = "0.1.0"
 
@@ -25,10 +28,14 @@ __all__ = [
     "Family",
     "LlamaAttribError",
     "LogitComposition",
+    "MemoryBudgetError",
+    "TargetComposition",
     "UnsupportedModelError",
     "UnsupportedOptionError",
     "__version__",
     "decompose",
+    "decompose_sequence",
+    "estimate_memory",
     "is_wrapped",
     "register_family",
     "unwrap",

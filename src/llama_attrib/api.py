@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import families
+from . import families, memory
 from ._compat import CACHE_KEYWORDS, cache_length
 from .composition import LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
 from .patching import replace_method
+from .sequence import MODES, Inputs, explain
 from .session import Forward, Session, completeness_error
 from .stream import strip
 
@@ -51,7 +52,7 @@ def wrap(model: nn.Module) -> nn.Module:
     session.install(model)
     try:
         session.patches.append(replace_method(model, "forward", lambda f: _forward(session, model, f)))
-        session.patches.append(replace_method(model, "generate", lambda g: _generate(session, g)))
+        session.patches.append(replace_method(model, "generate", lambda g: _generate(session, model, g)))
     except BaseException:
         session.restore()
         raise
@@ -90,14 +91,23 @@ def decompose(model: nn.Module) -> Iterator[nn.Module]:
 def _forward(session: Session, model: nn.Module, original: Forward) -> Forward:
     signature = inspect.signature(original)
 
-    def forward(*args: Any, decompose: bool | None = None, **kwargs: Any) -> Any:
+    def forward(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
+        if session.record is not None and decompose is None:
+            _record(session, signature, args, kwargs)
         if not session.wants(decompose):
             return original(*args, **kwargs)
+        mode = _mode(decompose, "forward")
         bound = signature.bind(*args, **kwargs)
         options = _options(bound, signature)
         _check_forward_options(options)
+        if mode == "target":
+            return _target_forward(model, original, bound, options)
         _set_option(bound, signature, "output_attentions", False)
         cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
+        if session.steps is None:  # a single forward (inside generate, generate checked)
+            batch, length = options["input_ids"].shape
+            families.check_length(model, cache_length(cache) + length)
+            _check_fits(model, cache_length(cache) + length, batch, "forward", None, session.dtype)
         session.begin(cache_length(cache))
         failed = True
         try:
@@ -105,18 +115,75 @@ def _forward(session: Session, model: nn.Module, original: Forward) -> Forward:
             failed = False
         finally:
             head = session.end(failed)
-        return _attach(session, model, out, head)
+        return _attach(session, model, out, head, options.get("attention_mask"))
 
     return forward
 
 
-def _attach(session: Session, model: nn.Module, out: Any, head: Any) -> Any:
+def _check_fits(
+    model: nn.Module, length: int, batch: int, mode: str, max_memory: Any, dtype: torch.dtype
+) -> None:
+    """Forward mode keeps every component at once: refuse, before starting, what cannot fit."""
+    device = next(model.parameters()).device
+    needed = memory.estimate(model, length, batch=batch, mode=mode, dtype=dtype)
+    limit = memory.budget(max_memory, device)
+    if needed > limit:
+        raise memory.MemoryBudgetError(
+            f"forward-mode decomposition of {batch} x {length} tokens needs about "
+            f"{memory.fmt(needed)}; the budget is {memory.fmt(limit)} (max_memory, default 80% of "
+            "the free memory). Use decompose=True (target mode: memory does not grow with the "
+            "number of components), or llama_attrib.decompose_sequence(..., mode='forward'), "
+            "which processes components in chunks that fit"
+        )
+
+
+def _mode(decompose: bool | str | None, default: str) -> str:
+    """``True``/``None`` -> the call's default mode; a string must name a mode."""
+    if decompose is True or decompose is None:
+        return default
+    if decompose in MODES:
+        return str(decompose)
+    raise UnsupportedOptionError(f"decompose must be True, False or one of {MODES}, not {decompose!r}")
+
+
+def _record(session: Session, signature: inspect.Signature, args: Any, kwargs: dict[str, Any]) -> None:
+    """Keep the attention mask and position ids generate passes (target-mode generation)."""
+    assert session.record is not None
+    options = _options(signature.bind(*args, **kwargs), signature)
+    session.record.append((options.get("attention_mask"), options.get("position_ids")))
+
+
+def _target_forward(
+    model: nn.Module, original: Forward, bound: inspect.BoundArguments, options: dict[str, Any]
+) -> Any:
+    """A forward with ``decompose="target"``: the real output, then the last position's target."""
+    cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
+    if cache_length(cache):
+        raise UnsupportedOptionError(
+            'decompose="target" decomposes a whole sequence: call it without a filled cache, or use '
+            "decompose=True (forward mode) to continue a cached decomposition"
+        )
+    out = original(*bound.args, **bound.kwargs)
+    ids = options["input_ids"]
+    inputs = Inputs(ids, options.get("attention_mask"), options.get("position_ids"), [int(ids.shape[-1]) - 1])
+    (composition,) = explain(model, inputs, mode="target")
+    out["attentions"] = composition
+    return out
+
+
+def _attach(session: Session, model: nn.Module, out: Any, head: Any, mask: Any = None) -> Any:
     """Put the last position's LogitComposition in ``out["attentions"]``."""
     if head is None:
         raise DecompositionError("the decomposed forward never reached the LM head")
     real, comps = head
     tol = _GUARD.get(real.dtype, _GUARD_HALF)
-    err = completeness_error(real, comps)
+    checked_real, checked = real, comps
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= real.shape[1]:
+        # Padding positions attend to nothing real (their outputs are whatever the attention
+        # kernel makes of a fully masked row) and feed no other position: not checked.
+        valid = mask[:, mask.shape[-1] - real.shape[1] :].bool().to(real.device)
+        checked_real, checked = real[valid], comps[:, valid]
+    err = completeness_error(checked_real, checked)
     if not err <= tol:
         session.clear_caches()
         raise DecompositionError(
@@ -169,6 +236,9 @@ def _check_forward_options(options: dict[str, Any]) -> None:
         )
 
 
+# Options of a target-mode generate that are llama_attrib's, not generate's.
+_SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress")
+
 _REFUSED_GENERATION = {
     "num_beams": (lambda v: v is not None and v > 1, "beam search (num_beams > 1)"),
     "assistant_model": (lambda v: v is not None, "assisted generation (assistant_model)"),
@@ -197,12 +267,25 @@ def _expected_length(default_config: Any, args: tuple[Any, ...], kwargs: dict[st
     return int(ids.shape[-1]) + new
 
 
-def _generate(session: Session, original: Forward) -> Forward:
+def _generate(session: Session, model: nn.Module, original: Forward) -> Forward:
     generation_config = getattr(getattr(original, "__self__", None), "generation_config", None)
 
-    def generate(*args: Any, decompose: bool | None = None, **kwargs: Any) -> Any:
+    def generate(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
         if not session.wants(decompose):
             return original(*args, **kwargs)
+        mode = _mode(decompose, "target")
+        if kwargs.get("return_dict_in_generate") is False:
+            raise UnsupportedOptionError(
+                "decompose=True returns one Composition per generated token in "
+                "out['attentions']: call with return_dict_in_generate=True"
+            )
+        kwargs = {**kwargs, "return_dict_in_generate": True, "output_attentions": False}
+        if session.steps is not None or session.record is not None:
+            raise DecompositionError("a decomposed generate was called from inside another one")
+        options = {k: kwargs.pop(k) for k in _SEQUENCE_OPTIONS if k in kwargs}
+        families.check_length(model, _expected_length(generation_config, args, kwargs))
+        if mode == "target":
+            return _generate_target(session, model, original, args, kwargs, options)
         problems = [
             what
             for key, (refused, what) in _REFUSED_GENERATION.items()
@@ -210,19 +293,21 @@ def _generate(session: Session, original: Forward) -> Forward:
         ]
         if problems:
             raise UnsupportedOptionError(
-                "decompose=True does not support " + ", ".join(problems) + " yet; use greedy "
-                "search or sampling"
+                'decompose="forward" does not support ' + ", ".join(problems) + "; use "
+                "decompose=True (target mode decomposes the finished sequences of any decoding "
+                "strategy)"
             )
-        if kwargs.get("return_dict_in_generate") is False:
+        if set(options) - {"max_memory"}:
             raise UnsupportedOptionError(
-                "decompose=True returns one Composition per generated token in "
-                "out['attentions']: call with return_dict_in_generate=True"
+                f"{sorted(set(options) - {'max_memory'})} apply to target mode: use decompose=True, or "
+                "llama_attrib.decompose_sequence(..., mode='forward') on the finished sequence"
             )
-        kwargs = {**kwargs, "return_dict_in_generate": True, "output_attentions": False}
-        if session.steps is not None:
-            raise DecompositionError("a decomposed generate was called from inside another one")
+        expected = _expected_length(generation_config, args, kwargs)
+        if expected:
+            batch = int(_prompt_ids(args, kwargs).shape[0])
+            _check_fits(model, expected, batch, "generate", options.get("max_memory"), session.dtype)
         session.steps = []
-        session.expected_length = _expected_length(generation_config, args, kwargs)
+        session.expected_length = expected
         try:
             out = original(*args, **kwargs)
         finally:
@@ -232,6 +317,72 @@ def _generate(session: Session, original: Forward) -> Forward:
         return out
 
     return generate
+
+
+def _generate_target(
+    session: Session,
+    model: nn.Module,
+    original: Forward,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    options: dict[str, Any],
+) -> Any:
+    """Plain generation (recording the masks and positions it used), then one target-mode pass."""
+    session.record, session.plain = [], session.plain + 1
+    try:
+        out = original(*args, **kwargs)
+    finally:
+        record, session.record, session.plain = session.record, None, session.plain - 1
+    sequences = out.sequences
+    prompt_ids = _prompt_ids(args, kwargs)
+    prompt = int(prompt_ids.shape[-1])
+    if sequences.shape[-1] <= prompt or not record:
+        out["attentions"] = ()
+        return out
+    used = sequences[:, :-1]
+    mask, position_ids = _recorded_inputs(record, int(prompt_ids.shape[0]), used)
+    inputs = Inputs(used, mask, position_ids, list(range(prompt - 1, used.shape[1])))
+    steps = len(inputs.positions)
+    targets = [("token", tuple(int(t) for t in sequences[:, prompt + k].tolist())) for k in range(steps)]
+    out["attentions"] = explain(model, inputs, mode="target", targets=targets, **options)
+    return out
+
+
+def _recorded_inputs(
+    record: list[tuple[Any, Any]], batch: int, used: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The attention mask and position ids generate used for each returned sequence.
+
+    generate expands the prompt rows (beams, ``num_return_sequences``) before its first call:
+    returned sequence ``r`` comes from prompt row ``r // n`` (``n`` sequences per prompt),
+    which is recorded row ``(r // n) * e`` (``e`` rows per prompt). Masks and position ids
+    depend on the prompt row only, so any of its expanded rows will do.
+    """
+    mask, _ = record[0]
+    rows = used.shape[0]
+    if mask is not None and mask.dim() == 2:
+        source = torch.arange(rows, device=mask.device) // (rows // batch) * (mask.shape[0] // batch)
+        prompt_mask = mask[source]
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones((rows, used.shape[1] - prompt_mask.shape[1]))], 1)
+    else:
+        mask = None
+    positions = [p for _, p in record]
+    if all(isinstance(p, torch.Tensor) and p.dim() == 2 for p in positions):
+        position_ids = torch.cat(positions, dim=-1)
+        if position_ids.shape[-1] == used.shape[-1]:
+            source = torch.arange(rows, device=position_ids.device)
+            source = source // (rows // batch) * (position_ids.shape[0] // batch)
+            return mask, position_ids[source]
+    if mask is None:
+        return None, None  # one call per token was not made (static cache, assisted decoding)
+    return mask, (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def _prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if not isinstance(ids, torch.Tensor):
+        raise UnsupportedOptionError("decompose=True needs the prompt's input_ids as a tensor")
+    return ids
 
 
 __all__ = ["decompose", "is_wrapped", "unwrap", "wrap"]

@@ -16,6 +16,22 @@ import torch
 from torch import Tensor
 
 
+class Contributions(pydec.Composition):  # type: ignore[misc]
+    """One logit's (or a batch row's) components, as ``c[token]`` returns them.
+
+    A plain ``pydec.Composition`` with a working ``repr`` (pydec 0.3.0's own repr calls
+    ``Tensor.has_names``, which torch 2.13 no longer has).
+    """
+
+    @staticmethod
+    def of(components: Tensor) -> Contributions:
+        return Contributions(components, components.new_zeros(components.shape[1:]))
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        comps = self._component_tensor
+        return f"Contributions(components={comps.tolist() if comps.numel() <= 16 else tuple(comps.shape)})"
+
+
 class LogitComposition(pydec.Composition):  # type: ignore[misc]
     """Logits ``[*batch, vocab]`` as components ``[C, *batch, vocab]`` (residual zero).
 
@@ -23,6 +39,8 @@ class LogitComposition(pydec.Composition):  # type: ignore[misc]
     head's ``[vocab, hidden]`` weight (shared, not copied); ``logits``: the real logits the
     model returned, kept for reference (``recovery`` is the components' sum).
     """
+
+    names: tuple[str, ...] | None = None  # the components' names, when they are groups
 
     def __init__(self, hidden: Tensor, weight: Tensor, logits: Tensor) -> None:
         self._hidden = hidden
@@ -111,8 +129,7 @@ class LogitComposition(pydec.Composition):  # type: ignore[misc]
         if not isinstance(token, int):
             return super().__getitem__(indices)
         hidden = self._hidden[(slice(None), *indices[:-1])]  # [C, *rest, hidden]
-        components = torch.matmul(hidden, self._row(token))
-        return pydec.Composition(components, components.new_zeros(components.shape[1:]))
+        return Contributions.of(torch.matmul(hidden, self._row(token)))
 
     def __repr__(self) -> str:  # type: ignore[override]
         return f"LogitComposition(size={tuple(self.shape)}, components={self.numc()}, dtype={self.dtype})"

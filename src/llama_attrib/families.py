@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, UnsupportedOptionError
 
 NORM, ATTENTION, MLP, EMBEDDING, LM_HEAD = "norm", "attention", "mlp", "embedding", "lm_head"
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -148,3 +148,13 @@ def component_dtype(model: nn.Module) -> torch.dtype:
     """Components accumulate in float32 when the model runs in half precision."""
     dtype = next(model.parameters()).dtype
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_length(model: nn.Module, length: int) -> None:
+    """Refuse sequences longer than the positions the model was built for."""
+    limit = getattr(model.config, "max_position_embeddings", None)  # type: ignore[union-attr]
+    if isinstance(limit, int) and length > limit:
+        raise UnsupportedOptionError(
+            f"the sequence would have {length} positions, more than the model's "
+            f"max_position_embeddings ({limit}): shorten the prompt or max_new_tokens"
+        )

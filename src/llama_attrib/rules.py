@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +33,50 @@ def _linear(x: Tensor, layer: nn.Module) -> Tensor:
     return F.linear(x, weight.to(device=x.device, dtype=x.dtype))
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Which positions each component holds, when that is not "component i = position i".
+
+    ``members``: ``[C, T]`` 0/1 matrix over the positions of the sequence (groups of
+    positions, or a window ``c0:c1`` of single positions when components are processed in
+    chunks); ``starts[c]``: the first position of component ``c``, before which it is
+    exactly zero everywhere (nothing flows backwards in a causal model).
+    """
+
+    members: Tensor
+    starts: tuple[int, ...]
+
+    @staticmethod
+    def of(members: Tensor) -> Layout:
+        if members.dim() != 2 or bool((members.sum(0) > 1).any()):
+            raise DecompositionError("component groups must not overlap")
+        nonzero = members.bool()
+        first = torch.where(nonzero.any(1), nonzero.float().argmax(1), members.shape[1])
+        return Layout(members, tuple(int(i) for i in first.tolist()))
+
+    def first(self, c0: int, c1: int) -> int:
+        return min(self.starts[c0:c1], default=0)
+
+
+def _first(layout: Layout | None, c0: int, c1: int) -> int:
+    """The first position at which components ``c0:c1`` can be non-zero."""
+    return c0 if layout is None else layout.first(c0, c1)
+
+
 def _causal_chunks(
-    fn: Callable[[int, int, int], Tensor], c: int, batch: int, q: int, offset: int, width: int
+    fn: Callable[[int, int, int], Tensor],
+    c: int,
+    batch: int,
+    q: int,
+    offset: int,
+    width: int,
+    layout: Layout | None = None,
 ) -> Tensor:
     """Build a ``[c, batch, q, out]`` result from ``fn(c0, c1, t0)`` chunk by chunk.
 
-    Component ``c`` is the token at sequence position ``c``: it is exactly zero at the
-    positions of this call before ``c - offset`` (nothing flows backwards in a causal model).
+    Component ``c`` is the token at sequence position ``c`` (or, with a ``layout``, starts at
+    ``layout.starts[c]``): it is exactly zero at the positions of this call before that
+    position minus ``offset`` (nothing flows backwards in a causal model).
     ``fn(c0, c1, t0)`` returns components ``c0:c1`` at positions ``t0:`` only; the rest stays
     zero. That skips the all-zero triangle of a prompt (about half the work), and chunks bound
     the memory of ``fn``'s intermediates (``width``: elements per component and position).
@@ -50,7 +88,8 @@ def _causal_chunks(
         return fn(0, c, 0)
     out: Tensor | None = None
     for c0 in range(0, c, per_chunk):
-        c1, t0 = min(c, c0 + per_chunk), min(max(0, c0 - offset), q)
+        c1 = min(c, c0 + per_chunk)
+        t0 = min(max(0, _first(layout, c0, c1) - offset), q)
         part = fn(c0, c1, t0)
         if out is None:
             out = part.new_zeros((c, batch, q, part.shape[-1]))
@@ -59,20 +98,31 @@ def _causal_chunks(
     return out
 
 
-def _positionwise(fn: Callable[[Tensor, int], Tensor], comps: Tensor, offset: int, width: int) -> Tensor:
+def _positionwise(
+    fn: Callable[[Tensor, int], Tensor], comps: Tensor, offset: int, width: int, layout: Layout | None = None
+) -> Tensor:
     """:func:`_causal_chunks` for a position-wise ``fn(components, first_position)``."""
     c, batch, q = comps.shape[:3]
-    return _causal_chunks(lambda c0, c1, t0: fn(comps[c0:c1, :, t0:], t0), c, batch, q, offset, width)
+    return _causal_chunks(lambda c0, c1, t0: fn(comps[c0:c1, :, t0:], t0), c, batch, q, offset, width, layout)
 
 
 @torch.no_grad()
-def embedding(real: Tensor, offset: int, dtype: torch.dtype) -> Tensor:
+def embedding(real: Tensor, offset: int, dtype: torch.dtype, layout: Layout | None = None) -> Tensor:
     """Token embeddings ``[batch, seq, hidden]`` -> components ``[offset+seq, batch, seq, hidden]``.
 
     Position ``j`` of this call is sequence position ``offset + j``: its embedding is that
-    component's whole value there, every other component is zero.
+    component's whole value there, every other component is zero. With a ``layout``
+    (a whole sequence, no cache), component ``c`` holds the embeddings of its member positions.
     """
     batch, seq, hidden = real.shape
+    if layout is not None:
+        if offset or layout.members.shape[1] != seq:
+            raise DecompositionError(
+                f"component groups cover {layout.members.shape[1]} positions, the call has "
+                f"{seq} (after {offset} cached): groups need the whole sequence in one call"
+            )
+        members = layout.members.to(device=real.device, dtype=dtype)
+        return members[:, None, :, None] * real.to(dtype)[None]
     comps = real.new_zeros((offset + seq, batch, seq, hidden), dtype=dtype)
     pos = torch.arange(seq, device=real.device)
     comps[offset + pos, :, pos, :] = real.transpose(0, 1).to(dtype)
@@ -90,14 +140,14 @@ def rms_norm(module: nn.Module, real: Tensor, comps: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def mlp(module: nn.Module, real: Tensor, comps: Tensor, offset: int) -> Tensor:
+def mlp(module: nn.Module, real: Tensor, comps: Tensor, offset: int, layout: Layout | None = None) -> Tensor:
     """``down(act(gate(x)) * up(x))``: the gate ``act(gate(x))`` comes from the real ``x``."""
     gate = module.act_fn(module.gate_proj(real)).to(comps.dtype)  # type: ignore[operator]
 
     def rule(part: Tensor, t0: int) -> Tensor:
         return _linear(_linear(part, module.up_proj) * gate[:, t0:], module.down_proj)  # type: ignore[arg-type]
 
-    return _positionwise(rule, comps, offset, 2 * gate.shape[-1])
+    return _positionwise(rule, comps, offset, 2 * gate.shape[-1], layout)
 
 
 class ValueCache:
@@ -178,6 +228,7 @@ def attention_probs(
     cache: ValueCache | None,
     comps: Tensor,
     offset: int,
+    layout: Layout | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention probabilities from the real ``x`` (``[B, kv, g, q, S]``) and the decomposed
     values ``[C, B, kv, S, hd]`` of every position so far."""
@@ -189,7 +240,7 @@ def attention_probs(
     cos, sin = position_embeddings
     queries, keys = _rope(module)(queries, keys, cos, sin)
     kv = keys.shape[1]
-    values = _positionwise(lambda part, _: _linear(part, module.v_proj), comps, offset, kv * hd)  # type: ignore[arg-type]
+    values = _positionwise(lambda part, _: _linear(part, module.v_proj), comps, offset, kv * hd, layout)  # type: ignore[arg-type]
     values = values.view(comps.shape[0], batch, q, kv, hd).transpose(2, 3)
     if cache is not None:
         keys, values = cache.append(keys, values)
@@ -209,10 +260,11 @@ def attention(
     mask: Tensor | None,
     cache: ValueCache | None,
     offset: int,
+    layout: Layout | None = None,
 ) -> Tensor:
     """``o(softmax(q k^T) v)``: probabilities from the real ``x``, values per component."""
     batch, q, _ = real.shape
-    probs, values = attention_probs(module, real, position_embeddings, mask, cache, comps, offset)
+    probs, values = attention_probs(module, real, position_embeddings, mask, cache, comps, offset, layout)
     c, _, kv, s, hd = values.shape
     groups = probs.shape[2]
     heads = kv * groups * hd
@@ -225,11 +277,11 @@ def attention(
 
     def mix(c0: int, c1: int, t0: int) -> Tensor:
         # Many queries (a prompt): components go into the matrix columns, one big matmul.
-        # Components c0:c1 have no value before key c0 and no output before query t0.
-        n, rows = c1 - c0, q - t0
-        p = probs[:, :, :, t0:, c0:].reshape(batch, kv, groups * rows, s - c0)
-        cols = values[c0:c1, :, :, c0:].permute(1, 2, 3, 0, 4).reshape(batch, kv, s - c0, n * hd)
+        # Components c0:c1 have no value before key k0 and no output before query t0.
+        n, rows, k0 = c1 - c0, q - t0, _first(layout, c0, c1)
+        p = probs[:, :, :, t0:, k0:].reshape(batch, kv, groups * rows, s - k0)
+        cols = values[c0:c1, :, :, k0:].permute(1, 2, 3, 0, 4).reshape(batch, kv, s - k0, n * hd)
         out = torch.matmul(p, cols).view(batch, kv, groups, rows, n, hd).permute(4, 0, 3, 1, 2, 5)
         return _linear(out.reshape(n, batch, rows, heads), module.o_proj)  # type: ignore[arg-type]
 
-    return _causal_chunks(mix, c, batch, q, offset, 2 * heads)
+    return _causal_chunks(mix, c, batch, q, offset, 2 * heads, layout)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import families, rules
+from . import families, linear, rules
 from ._compat import cache_length, find_cache
 from .errors import DecompositionError
 from .patching import Patch, replace_method, restore_all
@@ -35,18 +35,27 @@ class Session:
         self.dtype = families.component_dtype(model)
         self.patches: list[Patch] = []
         self.forced = 0  # depth of enclosing ``decompose()`` blocks
+        self.plain = 0  # > 0 while target-mode generate runs plain forwards
+        self.record: list[tuple[Any, Any]] | None = None  # masks and positions generate passed
         self.steps: list[Any] | None = None  # collecting a decomposed generate
         self.active = False  # the current forward decomposes
         self.offset = 0  # positions already in the cache when the current forward began
         self.head: tuple[Tensor, Tensor] | None = None  # LM head input: real, components
         self.expected_length = 0  # final sequence length of the generate call, if known
+        # Target mode: the leaves run the differentiable frozen-factor pass (see linear.py).
+        self.linear_dtype: torch.dtype | None = None
+        self.embeds: Tensor | None = None  # the embeddings (leaf requiring grad) of that pass
+        # Forward mode over a finished sequence: which positions each component holds.
+        self.layout: rules.Layout | None = None
         self._caches: dict[int, rules.ValueCache] = {}
         self._owners: dict[int, weakref.ref[Any]] = {}
 
-    def wants(self, decompose: bool | None) -> bool:
+    def wants(self, decompose: bool | str | None) -> bool:
         """Whether a call decomposes: an explicit ``decompose=`` wins over the context."""
         if decompose is not None:
-            return bool(decompose)
+            return decompose is not False
+        if self.plain:
+            return False
         return self.forced > 0 or self.steps is not None
 
     # -- one decomposed forward -------------------------------------------------------
@@ -113,25 +122,38 @@ class Session:
 
     def _embedding(self, module: nn.Module, original: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.linear_dtype is not None:
+                with torch.no_grad():
+                    out = original(*args, **kwargs)
+                self.embeds = out.to(self.linear_dtype).clone().requires_grad_(True)
+                return self.embeds
             out = original(*args, **kwargs)
             if not self.active:
                 return out
-            return DecomposedTensor.wrap(out, rules.embedding(out, self.offset, self.dtype))
+            return DecomposedTensor.wrap(out, rules.embedding(out, self.offset, self.dtype, self.layout))
 
         return forward
 
     def _norm(self, module: nn.Module, original: Forward) -> Forward:
-        return self._positionwise(module, original, rules.rms_norm)
+        return self._positionwise(module, original, rules.rms_norm, linear.rms_norm)
 
     def _mlp(self, module: nn.Module, original: Forward) -> Forward:
-        return self._positionwise(module, original, lambda m, x, c: rules.mlp(m, x, c, self.offset))
+        return self._positionwise(
+            module, original, lambda m, x, c: rules.mlp(m, x, c, self.offset, self.layout), linear.mlp
+        )
 
     def _positionwise(
-        self, module: nn.Module, original: Forward, rule: Callable[[nn.Module, Tensor, Tensor], Tensor]
+        self,
+        module: nn.Module,
+        original: Forward,
+        rule: Callable[[nn.Module, Tensor, Tensor], Tensor],
+        linear_rule: Callable[[nn.Module, Tensor], Tensor],
     ) -> Forward:
         """A leaf whose real output comes from ``original(real)`` and components from ``rule``."""
 
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.linear_dtype is not None:
+                return linear_rule(module, x)
             if not self.active:
                 return original(x, *args, **kwargs)
             real, comps = split(x)
@@ -142,6 +164,11 @@ class Session:
 
     def _attention(self, module: nn.Module, original: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.linear_dtype is not None:
+                x = _argument(args, kwargs, "hidden_states", 0)
+                embeddings = _argument(args, kwargs, "position_embeddings", 1)
+                mask = _argument(args, kwargs, "attention_mask", 2)
+                return linear.attention(module, x, embeddings, mask), None
             if not self.active:
                 return original(*args, **kwargs)
             real, comps = split(_argument(args, kwargs, "hidden_states", 0))
@@ -159,6 +186,7 @@ class Session:
                 _argument(args, kwargs, "attention_mask", 2),
                 cache,
                 self.offset,
+                self.layout,
             )
             return DecomposedTensor.wrap(out, comps_out), weights
 
@@ -166,6 +194,10 @@ class Session:
 
     def _lm_head(self, module: nn.Module, original: Forward) -> Forward:
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.linear_dtype is not None:
+                self.head = (x, x)
+                with torch.no_grad():
+                    return linear.linear(x.detach(), module)
             if not self.active:
                 return original(x, *args, **kwargs)
             real, comps = split(x)
@@ -184,6 +216,8 @@ def _bind(maker: Callable[[nn.Module, Forward], Forward], module: nn.Module) -> 
 
 def completeness_error(real: Tensor, comps: Tensor) -> float:
     """Largest ``|sum(components) - real|`` relative to the largest ``|real|``."""
+    if real.numel() == 0:
+        return 0.0
     total = comps.sum(0).to(torch.float64)
     scale = real.abs().max().clamp(min=1e-30).double()
     return float(((total - real.double()).abs().max() / scale).item())

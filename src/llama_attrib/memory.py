@@ -1,0 +1,137 @@
+"""How much memory a decomposition needs, and how much there is.
+
+The estimates count the tensors a run keeps alive at its peak, per mode; they were checked
+against measured peak RSS on this project's CPU benchmarks (``benchmarks/bench.py``) and err
+on the high side. They decide how many components (forward mode) or how many target
+cotangents (target mode) one pass processes; a run that cannot fit even one is refused
+before it starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LlamaAttribError
+
+
+class MemoryBudgetError(LlamaAttribError):
+    """A run would not fit in the memory budget, even processed in the smallest chunks."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes that memory depends on, read from a model's config."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_dim: int
+    intermediate: int
+    vocab: int
+
+    @staticmethod
+    def of(model: nn.Module) -> Shape:
+        config: Any = model.config
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+        return Shape(
+            layers=int(config.num_hidden_layers),
+            hidden=int(config.hidden_size),
+            heads=heads,
+            kv_dim=kv * head_dim,
+            intermediate=int(config.intermediate_size),
+            vocab=int(config.vocab_size),
+        )
+
+
+def target_graph_bytes(shape: Shape, batch: int, length: int, itemsize: int) -> int:
+    """The frozen-factor graph of target mode: probabilities, gates, saved activations."""
+    per_layer = shape.heads * length * length + length * (2 * shape.intermediate + 6 * shape.hidden)
+    return batch * itemsize * (shape.layers * per_layer + 2 * length * shape.hidden)
+
+
+def target_request_bytes(shape: Shape, batch: int, length: int, itemsize: int) -> int:
+    """One cotangent of a batched backward: its gradients through one layer at a time."""
+    width = 2 * shape.intermediate + 6 * shape.hidden + 2 * shape.kv_dim
+    return batch * length * width * itemsize
+
+
+def forward_component_bytes(shape: Shape, batch: int, length: int, itemsize: int) -> int:
+    """One component of forward mode over ``length`` positions (no cache)."""
+    width = 8 * shape.hidden + 2 * shape.kv_dim
+    return batch * length * width * itemsize
+
+
+def forward_cache_bytes(shape: Shape, batch: int, length: int, itemsize: int) -> int:
+    """Forward-mode generation: the decomposed value cache of every layer at ``length``."""
+    return shape.layers * batch * length * length * shape.kv_dim * itemsize
+
+
+def estimate(
+    model: nn.Module,
+    length: int,
+    *,
+    batch: int = 1,
+    mode: str = "target",
+    components: int | None = None,
+    steps: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Bytes a decomposition of ``batch`` sequences of ``length`` tokens keeps at its peak.
+
+    ``mode="target"``: one pass with ``steps`` target cotangents in one backward.
+    ``mode="forward"``: one pass over ``components`` components (default: one per position).
+    ``mode="generate"``: forward-mode generation to ``length`` (value caches included).
+    """
+    shape = Shape.of(model)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if mode == "target":
+        graph = target_graph_bytes(shape, batch, length, itemsize)
+        return graph + steps * target_request_bytes(shape, batch, length, itemsize)
+    c = length if components is None else components
+    per = forward_component_bytes(shape, batch, length, itemsize)
+    if mode == "forward":
+        return c * per
+    if mode == "generate":
+        return c * per + forward_cache_bytes(shape, batch, length, itemsize)
+    raise ValueError(f"mode must be 'target', 'forward' or 'generate', not {mode!r}")
+
+
+def available(device: torch.device) -> int:
+    """Memory that can be used now: free device memory, or MemAvailable of the host."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else 1 << 34
+
+
+def budget(max_memory: int | str | None, device: torch.device) -> int:
+    """A byte budget from ``max_memory`` (bytes, or '8GB', '512MiB'), else 80% of what is free."""
+    if max_memory is None:
+        return int(available(device) * 0.8)
+    if isinstance(max_memory, int):
+        return max_memory
+    text = max_memory.strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def fmt(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"

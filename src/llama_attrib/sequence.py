@@ -1,0 +1,676 @@
+"""Decompose a finished sequence in one pass: every step's decomposition at once.
+
+Two modes give the same numbers (tested to 1e-5 in float32):
+
+- ``"target"``: one pass of the frozen-factor graph (:mod:`linear`), then one batched
+  backward for the chosen target logits of every step. The contribution of position ``i``
+  is ``grad_i . e_i``. Memory does not grow with the number of components; other tokens'
+  contributions are computed on demand (one more pass each time, batched per request).
+- ``"forward"``: components carried forward through every layer (:mod:`rules`), in chunks
+  of components sized to the memory budget. Gives the whole decomposed hidden state, so
+  every token of the vocabulary is one dot product away.
+
+Both accept component groups: one component per named span of positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pydec
+import torch
+from torch import Tensor, nn
+
+from . import memory
+from .composition import Contributions, LogitComposition
+from .errors import DecompositionError, UnsupportedOptionError
+from .families import check_length
+from .rules import Layout
+from .session import Session, completeness_error
+
+_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
+_TOLERANCE_HALF = 5e-2
+MODES = ("target", "forward")
+LEAN_BYTES = 64 << 20  # default working memory of target mode's batched backward
+
+Span = tuple[int, int]
+Groups = Mapping[str, Span | Sequence[Span]] | Sequence[Span] | Tensor
+
+
+def decompose_sequence(
+    model: nn.Module,
+    input_ids: Tensor,
+    prompt_length: int | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    mode: str = "target",
+    targets: Any = None,
+    groups: Groups | None = None,
+    component_dtype: torch.dtype | None = None,
+    max_memory: int | str | None = None,
+    progress: bool | None = None,
+) -> tuple[pydec.Composition, ...]:
+    """Decompose every token after the prompt of a finished sequence, in one pass.
+
+    ``input_ids``: ``[T]`` or ``[batch, T]`` (prompt + generated tokens). With
+    ``prompt_length=P`` it returns one Composition per token after the prompt, like
+    ``generate(..., decompose=True)``: step ``k`` explains the logits at position ``P-1+k``
+    (which predicted ``input_ids[P+k]``) and has ``P+k`` components. Without it, one
+    Composition for the logits at the last position.
+
+    ``targets`` (target mode): which logit each step explains up front: ``None`` (the next
+    token of the sequence, or the argmax at the last position), a token id, one id per step,
+    or a pair ``(a, b)`` for the difference ``logit_a - logit_b`` (ids or one per step).
+    Any other token is available afterwards as ``c[token]`` (one more pass).
+
+    ``groups``: one component per span of positions: ``{"system": (0, 12), ...}`` (a name
+    may map to several spans), a list of ``(start, end)`` spans, or a ``[T]`` tensor of group
+    ids; positions outside every span form one more component, ``"other"``.
+
+    ``component_dtype``: precision of the components (default float32 for a half-precision
+    model, the model's dtype otherwise). ``max_memory``: a budget in bytes (or ``"8GB"``);
+    default 80% of the free memory; work is split into chunks to fit, and a run that cannot
+    fit at all raises :class:`~llama_attrib.memory.MemoryBudgetError` before it starts.
+    """
+    if mode not in MODES:
+        raise UnsupportedOptionError(f"mode must be one of {MODES}, not {mode!r}")
+    ids = _as_batch(input_ids, "input_ids")
+    batch, length = ids.shape
+    check_length(model, length)
+    mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask")
+    if mask is not None and mask.shape != ids.shape:
+        raise UnsupportedOptionError(
+            f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: they must match"
+        )
+    if position_ids is None and mask is not None:
+        position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    if prompt_length is None or prompt_length >= length:
+        positions, next_tokens, used = [length - 1], None, length
+    else:
+        if prompt_length < 1:
+            raise UnsupportedOptionError("prompt_length must be at least 1")
+        positions, next_tokens, used = (
+            list(range(prompt_length - 1, length - 1)),
+            ids[:, prompt_length:],
+            length - 1,
+        )
+    inputs = Inputs(
+        ids[:, :used],
+        None if mask is None else mask[:, :used],
+        None if position_ids is None else _as_batch(position_ids, "position_ids")[:, :used],
+        positions,
+    )
+    members, names = (None, None) if groups is None else group_members(groups, length)
+    if members is not None:
+        members = members[:, :used]
+    return explain(
+        model,
+        inputs,
+        mode=mode,
+        targets=_resolve_targets(targets, next_tokens, len(positions), batch),
+        members=members,
+        names=names,
+        component_dtype=component_dtype,
+        max_memory=max_memory,
+        progress=progress,
+    )
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A teacher-forced pass: ids ``[B, T]``, mask, position ids, and the positions explained."""
+
+    ids: Tensor
+    mask: Tensor | None
+    position_ids: Tensor | None
+    positions: list[int]
+
+    def call(self, model: nn.Module) -> Any:
+        kwargs: dict[str, Any] = {"use_cache": False, "decompose": False}
+        kwargs["logits_to_keep"] = self.ids.shape[1] - self.positions[0]
+        if self.mask is not None:
+            kwargs["attention_mask"] = self.mask
+        if self.position_ids is not None:
+            kwargs["position_ids"] = self.position_ids
+        return model(input_ids=self.ids, **kwargs)
+
+    @property
+    def kept(self) -> Tensor:
+        """Index of each explained position among the logits kept."""
+        return torch.tensor(self.positions) - self.positions[0]
+
+
+def explain(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    mode: str = "target",
+    targets: list[Any] | None = None,
+    members: Tensor | None = None,
+    names: tuple[str, ...] | None = None,
+    component_dtype: torch.dtype | None = None,
+    max_memory: int | str | None = None,
+    progress: bool | None = None,
+) -> tuple[pydec.Composition, ...]:
+    """The per-step Compositions of one teacher-forced pass (see :func:`decompose_sequence`)."""
+    from .api import decompose  # the public context manager; api imports this module
+
+    dtype = component_dtype or _default_dtype(model)
+    device = next(model.parameters()).device
+    limit = memory.budget(max_memory, device)
+    with decompose(model):
+        session: Session = model.__dict__["_llama_attrib_session"]
+        if mode == "forward":
+            return _forward_mode(model, session, inputs, members, names, dtype, limit, progress)
+        run = TargetRun(model, inputs, members, names, dtype, limit, progress, lean=max_memory is None)
+        return run.compositions(targets)
+
+
+# -- target mode ------------------------------------------------------------------------
+
+
+class TargetRun:
+    """The frozen-factor pass of one sequence, and batched backward passes through it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        members: Tensor | None,
+        names: tuple[str, ...] | None,
+        dtype: torch.dtype,
+        budget: int,
+        progress: bool | None,
+        lean: bool = False,
+    ) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.members = members
+        self.names = names
+        self.dtype = dtype
+        self.budget = budget
+        self.lean = lean
+        self.progress = progress
+        batch, length = inputs.ids.shape
+        shape = memory.Shape.of(model)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.graph_bytes = memory.target_graph_bytes(shape, batch, length, itemsize)
+        self.request_bytes = memory.target_request_bytes(shape, batch, length, itemsize)
+        if self.graph_bytes + self.request_bytes > budget:
+            raise memory.MemoryBudgetError(
+                f"target mode over {batch} x {length} tokens needs about "
+                f"{memory.fmt(self.graph_bytes + self.request_bytes)} for one target; the budget is "
+                f"{memory.fmt(budget)}. Shorten the sequence, decompose fewer rows at once, or raise "
+                "max_memory"
+            )
+        self.logits: Tensor | None = None
+        head: Any = model.get_submodule("lm_head")
+        self.weight: Tensor = head.weight
+
+    @property
+    def batch(self) -> int:
+        return int(self.inputs.ids.shape[0])
+
+    def head_row(self, token: int) -> Tensor:
+        return self.weight[token].detach().to(self.dtype)
+
+    @contextmanager
+    def graph(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """Run the frozen-factor pass; yields (embeddings [B, T, d], final hidden [B, K, d])."""
+        from .api import decompose
+
+        with torch.inference_mode(False), torch.enable_grad(), decompose(self.model):
+            session: Session = self.model.__dict__["_llama_attrib_session"]
+            session.linear_dtype = self.dtype
+            try:
+                out = self.inputs.call(self.model)
+                embeds, head = session.embeds, session.head
+            finally:
+                session.linear_dtype, session.embeds, session.head = None, None, None
+            if embeds is None or head is None:
+                raise DecompositionError("the target-mode pass never reached the embeddings or the LM head")
+            kept = self.inputs.kept
+            if self.logits is None:
+                self.logits = out["logits"][:, kept].detach().to(self.dtype)
+            yield embeds, head[0][:, kept]
+
+    def solve(self, requests: list[tuple[int, Any]]) -> Tensor:
+        """Contributions ``[N, B, C]`` for each ``(step, target key)`` request.
+
+        Keys: ``("token", ids per row)``, ``("contrast", a per row, b per row)``,
+        ``("vector", [B, hidden])`` or ``None`` (each row's argmax token at that step).
+        """
+        n = len(requests)
+        per_chunk = max(1, (self.budget - self.graph_bytes) // self.request_bytes)
+        if self.lean:
+            # Without an explicit budget, keep the backward's working memory near the graph's
+            # own size: batching more targets buys little speed (about 15% from 8 to 32 here).
+            per_chunk = min(per_chunk, max(4, max(self.graph_bytes, LEAN_BYTES) // self.request_bytes))
+        chunks = math.ceil(n / per_chunk)
+        per_chunk = math.ceil(n / chunks)  # even chunks
+        results: list[Tensor] = []
+        with self.graph() as (embeds, head):
+            values = embeds.detach()
+            steps = head.shape[1]
+            bar = _progress(self.progress, chunks, "backward", work=n * embeds.shape[1] * embeds.shape[0])
+            for start in range(0, n, per_chunk):
+                part = requests[start : start + per_chunk]
+                cot = head.new_zeros((len(part), *head.shape))
+                for i, (step, key) in enumerate(part):
+                    if not 0 <= step < steps:
+                        raise IndexError(f"step {step} out of range ({steps} steps)")
+                    cot[i, :, step] = self._cotangent(self.resolve(step, key)).to(cot.dtype)
+                (grads,) = torch.autograd.grad(
+                    head, embeds, grad_outputs=cot, retain_graph=True, is_grads_batched=True
+                )
+                contributions = (grads * values).sum(-1)  # [n, B, T]
+                if self.members is not None:
+                    contributions = contributions @ self.members.to(contributions).T
+                results.append(contributions.detach())
+                bar.update(1)
+            bar.close()
+        return torch.cat(results)
+
+    def components(self, step: int) -> int:
+        """How many components step ``step`` has: its position + 1, or the number of groups."""
+        if self.members is not None:
+            return int(self.members.shape[0])
+        return self.inputs.positions[step] + 1
+
+    def compositions(self, targets: list[Any] | None) -> tuple[TargetComposition, ...]:
+        steps = len(self.inputs.positions)
+        wanted = targets if targets is not None else [None] * steps
+        solved = self.solve(list(enumerate(wanted)))
+        out = []
+        for step, (target, contributions) in enumerate(zip(wanted, solved, strict=True)):
+            c = TargetComposition(self, step)
+            key = self.resolve(step, target)
+            c._remember(key, contributions)
+            c.target = c._lookup(key)
+            c.target_key = key
+            out.append(c)
+        for c in out:
+            c.check()
+        return tuple(out)
+
+    def resolve(self, step: int, key: Any) -> Any:
+        """``None`` -> ``("token", each row's argmax at that step)``; other keys unchanged."""
+        if key is not None:
+            return key
+        assert self.logits is not None, "logits are known once the pass has run"
+        return ("token", tuple(int(t) for t in self.logits[:, step].argmax(-1).tolist()))
+
+    def _cotangent(self, key: Any) -> Tensor:
+        """``[B, hidden]``: each row's head-weight row (or difference of two) for ``key``."""
+        kind = key[0]
+        if kind == "token":
+            return torch.stack([self.head_row(t) for t in key[1]])
+        if kind == "contrast":
+            return torch.stack(
+                [self.head_row(a) - self.head_row(b) for a, b in zip(key[1], key[2], strict=True)]
+            )
+        if kind == "vector":
+            vector: Tensor = key[1]
+            return vector
+        raise ValueError(f"unknown target {key!r}")
+
+
+class TargetComposition(pydec.Composition):  # type: ignore[misc]
+    """One step's logits ``[*batch, vocab]`` as components, computed per target on demand.
+
+    ``c[token].components`` (``c[row, token]`` for a batch) costs nothing for the step's
+    target (computed with every other step's in one batched backward) and one more pass for
+    any other token. ``c.recovery`` is the step's real logits, which the components of any
+    token add up to (checked for the target). ``c.hidden`` and ``c.components`` (the whole
+    vocabulary) are exact too but cost one backward per hidden dimension: use forward mode
+    (``mode="forward"``) when you need them for many steps.
+    """
+
+    def __init__(self, run: TargetRun, step: int) -> None:
+        self._run = run
+        self._step = step
+        self._known: dict[tuple[int, Any], Tensor] = {}  # (row, token or (a, b)) -> [C]
+        self._hidden: Tensor | None = None
+        self._full: Tensor | None = None
+        self._zeros: Tensor | None = None
+        self.target: pydec.Composition | None = None
+        self.target_key: Any = None
+        self.names = run.names
+
+    # pydec's own methods read these two attributes; they materialise on first use.
+    @property  # type: ignore[override]
+    def _component_tensor(self) -> Tensor:
+        if self._full is None:
+            weight = self._run.weight.detach().to(self.dtype)
+            self._full = torch.matmul(self.hidden, weight.T)
+        return self._full
+
+    @_component_tensor.setter
+    def _component_tensor(self, value: Tensor) -> None:
+        self._full = value
+
+    @property  # type: ignore[override]
+    def _residual_tensor(self) -> Tensor:
+        if self._zeros is None:
+            self._zeros = torch.zeros(self.shape, dtype=self.dtype)
+        return self._zeros
+
+    @_residual_tensor.setter
+    def _residual_tensor(self, value: Tensor) -> None:
+        self._zeros = value
+
+    @property
+    def _squeeze(self) -> bool:
+        return self._run.batch == 1
+
+    @property
+    def logits(self) -> Tensor:
+        """The real logits of this step, ``[*batch, vocab]``."""
+        assert self._run.logits is not None
+        logits = self._run.logits[:, self._step]
+        return logits[0] if self._squeeze else logits
+
+    @property
+    def recovery(self) -> Tensor:
+        """What the components add up to: the step's real logits."""
+        return self.logits
+
+    @property
+    def shape(self) -> torch.Size:
+        vocab = int(self._run.weight.shape[0])
+        return torch.Size((vocab,) if self._squeeze else (self._run.batch, vocab))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._run.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._run.weight.device
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def numc(self) -> int:
+        return self._run.components(self._step)
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def hidden(self) -> Tensor:
+        """The decomposed final hidden state ``[C, *batch, hidden]``: one backward per dimension."""
+        if self._hidden is None:
+            d = int(self._run.weight.shape[1])
+            eye = torch.eye(d, dtype=self.dtype)
+            requests = [(self._step, ("vector", eye[j].expand(self._run.batch, d))) for j in range(d)]
+            solved = self._run.solve(requests)[..., : self.numc()]  # [d, B, C]
+            hidden = solved.permute(2, 1, 0)
+            self._hidden = hidden[:, 0] if self._squeeze else hidden
+        return self._hidden
+
+    def _remember(self, key: Any, contributions: Tensor) -> None:
+        """Store ``contributions [B, C_all]`` of a per-row key."""
+        kind = key[0]
+        for row in range(self._run.batch):
+            what = key[1][row] if kind == "token" else (key[1][row], key[2][row])
+            self._known[(row, what)] = contributions[row, : self.numc()]
+
+    def _lookup(self, key: Any, row: int = 0) -> pydec.Composition:
+        kind = key[0]
+        what = key[1][row] if kind == "token" else (key[1][row], key[2][row])
+        return self._composition(self._known[(row, what)])
+
+    def _composition(self, components: Tensor) -> pydec.Composition:
+        return Contributions.of(components)
+
+    def _get(self, row: int, what: Any) -> Tensor:
+        found = self._known.get((row, what))
+        if found is None:
+            batch = self._run.batch
+            if isinstance(what, tuple):
+                vector = self._run.head_row(what[0]) - self._run.head_row(what[1])
+            else:
+                vector = self._run.head_row(what)
+            cot = vector.new_zeros((batch, vector.shape[0]))
+            cot[row] = vector
+            found = self._run.solve([(self._step, ("vector", cot))])[0, row, : self.numc()]
+            self._known[(row, what)] = found
+        return found
+
+    def __getitem__(self, indices: Any) -> pydec.Composition:
+        """``c[token]`` (or ``c[row, token]``) from a backward pass, not the full tensor."""
+        parsed = None if pydec.is_c_accessing_enabled() else _parse_index(indices, self._squeeze)
+        if parsed is not None and (parsed in self._known or self._full is None):
+            return self._composition(self._get(*parsed))
+        return super().__getitem__(indices)
+
+    def contrast(self, a: int, b: int, row: int = 0) -> pydec.Composition:
+        """Components of ``logit_a - logit_b`` (one pass if not computed yet)."""
+        return self._composition(self._get(row, (int(a), int(b))))
+
+    def check(self) -> None:
+        """The target's components add up to its logit (else :class:`DecompositionError`)."""
+        tol = _TOLERANCE.get(self.dtype, _TOLERANCE_HALF)
+        assert self._run.logits is not None
+        logits = self._run.logits[:, self._step]
+        for (row, what), comps in self._known.items():
+            value = (
+                logits[row, what[0]] - logits[row, what[1]] if isinstance(what, tuple) else logits[row, what]
+            )
+            scale = float(logits[row].abs().max().clamp(min=1e-30))
+            err = abs(float(comps.sum()) - float(value)) / scale
+            if not err <= tol:
+                raise DecompositionError(
+                    f"step {self._step}: contributions add up to {float(comps.sum()):.6g}, the logit is "
+                    f"{float(value):.6g} (relative error {err:.2e} > {tol:.0e}); an operation outside "
+                    "llama_attrib's rules changed the hidden state"
+                )
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return (
+            f"TargetComposition(size={tuple(self.shape)}, components={self.numc()}, "
+            f"dtype={self.dtype}, step={self._step})"
+        )
+
+
+def _parse_index(indices: Any, squeeze: bool) -> tuple[int, int] | None:
+    """``(row, token)`` from ``c[token]`` / ``c[row, token]`` with integer indices, else None."""
+    if not isinstance(indices, tuple):
+        indices = (indices,)
+    wanted = 1 if squeeze else 2
+    if len(indices) != wanted:
+        return None
+    values = []
+    for i in indices:
+        if isinstance(i, Tensor) and i.dim() == 0 and not i.is_floating_point():
+            i = int(i)
+        if not isinstance(i, int) or isinstance(i, bool):
+            return None
+        values.append(i)
+    return (0, values[0]) if squeeze else (values[0], values[1])
+
+
+# -- forward mode over a finished sequence ----------------------------------------------
+
+
+def _forward_mode(
+    model: nn.Module,
+    session: Session,
+    inputs: Inputs,
+    members: Tensor | None,
+    names: tuple[str, ...] | None,
+    dtype: torch.dtype,
+    budget: int,
+    progress: bool | None,
+) -> tuple[pydec.Composition, ...]:
+    batch, length = inputs.ids.shape
+    shape = memory.Shape.of(model)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_component = memory.forward_component_bytes(shape, batch, length, itemsize)
+    total = length if members is None else int(members.shape[0])
+    per_chunk = min(total, budget // per_component)
+    if per_chunk < 1:
+        raise memory.MemoryBudgetError(
+            f"forward mode over {batch} x {length} tokens needs about {memory.fmt(per_component)} per "
+            f"component; the budget is {memory.fmt(budget)}. Use mode='target' (memory does not grow "
+            "with the number of components), fewer rows, or a larger max_memory"
+        )
+    chunks = math.ceil(total / per_chunk)
+    per_chunk = math.ceil(total / chunks)
+    kept = inputs.kept
+    steps = len(inputs.positions)
+    hidden: Tensor | None = None
+    real: Tensor | None = None
+    logits: Tensor | None = None
+    saved = session.dtype, session.layout
+    bar = _progress(progress, chunks, "components", work=total * length * batch)
+    try:
+        session.dtype = dtype
+        for c0 in range(0, total, per_chunk):
+            c1 = min(total, c0 + per_chunk)
+            rows = torch.eye(length, dtype=dtype)[c0:c1] if members is None else members[c0:c1]
+            session.layout = Layout.of(rows.to(dtype))
+            session.begin(0)
+            failed = True
+            try:
+                out = inputs.call(model)
+                failed = False
+            finally:
+                head = session.end(failed)
+            if head is None:
+                raise DecompositionError("the decomposed forward never reached the LM head")
+            part_real, part = head
+            if hidden is None:
+                hidden = part.new_zeros((total, batch, steps, part.shape[-1]))
+                real, logits = part_real[:, kept], out["logits"][:, kept].detach()
+            hidden[c0:c1] = part[:, :, kept]
+            bar.update(1)
+    finally:
+        session.dtype, session.layout = saved
+        bar.close()
+    assert hidden is not None and real is not None and logits is not None
+    tol = _TOLERANCE.get(real.dtype, _TOLERANCE_HALF)
+    err = completeness_error(real, hidden)
+    if not err <= tol:
+        raise DecompositionError(
+            f"components do not add up to the final hidden state (relative error {err:.2e} > {tol:.0e})"
+        )
+    weight: Any = model.get_submodule("lm_head").weight
+    out_steps = []
+    for k, position in enumerate(inputs.positions):
+        count = total if members is not None else position + 1
+        h, lg = hidden[:count, :, k], logits[:, k]
+        if batch == 1:
+            h, lg = h[:, 0], lg[0]
+        c = LogitComposition(h, weight.detach(), lg)
+        c.names = names
+        out_steps.append(c)
+    return tuple(out_steps)
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def _default_dtype(model: nn.Module) -> torch.dtype:
+    dtype = next(model.parameters()).dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _as_batch(value: Any, name: str) -> Tensor:
+    t = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2:
+        raise UnsupportedOptionError(f"{name} must be [T] or [batch, T], got shape {tuple(t.shape)}")
+    return t
+
+
+def _per_step(value: Any, steps: int, batch: int, what: str) -> list[tuple[int, ...]]:
+    """A token id, one per step, or ``[batch, steps]`` ids -> per step, one id per row."""
+    t = torch.as_tensor(value)
+    if t.dim() == 0:
+        return [(int(t),) * batch] * steps
+    if t.dim() == 1:
+        if t.shape[0] != steps:
+            raise UnsupportedOptionError(f"{what}: {t.shape[0]} ids for {steps} steps")
+        return [(int(v),) * batch for v in t.tolist()]
+    if tuple(t.shape) != (batch, steps):
+        raise UnsupportedOptionError(f"{what}: shape {tuple(t.shape)}, expected ({batch}, {steps})")
+    return [tuple(int(v) for v in t[:, k].tolist()) for k in range(steps)]
+
+
+def _resolve_targets(targets: Any, next_tokens: Tensor | None, steps: int, batch: int) -> list[Any] | None:
+    """Per step: ``("token", ids per row)``, ``("contrast", a per row, b per row)`` or None."""
+    if targets is None:
+        if next_tokens is None:
+            return None
+        return [("token", ids) for ids in _per_step(next_tokens, steps, batch, "targets")]
+    if isinstance(targets, tuple) and len(targets) == 2:
+        a = _per_step(targets[0], steps, batch, "targets[0]")
+        b = _per_step(targets[1], steps, batch, "targets[1]")
+        return [("contrast", x, y) for x, y in zip(a, b, strict=True)]
+    return [("token", ids) for ids in _per_step(targets, steps, batch, "targets")]
+
+
+def group_members(groups: Groups, length: int) -> tuple[Tensor, tuple[str, ...]]:
+    """``[G, length]`` 0/1 membership and the groups' names (``"other"`` for the rest)."""
+    if isinstance(groups, Tensor):
+        ids = groups.long().flatten()
+        if ids.shape[0] != length:
+            raise UnsupportedOptionError(f"groups has {ids.shape[0]} entries for {length} positions")
+        labels = sorted(set(ids.tolist()))
+        members = torch.stack([(ids == g).float() for g in labels])
+        return members, tuple(str(g) for g in labels)
+    named: list[tuple[str, list[Span]]] = []
+    if isinstance(groups, Mapping):
+        for name, spans in groups.items():
+            many = spans if spans and isinstance(spans[0], (tuple, list)) else [spans]
+            named.append((str(name), [(int(s), int(e)) for s, e in many]))  # type: ignore[misc, arg-type]
+    else:
+        named = [(str(i), [(int(s), int(e))]) for i, (s, e) in enumerate(groups)]
+    members = torch.zeros((len(named), length))
+    for g, (name, spans) in enumerate(named):
+        for start, end in spans:
+            if not 0 <= start < end <= length:
+                raise UnsupportedOptionError(
+                    f"group {name!r}: span ({start}, {end}) is not inside the {length} positions"
+                )
+            members[g, start:end] = 1.0
+    if bool((members.sum(0) > 1).any()):
+        raise UnsupportedOptionError("groups overlap: each position may belong to one group only")
+    names = [n for n, _ in named]
+    rest = members.sum(0) == 0
+    if bool(rest.any()):
+        members = torch.cat([members, rest.float()[None]])
+        names.append("other")
+    return members, tuple(names)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(progress: bool | None, total: int, unit: str, work: int) -> Any:
+    """A tqdm bar on stderr when asked, or (``None``) when the run is large enough to wait for."""
+    show = progress if progress is not None else (total > 1 and work > 200_000)
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, desc="llama_attrib", leave=False)
