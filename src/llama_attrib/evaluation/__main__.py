@@ -12,7 +12,7 @@ import torch
 
 from ..models import load
 from .harness import Config, evaluate_prompt, format_table, summarize
-from .methods import METHODS, Setup, decomposition_mode
+from .methods import METHODS, Setup
 from .prompts import encode, load_prompts, spread
 
 
@@ -33,14 +33,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--replacement", help="token that replaces a removed token (default: the unk token)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--categories", help="comma-separated categories to run (default: all)")
     p.add_argument(
-        "--max-forward-length",
-        type=int,
-        default=160,
-        help="without decompose_sequence (one decomposed forward per step), skip longer prompts",
+        "--from",
+        dest="saved",
+        nargs="+",
+        help="print the table of saved --out files (their records pooled) instead of running",
     )
     p.add_argument("--out", help="write every record and the table to this JSON file")
     return p
+
+
+def _print_saved(paths: Sequence[str], config: Config) -> int:
+    """The table of saved runs, their records pooled (their settings must match)."""
+    records: list[dict[str, object]] = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        records += saved["records"]
+        config = Config(**saved["config"])
+    print(format_table(summarize(records, config), config))
+    print(f"\n{len(records)} prompts from {', '.join(paths)}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ablation_tokens=args.ablation_tokens,
         seed=args.seed,
     )
+    if args.saved:
+        return _print_saved(args.saved, config)
     if config.fixed not in config.fractions:
         raise SystemExit(f"--fixed {config.fixed} must be one of --fractions")
     if args.threads:
@@ -69,12 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     token = args.replacement or tokenizer.unk_token or tokenizer.pad_token
     replacement = int(tokenizer.convert_tokens_to_ids(token))
     setup = Setup(replacement=replacement, ig_steps=config.ig_steps, ablation_tokens=config.ablation_tokens)
-    prompts = spread(load_prompts(args.prompts), args.limit)
-    skipped = []
-    if decomposition_mode() == "forward" and any(m.startswith("decomposition") for m in methods):
-        # The per-step decomposed forward costs about one forward per prompt token.
-        skipped = [p.id for p in prompts if len(encode(p, tokenizer).ids) > args.max_forward_length]
-        prompts = [p for p in prompts if p.id not in skipped]
+    prompts = load_prompts(args.prompts)
+    if args.categories:
+        prompts = [p for p in prompts if p.category in args.categories.split(",")]
+    prompts = spread(prompts, args.limit)
     records = []
     for i, prompt in enumerate(prompts):
         t0 = time.perf_counter()
@@ -94,20 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(format_table(table, config))
     print(
-        f"\n{len(prompts)} prompts, replacement token {token!r}, decomposition mode "
-        f"{decomposition_mode()}, torch threads {torch.get_num_threads()}, total {elapsed / 60:.1f} min"
+        f"\n{len(prompts)} prompts, replacement token {token!r}, torch threads "
+        f"{torch.get_num_threads()}, total {elapsed / 60:.1f} min"
     )
-    if skipped:
-        print(f"skipped (longer than --max-forward-length in forward mode): {', '.join(skipped)}")
+
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(
                 {
                     "config": vars(config),
                     "replacement": token,
-                    "decomposition_mode": decomposition_mode(),
                     "seconds_total": elapsed,
-                    "skipped": skipped,
                     "table": table,
                     "records": records,
                 },

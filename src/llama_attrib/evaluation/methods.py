@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..api import decompose
+from ..sequence import decompose_sequence
 from .metrics import drop_first
 
 Method = Callable[[nn.Module, Tensor, int, "Setup"], list[Tensor]]
@@ -48,26 +48,14 @@ class Setup:
     token_texts: list[str] = field(default_factory=list)  # decoded tokens of ids, for sentences
 
 
-def decomposition_mode() -> str:
-    """``"target"`` when llama_attrib has ``decompose_sequence``, else ``"forward"``."""
-    from .. import api
-
-    return "target" if hasattr(api, "decompose_sequence") else "forward"
-
-
 def decomposition(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
     """The one place that calls llama_attrib: contributions to each step's target logit.
 
-    ``forward`` mode: one decomposed forward per step on the prefix ``ids[:P + k]``;
-    ``target`` mode: ``decompose_sequence`` over the whole sequence at once.
+    ``decompose_sequence`` in target mode (one frozen-factor pass and one batched backward
+    for every step); its numbers equal those of ``generate(..., decompose=True)``.
     """
-    steps = len(ids) - prompt_length
-    out = []
-    with decompose(model), torch.no_grad():
-        for k in range(steps):
-            c = model(ids[None, : prompt_length + k])["attentions"]
-            out.append(c[int(ids[prompt_length + k])].components.float())
-    return out
+    compositions = decompose_sequence(model, ids, prompt_length, mode="target")
+    return [c[int(ids[prompt_length + k])].components.detach().float() for k, c in enumerate(compositions)]
 
 
 def decomposition_no_first(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
