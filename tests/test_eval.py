@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import prompt, tiny_model
-from llama_attrib.evaluation import CATEGORIES, METHODS, Config, Setup, load_prompts, metrics
+from llama_attrib.evaluation import CATEGORIES, METHODS, Config, Setup, encode, load_prompts, metrics
 from llama_attrib.evaluation.harness import RANDOM, evaluate_prompt, format_table, logprob_fn, summarize
 from llama_attrib.evaluation.methods import feature_groups, integrated_gradients
 from llama_attrib.evaluation.prompts import Encoded, Prompt, spread
@@ -182,3 +182,17 @@ def test_harness_end_to_end() -> None:
     assert all(math.isfinite(table[m]["del_aopc_all"]) for m in table)
     text = format_table(table, config)
     assert text.count("\n") == len(table) + 1 and "comp@25%" in text
+
+
+@pytest.mark.slow
+def test_prompts_on_smollm2(smollm2: tuple[object, object]) -> None:
+    """With the real tokenizer: long prompts have 500+ tokens, every source span is found."""
+    tokenizer = smollm2[1]
+    for p in load_prompts():
+        encoded = encode(p, tokenizer)
+        if p.category == "long":
+            assert len(encoded.ids) >= 500, p.id
+        if p.source is not None:
+            assert encoded.source_positions, p.id
+            text = tokenizer.decode(encoded.ids[encoded.source_positions])  # type: ignore[attr-defined]
+            assert p.source in text, p.id
