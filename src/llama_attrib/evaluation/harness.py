@@ -105,7 +105,7 @@ def evaluate_prompt(
                 name: metrics.span_rank(s[0], encoded.source_positions) for name, s in scores.items()
             }
             record["span_rank"][RANDOM] = metrics.span_rank(
-                orders_random_scores(len(encoded.ids), config.seed, prompt.id), encoded.source_positions
+                random_scores(len(encoded.ids), config.seed, prompt.id), encoded.source_positions
             )
     return record
 
@@ -115,7 +115,7 @@ def hash_id(text: str) -> int:
     return sum((i + 1) * ord(ch) for i, ch in enumerate(text)) % 1_000_003
 
 
-def orders_random_scores(length: int, seed: int, prompt_id: str) -> Tensor:
+def random_scores(length: int, seed: int, prompt_id: str) -> Tensor:
     """Random scores for the span rank of the random baseline (seeded per prompt)."""
     generator = torch.Generator().manual_seed(seed * 100003 + hash_id(prompt_id) * 31 + 7)
     return torch.rand(length, generator=generator)
