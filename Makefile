@@ -7,7 +7,7 @@ TF5 ?= 5.24.0
 TF4 ?= 4.57.6
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint venvs faithfulness
+.PHONY: demo test lint venvs browser faithfulness
 
 demo:
 	scripts/bootstrap.sh .venv $(TF5)
@@ -26,6 +26,9 @@ lint: venvs
 	.venv/bin/ruff format --check src tests benchmarks
 	.venv/bin/mypy
 
-test: lint
+browser:
+	scripts/install_browser.sh
+
+test: lint browser
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
 	.venv-tf4/bin/python -m pytest $(PYTEST_ARGS)

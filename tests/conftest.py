@@ -104,3 +104,50 @@ def smollm2() -> tuple[Any, Any]:
     from llama_attrib.models import load
 
     return load()
+
+
+CORPUS = [
+    "the capital of france is paris.",
+    "the cat sat on the mat, and the dog sat on the rug.",
+    "user\nwhat is the capital of france?\nassistant\nparis is the capital.",
+    "system\nyou answer in one word.\n",
+    "a cat and a dog are animals; paris and rome are cities.",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@cache
+def _tiny_tokenizer_json(kind: str) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if kind == "bytelevel":  # GPT-2 / Llama 3 / SmolLM2 style: 'Ġ' pieces, decode keeps the space
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:  # SentencePiece style: '▁' pieces, decoding one token drops its leading space
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=96, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return str(tok.to_str())
+
+
+def tiny_tokenizer(kind: str = "bytelevel") -> Any:
+    """A tokenizer trained here on a few sentences (vocabulary <= 96, ids 0-2 = pad, BOS, EOS,
+    as in the tiny models), with a small chat template: ``bytelevel`` or ``sentencepiece``."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json(kind)),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

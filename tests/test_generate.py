@@ -216,3 +216,21 @@ def test_hidden_states_come_back_as_plain_tensors() -> None:
     assert len(out.hidden_states) == len(plain.hidden_states)
     for a, b in zip(out.hidden_states, plain.hidden_states, strict=True):
         assert type(a) is torch.Tensor and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["forward", "target"])
+def test_right_padded_batch_explains_each_rows_last_real_token(mode: str) -> None:
+    model = llama_attrib.wrap(tiny_model(2))
+    a, b = prompt(9, seed=5)[0], prompt(5, seed=6)[0]
+    ids = torch.stack([a, torch.cat([b, torch.zeros(4, dtype=torch.long)])])
+    mask = (torch.arange(9)[None] < torch.tensor([[9], [5]])).long()
+    out = model(ids, attention_mask=mask, decompose=mode)
+    after = llama_attrib.decompose_sequence(model, ids, attention_mask=mask, mode=mode)[0]
+    for c in (out["attentions"], after):
+        for row, single, last in ((0, a, 8), (1, b, 4)):
+            alone = model(single[None], decompose=mode)["attentions"]
+            token = int(alone.recovery.argmax())
+            scores = c[row, token].components
+            assert torch.equal(scores[last + 1 :], torch.zeros(8 - last))  # padding contributes 0
+            assert torch.allclose(scores[: last + 1], alone[token].components, atol=1e-5, rtol=1e-4)
+            assert torch.allclose(c.logits[row], out.logits[row, last], atol=1e-5, rtol=1e-5)

@@ -217,3 +217,59 @@ def test_keyboard_interrupt_mid_generation_leaves_the_model_as_it_was() -> None:
     out = model.generate(ids, decompose=True, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     assert len(out["attentions"]) == 3
     assert torch.equal(model(ids).logits, expected)
+
+
+def test_lora_adapters_are_refused_and_merged_ones_decompose() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(2)
+    peft_model = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    with pytest.raises(llama_attrib.UnsupportedModelError, match="merge_and_unload") as refused:
+        llama_attrib.wrap(peft_model.base_model.model)
+    assert len(refused.value.problems) == 4  # q_proj and v_proj of both layers, all listed
+    assert not llama_attrib.is_wrapped(peft_model.base_model.model)
+    ids = prompt(8)
+    expected = peft_model(ids).logits[0, -1].detach()
+    merged = llama_attrib.wrap(peft_model.merge_and_unload())
+    c = merged(ids, decompose=True)["attentions"]
+    assert torch.allclose(c.recovery, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_linear_subclasses_are_refused() -> None:
+    class Linear8bitLt(nn.Linear):  # what bitsandbytes' 8-bit layer is: an nn.Linear subclass
+        pass
+
+    model = tiny_model(2)
+    old = model.model.layers[0].mlp.down_proj
+    model.model.layers[0].mlp.down_proj = Linear8bitLt(old.in_features, old.out_features, bias=False)
+    with pytest.raises(llama_attrib.UnsupportedModelError, match="Linear8bitLt is not a plain"):
+        llama_attrib.wrap(model)
+
+
+def test_two_models_in_two_threads_decompose_independently() -> None:
+    import threading
+
+    models = [llama_attrib.wrap(tiny_model(2)), llama_attrib.wrap(tiny_model(1))]
+    ids = prompt(9)
+    options = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True}
+    alone = [
+        m.generate(ids, decompose=mode, **options)
+        for m, mode in zip(models, ("target", "forward"), strict=True)
+    ]
+    together: list[object] = [None, None]
+
+    def run(i: int, mode: str) -> None:
+        together[i] = models[i].generate(ids, decompose=mode, **options)
+
+    threads = [threading.Thread(target=run, args=(i, mode)) for i, mode in enumerate(("target", "forward"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a.sequences, b.sequences)  # type: ignore[attr-defined]
+        for k, (x, y) in enumerate(zip(a["attentions"], b["attentions"], strict=True)):  # type: ignore[index]
+            token = int(a.sequences[0, 9 + k])
+            assert torch.allclose(x[token].components, y[token].components, atol=1e-6, rtol=1e-6)

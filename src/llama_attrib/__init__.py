@@ -6,9 +6,12 @@
 >>> c = out["attentions"][0]            # one pydec.Composition per generated token
 >>> pred = c.recovery.argmax(0)
 >>> c[pred].components                  # contribution of every earlier token
+>>> result = llama_attrib.attribute(model, tokenizer, "The capital of France is")
+>>> result.words().top_k(3)             # or result.to_html("out.html"), result.plot()
 """
 
 from .api import decompose, is_wrapped, unwrap, wrap
+from .attribution import attribute
 from .composition import LogitComposition
 from .errors import (
     DecompositionError,
@@ -19,11 +22,14 @@ from .errors import (
 from .families import Family, register_family
 from .memory import MemoryBudgetError
 from .memory import estimate as estimate_memory
+from .result import Attribution, Contributor
 from .sequence import TargetComposition, decompose_sequence
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attribution",
+    "Contributor",
     "DecompositionError",
     "Family",
     "LlamaAttribError",
@@ -33,6 +39,7 @@ __all__ = [
     "UnsupportedModelError",
     "UnsupportedOptionError",
     "__version__",
+    "attribute",
     "decompose",
     "decompose_sequence",
     "estimate_memory",

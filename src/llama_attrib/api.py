@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import families, memory
+from . import _offload, families, memory
 from ._compat import CACHE_KEYWORDS, cache_length
 from .composition import LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
@@ -165,7 +165,9 @@ def _target_forward(
         )
     out = original(*bound.args, **bound.kwargs)
     ids = options["input_ids"]
-    inputs = Inputs(ids, options.get("attention_mask"), options.get("position_ids"), [int(ids.shape[-1]) - 1])
+    mask = options.get("attention_mask")
+    last = _last_real(mask, int(ids.shape[-1]))
+    inputs = Inputs(ids, mask, options.get("position_ids"), [int(ids.shape[-1]) - 1], last)
     (composition,) = explain(model, inputs, mode="target")
     out["attentions"] = composition
     return out
@@ -194,14 +196,28 @@ def _attach(session: Session, model: nn.Module, out: Any, head: Any, mask: Any =
         if out.get(key) is not None:
             out[key] = strip(out[key])
     hidden, logits = comps[:, :, -1].detach(), out["logits"][:, -1]
+    last = _last_real(mask, comps.shape[2])
+    if last is not None and out["logits"].shape[1] == comps.shape[2]:
+        # Right padding: each row's composition is at its last real token, not at a pad.
+        rows = torch.arange(comps.shape[1], device=comps.device)
+        hidden, logits = comps[:, rows, last.to(comps.device)].detach(), out["logits"][rows, last]
     if hidden.shape[1] == 1:
         hidden, logits = hidden[:, 0], logits[0]
-    weight: Any = model.get_submodule("lm_head").weight
+    weight = _offload.weight(model.get_submodule("lm_head"))
     composition = LogitComposition(hidden, weight.detach(), logits)
     out["attentions"] = composition
     if session.steps is not None:
         session.steps.append(composition)
     return out
+
+
+def _last_real(mask: Any, length: int) -> torch.Tensor | None:
+    """Each row's last attended position, when a 2D mask right-pads some row; else None."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[-1] != length:
+        return None
+    if bool(mask[:, -1].all()):
+        return None
+    return length - 1 - mask.flip(-1).long().argmax(-1)
 
 
 def _options(bound: inspect.BoundArguments, signature: inspect.Signature) -> dict[str, Any]:

@@ -32,28 +32,25 @@ class Contributions(pydec.Composition):  # type: ignore[misc]
         return f"Contributions(components={comps.tolist() if comps.numel() <= 16 else tuple(comps.shape)})"
 
 
-class LogitComposition(pydec.Composition):  # type: ignore[misc]
-    """Logits ``[*batch, vocab]`` as components ``[C, *batch, vocab]`` (residual zero).
+class LazyComposition(pydec.Composition):  # type: ignore[misc]
+    """A Composition of logits ``[*batch, vocab]`` whose full tensor is built on first use.
 
-    ``hidden``: decomposed final hidden state ``[C, *batch, hidden]``; ``weight``: the LM
-    head's ``[vocab, hidden]`` weight (shared, not copied); ``logits``: the real logits the
-    model returned, kept for reference (``recovery`` is the components' sum).
+    Subclasses say what they are (``shape``, ``dtype``, ``device``, ``numc``) and how to build
+    the components ``[C, *batch, vocab]`` (``_materialise``); pydec's own methods read
+    ``_component_tensor`` and ``_residual_tensor``, which appear when first read.
     """
 
     names: tuple[str, ...] | None = None  # the components' names, when they are groups
+    _full: Tensor | None = None
+    _zeros: Tensor | None = None
 
-    def __init__(self, hidden: Tensor, weight: Tensor, logits: Tensor) -> None:
-        self._hidden = hidden
-        self._weight = weight
-        self.logits = logits
-        self._full: Tensor | None = None
-        self._zeros: Tensor | None = None
+    def _materialise(self) -> Tensor:
+        raise NotImplementedError
 
-    # pydec's methods read these two attributes; they materialise on first use.
     @property  # type: ignore[override]
     def _component_tensor(self) -> Tensor:
         if self._full is None:
-            self._full = torch.matmul(self._hidden, self._w())
+            self._full = self._materialise()
         return self._full
 
     @_component_tensor.setter
@@ -63,12 +60,53 @@ class LogitComposition(pydec.Composition):  # type: ignore[misc]
     @property  # type: ignore[override]
     def _residual_tensor(self) -> Tensor:
         if self._zeros is None:
-            self._zeros = self._hidden.new_zeros(self.shape)
+            self._zeros = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return self._zeros
 
     @_residual_tensor.setter
     def _residual_tensor(self, value: Tensor) -> None:
         self._zeros = value
+
+    @property
+    def shape(self) -> torch.Size:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+
+class LogitComposition(LazyComposition):
+    """Logits ``[*batch, vocab]`` as components ``[C, *batch, vocab]`` (residual zero).
+
+    ``hidden``: decomposed final hidden state ``[C, *batch, hidden]``; ``weight``: the LM
+    head's ``[vocab, hidden]`` weight (shared, not copied); ``logits``: the real logits the
+    model returned, kept for reference (``recovery`` is the components' sum).
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, logits: Tensor) -> None:
+        self._hidden = hidden
+        self._weight = weight
+        self.logits = logits
+
+    def _materialise(self) -> Tensor:
+        return torch.matmul(self._hidden, self._w())
 
     def _w(self) -> Tensor:
         """The head weight as ``[hidden, vocab]``, in component precision."""
@@ -99,20 +137,8 @@ class LogitComposition(pydec.Composition):  # type: ignore[misc]
         """Sum of the components: the logits ``[*batch, vocab]`` they add up to."""
         return torch.matmul(self._hidden.sum(0), self._w())
 
-    def size(self, dim: int | None = None) -> Any:
-        return self.shape if dim is None else self.shape[dim]
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
     def numc(self) -> int:
         return int(self._hidden.shape[0])
-
-    def __len__(self) -> int:
-        return int(self.shape[0])
 
     def __getitem__(self, indices: Any) -> pydec.Composition:
         """``c[token]`` (or ``c[row, token]`` for a batch) without building the full tensor."""

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._offload import offloading_hook
 from .errors import UnsupportedModelError, UnsupportedOptionError
 
 NORM, ATTENTION, MLP, EMBEDDING, LM_HEAD = "norm", "attention", "mlp", "embedding", "lm_head"
@@ -126,17 +127,24 @@ def _module_problems(model: nn.Module, family: Family) -> list[str]:
             sub = getattr(module, attr) if attr else module
             label = f"{where}.{attr}" if attr else where
             if type(sub) is not nn.Linear:
+                kind = f"{type(sub).__module__}.{type(sub).__qualname__}"
                 problems.append(
-                    f"{label}: {type(sub).__name__} is not a plain torch.nn.Linear "
-                    "(quantized or adapter layers are not supported yet)"
+                    f"{label}: {kind} is not a plain torch.nn.Linear: merge adapters into the "
+                    "weights first (PEFT/LoRA: model.merge_and_unload()), and load quantized "
+                    "checkpoints unquantized (8-bit/4-bit layers are not exact linear maps of the "
+                    "stored weights)"
                 )
             elif sub.bias is not None:
                 problems.append(f"{label}: has a bias, which belongs to no input token")
         if role == EMBEDDING and type(module) is not nn.Embedding:
             problems.append(f"{where}: {type(module).__name__} is not a plain torch.nn.Embedding")
     for name, param in model.named_parameters():
-        if param.device.type == "meta":
-            problems.append(f"{name}: weights on the meta device (offloaded models are not supported yet)")
+        owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if param.device.type == "meta" and offloading_hook(owner) is None:
+            problems.append(
+                f"{name}: weights on the meta device that no accelerate offload hook loads "
+                "(load the checkpoint, or dispatch it with accelerate's device_map / cpu_offload)"
+            )
             break
         if not param.dtype.is_floating_point:
             problems.append(f"{name}: dtype {param.dtype} (quantized weights are not supported)")

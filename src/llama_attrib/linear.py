@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _offload
 from .rules import _additive_mask, _rope
 
 
 def _weight(layer: nn.Module, dtype: torch.dtype) -> Tensor:
-    weight: Tensor = layer.weight  # type: ignore[assignment]
-    return weight.detach().to(dtype)
+    return _offload.weight(layer).to(dtype)
 
 
 def linear(x: Tensor, layer: nn.Module) -> Tensor:

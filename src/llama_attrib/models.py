@@ -39,4 +39,5 @@ def load(model: str | None = None, attn_implementation: str = "sdpa") -> tuple[A
         folder, kwargs["gguf_file"] = path.parent, path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs)
+    lm.config.name_or_path = str(path)  # for a GGUF file, the file rather than its folder
     return lm.eval(), tokenizer

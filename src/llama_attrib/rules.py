@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _offload
 from .errors import DecompositionError
 
 # Keep one chunk's intermediate tensors (e.g. the MLP's [chunk, batch, seq, intermediate])
@@ -29,8 +30,7 @@ CHUNK_ELEMENTS = 1 << 26
 
 def _linear(x: Tensor, layer: nn.Module) -> Tensor:
     """A bias-free ``nn.Linear`` applied to components in their own precision."""
-    weight: Tensor = layer.weight  # type: ignore[assignment]
-    return F.linear(x, weight.to(device=x.device, dtype=x.dtype))
+    return F.linear(x, _offload.weight(layer).to(device=x.device, dtype=x.dtype))
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def rms_norm(module: nn.Module, real: Tensor, comps: Tensor) -> Tensor:
     """``weight * x / rms(x)``: the scale ``1/rms`` comes from the real ``x``."""
     eps = float(module.variance_epsilon)  # type: ignore[arg-type]
     variance = real.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    weight: Tensor = module.weight  # type: ignore[assignment]
+    weight = _offload.weight(module).to(comps.device)
     factor = torch.rsqrt(variance + eps).to(comps.dtype) * weight.to(comps.dtype)  # [B, q, hidden]
     return comps * factor
 

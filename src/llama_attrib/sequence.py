@@ -25,8 +25,8 @@ import pydec
 import torch
 from torch import Tensor, nn
 
-from . import memory
-from .composition import Contributions, LogitComposition
+from . import _offload, memory
+from .composition import Contributions, LazyComposition, LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
 from .families import check_length
 from .rules import Layout
@@ -89,8 +89,11 @@ def decompose_sequence(
         )
     if position_ids is None and mask is not None:
         position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    last = None
     if prompt_length is None or prompt_length >= length:
         positions, next_tokens, used = [length - 1], None, length
+        if mask is not None and not bool(mask[:, -1].all()):  # right padding: last real tokens
+            last = length - 1 - mask.flip(-1).long().argmax(-1)
     else:
         if prompt_length < 1:
             raise UnsupportedOptionError("prompt_length must be at least 1")
@@ -104,6 +107,7 @@ def decompose_sequence(
         None if mask is None else mask[:, :used],
         None if position_ids is None else _as_batch(position_ids, "position_ids")[:, :used],
         positions,
+        last,
     )
     members, names = (None, None) if groups is None else group_members(groups, length)
     if members is not None:
@@ -129,10 +133,12 @@ class Inputs:
     mask: Tensor | None
     position_ids: Tensor | None
     positions: list[int]
+    last: Tensor | None = None  # right padding: each row's last real position (one step)
 
     def call(self, model: nn.Module) -> Any:
         kwargs: dict[str, Any] = {"use_cache": False, "decompose": False}
-        kwargs["logits_to_keep"] = self.ids.shape[1] - self.positions[0]
+        first = self.positions[0] if self.last is None else int(self.last.min())
+        kwargs["logits_to_keep"] = self.ids.shape[1] - first
         if self.mask is not None:
             kwargs["attention_mask"] = self.mask
         if self.position_ids is not None:
@@ -143,6 +149,15 @@ class Inputs:
     def kept(self) -> Tensor:
         """Index of each explained position among the logits kept."""
         return torch.tensor(self.positions) - self.positions[0]
+
+    def select(self, t: Tensor, dim: int = 0) -> Tensor:
+        """``t[..., B, T_kept, ...]`` (batch at ``dim``) -> the explained positions ``[..., B, K, ...]``."""
+        if self.last is None:
+            return t.index_select(dim + 1, self.kept.to(t.device))
+        index = (self.last - int(self.last.min())).to(t.device)
+        rows = torch.arange(t.shape[dim], device=t.device)
+        moved = t.movedim((dim, dim + 1), (0, 1))[rows, index]  # [B, ...]
+        return moved.unsqueeze(1).movedim((0, 1), (dim, dim + 1))
 
 
 def explain(
@@ -209,8 +224,7 @@ class TargetRun:
                 "max_memory"
             )
         self.logits: Tensor | None = None
-        head: Any = model.get_submodule("lm_head")
-        self.weight: Tensor = head.weight
+        self.weight: Tensor = _offload.weight(model.get_submodule("lm_head"))
 
     @property
     def batch(self) -> int:
@@ -234,10 +248,9 @@ class TargetRun:
                 session.linear_dtype, session.embeds, session.head = None, None, None
             if embeds is None or head is None:
                 raise DecompositionError("the target-mode pass never reached the embeddings or the LM head")
-            kept = self.inputs.kept
             if self.logits is None:
-                self.logits = out["logits"][:, kept].detach().to(self.dtype)
-            yield embeds, head[0][:, kept]
+                self.logits = self.inputs.select(out["logits"]).detach().to(self.dtype)
+            yield embeds, self.inputs.select(head[0])
 
     def solve(self, requests: list[tuple[int, Any]]) -> Tensor:
         """Contributions ``[N, B, C]`` for each ``(step, target key)`` request.
@@ -320,7 +333,7 @@ class TargetRun:
         raise ValueError(f"unknown target {key!r}")
 
 
-class TargetComposition(pydec.Composition):  # type: ignore[misc]
+class TargetComposition(LazyComposition):
     """One step's logits ``[*batch, vocab]`` as components, computed per target on demand.
 
     ``c[token].components`` (``c[row, token]`` for a batch) costs nothing for the step's
@@ -336,33 +349,13 @@ class TargetComposition(pydec.Composition):  # type: ignore[misc]
         self._step = step
         self._known: dict[tuple[int, Any], Tensor] = {}  # (row, token or (a, b)) -> [C]
         self._hidden: Tensor | None = None
-        self._full: Tensor | None = None
-        self._zeros: Tensor | None = None
         self.target: pydec.Composition | None = None
         self.target_key: Any = None
         self.names = run.names
 
-    # pydec's own methods read these two attributes; they materialise on first use.
-    @property  # type: ignore[override]
-    def _component_tensor(self) -> Tensor:
-        if self._full is None:
-            weight = self._run.weight.detach().to(self.dtype)
-            self._full = torch.matmul(self.hidden, weight.T)
-        return self._full
-
-    @_component_tensor.setter
-    def _component_tensor(self, value: Tensor) -> None:
-        self._full = value
-
-    @property  # type: ignore[override]
-    def _residual_tensor(self) -> Tensor:
-        if self._zeros is None:
-            self._zeros = torch.zeros(self.shape, dtype=self.dtype)
-        return self._zeros
-
-    @_residual_tensor.setter
-    def _residual_tensor(self, value: Tensor) -> None:
-        self._zeros = value
+    def _materialise(self) -> Tensor:
+        weight = self._run.weight.detach().to(device=self.hidden.device, dtype=self.dtype)
+        return torch.matmul(self.hidden, weight.T)
 
     @property
     def _squeeze(self) -> bool:
@@ -393,20 +386,8 @@ class TargetComposition(pydec.Composition):  # type: ignore[misc]
     def device(self) -> torch.device:
         return self._run.weight.device
 
-    def size(self, dim: int | None = None) -> Any:
-        return self.shape if dim is None else self.shape[dim]
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
     def numc(self) -> int:
         return self._run.components(self._step)
-
-    def __len__(self) -> int:
-        return int(self.shape[0])
 
     @property
     def hidden(self) -> Tensor:
@@ -529,7 +510,6 @@ def _forward_mode(
         )
     chunks = math.ceil(total / per_chunk)
     per_chunk = math.ceil(total / chunks)
-    kept = inputs.kept
     steps = len(inputs.positions)
     hidden: Tensor | None = None
     real: Tensor | None = None
@@ -554,8 +534,8 @@ def _forward_mode(
             part_real, part = head
             if hidden is None:
                 hidden = part.new_zeros((total, batch, steps, part.shape[-1]))
-                real, logits = part_real[:, kept], out["logits"][:, kept].detach()
-            hidden[c0:c1] = part[:, :, kept]
+                real, logits = inputs.select(part_real), inputs.select(out["logits"]).detach()
+            hidden[c0:c1] = inputs.select(part, dim=1)
             bar.update(1)
     finally:
         session.dtype, session.layout = saved
@@ -567,7 +547,7 @@ def _forward_mode(
         raise DecompositionError(
             f"components do not add up to the final hidden state (relative error {err:.2e} > {tol:.0e})"
         )
-    weight: Any = model.get_submodule("lm_head").weight
+    weight = _offload.weight(model.get_submodule("lm_head"))
     out_steps = []
     for k, position in enumerate(inputs.positions):
         count = total if members is not None else position + 1

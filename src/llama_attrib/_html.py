@@ -1,0 +1,64 @@
+"""The inline CSS and JavaScript of :func:`llama_attrib.views.to_html` (no CDN, no network).
+
+``SCRIPT`` is a function expression called with the id of its container, so that several
+results in one notebook or page do not interfere. Colours: a diverging map from blue
+(negative) through white (0) to red (positive), scaled per selected step to the largest
+absolute score of that step.
+"""
+
+STYLE = """
+.la-attrib{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:14px;
+  line-height:1.9;color:#222;max-width:60em}
+.la-attrib .la-help{font-family:system-ui,sans-serif;font-size:12px;color:#555;margin-bottom:4px}
+.la-attrib .la-text{white-space:pre-wrap;word-break:break-word;border:1px solid #ddd;padding:6px;
+  background:#fff}
+.la-attrib .la-tok{border-radius:3px;padding:1px 0;background-color:transparent}
+.la-attrib .la-special{color:#888}
+.la-attrib .la-gen{cursor:pointer;text-decoration:underline dotted #666;font-weight:600}
+.la-attrib .la-gen:hover{outline:1px solid #999}
+.la-attrib .la-selected{outline:2px solid #111}
+.la-attrib .la-legend{display:flex;align-items:center;gap:6px;margin-top:6px;
+  font-family:system-ui,sans-serif;font-size:12px}
+.la-attrib .la-bar{display:inline-block;width:180px;height:12px;border:1px solid #aaa;
+  background:linear-gradient(to right,rgb(33,102,172),rgb(255,255,255),rgb(178,24,43))}
+.la-attrib .la-info{margin-left:12px;color:#333}
+"""
+
+SCRIPT = """function(uid){
+  var root=document.getElementById(uid);
+  var data=JSON.parse(root.querySelector('script.la-data').textContent);
+  var toks=root.querySelectorAll('.la-tok');
+  var NEG=[33,102,172], POS=[178,24,43];
+  function colour(v,vmax){
+    var t=Math.min(1,Math.abs(v)/vmax), end=v<0?NEG:POS, c=[0,0,0];
+    for(var j=0;j<3;j++){c[j]=Math.round(255+(end[j]-255)*t);}
+    return 'rgb('+c[0]+','+c[1]+','+c[2]+')';
+  }
+  function fmt(v){return (v>=0?'+':'')+v.toPrecision(4);}
+  function select(step){
+    var row=data.scores[step], limit=data.prompt_length+step, vmax=0;
+    for(var i=0;i<limit;i++){ if(row[i]!==null){vmax=Math.max(vmax,Math.abs(row[i]));} }
+    if(vmax===0){vmax=1;}
+    for(var i=0;i<toks.length;i++){
+      var el=toks[i];
+      el.classList.remove('la-selected');
+      if(i<limit && row[i]!==null){
+        el.style.backgroundColor=colour(row[i],vmax);
+        el.style.color=Math.abs(row[i])/vmax>0.55?'#fff':'';
+        el.title=(data.labels[i]||data.tokens[i])+': '+fmt(row[i])+' ('+data.unit+')';
+      } else {
+        el.style.backgroundColor='transparent';
+        el.style.color='';
+        el.title=i<limit?'(left out)':'after the selected token';
+      }
+    }
+    toks[limit].classList.add('la-selected');
+    root.querySelector('.la-min').textContent=fmt(-vmax);
+    root.querySelector('.la-max').textContent=fmt(vmax);
+    root.querySelector('.la-info').textContent='step '+step+': '+JSON.stringify(data.tokens[limit])+
+      ', logit '+data.logits[step].toFixed(4)+'; colours: '+data.unit;
+  }
+  root.querySelectorAll('.la-gen').forEach(function(el){
+    el.addEventListener('click',function(){select(parseInt(el.getAttribute('data-step'),10));});
+  });
+}"""

@@ -1,0 +1,374 @@
+"""``Attribution``: the result of :func:`llama_attrib.attribute`, a plain dataclass.
+
+The score matrix is ``[generated step, source]``. At token level, source ``j`` is position
+``j`` of the sequence (prompt then generated tokens), there are ``P + G - 1`` sources for
+``P`` prompt and ``G`` generated tokens, and step ``k`` (which produced token ``P + k``) has
+``P + k`` sources: the entries above that causal diagonal are NaN, never 0, so that "no
+contribution" and "cannot contribute" stay apart. Each row sums to the logit of the token
+generated at that step (``logits``), exactly up to float32 rounding.
+
+Views (normalisation, words, spans) return a new ``Attribution`` that keeps the same
+token-level numbers and only changes how they are grouped and scaled, so they compose and
+save losslessly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+
+from . import tokens as _tokens
+
+Unit = Literal["logit", "share"]
+FORMAT = "llama_attrib.Attribution/1"
+
+
+class Contributor(NamedTuple):
+    """One source of one step: its column, its label, its score in the result's unit."""
+
+    column: int
+    label: str
+    score: float
+
+
+@dataclass(eq=False)
+class Attribution:
+    """Exact per-source contributions to every generated token's logit.
+
+    tokens: text piece of every position (prompt + generated), ``"".join(tokens)`` is the
+    text. token_ids, pieces (the tokenizer's raw pieces), special: per position.
+    prompt_length: ``P``. token_scores: ``[G, P + G - 1]`` float32, logit units, NaN above
+    the causal diagonal. logits: ``[G]`` the real logit of each generated token.
+    options / versions: what produced it. groups / labels: the source columns as lists of
+    token positions (``None``: one column per token). unit: ``"logit"`` (raw logit units) or
+    ``"share"`` (each score over the sum of the row's absolute scores, so the absolute
+    shares add up to 1). drop_first: leave out position 0, an attention sink that absorbs
+    large contributions (its column becomes NaN and shares are taken over the rest).
+    """
+
+    tokens: list[str]
+    token_ids: list[int]
+    prompt_length: int
+    token_scores: np.ndarray
+    logits: np.ndarray
+    pieces: list[str] = field(default_factory=list)
+    special: list[bool] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+    groups: list[list[int]] | None = None
+    labels: list[str] | None = None
+    unit: Unit = "logit"
+    drop_first: bool = False
+
+    def __post_init__(self) -> None:
+        self.token_scores = np.asarray(self.token_scores, dtype=np.float32)
+        self.logits = np.asarray(self.logits, dtype=np.float32)
+        self.pieces = self.pieces or list(self.tokens)
+        self.special = self.special or [False] * len(self.tokens)
+        g, n = self.n_generated, len(self.tokens)
+        if self.token_scores.shape != (g, max(n - 1, 0)) or self.prompt_length + g != n:
+            raise ValueError(
+                f"token_scores {self.token_scores.shape} does not fit {n} tokens with prompt "
+                f"length {self.prompt_length} (expected [{n - self.prompt_length}, {n - 1}])"
+            )
+        if self.unit not in ("logit", "share"):
+            raise ValueError(f"unit must be 'logit' or 'share', not {self.unit!r}")
+        if (self.groups is None) != (self.labels is None):
+            raise ValueError("groups and labels go together")
+
+    # -- the sequence ----------------------------------------------------------------
+    @property
+    def n_generated(self) -> int:
+        return int(self.token_scores.shape[0])
+
+    @property
+    def prompt_tokens(self) -> list[str]:
+        return self.tokens[: self.prompt_length]
+
+    @property
+    def generated_tokens(self) -> list[str]:
+        return self.tokens[self.prompt_length :]
+
+    @property
+    def generated_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_length :]
+
+    @property
+    def source_tokens(self) -> list[str]:
+        """The text piece of every token-level source column (all but the last token)."""
+        return self.tokens[: self.token_scores.shape[1]]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.tokens)
+
+    @property
+    def generation(self) -> str:
+        return "".join(self.generated_tokens)
+
+    # -- the view ----------------------------------------------------------------------
+    @property
+    def columns(self) -> list[list[int]]:
+        """Token positions behind every source column."""
+        if self.groups is not None:
+            return self.groups
+        return [[j] for j in range(self.token_scores.shape[1])]
+
+    @property
+    def sources(self) -> list[str]:
+        """Label of every source column: the token's text, the word, or the span's name."""
+        return self.labels if self.labels is not None else self.source_tokens
+
+    @property
+    def scores(self) -> np.ndarray:
+        """The ``[G, sources]`` float64 score matrix in this view's grouping and unit.
+
+        A column is NaN at a step that none of its tokens can contribute to (above the
+        causal diagonal, or the first token with ``drop_first``).
+        """
+        tok = self._token_view()
+        out = np.full((tok.shape[0], len(self.columns)), np.nan)
+        for j, positions in enumerate(self.columns):
+            part = tok[:, positions]
+            seen = ~np.isnan(part)
+            out[:, j] = np.where(seen.any(1), np.where(seen, part, 0.0).sum(1), np.nan)
+        return out
+
+    def _token_view(self) -> np.ndarray:
+        tok = self.token_scores.astype(np.float64)
+        if self.drop_first and tok.shape[1]:
+            tok[:, 0] = np.nan
+        if self.unit == "share":
+            total = np.nansum(np.abs(tok), axis=1, keepdims=True)
+            tok = tok / np.where(total > 0, total, 1.0)
+        return tok
+
+    def normalize(self, unit: Unit = "share", drop_first: bool = False) -> Attribution:
+        """The same result in ``unit`` (``"logit"`` or ``"share"``), with or without token 0."""
+        return dataclasses.replace(self, unit=unit, drop_first=drop_first)
+
+    def words(self) -> Attribution:
+        """Sources summed over words (subword pieces joined; byte-level BPE and SentencePiece).
+
+        Words never straddle the prompt/generation boundary. Replaces any earlier grouping.
+        """
+        n = self.token_scores.shape[1]
+        groups = _tokens.word_groups(
+            self.tokens[:n], self.pieces[:n], self.special[:n], breaks=(self.prompt_length,)
+        )
+        return self.grouped(groups)
+
+    def grouped(self, groups: Sequence[Sequence[int]], labels: Sequence[str] | None = None) -> Attribution:
+        """Sources summed over ``groups`` of token positions (labels default to their text)."""
+        n = self.token_scores.shape[1]
+        columns = [sorted(int(i) for i in g) for g in groups]
+        bad = [g for g in columns if not g or g[0] < 0 or g[-1] >= n]
+        if bad:
+            raise ValueError(f"groups must be non-empty lists of source positions 0..{n - 1}: {bad}")
+        if labels is None:
+            labels = ["".join(self.tokens[i] for i in g) for g in columns]
+        if len(labels) != len(columns):
+            raise ValueError(f"{len(labels)} labels for {len(columns)} groups")
+        return dataclasses.replace(self, groups=columns, labels=list(labels))
+
+    def tokens_level(self) -> Attribution:
+        """Back to one source column per token."""
+        return dataclasses.replace(self, groups=None, labels=None)
+
+    def find(self, text: str, occurrence: int = 0) -> tuple[int, int]:
+        """Character span ``(start, end)`` of the ``occurrence``-th ``text`` in :attr:`text`."""
+        start = -1
+        for _ in range(occurrence + 1):
+            start = self.text.find(text, start + 1)
+            if start < 0:
+                raise ValueError(f"{text!r} occurs fewer than {occurrence + 1} times in the text")
+        return start, start + len(text)
+
+    def spans(
+        self,
+        spans: Mapping[str, tuple[int, int]] | Sequence[tuple[int, int]],
+        by: Literal["char", "token"] = "char",
+        rest: str | None = "(rest)",
+    ) -> Attribution:
+        """Sources summed over spans: ``{"name": (start, end)}`` or a list of ``(start, end)``.
+
+        ``by="char"``: character offsets in :attr:`text` (see :meth:`find`); a token belongs
+        to a span if it overlaps it. ``by="token"``: token positions ``[start, end)``.
+        ``rest``: the label of one more column with every source token in no span (None:
+        no such column). Spans may overlap; then a token counts in each.
+        """
+        if isinstance(spans, Mapping):
+            named = [(str(name), span) for name, span in spans.items()]
+        else:
+            text = self.text if by == "char" else ""
+            named = [(text[a:b] if by == "char" else "".join(self.tokens[a:b]), (a, b)) for a, b in spans]
+        n = self.token_scores.shape[1]
+        groups, labels = [], []
+        for label, (a, b) in named:
+            inside = _tokens.tokens_in_span(self.tokens, a, b) if by == "char" else range(a, b)
+            positions = [i for i in inside if i < n]
+            if not positions:
+                raise ValueError(f"span {label!r} ({a}, {b}) covers no source token")
+            groups.append(positions)
+            labels.append(label)
+        covered = {i for g in groups for i in g}
+        others = [i for i in range(n) if i not in covered]
+        if rest is not None and others:
+            groups.append(others)
+            labels.append(rest)
+        return self.grouped(groups, labels)
+
+    # -- reading -----------------------------------------------------------------------
+    def top_k(self, k: int = 5, step: int | None = None) -> list[list[Contributor]]:
+        """The ``k`` largest sources by absolute score, per step (or for ``step`` only)."""
+        scores, steps = self.scores, range(self.n_generated) if step is None else [step]
+        result = []
+        for s in steps:
+            row = scores[s]
+            valid = np.flatnonzero(~np.isnan(row))
+            order = valid[np.argsort(-np.abs(row[valid]), kind="stable")][:k]
+            result.append([Contributor(int(j), self.sources[j], float(row[j])) for j in order])
+        return result
+
+    def to_dataframe(self) -> Any:
+        """A long pandas DataFrame: one row per (step, source) that can contribute.
+
+        Columns: step, generated, generated_id, logit, source (column index), label,
+        positions (token positions), score (in this view's unit).
+        """
+        import pandas as pd
+
+        rows, scores = [], self.scores
+        for k in range(self.n_generated):
+            for j, label in enumerate(self.sources):
+                if not np.isnan(scores[k, j]):
+                    rows.append(
+                        (k, self.generated_tokens[k], self.generated_ids[k], float(self.logits[k]), j, label,
+                         tuple(self.columns[j]), float(scores[k, j]))
+                    )  # fmt: skip
+        names = ["step", "generated", "generated_id", "logit", "source", "label", "positions", "score"]
+        return pd.DataFrame(rows, columns=names)
+
+    # -- saving ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the score rows are ragged (step ``k`` holds its ``P + k`` sources)."""
+        p = self.prompt_length
+        return {
+            "format": FORMAT,
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "pieces": self.pieces,
+            "special": self.special,
+            "prompt_length": p,
+            "token_scores": [[float(x) for x in row[: p + k]] for k, row in enumerate(self.token_scores)],
+            "logits": [float(x) for x in self.logits],
+            "options": self.options,
+            "versions": self.versions,
+            "groups": self.groups,
+            "labels": self.labels,
+            "unit": self.unit,
+            "drop_first": self.drop_first,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Attribution:
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a saved Attribution (format {data.get('format')!r}, expected {FORMAT!r})")
+        rows, n = data["token_scores"], len(data["tokens"])
+        scores = np.full((len(rows), max(n - 1, 0)), np.nan, dtype=np.float32)
+        for k, row in enumerate(rows):
+            scores[k, : len(row)] = row
+        fields = {f.name for f in dataclasses.fields(cls)} - {"token_scores"}
+        return cls(token_scores=scores, **{k: data[k] for k in fields if k in data})
+
+    def save(self, path: str | Path) -> Path:
+        """Write to ``.json``, or to ``.safetensors`` (scores as tensors, the rest as JSON
+        metadata). Never pickle."""
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import save_file
+
+            meta = self.to_dict()
+            meta.pop("token_scores")
+            meta.pop("logits")
+            tensors = {"token_scores": self.token_scores, "logits": self.logits}
+            save_file(tensors, str(path), metadata={"attribution": json.dumps(meta)})
+        elif path.suffix == ".json":
+            path.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
+        else:
+            raise ValueError(f"save: use a .json or .safetensors path, not {path.name!r}")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Attribution:
+        """Read what :meth:`save` wrote."""
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                meta = json.loads(f.metadata()["attribution"])
+                scores, logits = f.get_tensor("token_scores"), f.get_tensor("logits")
+            fields = {f.name for f in dataclasses.fields(cls)}
+            return cls(token_scores=scores, logits=logits, **{k: v for k, v in meta.items() if k in fields})
+        return cls.from_dict(json.loads(path.read_text()))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Attribution):
+            return NotImplemented
+        for f in dataclasses.fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, np.ndarray):
+                if not (a.shape == b.shape and np.array_equal(a, b, equal_nan=True)):
+                    return False
+            elif a != b:
+                return False
+        return True
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # -- views (llama_attrib.views) ----------------------------------------------------
+    def table(self, top: int = 0) -> str:
+        """Per-step text tables for a terminal (``top``: only the N largest sources)."""
+        from .views import table
+
+        return table(self, top)
+
+    def __str__(self) -> str:
+        return self.table(top=10)
+
+    def __repr__(self) -> str:
+        view = f", {len(self.columns)} grouped sources" if self.groups is not None else ""
+        return (
+            f"Attribution(prompt={self.prompt_length} tokens, generated={self.generation!r}, "
+            f"unit={self.unit!r}, drop_first={self.drop_first}{view})"
+        )
+
+    def to_html(self, path: str | Path | None = None) -> str:
+        """Self-contained interactive HTML (inline CSS and JS); written to ``path`` if given."""
+        from .views import to_html
+
+        html = to_html(self)
+        if path is not None:
+            Path(path).write_text(html, encoding="utf-8")
+        return html
+
+    def _repr_html_(self) -> str:
+        from .views import to_html
+
+        return to_html(self, full_page=False)
+
+    def plot(self, ax: Any = None, **kwargs: Any) -> Any:
+        """A matplotlib heatmap ``[generated step, source]``; returns the Axes."""
+        from .views import plot
+
+        return plot(self, ax=ax, **kwargs)
+
+
+__all__ = ["Attribution", "Contributor"]

@@ -1,0 +1,87 @@
+"""Token text pieces and word boundaries, for byte-level BPE and SentencePiece alike.
+
+Byte-level BPE (GPT-2, Llama 3, SmolLM2) marks a leading space with ``Ġ`` in its raw pieces
+and keeps it when one token is decoded (``" France"``). SentencePiece (Llama 1/2, Mistral)
+marks it with ``▁`` and drops it when one token is decoded (``"France"``). Both are read
+here from the raw piece, so that the text pieces concatenate to the text and a word starts
+wherever a piece starts with a space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+# Raw-piece markers of a leading space (SentencePiece, byte-level BPE) and a newline.
+_SPACE_MARKERS = ("▁", "Ġ")
+_NEWLINE_MARKERS = ("Ċ", "<0x0A>")
+
+
+def piece_texts(tokenizer: Any, ids: Sequence[int]) -> tuple[list[str], list[str], list[bool]]:
+    """``(texts, pieces, special)`` of every token: decoded text (leading space kept), raw
+    tokenizer piece, and whether it is a special token (BOS, chat markers)."""
+    pieces = [str(p) for p in tokenizer.convert_ids_to_tokens(list(ids))]
+    special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    texts = []
+    for token_id, piece in zip(ids, pieces, strict=True):
+        text = tokenizer.decode([token_id])
+        if piece.startswith("▁") and not text.startswith((" ", "▁")):
+            text = " " + text  # SentencePiece's decode drops the leading space of one token
+        texts.append(text)
+    return texts, pieces, [int(i) in special_ids for i in ids]
+
+
+def starts_word(text: str, piece: str = "") -> bool:
+    """Whether a token begins a new word: its text or raw piece starts with a space or newline."""
+    return text[:1].isspace() or piece.startswith(_SPACE_MARKERS + _NEWLINE_MARKERS)
+
+
+def word_groups(
+    texts: Sequence[str],
+    pieces: Sequence[str] | None = None,
+    special: Sequence[bool] | None = None,
+    *,
+    breaks: Sequence[int] = (),
+) -> list[list[int]]:
+    """Positions grouped into words: ``[[0], [1, 2], ...]``.
+
+    A new word starts at a piece that starts with a space or a newline (decoded, or ``▁``/``Ġ``
+    in the raw piece), at a special token and right after one, right after a piece that
+    ends with a newline, and at every position in ``breaks`` (e.g. where the generation
+    starts).
+    """
+    pieces = pieces if pieces is not None else [""] * len(texts)
+    special = special if special is not None else [False] * len(texts)
+    groups: list[list[int]] = []
+    for i, (text, piece) in enumerate(zip(texts, pieces, strict=True)):
+        new = (
+            not groups
+            or starts_word(text, piece)
+            or special[i]
+            or special[i - 1]
+            or texts[i - 1].endswith("\n")
+            or pieces[i - 1].endswith(_NEWLINE_MARKERS)
+            or i in breaks
+        )
+        if new:
+            groups.append([i])
+        else:
+            groups[-1].append(i)
+    return groups
+
+
+def char_offsets(texts: Sequence[str]) -> list[tuple[int, int]]:
+    """``(start, end)`` character offsets of every piece in ``"".join(texts)``."""
+    offsets, start = [], 0
+    for text in texts:
+        offsets.append((start, start + len(text)))
+        start += len(text)
+    return offsets
+
+
+def tokens_in_span(texts: Sequence[str], start: int, end: int) -> list[int]:
+    """Positions of the pieces that overlap the character span ``[start, end)``."""
+    return [i for i, (a, b) in enumerate(char_offsets(texts)) if a < end and b > start and b > a]
+
+
+__all__ = ["char_offsets", "piece_texts", "starts_word", "tokens_in_span", "word_groups"]

@@ -1,0 +1,146 @@
+"""Views of an :class:`~llama_attrib.result.Attribution`: terminal tables, interactive HTML,
+a matplotlib heatmap. Called through the result's ``table``, ``to_html``/``_repr_html_``
+and ``plot``."""
+
+from __future__ import annotations
+
+import html
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._html import SCRIPT, STYLE
+
+if TYPE_CHECKING:
+    from .result import Attribution
+
+
+def visible(text: str) -> str:
+    """A token's text with its whitespace made visible, for labels: ``␣`` ``↵`` ``⇥``."""
+    return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+# -- terminal ------------------------------------------------------------------------------
+def table(result: Attribution, top: int = 0) -> str:
+    """The generation, then per step a table ``source  label  score`` (largest first if
+    ``top``, else in text order)."""
+    unit = "share of |total|" if result.unit == "share" else "logit"
+    lines = [
+        f"prompt ({result.prompt_length} tokens): {''.join(result.prompt_tokens)!r}",
+        f"generated: {result.generation!r}",
+        f"scores: {unit}" + (", first token left out" if result.drop_first else ""),
+        "",
+    ]
+    scores = result.scores
+    for k in range(result.n_generated):
+        raw = result.token_scores[k, : result.prompt_length + k]
+        lines.append(
+            f"step {k}: {result.generated_tokens[k]!r}  logit {float(result.logits[k]):.4f} "
+            f"= sum of {len(raw)} contributions {float(raw.sum(dtype=np.float64)):.4f}"
+        )
+        valid = [j for j in range(scores.shape[1]) if not np.isnan(scores[k, j])]
+        if top:
+            valid = [c.column for c in result.top_k(top, step=k)[0]]
+        width = max([len(repr(result.sources[j])) for j in valid] + [8])
+        for j in valid:
+            lines.append(f"  {j:5d}  {result.sources[j]!r:>{width}}  {scores[k, j]:+10.4f}")
+    return "\n".join(lines)
+
+
+# -- HTML ----------------------------------------------------------------------------------
+def _display(result: Attribution) -> tuple[list[list[float | None]], list[str]]:
+    """Per step, the score shown on every token (its column's score; None where it has
+    none), and every token's hover label (its column's label)."""
+    n = len(result.tokens)
+    column_of: dict[int, int] = {}
+    for j, positions in enumerate(result.columns):
+        for i in positions:
+            column_of.setdefault(i, j)
+    scores = result.scores
+    rows = []
+    for k in range(result.n_generated):
+        row: list[float | None] = []
+        for i in range(n):
+            col = column_of.get(i)
+            value = None if col is None else float(scores[k, col])
+            row.append(None if value is None or np.isnan(value) else float(f"{value:.6g}"))
+        rows.append(row)
+    labels = [result.sources[column_of[i]] if i in column_of else "" for i in range(n)]
+    return rows, labels
+
+
+def _token_spans(result: Attribution) -> str:
+    spans = []
+    for i, text in enumerate(result.tokens):
+        kind = "la-gen" if i >= result.prompt_length else "la-prompt"
+        extra = " la-special" if result.special[i] else ""
+        step = f' data-step="{i - result.prompt_length}"' if i >= result.prompt_length else ""
+        spans.append(f'<span class="la-tok {kind}{extra}" data-i="{i}"{step}>{html.escape(text)}</span>')
+    return "".join(spans)
+
+
+def to_html(result: Attribution, full_page: bool = True) -> str:
+    """Self-contained HTML: the text, where clicking a generated token colours every earlier
+    token by its signed contribution (diverging colours, a legend, values on hover)."""
+    rows, labels = _display(result)
+    data = {
+        "scores": rows,
+        "labels": labels,
+        "tokens": result.tokens,
+        "logits": [float(x) for x in result.logits],
+        "prompt_length": result.prompt_length,
+        "unit": "share of |total|" if result.unit == "share" else "logit",
+    }
+    payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
+    uid = "la-" + uuid.uuid4().hex[:12]
+    note = ", first token left out" if result.drop_first else ""
+    body = (
+        f'<div class="la-attrib" id="{uid}">'
+        f"<style>{STYLE}</style>"
+        f'<div class="la-help">Click a generated token (underlined) to colour every earlier '
+        f"token by its contribution to that token's logit ({data['unit']}{note}).</div>"
+        f'<div class="la-text">{_token_spans(result)}</div>'
+        '<div class="la-legend"><span class="la-min">−</span><span class="la-bar"></span>'
+        '<span class="la-max">+</span><span class="la-info">no token selected</span></div>'
+        f'<script type="application/json" class="la-data">{payload}</script>'
+        f'<script>({SCRIPT})("{uid}");</script>'
+        "</div>"
+    )
+    if not full_page:
+        return body
+    title = html.escape(result.generation.strip()[:60] or "attribution")
+    return (
+        f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>llama_attrib: {title}</title>'
+        f"</head><body>{body}</body></html>\n"
+    )
+
+
+# -- matplotlib ----------------------------------------------------------------------------
+def plot(result: Attribution, ax: Any = None, cmap: str = "RdBu_r", max_label: int = 16) -> Any:
+    """Heatmap ``[generated step, source]``: a diverging colour map centred on 0, NaN (no
+    contribution possible) in grey, whitespace made visible in the labels."""
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+
+    scores = result.scores
+    if ax is None:
+        width = min(max(4.0, 0.28 * scores.shape[1] + 2.0), 40.0)
+        _, ax = plt.subplots(figsize=(width, max(2.5, 0.32 * scores.shape[0] + 1.8)))
+    finite = np.abs(scores[~np.isnan(scores)])
+    vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    colours = colormaps[cmap].with_extremes(bad="#e6e6e6")
+    image = ax.imshow(np.ma.masked_invalid(scores), cmap=colours, vmin=-vmax, vmax=vmax, aspect="auto")
+    ax.set_xticks(range(scores.shape[1]))
+    ax.set_xticklabels([visible(s)[:max_label] for s in result.sources], rotation=90, fontsize=8)
+    ax.set_yticks(range(scores.shape[0]))
+    ax.set_yticklabels([f"{k}: {visible(t)[:max_label]}" for k, t in enumerate(result.generated_tokens)])
+    ax.set_xlabel("source")
+    ax.set_ylabel("generated token")
+    unit = "share of |total|" if result.unit == "share" else "logit"
+    ax.figure.colorbar(image, ax=ax, label=f"contribution ({unit})")
+    return ax
+
+
+__all__ = ["plot", "table", "to_html", "visible"]

@@ -1,0 +1,113 @@
+"""The HTML view in a real headless browser (Debian's chromium + chromium-driver, selenium).
+
+Skipped only where chromium or its driver is not installed; ``make test`` installs both
+(scripts/install_browser.sh).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+
+from conftest import tiny_model, tiny_tokenizer
+from llama_attrib import Attribution, attribute
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+TRANSPARENT = "rgba(0, 0, 0, 0)"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if CHROMIUM is None or DRIVER is None:
+        pytest.skip("chromium / chromium-driver not installed: run scripts/install_browser.sh (apt-get)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,600"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def result() -> Attribution:
+    return attribute(tiny_model(), tiny_tokenizer(), "the capital of france is", max_new_tokens=4)
+
+
+def _rgb(colour: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in re.findall(r"\d+", colour)[:3])
+
+
+def _backgrounds(driver: Any) -> list[str]:
+    return [
+        el.value_of_css_property("background-color")
+        for el in driver.find_elements(By.CSS_SELECTOR, ".la-tok")
+    ]
+
+
+def test_clicking_a_generated_token_colours_the_earlier_tokens(
+    browser: Any, result: Attribution, tmp_path: Path
+) -> None:
+    page = tmp_path / "view.html"
+    result.to_html(page)
+    browser.get(page.as_uri())
+    p = result.prompt_length
+    before = _backgrounds(browser)
+    assert len(before) == len(result.tokens) and set(before) == {TRANSPARENT}
+
+    browser.find_element(By.CSS_SELECTOR, '.la-gen[data-step="0"]').click()
+    step0 = _backgrounds(browser)
+    assert all(c != TRANSPARENT for c in step0[:p]) and set(step0[p:]) == {TRANSPARENT}
+    row = result.token_scores[0, :p]
+    top, bottom = int(np.argmax(row)), int(np.argmin(row))
+    r, _, b = _rgb(step0[top])
+    assert r > b and _rgb(step0[top]) == (178, 24, 43)  # the largest positive: full red
+    if row[bottom] < 0:
+        r, _, b = _rgb(step0[bottom])
+        assert b > r
+    token = browser.find_elements(By.CSS_SELECTOR, ".la-tok")[top]
+    assert token.get_attribute("title").endswith(f"{float(row[top]):+.4g} (logit)".replace("e+0", "e+"))
+    legend = browser.find_element(By.CSS_SELECTOR, ".la-max").text
+    assert float(legend) == pytest.approx(float(np.abs(row).max()), rel=1e-3)
+
+    browser.find_element(By.CSS_SELECTOR, '.la-gen[data-step="2"]').click()
+    step2 = _backgrounds(browser)
+    assert step2[:p] != step0[:p]  # the prompt is recoloured for the new step
+    assert all(c != TRANSPARENT for c in step2[: p + 2]) and set(step2[p + 2 :]) == {TRANSPARENT}
+    assert "step 2" in browser.find_element(By.CSS_SELECTOR, ".la-info").text
+
+    shot = tmp_path / "view.png"
+    assert browser.save_screenshot(str(shot))
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 2000
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+
+
+def test_grouped_view_in_the_browser(browser: Any, result: Attribution, tmp_path: Path) -> None:
+    spans = result.spans({"subject": result.find("capital of")}, rest=None)
+    page = tmp_path / "spans.html"
+    spans.to_html(page)
+    browser.get(page.as_uri())
+    browser.find_element(By.CSS_SELECTOR, '.la-gen[data-step="1"]').click()
+    colours = _backgrounds(browser)
+    a, b = spans.columns[0]
+    assert colours[a] == colours[b] != TRANSPARENT  # a span is one colour
+    assert all(colours[i] == TRANSPARENT for i in range(len(colours)) if i not in (a, b))
+    title = browser.find_elements(By.CSS_SELECTOR, ".la-tok")[a].get_attribute("title")
+    assert title.startswith("subject: ")

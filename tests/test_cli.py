@@ -1,0 +1,77 @@
+"""The ``llama-attrib`` command, on a tiny checkpoint folder and (slow) on SmolLM2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_model, tiny_tokenizer
+from llama_attrib import Attribution, attribute
+from llama_attrib.cli import main
+from llama_attrib.models import load
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_prints_generation_tables_and_writes_files(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    html, saved = tmp_path / "out.html", tmp_path / "out.json"
+    args = [
+        "what is the capital of france?",
+        "--model",
+        str(folder),
+        "--chat",
+        "--max-new-tokens",
+        "3",
+        "--html",
+        str(html),
+        "--json",
+        str(saved),
+    ]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    result = Attribution.load(saved)
+    expected = attribute(*load(str(folder)), "what is the capital of france?", 3, chat=True)
+    assert result.token_ids == expected.token_ids
+    assert np.array_equal(result.token_scores, expected.token_scores, equal_nan=True)
+    assert out.strip() == expected.table().strip()
+    assert f"generated: {expected.generation!r}" in out and "step 2:" in out
+    assert "decomposing" in err  # the progress bar, on stderr
+    assert html.read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+
+
+def test_cli_views(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["the capital of france is", "--model", str(folder), "--max-new-tokens", "2", "--no-progress"]
+    main([*base, "--top", "3", "--words", "--share", "--drop-first"])
+    out, err = capsys.readouterr()
+    expected = attribute(*load(str(folder)), "the capital of france is", 2)
+    view = expected.words().normalize("share", drop_first=True)
+    assert out.strip() == view.table(top=3).strip()
+    assert len([line for line in out.splitlines() if line.startswith("  ")]) == 6
+    assert "decomposing" not in err
+
+
+@pytest.mark.slow
+def test_cli_default_model_is_smollm2(tmp_path: Path) -> None:
+    saved = tmp_path / "r.safetensors"
+    command = [sys.executable, "-m", "llama_attrib.cli", "What is the capital of France?", "--chat"]
+    command += ["--max-new-tokens", "4", "--top", "3", "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300)
+    result = Attribution.load(tmp_path / "r.json")
+    result.save(saved)
+    assert Attribution.load(saved) == result
+    assert "The capital of France" in result.generation or "Paris" in result.generation
+    assert f"generated: {result.generation!r}" in done.stdout
+    assert result.versions["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    np.testing.assert_allclose(np.nansum(result.token_scores.astype(np.float64), 1), result.logits, rtol=1e-5)

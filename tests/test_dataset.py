@@ -1,0 +1,125 @@
+"""Data sets of prompts: JSONL in, JSONL/Parquet out, resumable, sharded over processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import llama_attrib
+from conftest import tiny_model, tiny_tokenizer
+from llama_attrib import dataset
+from llama_attrib.models import load
+
+PROMPTS = [
+    {"id": "a", "prompt": "the capital of france is"},
+    {"id": "b", "prompt": "one two three"},
+    {"messages": [{"role": "user", "content": "what is the capital of italy"}]},
+    {"id": "d", "prompt": "the river flows to the"},
+    {"id": "e", "prompt": "a cat sat on"},
+]
+
+
+def write_prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def expected(model: Any, tokenizer: Any, rows: list[dict[str, Any]]) -> dict[str, llama_attrib.Attribution]:
+    return {
+        str(r["id"]): llama_attrib.attribute(model, tokenizer, r.get("messages", r.get("prompt")), 4)
+        for r in rows
+    }
+
+
+def same(a: llama_attrib.Attribution, b: llama_attrib.Attribution) -> None:
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(a.token_scores, b.token_scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_dataset_rows_equal_single_attributions(tmp_path: Path, suffix: str) -> None:
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    rows = dataset.read_prompts(write_prompts(tmp_path))
+    assert [r["id"] for r in rows] == ["a", "b", 2, "d", "e"]  # a missing id is the line number
+    out = tmp_path / f"out{suffix}"
+    assert dataset.attribute_dataset(model, tokenizer, rows, out, max_new_tokens=4) == 5
+    dataset.merge(rows, out)
+    results = dataset.load_results(out)
+    assert list(results) == ["a", "b", "2", "d", "e"]
+    for key, want in expected(model, tokenizer, rows).items():
+        same(results[key], want)
+    assert not llama_attrib.is_wrapped(model)
+
+
+def test_an_interrupted_run_resumes_without_losing_or_repeating_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    rows = dataset.read_prompts(write_prompts(tmp_path))
+    out = tmp_path / "out.jsonl"
+    real, calls = dataset.attribute, []
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[2])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "attribute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dataset.attribute_dataset(model, tokenizer, rows, out, max_new_tokens=4)
+    monkeypatch.undo()
+    part = dataset.parts_folder(out) / "rank-0.jsonl"
+    assert len(part.read_text().splitlines()) == 2
+    with open(part, "a") as f:
+        f.write('{"id": "d", "tokens": [')  # a row cut mid-write by a crash
+    with pytest.raises(RuntimeError, match="not finished"):
+        dataset.merge(rows, out)
+    assert dataset.attribute_dataset(model, tokenizer, rows, out, max_new_tokens=4) == 3
+    assert dataset.attribute_dataset(model, tokenizer, rows, out, max_new_tokens=4) == 0
+    dataset.merge(rows, out)
+    results = dataset.load_results(out)
+    assert len(out.read_text().splitlines()) == 5
+    for key, want in expected(model, tokenizer, rows).items():
+        same(results[key], want)
+
+
+def test_bad_input_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 1, "prompt": "x", "messages": []}\n')
+    with pytest.raises(ValueError, match="exactly one of"):
+        dataset.read_prompts(path)
+    path.write_text('{"id": 1, "prompt": "x"}\n{"id": 1, "prompt": "y"}\n')
+    with pytest.raises(ValueError, match="not unique"):
+        dataset.read_prompts(path)
+
+
+def test_two_processes_with_accelerate_launch_on_gloo(tmp_path: Path) -> None:
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    prompts, out = write_prompts(tmp_path), tmp_path / "out.parquet"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["-m", "llama_attrib.dataset", str(prompts), str(out), "--model", str(folder)]
+    command += ["--max-new-tokens", "4", "--no-progress"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rank 0/2: 3 prompts" in done.stdout and "rank 1/2: 2 prompts" in done.stdout
+    parts = sorted(p.name for p in dataset.parts_folder(out).iterdir())
+    assert parts == ["rank-0.jsonl", "rank-1.jsonl"]
+    results = dataset.load_results(out)
+    rows = dataset.read_prompts(prompts)
+    loaded, _ = load(str(folder))
+    for key, want in expected(loaded, tokenizer, rows).items():
+        same(results[key], want)

@@ -1,0 +1,72 @@
+"""The notebooks in notebooks/ run top to bottom (nbclient, SmolLM2) and show what they say."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+import llama_attrib
+
+pytestmark = pytest.mark.slow
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.fixture(autouse=True)
+def same_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel (run in a temporary folder) imports the llama_attrib under test."""
+    source = str(Path(llama_attrib.__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")])))
+
+
+def run(name: str, cwd: Path) -> Any:
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
+        f"{name} is stored with outputs: clear them"
+    )
+    resources = {"metadata": {"path": str(cwd)}}  # files a notebook writes land in cwd
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources=resources).execute()
+    return notebook
+
+
+def outputs(notebook: Any, mime: str) -> list[str]:
+    return [
+        out["data"][mime]
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if "data" in out and mime in out["data"]
+    ]
+
+
+def test_notebooks_are_listed() -> None:
+    names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    assert names == ["chat_exploration.ipynb", "groups_and_targets.ipynb", "quickstart.ipynb"]
+
+
+def test_quickstart(tmp_path: Path) -> None:
+    notebook = run("quickstart.ipynb", tmp_path)
+    html = outputs(notebook, "text/html")
+    assert len(html) == 2 and all('class="la-attrib"' in h and "la-gen" in h for h in html)
+    assert "Paris" in outputs(notebook, "text/plain")[0]  # result.generation
+    assert (tmp_path / "quickstart_heatmap.png").stat().st_size > 5000
+
+
+def test_chat_exploration(tmp_path: Path) -> None:
+    notebook = run("chat_exploration.ipynb", tmp_path)
+    html = outputs(notebook, "text/html")
+    assert any("system prompt" in h and "question" in h for h in html)  # the span table and view
+    assert sum('class="la-attrib"' in h for h in html) == 2
+
+
+def test_groups_and_targets(tmp_path: Path) -> None:
+    notebook = run("groups_and_targets.ipynb", tmp_path)
+    streams = "".join(
+        out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
+    )
+    assert "question:" in streams and "pads: 0.0" in streams
