@@ -1,0 +1,174 @@
+"""Attribution methods compared by the faithfulness harness, behind one signature.
+
+Every method maps ``(model, ids [P + S], prompt_length P, setup)`` to ``S`` score vectors:
+step ``k`` explains the logit of ``ids[P + k]`` at position ``P - 1 + k`` and scores the
+``P + k`` positions before it (higher = more important for that token). Baselines:
+
+- ``attention-last``: the last layer's attention from the explained position, mean over heads;
+- ``attention-rollout``: Abnar & Zuidema's rollout, ``R = prod_l (0.5 A_l + 0.5 I)`` with
+  ``A_l`` the head-mean attention renormalised by row, read at the explained position;
+- ``input-x-gradient``: ``sum_h e_ih * d logit / d e_ih`` over the input embeddings ``e``;
+- ``integrated-gradients``: captum ``LayerIntegratedGradients`` on the embedding layer, from
+  the replacement token's embedding to the real one, ``setup.ig_steps`` steps;
+- ``feature-ablation``: captum ``FeatureAblation``, each feature replaced by the replacement
+  token; a feature is a token when the prefix has at most ``setup.ablation_tokens`` tokens and
+  a sentence (tokens up to one containing ``.``, ``?``, ``!`` or a newline) otherwise, every
+  token of a feature getting its score;
+- ``decomposition``: llama_attrib's exact decomposition of the logit (the components sum to
+  it); ``decomposition-no-first``: the same scores with position 0, the attention sink, set
+  below every other score (:func:`metrics.drop_first`), so it is ranked last.
+
+The gradient methods, ablation and decomposition all explain the target's logit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..sequence import decompose_sequence
+from .metrics import drop_first
+
+Method = Callable[[nn.Module, Tensor, int, "Setup"], list[Tensor]]
+StepMethod = Callable[[nn.Module, Tensor, int, "Setup"], Tensor]
+
+
+@dataclass
+class Setup:
+    """What the methods need besides the model and ids."""
+
+    replacement: int
+    ig_steps: int = 6
+    ablation_tokens: int = 96
+    ablation_batch: int = 16
+    token_texts: list[str] = field(default_factory=list)  # decoded tokens of ids, for sentences
+
+
+def decomposition(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
+    """The one place that calls llama_attrib: contributions to each step's target logit.
+
+    ``decompose_sequence`` in target mode (one frozen-factor pass and one batched backward
+    for every step); its numbers equal those of ``generate(..., decompose=True)``.
+    """
+    compositions = decompose_sequence(model, ids, prompt_length, mode="target")
+    return [c[int(ids[prompt_length + k])].components.detach().float() for k, c in enumerate(compositions)]
+
+
+def decomposition_no_first(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
+    return [drop_first(s) for s in decomposition(model, ids, prompt_length, setup)]
+
+
+def per_step(fn: StepMethod) -> Method:
+    """A method from one that explains the last position of a prefix for a target token."""
+
+    def method(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
+        return [
+            fn(model, ids[: prompt_length + k], int(ids[prompt_length + k]), setup)
+            for k in range(len(ids) - prompt_length)
+        ]
+
+    method.__doc__ = fn.__doc__
+    return method
+
+
+def _attentions(model: nn.Module, prefix: Tensor) -> list[Tensor]:
+    """Head-mean attention of every layer, ``[T, T]`` each (eager attention for the call)."""
+    config: Any = model.config
+    saved = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = model(prefix[None], output_attentions=True, logits_to_keep=1)
+    finally:
+        config._attn_implementation = saved
+    return [a[0].float().mean(0) for a in out.attentions]
+
+
+def attention_last(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
+    return _attentions(model, prefix)[-1][-1]
+
+
+def attention_rollout(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
+    eye = torch.eye(len(prefix))
+    rollout = eye
+    for a in _attentions(model, prefix):
+        a = 0.5 * a + 0.5 * eye
+        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+    return rollout[-1]
+
+
+def _logit(model: nn.Module, target: int) -> Callable[..., Tensor]:
+    def forward(ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+        out = model(input_ids=ids, inputs_embeds=inputs_embeds, logits_to_keep=1)
+        logits: Tensor = out.logits[:, -1, target]
+        return logits
+
+    return forward
+
+
+def input_x_gradient(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
+    lm: Any = model
+    embeds: Tensor = lm.get_input_embeddings()(prefix[None]).detach().requires_grad_(True)
+    _logit(model, target)(inputs_embeds=embeds).sum().backward()
+    assert embeds.grad is not None
+    return (embeds.grad * embeds).sum(-1)[0].detach().float()
+
+
+def integrated_gradients(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
+    from captum.attr import LayerIntegratedGradients
+
+    lm: Any = model
+    lig = LayerIntegratedGradients(_logit(model, target), lm.get_input_embeddings())
+    baseline = torch.full_like(prefix, setup.replacement)[None]
+    attributions = lig.attribute(
+        prefix[None], baselines=baseline, n_steps=setup.ig_steps, internal_batch_size=setup.ig_steps
+    )
+    scores: Tensor = attributions.sum(-1)[0].detach().float()
+    return scores
+
+
+def feature_groups(texts: list[str], length: int, max_tokens: int) -> Tensor:
+    """``[length]`` feature index per token: one per token, or per sentence beyond ``max_tokens``."""
+    if length <= max_tokens:
+        return torch.arange(length)
+    groups, current = [], 0
+    for text in texts[:length]:
+        groups.append(current)
+        if any(ch in text for ch in ".?!\n"):
+            current += 1
+    return torch.tensor(groups)
+
+
+def feature_ablation(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
+    from captum.attr import FeatureAblation
+
+    forward = _logit(model, target)
+    mask = feature_groups(setup.token_texts, len(prefix), setup.ablation_tokens)
+    with torch.no_grad():
+        attributions = FeatureAblation(lambda ids: forward(ids)).attribute(
+            prefix[None],
+            baselines=setup.replacement,
+            feature_mask=mask[None],
+            perturbations_per_eval=setup.ablation_batch,
+        )
+    scores: Tensor = attributions[0].detach().float()
+    return scores
+
+
+METHODS: dict[str, Method] = {
+    "attention-last": per_step(attention_last),
+    "attention-rollout": per_step(attention_rollout),
+    "input-x-gradient": per_step(input_x_gradient),
+    "integrated-gradients": per_step(integrated_gradients),
+    "feature-ablation": per_step(feature_ablation),
+    "decomposition": decomposition,
+    "decomposition-no-first": decomposition_no_first,
+}
+# Methods whose scores are a function of another method's: computed from it, same timing.
+DERIVED: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {
+    "decomposition-no-first": ("decomposition", drop_first),
+}

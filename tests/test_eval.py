@@ -1,0 +1,198 @@
+"""The faithfulness harness (llama_attrib.evaluation) on tiny random models: fast, exact checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import prompt, tiny_model
+from llama_attrib.evaluation import CATEGORIES, METHODS, Config, Setup, encode, load_prompts, metrics
+from llama_attrib.evaluation.harness import RANDOM, evaluate_prompt, format_table, logprob_fn, summarize
+from llama_attrib.evaluation.methods import feature_groups, integrated_gradients
+from llama_attrib.evaluation.prompts import Encoded, Prompt, spread
+
+REPLACEMENT = 0  # the tiny models' pad token
+
+
+def test_prompt_set_schema() -> None:
+    prompts = load_prompts()
+    assert len(prompts) >= 60
+    assert len({p.id for p in prompts}) == len(prompts)
+    assert {p.category for p in prompts} == set(CATEGORIES)
+    assert all(p.chat for p in prompts if p.category == "instruction")
+    for category in ("copying", "long"):
+        group = [p for p in prompts if p.category == category]
+        assert len(group) >= 5
+        for p in group:
+            assert p.source is not None and p.source_span is not None and p.answer is not None
+            start, end = p.source_span
+            assert 0 <= start < end <= len(p.prompt) and p.prompt[start:end] == p.source
+            # the answer is copied from the span
+            assert p.answer.strip() in p.source or p.source.startswith(p.answer.strip())
+    # long prompts: the source sits in the first sentences, the question at the very end
+    for p in (p for p in prompts if p.category == "long"):
+        assert len(p.prompt) > 2500 and p.source_span is not None and p.source_span[1] < 300
+
+
+def test_spread_takes_every_category() -> None:
+    chosen = spread(load_prompts(), 5)
+    assert [p.category for p in chosen] == list(CATEGORIES)[:5]
+
+
+def _linear_logprob(weights: torch.Tensor) -> metrics.LogProb:
+    """A stand-in model: log p = sum of the weights of the tokens not replaced."""
+    return lambda ids: ((ids != REPLACEMENT).float() * weights).sum(-1)
+
+
+def test_curve_end_points_on_a_model() -> None:
+    model = tiny_model()
+    ids = prompt(12)[0]
+    target = 5
+    logprob = logprob_fn(model, target)
+    orders = {"a": torch.arange(12), "b": torch.randperm(12, generator=torch.Generator().manual_seed(0))}
+    curves = metrics.curves(logprob, ids, orders, [0.1, 0.25, 0.5], REPLACEMENT)
+    full = float(logprob(ids[None])[0])
+    none = float(logprob(torch.full_like(ids, REPLACEMENT)[None])[0])
+    for c in curves.values():
+        assert c.fractions == [0.0, 0.1, 0.25, 0.5, 1.0]
+        assert c.deletion[0] == pytest.approx(full, abs=1e-5) and c.deletion[-1] == pytest.approx(
+            none, abs=1e-5
+        )
+        assert c.insertion[0] == pytest.approx(none, abs=1e-5) and c.insertion[-1] == pytest.approx(
+            full, abs=1e-5
+        )
+    # an inner point is the model on the perturbed copy: top ceil(0.25 * 12) = 3 of order "a" removed
+    removed = ids.clone()
+    removed[:3] = REPLACEMENT
+    assert curves["a"].deletion[2] == pytest.approx(float(logprob(removed[None])[0]), abs=1e-5)
+    assert curves["a"].comprehensiveness(0.25) == pytest.approx(full - curves["a"].deletion[2])
+
+
+def test_aopc_of_the_true_order_beats_random() -> None:
+    weights = torch.tensor([0.1, 3.0, -1.0, 0.5, 2.0, 0.0, 1.5, -0.5, 0.2, 1.0])
+    ids = torch.arange(1, 11)
+    g = torch.Generator().manual_seed(0)
+    orders = {"true": metrics.ranking(weights), "reverse": metrics.ranking(-weights)}
+    orders.update({f"random{i}": torch.randperm(10, generator=g) for i in range(20)})
+    curves = metrics.curves(_linear_logprob(weights), ids, orders, [0.1, 0.2, 0.3, 0.5], REPLACEMENT)
+    true, reverse = curves.pop("true"), curves.pop("reverse")
+    # removing the largest weights first drops log p the most: 3, 3+2, 3+2+1.5, 3+2+1.5+1+0.5
+    assert true.aopc_deletion() == pytest.approx((3.0 + 5.0 + 6.5 + 8.0) / 4)
+    assert true.aopc_insertion() == pytest.approx(true.aopc_deletion())  # linear: symmetric
+    assert true.sufficiency(0.5) == pytest.approx(float(weights.sum()) - 8.0)
+    for c in curves.values():
+        assert reverse.aopc_deletion() <= c.aopc_deletion() <= true.aopc_deletion()
+        assert reverse.aopc_insertion() <= c.aopc_insertion() <= true.aopc_insertion()
+
+
+def test_ranking_drop_first_and_counts() -> None:
+    scores = torch.tensor([5.0, 1.0, 3.0, 3.0, -2.0])
+    assert metrics.ranking(scores).tolist() == [0, 2, 3, 1, 4]
+    assert metrics.ranking(metrics.drop_first(scores)).tolist() == [2, 3, 1, 4, 0]
+    assert metrics.keep_counts(10, [0.05, 0.1, 0.25, 0.5]) == [1, 1, 3, 5]
+    with pytest.raises(ValueError):
+        metrics.curves(_linear_logprob(scores), torch.arange(1, 6), {}, [1.0], REPLACEMENT)
+
+
+def test_span_rank_on_a_constructed_case() -> None:
+    scores = torch.tensor([9.0, 0.1, 0.7, 4.0, 0.3, 6.0])
+    assert metrics.span_rank(scores, [3, 4]) == 3  # 9 and 6 beat the span's best, 4
+    assert metrics.span_rank(scores, [0]) == 1
+    assert metrics.span_rank(scores, [1]) == 6
+    assert metrics.span_rank(metrics.drop_first(scores), [5]) == 1
+    with pytest.raises(ValueError):
+        metrics.span_rank(scores, [])
+
+
+def test_feature_groups_token_or_sentence() -> None:
+    texts = ["A", " cat", ".", " It", " sat", "!\n", " End"]
+    assert feature_groups(texts, 7, 10).tolist() == list(range(7))
+    assert feature_groups(texts, 7, 4).tolist() == [0, 0, 0, 1, 1, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def scored() -> tuple[torch.nn.Module, torch.Tensor, int, dict[str, list[torch.Tensor]]]:
+    pytest.importorskip("captum", reason="the baselines need captum (pip install -e .[eval])")
+    model = tiny_model().requires_grad_(False)
+    ids, prompt_length = prompt(10)[0], 7
+    setup = Setup(replacement=REPLACEMENT, ig_steps=4, ablation_tokens=6, token_texts=["a"] * 10)
+    return (
+        model,
+        ids,
+        prompt_length,
+        {name: m(model, ids, prompt_length, setup) for name, m in METHODS.items()},
+    )
+
+
+def test_every_method_scores_every_step(scored: tuple[torch.nn.Module, torch.Tensor, int, dict]) -> None:
+    _, _, prompt_length, scores = scored
+    assert set(scores) == set(METHODS)
+    for name, steps in scores.items():
+        assert [s.shape for s in steps] == [torch.Size([prompt_length + k]) for k in range(3)], name
+        assert all(torch.isfinite(s).all() for s in steps), name
+    for k in range(3):  # attention rows and rollout rows are distributions
+        assert float(scores["attention-last"][k].sum()) == pytest.approx(1.0, abs=1e-5)
+        assert float(scores["attention-rollout"][k].sum()) == pytest.approx(1.0, abs=1e-5)
+        assert metrics.ranking(scores["decomposition-no-first"][k])[-1] == 0
+
+
+def test_decomposition_scores_sum_to_the_logit(
+    scored: tuple[torch.nn.Module, torch.Tensor, int, dict],
+) -> None:
+    model, ids, prompt_length, scores = scored
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0]
+    for k, s in enumerate(scores["decomposition"]):
+        logit = float(logits[prompt_length - 1 + k, ids[prompt_length + k]])
+        assert float(s.sum()) == pytest.approx(logit, rel=1e-4, abs=1e-4)
+
+
+def test_gradient_methods_are_exact_on_their_own_terms(
+    scored: tuple[torch.nn.Module, torch.Tensor, int, dict],
+) -> None:
+    model, ids, prompt_length, scores = scored
+    prefix, target = ids[:prompt_length], int(ids[prompt_length])
+    with torch.no_grad():
+        full = float(model(prefix[None]).logits[0, -1, target])
+        base = float(model(torch.full_like(prefix, REPLACEMENT)[None]).logits[0, -1, target])
+    # integrated gradients from the replacement token: completeness, up to the Riemann error
+    fine = integrated_gradients(model, prefix, target, Setup(replacement=REPLACEMENT, ig_steps=64))
+    assert float(fine.sum()) == pytest.approx(full - base, abs=0.05 * abs(full - base) + 0.02)
+    # a prefix of 7 > 6 tokens without a sentence end is one feature: ablating it replaces
+    # every token, and every token gets full - all-replaced
+    assert torch.allclose(scores["feature-ablation"][0], torch.full((7,), full - base), atol=1e-4)
+
+
+def test_harness_end_to_end() -> None:
+    pytest.importorskip("captum", reason="the baselines need captum (pip install -e .[eval])")
+    model = tiny_model().requires_grad_(False)
+    ids = prompt(9)[0]
+    p = Prompt(id="copying-99", category="copying", prompt="x", answer="t5", source="x", source_start=0)
+    config = Config(methods=list(METHODS), steps=2, fractions=[0.25, 0.5], fixed=0.25, ig_steps=2)
+    setup = Setup(replacement=REPLACEMENT, ig_steps=2)
+    record = evaluate_prompt(model, p, Encoded(ids, [3, 4]), setup, config, lambda t: f"t{t}")
+    assert len(record["steps"]) == 2 and set(record["seconds"]) == set(METHODS)
+    assert set(record["steps"][0]["curves"]) == {*METHODS, RANDOM}
+    if record["answer_matches"]:
+        assert all(1 <= r <= 9 for r in record["span_rank"].values())
+    table = summarize([record], config)
+    assert set(table) == {*METHODS, RANDOM}
+    assert all(math.isfinite(table[m]["del_aopc_all"]) for m in table)
+    text = format_table(table, config)
+    assert text.count("\n") == len(table) + 1 and "comp@25%" in text
+
+
+@pytest.mark.slow
+def test_prompts_on_smollm2(smollm2: tuple[object, object]) -> None:
+    """With the real tokenizer: long prompts have 500+ tokens, every source span is found."""
+    tokenizer = smollm2[1]
+    for p in load_prompts():
+        encoded = encode(p, tokenizer)
+        if p.category == "long":
+            assert len(encoded.ids) >= 500, p.id
+        if p.source is not None:
+            assert encoded.source_positions, p.id
+            text = tokenizer.decode(encoded.ids[encoded.source_positions])  # type: ignore[attr-defined]
+            assert p.source in text, p.id
