@@ -25,10 +25,9 @@ import pydec
 import torch
 from torch import Tensor, nn
 
-from . import _offload, memory
+from . import _offload, families, memory
 from .composition import Contributions, LazyComposition, LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
-from .families import check_length
 from .rules import Layout
 from .session import Session, completeness_error
 
@@ -81,7 +80,7 @@ def decompose_sequence(
         raise UnsupportedOptionError(f"mode must be one of {MODES}, not {mode!r}")
     ids = _as_batch(input_ids, "input_ids")
     batch, length = ids.shape
-    check_length(model, length)
+    families.check_length(model, length)
     mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask")
     if mask is not None and mask.shape != ids.shape:
         raise UnsupportedOptionError(
@@ -179,7 +178,7 @@ def explain(
     """The per-step Compositions of one teacher-forced pass (see :func:`decompose_sequence`)."""
     from .api import decompose  # the public context manager; api imports this module
 
-    dtype = component_dtype or _default_dtype(model)
+    dtype = component_dtype or families.component_dtype(model)
     device = next(model.parameters()).device
     limit = memory.budget(max_memory, device)
     with decompose(model):
@@ -567,11 +566,6 @@ def _forward_mode(
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def _default_dtype(model: nn.Module) -> torch.dtype:
-    dtype = next(model.parameters()).dtype
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _as_batch(value: Any, name: str) -> Tensor:
