@@ -9,7 +9,14 @@ import torch
 
 from conftest import prompt, tiny_model
 from llama_attrib.evaluation import CATEGORIES, METHODS, Config, Setup, encode, load_prompts, metrics
-from llama_attrib.evaluation.harness import RANDOM, evaluate_prompt, format_table, logprob_fn, summarize
+from llama_attrib.evaluation.harness import (
+    RANDOM,
+    evaluate_prompt,
+    format_table,
+    logprob_fn,
+    report,
+    summarize,
+)
 from llama_attrib.evaluation.methods import feature_groups, integrated_gradients
 from llama_attrib.evaluation.prompts import Encoded, Prompt, spread
 
@@ -182,6 +189,15 @@ def test_harness_end_to_end() -> None:
     assert all(math.isfinite(table[m]["del_aopc_all"]) for m in table)
     text = format_table(table, config)
     assert text.count("\n") == len(table) + 1 and "comp@25%" in text
+    # the printout: all prompts, then the short and the long ones, each with its counts
+    long = {**record, "id": "long-99", "category": "long", "seconds_total": 90.0}
+    short = {**record, "seconds_total": 30.0}
+    printed = report([short, long], config)
+    assert printed.count("| method |") == 3
+    assert "All prompts: 2 prompts, 4 explained tokens" in printed and ", 2.0 min" in printed
+    assert "Long prompts: 1 prompts, 2 explained tokens" in printed and ", 1.5 min" in printed
+    assert printed.index("All prompts") < printed.index("not long") < printed.index("Long prompts")
+    assert report([short], config).count("| method |") == 1
 
 
 @pytest.mark.slow

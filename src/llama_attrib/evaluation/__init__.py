@@ -5,7 +5,7 @@ the prompt set is :func:`load_prompts`, the methods :data:`METHODS`, the metrics
 :mod:`llama_attrib.evaluation.metrics`. The baselines need ``captum`` (extra ``eval``).
 """
 
-from .harness import Config, evaluate_prompt, format_table, summarize
+from .harness import Config, evaluate_prompt, format_table, report, summarize
 from .methods import METHODS, Setup
 from .prompts import CATEGORIES, Prompt, encode, load_prompts
 
@@ -19,5 +19,6 @@ __all__ = [
     "evaluate_prompt",
     "format_table",
     "load_prompts",
+    "report",
     "summarize",
 ]

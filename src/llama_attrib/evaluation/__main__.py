@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ..models import load
-from .harness import Config, evaluate_prompt, format_table, summarize
+from .harness import Config, evaluate_prompt, report, summarize
 from .methods import METHODS, Setup
 from .prompts import encode, load_prompts, spread
 
@@ -52,7 +52,7 @@ def _print_saved(paths: Sequence[str], config: Config) -> int:
             saved = json.load(f)
         records += saved["records"]
         config = Config(**saved["config"])
-    print(format_table(summarize(records, config), config))
+    print(report(records, config))
     print(f"\n{len(records)} prompts from {', '.join(paths)}")
     return 0
 
@@ -92,21 +92,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     for i, prompt in enumerate(prompts):
         t0 = time.perf_counter()
-        records.append(
-            evaluate_prompt(
-                model,
-                prompt,
-                encode(prompt, tokenizer),
-                setup,
-                config,
-                lambda t: str(tokenizer.decode([t])),
-                eos=tokenizer.eos_token_id,
-            )
+        record = evaluate_prompt(
+            model,
+            prompt,
+            encode(prompt, tokenizer),
+            setup,
+            config,
+            lambda t: str(tokenizer.decode([t])),
+            eos=tokenizer.eos_token_id,
         )
-        print(f"[{i + 1}/{len(prompts)}] {prompt.id}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        record["seconds_total"] = time.perf_counter() - t0
+        records.append(record)
+        print(f"[{i + 1}/{len(prompts)}] {prompt.id}: {record['seconds_total']:.1f} s", file=sys.stderr)
     table = summarize(records, config)
     elapsed = time.perf_counter() - started
-    print(format_table(table, config))
+    print(report(records, config))
     print(
         f"\n{len(prompts)} prompts, replacement token {token!r}, torch threads "
         f"{torch.get_num_threads()}, total {elapsed / 60:.1f} min"

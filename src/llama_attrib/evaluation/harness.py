@@ -170,3 +170,27 @@ def format_table(table: dict[str, dict[str, float]], config: Config) -> str:
         cells = [f"{row[key]:.3f}" if key != "seconds" else f"{row[key]:.2f}" for key, _ in COLUMNS]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
+
+
+def report(records: list[dict[str, Any]], config: Config) -> str:
+    """The whole printout: one table for all prompts, then one for the prompts that are not
+    long and one for the long prompts (when both kinds were run), each with its counts."""
+    groups = [("All prompts", records)]
+    short = [r for r in records if r["category"] != "long"]
+    long = [r for r in records if r["category"] == "long"]
+    if short and long:
+        groups += [("Prompts that are not long", short), ("Long prompts", long)]
+    parts = []
+    for title, group in groups:
+        explained = sum(len(r["steps"]) for r in group)
+        ranked = sum("span_rank" in r for r in group)
+        with_span = sum("answer_matches" in r for r in group)
+        seconds = sum(r.get("seconds_total", 0.0) for r in group)
+        head = (
+            f"{title}: {len(group)} prompts, {explained} explained tokens, span rank on {ranked} of "
+            f"{with_span} prompts with a source span (those whose first generated token is the answer)"
+        )
+        if seconds:
+            head += f", {seconds / 60:.1f} min"
+        parts.append(head + "\n\n" + format_table(summarize(group, config), config))
+    return "\n\n".join(parts)
