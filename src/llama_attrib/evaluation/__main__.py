@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS)
     )
-    p.add_argument("--steps", type=int, default=2, help="generated tokens explained per prompt")
+    p.add_argument("--steps", type=int, default=3, help="generated tokens explained per prompt")
     p.add_argument("--long-steps", type=int, default=1, help="generated tokens explained per long prompt")
     p.add_argument("--ig-steps", type=int, default=6, help="integrated-gradients steps")
     p.add_argument("--fractions", default="0.1,0.2,0.5", help="curve points (fractions removed)")

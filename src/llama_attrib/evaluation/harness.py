@@ -21,7 +21,7 @@ RANDOM = "random"
 @dataclass
 class Config:
     methods: list[str]
-    steps: int = 2  # generated tokens explained per prompt
+    steps: int = 3  # generated tokens explained per prompt
     long_steps: int = 1  # ... for the long prompts
     fractions: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.5])
     fixed: float = 0.2  # comprehensiveness and sufficiency are reported at this fraction
