@@ -212,3 +212,21 @@ def test_prompts_on_smollm2(smollm2: tuple[object, object]) -> None:
             assert encoded.source_positions, p.id
             text = tokenizer.decode(encoded.ids[encoded.source_positions])  # type: ignore[attr-defined]
             assert p.source in text, p.id
+
+
+def test_readme_tables_come_from_the_shipped_run() -> None:
+    """Every row of the README's faithfulness tables is what the shipped run's records give."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    saved = json.loads((root / "benchmarks" / "faithfulness.json").read_text(encoding="utf-8"))
+    config = Config(**saved["config"])
+    printed = report(saved["records"], config).splitlines()
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Faithfulness") : readme.index("## Development")]
+    rows = [line.replace("**", "") for line in section.splitlines() if line.startswith("| ")]
+    rows = [r for r in rows if not r.startswith("| method")]
+    assert len(rows) == 3 * (len(config.methods) + 1)  # all prompts, short, long
+    for row in rows:
+        assert row in printed, row
