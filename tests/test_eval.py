@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,7 +218,6 @@ def test_prompts_on_smollm2(smollm2: tuple[object, object]) -> None:
 def test_readme_tables_come_from_the_shipped_run() -> None:
     """Every row of the README's faithfulness tables is what the shipped run's records give."""
     import json
-    from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     saved = json.loads((root / "benchmarks" / "faithfulness.json").read_text(encoding="utf-8"))
@@ -230,3 +230,33 @@ def test_readme_tables_come_from_the_shipped_run() -> None:
     assert len(rows) == 3 * (len(config.methods) + 1)  # all prompts, short, long
     for row in rows:
         assert row in printed, row
+
+
+@pytest.mark.slow
+def test_the_command_on_smollm2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m llama_attrib.evaluation`` end to end on the real model, four short prompts."""
+    pytest.importorskip("captum", reason="the baselines need captum (pip install -e .[eval])")
+    import json
+
+    from llama_attrib.evaluation.__main__ import main
+
+    out = tmp_path / "run.json"
+    argv = ["--categories", "factual,copying,arithmetic,instruction", "--limit", "4", "--steps", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("All prompts: 4 prompts, 8 explained tokens")
+    assert printed.count("| method |") == 1 and all(f"| {m} |" in printed for m in [*METHODS, RANDOM])
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    assert [r["category"] for r in saved["records"]] == ["factual", "copying", "arithmetic", "instruction"]
+    for record in saved["records"]:
+        assert len(record["steps"]) == 2 and record["seconds_total"] > 0
+        for step in record["steps"]:
+            curves = step["curves"]
+            # the end points (full prompt, all replaced) are shared by every order
+            assert len({(c["deletion"][0], c["deletion"][-1]) for c in curves.values()}) == 1
+            assert all(math.isfinite(v) for c in curves.values() for v in c["deletion"] + c["insertion"])
+    for row in saved["table"].values():
+        assert all(math.isfinite(row[k]) for k in ("del_aopc_all", "ins_aopc_all", "comp_all", "suff_all"))
+    # the saved file prints the same table again
+    assert main(["--from", str(out)]) == 0
+    assert capsys.readouterr().out.split("\n\n")[1] == printed.split("\n\n")[1]
