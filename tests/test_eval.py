@@ -18,7 +18,7 @@ from llama_attrib.evaluation.harness import (
     report,
     summarize,
 )
-from llama_attrib.evaluation.methods import feature_groups, integrated_gradients
+from llama_attrib.evaluation.methods import feature_ablation, feature_groups, integrated_gradients
 from llama_attrib.evaluation.prompts import Encoded, Prompt, spread
 
 REPLACEMENT = 0  # the tiny models' pad token
@@ -169,8 +169,34 @@ def test_gradient_methods_are_exact_on_their_own_terms(
     fine = integrated_gradients(model, prefix, target, Setup(replacement=REPLACEMENT, ig_steps=64))
     assert float(fine.sum()) == pytest.approx(full - base, abs=0.05 * abs(full - base) + 0.02)
     # a prefix of 7 > 6 tokens without a sentence end is one feature: ablating it replaces
-    # every token, and every token gets full - all-replaced
-    assert torch.allclose(scores["feature-ablation"][0], torch.full((7,), full - base), atol=1e-4)
+    # every token, and every token gets the drop in log p(target) when all are replaced
+    logprob = logprob_fn(model, target)
+    drop = float(logprob(prefix[None])[0] - logprob(torch.full_like(prefix, REPLACEMENT)[None])[0])
+    assert torch.allclose(scores["feature-ablation"][0], torch.full((7,), drop), atol=1e-4)
+
+
+def test_feature_ablation_is_captums_llm_attribution() -> None:
+    """Token features: the same scores as captum's LLMAttribution(FeatureAblation) on the text."""
+    captum_attr = pytest.importorskip("captum.attr", reason="needs captum (pip install -e .[eval])")
+    from conftest import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model().requires_grad_(False)  # vocabulary of 96 >= the tokenizer's
+    assert len(tokenizer) <= model.config.vocab_size
+    text = "the cat sat on the mat"
+    ids = torch.tensor(tokenizer.encode(text))
+    target = 7
+    setup = Setup(replacement=REPLACEMENT, ablation_tokens=64)
+    ours = feature_ablation(model, ids, target, setup)
+    llm = captum_attr.LLMAttribution(captum_attr.FeatureAblation(model), tokenizer)
+    theirs = llm.attribute(
+        captum_attr.TextTokenInput(text, tokenizer, baselines=REPLACEMENT),
+        target=torch.tensor([target]),
+        forward_in_tokens=False,
+    )
+    assert theirs.token_attr is not None and len(ours) == len(ids) >= 5 and float(ours.abs().max()) > 1e-3
+    assert torch.allclose(ours, theirs.token_attr[0].float(), atol=1e-4)
+    assert torch.allclose(ours, theirs.seq_attr.float(), atol=1e-4)
 
 
 def test_harness_end_to_end() -> None:

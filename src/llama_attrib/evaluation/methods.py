@@ -10,15 +10,20 @@ step ``k`` explains the logit of ``ids[P + k]`` at position ``P - 1 + k`` and sc
 - ``input-x-gradient``: ``sum_h e_ih * d logit / d e_ih`` over the input embeddings ``e``;
 - ``integrated-gradients``: captum ``LayerIntegratedGradients`` on the embedding layer, from
   the replacement token's embedding to the real one, ``setup.ig_steps`` steps;
-- ``feature-ablation``: captum ``FeatureAblation``, each feature replaced by the replacement
-  token; a feature is a token when the prefix has at most ``setup.ablation_tokens`` tokens and
-  a sentence (tokens up to one containing ``.``, ``?``, ``!`` or a newline) otherwise, every
-  token of a feature getting its score;
+- ``feature-ablation``: captum's LLM attribution: ``FeatureAblation`` of the target token's
+  log-probability (``LLMAttribution``'s default target), each feature replaced by the
+  replacement token. A feature is a token when the prefix has at most ``setup.ablation_tokens``
+  tokens, so the scores equal ``LLMAttribution(FeatureAblation(model), tokenizer)`` on a
+  ``TextTokenInput`` (a test checks it), and a sentence (tokens up to one containing ``.``,
+  ``?``, ``!`` or a newline) otherwise, every token of a feature getting its score; unlike
+  ``LLMAttribution`` it also ablates the earlier generated tokens of later steps, and runs
+  ``setup.ablation_batch`` perturbations per forward;
 - ``decomposition``: llama_attrib's exact decomposition of the logit (the components sum to
   it); ``decomposition-no-first``: the same scores with position 0, the attention sink, set
   below every other score (:func:`metrics.drop_first`), so it is ranked last.
 
-The gradient methods, ablation and decomposition all explain the target's logit.
+The gradient methods and the decomposition explain the target's logit; feature ablation its
+log-probability, as captum's ``LLMAttribution`` does.
 """
 
 from __future__ import annotations
@@ -110,6 +115,15 @@ def _logit(model: nn.Module, target: int) -> Callable[..., Tensor]:
     return forward
 
 
+def _logprob(model: nn.Module, target: int) -> Callable[[Tensor], Tensor]:
+    def forward(ids: Tensor) -> Tensor:
+        logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+        logprob: Tensor = torch.log_softmax(logits, -1)[:, target]
+        return logprob
+
+    return forward
+
+
 def input_x_gradient(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
     lm: Any = model
     embeds: Tensor = lm.get_input_embeddings()(prefix[None]).detach().requires_grad_(True)
@@ -146,7 +160,7 @@ def feature_groups(texts: list[str], length: int, max_tokens: int) -> Tensor:
 def feature_ablation(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
     from captum.attr import FeatureAblation
 
-    forward = _logit(model, target)
+    forward = _logprob(model, target)
     mask = feature_groups(setup.token_texts, len(prefix), setup.ablation_tokens)
     with torch.no_grad():
         attributions = FeatureAblation(lambda ids: forward(ids)).attribute(
