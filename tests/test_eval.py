@@ -14,7 +14,6 @@ from llama_attrib.evaluation.harness import (
     RANDOM,
     evaluate_prompt,
     format_table,
-    logprob_fn,
     report,
     summarize,
 )
@@ -58,7 +57,7 @@ def test_curve_end_points_on_a_model() -> None:
     model = tiny_model()
     ids = prompt(12)[0]
     target = 5
-    logprob = logprob_fn(model, target)
+    logprob = metrics.logprob_fn(model, target)
     orders = {"a": torch.arange(12), "b": torch.randperm(12, generator=torch.Generator().manual_seed(0))}
     curves = metrics.curves(logprob, ids, orders, [0.1, 0.25, 0.5], REPLACEMENT)
     full = float(logprob(ids[None])[0])
@@ -170,7 +169,7 @@ def test_gradient_methods_are_exact_on_their_own_terms(
     assert float(fine.sum()) == pytest.approx(full - base, abs=0.05 * abs(full - base) + 0.02)
     # a prefix of 7 > 6 tokens without a sentence end is one feature: ablating it replaces
     # every token, and every token gets the drop in log p(target) when all are replaced
-    logprob = logprob_fn(model, target)
+    logprob = metrics.logprob_fn(model, target)
     drop = float(logprob(prefix[None])[0] - logprob(torch.full_like(prefix, REPLACEMENT)[None])[0])
     assert torch.allclose(scores["feature-ablation"][0], torch.full((7,), drop), atol=1e-4)
 

@@ -168,9 +168,13 @@ class Session:
 
         return forward
 
+    def _keep_from(self, module: nn.Module) -> int:
+        """Target mode: the first position whose output of ``module`` is read (0: all are)."""
+        return self.keep_from if id(module) in self.last_layer else 0
+
     def _last_layer_split(self, module: nn.Module, x: Tensor, rule: Callable[[Tensor], Tensor]) -> Tensor:
         """A position-wise linear-mode rule; in the last layer, with a graph only where it is read."""
-        keep = self.keep_from if id(module) in self.last_layer else 0
+        keep = self._keep_from(module)
         if keep <= 0 or keep >= x.shape[1]:
             return rule(x)
         with torch.no_grad():
@@ -183,8 +187,7 @@ class Session:
                 x = _argument(args, kwargs, "hidden_states", 0)
                 embeddings = _argument(args, kwargs, "position_embeddings", 1)
                 mask = _argument(args, kwargs, "attention_mask", 2)
-                keep = self.keep_from if id(module) in self.last_layer else 0
-                return linear.attention(module, x, embeddings, mask, keep), None
+                return linear.attention(module, x, embeddings, mask, self._keep_from(module)), None
             if not self.active:
                 return original(*args, **kwargs)
             real, comps = split(_argument(args, kwargs, "hidden_states", 0))

@@ -30,17 +30,6 @@ class Config:
     seed: int = 0
 
 
-def logprob_fn(model: nn.Module, target: int) -> metrics.LogProb:
-    """``ids [B, T] -> log p(target)`` at the last position, ``[B]``."""
-
-    def logprob(ids: Tensor) -> Tensor:
-        with torch.no_grad():
-            logits = model(ids, logits_to_keep=1).logits[:, -1].float()
-        return torch.log_softmax(logits, -1)[:, target]
-
-    return logprob
-
-
 def continue_greedy(model: nn.Module, ids: Tensor, steps: int, eos: int | None) -> Tensor:
     """``ids`` followed by ``steps`` greedy tokens of the plain model, ``[P + steps]``."""
     lm: Any = model
@@ -92,7 +81,7 @@ def evaluate_prompt(
         orders = {name: metrics.ranking(s[k]) for name, s in scores.items()}
         orders[RANDOM] = torch.randperm(len(prefix), generator=generator)
         curves = metrics.curves(
-            logprob_fn(model, target), prefix, orders, config.fractions, setup.replacement
+            metrics.logprob_fn(model, target), prefix, orders, config.fractions, setup.replacement
         )
         record["steps"].append(
             {"target": target, "token": decode(target), "curves": {n: vars(c) for n, c in curves.items()}}

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..sequence import decompose_sequence
-from .metrics import drop_first
+from .metrics import drop_first, logprob_fn
 
 Method = Callable[[nn.Module, Tensor, int, "Setup"], list[Tensor]]
 StepMethod = Callable[[nn.Module, Tensor, int, "Setup"], Tensor]
@@ -115,15 +115,6 @@ def _logit(model: nn.Module, target: int) -> Callable[..., Tensor]:
     return forward
 
 
-def _logprob(model: nn.Module, target: int) -> Callable[[Tensor], Tensor]:
-    def forward(ids: Tensor) -> Tensor:
-        logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
-        logprob: Tensor = torch.log_softmax(logits, -1)[:, target]
-        return logprob
-
-    return forward
-
-
 def input_x_gradient(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
     lm: Any = model
     embeds: Tensor = lm.get_input_embeddings()(prefix[None]).detach().requires_grad_(True)
@@ -160,15 +151,13 @@ def feature_groups(texts: list[str], length: int, max_tokens: int) -> Tensor:
 def feature_ablation(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
     from captum.attr import FeatureAblation
 
-    forward = _logprob(model, target)
     mask = feature_groups(setup.token_texts, len(prefix), setup.ablation_tokens)
-    with torch.no_grad():
-        attributions = FeatureAblation(lambda ids: forward(ids)).attribute(
-            prefix[None],
-            baselines=setup.replacement,
-            feature_mask=mask[None],
-            perturbations_per_eval=setup.ablation_batch,
-        )
+    attributions = FeatureAblation(logprob_fn(model, target)).attribute(
+        prefix[None],
+        baselines=setup.replacement,
+        feature_mask=mask[None],
+        perturbations_per_eval=setup.ablation_batch,
+    )
     scores: Tensor = attributions[0].detach().float()
     return scores
 

@@ -27,9 +27,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 LogProb = Callable[[Tensor], Tensor]  # ids [B, T] -> log p(target) [B]
+
+
+def logprob_fn(model: nn.Module, target: int) -> LogProb:
+    """``ids [B, T] -> log p(target)`` at the last position, ``[B]`` (no graph)."""
+
+    def logprob(ids: Tensor) -> Tensor:
+        with torch.no_grad():
+            logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+        out: Tensor = torch.log_softmax(logits, -1)[:, target]
+        return out
+
+    return logprob
 
 
 def ranking(scores: Tensor) -> Tensor:
