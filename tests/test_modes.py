@@ -185,7 +185,9 @@ def test_left_padded_batch_in_target_mode() -> None:
             assert torch.allclose(scores[pad:], s[token].components, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("dtype", "bound"), [(torch.float16, 6e-3), (torch.bfloat16, 3e-2)])
+# bfloat16 measured 3.4e-2 since the probabilities come from the stock attention's own
+# bfloat16 queries and keys (before: a float32 recomputation, 2.6e-2).
+@pytest.mark.parametrize(("dtype", "bound"), [(torch.float16, 6e-3), (torch.bfloat16, 4e-2)])
 def test_half_precision_components(dtype: torch.dtype, bound: float) -> None:
     """component_dtype=half runs the pass in half precision; float32 (default) accumulates."""
     model = llama_attrib.wrap(tiny_model(2, dtype=dtype))

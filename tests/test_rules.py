@@ -25,20 +25,20 @@ def test_chunked_and_unchunked_components_agree(monkeypatch: pytest.MonkeyPatch)
 
 def test_value_cache_grows_without_losing_values() -> None:
     cache = rules.ValueCache()
-    keys, values = [], []
+    values, residuals = [], []
     for step, q in enumerate([5, 1, 12, 1, 30]):
         end = cache.length + q
-        k, v = torch.randn(1, 2, q, 4), torch.randn(end, 1, 2, q, 4)
-        keys.append(k)
+        v, r = torch.randn(end, 1, 2, q, 4), torch.randn(1, 2, q, 4)
         values.append(torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, 0, 0, 49 - end)))
-        all_keys, all_values = cache.append(k, v)
-        assert all_keys.shape == (1, 2, end, 4) and all_values.shape == (end, 1, 2, end, 4), step
-    expected = torch.cat(values, dim=3)[:49]
-    assert torch.equal(all_keys, torch.cat(keys, dim=2))
-    assert torch.equal(all_values, expected)
+        residuals.append(r)
+        all_values, all_residual = cache.append(v, r)
+        assert all_values.shape == (end, 1, 2, end, 4), step
+        assert all_residual is not None and all_residual.shape == (1, 2, end, 4), step
+    assert torch.equal(all_values, torch.cat(values, dim=3)[:49])
+    assert torch.equal(all_residual, torch.cat(residuals, dim=2))
 
 
 def test_value_cache_refuses_mismatched_components() -> None:
     cache = rules.ValueCache()
     with pytest.raises(llama_attrib.DecompositionError, match="components"):
-        cache.append(torch.randn(1, 2, 3, 4), torch.randn(5, 1, 2, 3, 4))
+        cache.append(torch.randn(5, 1, 2, 3, 4))

@@ -127,14 +127,14 @@ def test_refusal_lists_every_problem_and_touches_nothing() -> None:
     model = tiny_model(2)
     model.train()
     model.config._attn_implementation = "flash_attention_2"
-    model.model.layers[1].mlp.up_proj = nn.Linear(32, 64, bias=True)
+    model.model.layers[1].mlp.up_proj = nn.Sequential(nn.Linear(32, 64))
     state = snapshot(model)
     with pytest.raises(llama_attrib.UnsupportedModelError) as info:
         llama_attrib.wrap(model)
     problems = info.value.problems
     assert any("training mode" in p for p in problems)
     assert any("flash_attention_2" in p for p in problems)
-    assert any("layers.1.mlp.up_proj" in p and "bias" in p for p in problems)
+    assert any("layers.1.mlp.up_proj" in p and "not a plain torch.nn.Linear" in p for p in problems)
     assert snapshot(model) == state
     assert not llama_attrib.is_wrapped(model)
 

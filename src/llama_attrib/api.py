@@ -177,14 +177,14 @@ def _attach(session: Session, model: nn.Module, out: Any, head: Any, mask: Any =
     """Put the last position's LogitComposition in ``out["attentions"]``."""
     if head is None:
         raise DecompositionError("the decomposed forward never reached the LM head")
-    real, comps = head
+    real, comps, residual = head
     tol = _GUARD.get(real.dtype, _GUARD_HALF)
-    checked_real, checked = real, comps
+    checked_real, checked = real, comps if residual is None else torch.cat([comps, residual[None]])
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= real.shape[1]:
         # Padding positions attend to nothing real (their outputs are whatever the attention
         # kernel makes of a fully masked row) and feed no other position: not checked.
         valid = mask[:, mask.shape[-1] - real.shape[1] :].bool().to(real.device)
-        checked_real, checked = real[valid], comps[:, valid]
+        checked_real, checked = real[valid], checked[:, valid]
     err = completeness_error(checked_real, checked)
     if not err <= tol:
         session.clear_caches()
@@ -195,16 +195,23 @@ def _attach(session: Session, model: nn.Module, out: Any, head: Any, mask: Any =
     for key in ("hidden_states", "last_hidden_state"):
         if out.get(key) is not None:
             out[key] = strip(out[key])
-    hidden, logits = comps[:, :, -1].detach(), out["logits"][:, -1]
+    stock = session.head_logits if session.head_logits is not None else out["logits"]
+    res = None if residual is None else residual[:, -1].detach()
+    hidden, logits, capped = comps[:, :, -1].detach(), stock[:, -1], out["logits"][:, -1]
     last = _last_real(mask, comps.shape[2])
-    if last is not None and out["logits"].shape[1] == comps.shape[2]:
+    if last is not None and stock.shape[1] == comps.shape[2]:
         # Right padding: each row's composition is at its last real token, not at a pad.
         rows = torch.arange(comps.shape[1], device=comps.device)
-        hidden, logits = comps[:, rows, last.to(comps.device)].detach(), out["logits"][rows, last]
+        at = last.to(comps.device)
+        hidden, logits, capped = comps[:, rows, at].detach(), stock[rows, last], out["logits"][rows, last]
+        res = None if residual is None else residual[rows, at].detach()
     if hidden.shape[1] == 1:
-        hidden, logits = hidden[:, 0], logits[0]
+        hidden, logits, capped = hidden[:, 0], logits[0], capped[0]
+        res = None if res is None else res[0]
     weight = _offload.weight(model.get_submodule("lm_head"))
-    composition = LogitComposition(hidden, weight.detach(), logits)
+    composition = LogitComposition(hidden, weight.detach(), logits, residual=res)
+    if families.final_softcap(model) is not None:
+        composition.capped = capped
     out["attentions"] = composition
     if session.steps is not None:
         session.steps.append(composition)

@@ -24,8 +24,12 @@ class Contributions(pydec.Composition):  # type: ignore[misc]
     """
 
     @staticmethod
-    def of(components: Tensor) -> Contributions:
-        return Contributions(components, components.new_zeros(components.shape[1:]))
+    def of(components: Tensor, residual: Tensor | None = None) -> Contributions:
+        """``residual``: the share of no token (biases), zero by default."""
+        zero = components.new_zeros(components.shape[1:])
+        return Contributions(
+            components, zero if residual is None else residual.to(components).reshape(zero.shape)
+        )
 
     def __repr__(self) -> str:  # type: ignore[override]
         comps = self._component_tensor
@@ -93,16 +97,23 @@ class LazyComposition(pydec.Composition):  # type: ignore[misc]
 
 
 class LogitComposition(LazyComposition):
-    """Logits ``[*batch, vocab]`` as components ``[C, *batch, vocab]`` (residual zero).
+    """Logits ``[*batch, vocab]`` as components ``[C, *batch, vocab]`` plus pydec's
+    ``residual``: the share of no token (every bias's), zero for a bias-free model.
 
     ``hidden``: decomposed final hidden state ``[C, *batch, hidden]``; ``weight``: the LM
     head's ``[vocab, hidden]`` weight (shared, not copied); ``logits``: the real logits the
-    model returned, kept for reference (``recovery`` is the components' sum).
+    LM head gave (before a final soft-cap; ``capped``: after it, for Gemma), kept for
+    reference (``recovery`` is the components' sum plus the residual).
     """
 
-    def __init__(self, hidden: Tensor, weight: Tensor, logits: Tensor) -> None:
+    capped: Tensor | None = None
+
+    def __init__(
+        self, hidden: Tensor, weight: Tensor, logits: Tensor, residual: Tensor | None = None
+    ) -> None:
         self._hidden = hidden
         self._weight = weight
+        self._bias_hidden = residual  # [*batch, hidden] or None
         self.logits = logits
 
     def _materialise(self) -> Tensor:
@@ -132,10 +143,26 @@ class LogitComposition(LazyComposition):
         """The decomposed final hidden state ``[C, *batch, hidden]`` (after the final norm)."""
         return self._hidden
 
+    @property  # type: ignore[override]
+    def _residual_tensor(self) -> Tensor:
+        if self._zeros is None:
+            if self._bias_hidden is None:
+                self._zeros = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            else:
+                self._zeros = torch.matmul(self._bias_hidden, self._w())
+        return self._zeros
+
+    @_residual_tensor.setter
+    def _residual_tensor(self, value: Tensor) -> None:
+        self._zeros = value
+
     @property
     def recovery(self) -> Tensor:
-        """Sum of the components: the logits ``[*batch, vocab]`` they add up to."""
-        return torch.matmul(self._hidden.sum(0), self._w())
+        """Sum of the components and the residual: the logits ``[*batch, vocab]``."""
+        total = self._hidden.sum(0)
+        if self._bias_hidden is not None:
+            total = total + self._bias_hidden
+        return torch.matmul(total, self._w())
 
     def numc(self) -> int:
         return int(self._hidden.shape[0])
@@ -155,7 +182,9 @@ class LogitComposition(LazyComposition):
         if not isinstance(token, int):
             return super().__getitem__(indices)
         hidden = self._hidden[(slice(None), *indices[:-1])]  # [C, *rest, hidden]
-        return Contributions.of(torch.matmul(hidden, self._row(token)))
+        row = self._row(token)
+        residual = None if self._bias_hidden is None else torch.matmul(self._bias_hidden[indices[:-1]], row)
+        return Contributions.of(torch.matmul(hidden, row), residual)
 
     def __repr__(self) -> str:  # type: ignore[override]
         return f"LogitComposition(size={tuple(self.shape)}, components={self.numc()}, dtype={self.dtype})"

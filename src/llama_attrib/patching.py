@@ -49,6 +49,13 @@ def replace_method(
     return Patch(module, name, previous)
 
 
+def replace_value(module: nn.Module, name: str, value: Any) -> Patch:
+    """Set ``module.__dict__[name]`` (a per-instance attribute), recording what was there."""
+    previous = module.__dict__.get(name, _MISSING)
+    module.__dict__[name] = value
+    return Patch(module, name, previous)
+
+
 def restore_all(patches: list[Patch]) -> None:
     """Undo patches in reverse order of installation."""
     for patch in reversed(patches):

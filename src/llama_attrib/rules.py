@@ -12,7 +12,6 @@ components and their sum follows the real computation.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,78 +128,59 @@ def embedding(real: Tensor, offset: int, dtype: torch.dtype, layout: Layout | No
     return comps
 
 
-@torch.no_grad()
-def rms_norm(module: nn.Module, real: Tensor, comps: Tensor) -> Tensor:
-    """``weight * x / rms(x)``: the scale ``1/rms`` comes from the real ``x``."""
-    eps = float(module.variance_epsilon)  # type: ignore[arg-type]
-    variance = real.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    weight = _offload.weight(module).to(comps.device)
-    factor = torch.rsqrt(variance + eps).to(comps.dtype) * weight.to(comps.dtype)  # [B, q, hidden]
-    return comps * factor
-
-
-@torch.no_grad()
-def mlp(module: nn.Module, real: Tensor, comps: Tensor, offset: int, layout: Layout | None = None) -> Tensor:
-    """``down(act(gate(x)) * up(x))``: the gate ``act(gate(x))`` comes from the real ``x``."""
-    gate = module.act_fn(module.gate_proj(real)).to(comps.dtype)  # type: ignore[operator]
-
-    def rule(part: Tensor, t0: int) -> Tensor:
-        return _linear(_linear(part, module.up_proj) * gate[:, t0:], module.down_proj)  # type: ignore[arg-type]
-
-    return _positionwise(rule, comps, offset, 2 * gate.shape[-1], layout)
-
-
 class ValueCache:
-    """One layer's cache for decomposition: rotated keys and decomposed values.
+    """One layer's decomposed values, ``[C_cap, batch, kv_heads, S_cap, head_dim]``.
 
-    Buffers grow by doubling and are written in place, so a generation step costs what its
-    own maths costs; nothing is re-padded or copied per step. Values are stored
-    component-major, ``[C_cap, batch, kv_heads, S_cap, head_dim]`` (``C == S``: one component
-    per position), so the first ``C`` components over the first ``S`` positions are a view.
+    The keys live in the stock cache (the attention function receives all of them); this
+    holds what the stock cache cannot: each component's values, and the bias share's
+    (``residual``). Buffers grow in place, so a generation step costs what its own maths
+    costs. Component-major with ``C == S``, so the first ``C`` components are a view.
     """
 
     def __init__(self, expected_length: int = 0) -> None:
         self.length = 0
         self.expected_length = expected_length
-        self._keys: Tensor | None = None
         self._values: Tensor | None = None
+        self._residual: Tensor | None = None
 
-    def append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Add ``keys [B, kv, q, hd]`` and ``values [C, B, kv, q, hd]``; return all of both."""
-        q = keys.shape[2]
+    def append(self, values: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Add ``values [C, B, kv, q, hd]`` (and ``residual [B, kv, q, hd]``); return all of both."""
+        q = values.shape[3]
         end = self.length + q
         if values.shape[0] != end:
             raise DecompositionError(
                 f"decomposed cache holds {self.length} positions but the new values have "
                 f"{values.shape[0]} components for {q} new positions"
             )
-        self._reserve(end, keys, values)
-        assert self._keys is not None and self._values is not None
-        self._keys[:, :, self.length : end] = keys
+        self._reserve(end, values)
+        assert self._values is not None
         self._values[:end, :, :, self.length : end] = values
+        if residual is not None:
+            if self._residual is None:
+                b, kv, _, hd = residual.shape
+                self._residual = residual.new_zeros((b, kv, self._values.shape[3], hd))
+            self._residual[:, :, self.length : end] = residual
         self.length = end
-        return self._keys[:, :, :end], self._values[:end, :, :, :end]
+        kept = None if self._residual is None else self._residual[:, :, :end]
+        return self._values[:end, :, :, :end], kept
 
-    def _reserve(self, needed: int, keys: Tensor, values: Tensor) -> None:
-        capacity = 0 if self._keys is None else self._keys.shape[2]
+    def _reserve(self, needed: int, values: Tensor) -> None:
+        capacity = 0 if self._values is None else self._values.shape[0]
         if needed <= capacity:
             return
         # First to the expected length (a generate call knows it), then by a quarter: the
         # buffer is quadratic in length, so doubling would waste up to 3/4 of it.
         capacity = max(needed, self.expected_length, capacity + capacity // 4, 16)
-        b, kv, _, hd = keys.shape
-        new_keys = keys.new_empty((b, kv, capacity, hd))
+        _, b, kv, _, hd = values.shape
         new_values = values.new_zeros((capacity, b, kv, capacity, hd))
-        if self._keys is not None and self._values is not None:
+        if self._values is not None:
             n = self.length
-            new_keys[:, :, :n] = self._keys[:, :, :n]
             new_values[:n, :, :, :n] = self._values[:n, :, :, :n]
-        self._keys, self._values = new_keys, new_values
-
-
-def _rope(module: nn.Module) -> Callable[..., tuple[Tensor, Tensor]]:
-    """The model's own ``apply_rotary_pos_emb`` (from the module that defines the class)."""
-    return sys.modules[type(module).__module__].apply_rotary_pos_emb  # type: ignore[no-any-return]
+        if self._residual is not None:
+            grown = self._residual.new_zeros((b, kv, capacity, hd))
+            grown[:, :, : self.length] = self._residual[:, :, : self.length]
+            self._residual = grown
+        self._values = new_values
 
 
 def _additive_mask(mask: Tensor | None, batch: int, q: int, past: int, device: torch.device) -> Tensor:
@@ -220,68 +200,280 @@ def _additive_mask(mask: Tensor | None, batch: int, q: int, past: int, device: t
     return mask.to(torch.float32).clamp(min=neg)
 
 
-def attention_probs(
+# -- the rules: one per module kind, for both modes ---------------------------------------
+#
+# A rule has two halves. Its *frozen factors* are computed from the real input (norm scales,
+# attention probabilities, the MLP's gate). Its *linear part* applies to whatever carries the
+# decomposition: forward mode's components ``[C, batch, q, hidden]`` (chunk by chunk, see
+# :func:`_causal_chunks`) or target mode's one differentiable tensor ``[batch, q, hidden]``
+# (which equals the real input and requires grad). Same code, any leading dimensions.
+# Biases are never applied to a token: they go to the bias share (``residual``).
+
+
+@dataclass(frozen=True)
+class Proj:
+    """A linear map of a module, as a family names it: the ``nn.Linear`` at ``attr``, or
+    some of its output rows (``rows(owner)``: a fused projection such as Phi-3's qkv)."""
+
+    attr: str
+    rows: Callable[[nn.Module], slice] | None = None
+
+    def of(self, owner: nn.Module) -> nn.Module:
+        return owner.get_submodule(self.attr)
+
+    def weight(self, owner: nn.Module) -> Tensor:
+        w = _offload.weight(self.of(owner))
+        return w if self.rows is None else w[self.rows(owner)]
+
+    def bias(self, owner: nn.Module) -> Tensor | None:
+        b = getattr(self.of(owner), "bias", None)
+        if not isinstance(b, Tensor):
+            return None
+        b = b.detach()
+        return b if self.rows is None else b[self.rows(owner)]
+
+    def linear(self, owner: nn.Module, x: Tensor) -> Tensor:
+        """The bias-free map, in ``x``'s precision and on its device."""
+        return F.linear(x, self.weight(owner).to(device=x.device, dtype=x.dtype))
+
+    def affine(self, owner: nn.Module, x: Tensor) -> Tensor:
+        """The map with its bias, as the stock module computes it (frozen factors)."""
+        b = self.bias(owner)
+        return F.linear(x, self.weight(owner).to(x), None if b is None else b.to(x))
+
+
+def _eps(module: nn.Module) -> float:
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, float | int):
+            return float(value)
+    raise DecompositionError(f"{type(module).__name__} has no epsilon (variance_epsilon or eps)")
+
+
+@torch.no_grad()
+def norm_factor(module: nn.Module, real: Tensor, dtype: torch.dtype, offset: float = 0.0) -> Tensor:
+    """RMSNorm as ``x * factor``: ``factor = (offset + weight) / rms(real)``, ``[B, q, hidden]``.
+    ``offset`` is 1 for the norms that scale by ``1 + weight`` (Gemma)."""
+    variance = real.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    weight = _offload.weight(module).to(device=real.device, dtype=torch.float32) + offset
+    return (torch.rsqrt(variance + _eps(module)) * weight).to(dtype)
+
+
+def scale(x: Tensor, factor: Tensor, t0: int = 0) -> Tensor:
+    """A position-wise frozen factor applied to positions ``t0:`` of ``x`` (any leading dims)."""
+    return x * factor[:, t0:]
+
+
+@dataclass(frozen=True)
+class GatedMLP:
+    """``down(act(gate(x)) * up(x))`` with the gate ``act(gate(x))`` frozen."""
+
+    gate: Proj
+    up: Proj
+    down: Proj
+    act: str = "act_fn"
+
+    @torch.no_grad()
+    def factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> Tensor:
+        act: Callable[[Tensor], Tensor] = getattr(module, self.act)
+        return act(self.gate.affine(module, real)).to(dtype)
+
+    def apply(self, module: nn.Module, gate: Tensor, x: Tensor, t0: int = 0) -> Tensor:
+        return self.down.linear(module, scale(self.up.linear(module, x), gate, t0))
+
+    def bias(self, module: nn.Module, gate: Tensor) -> Tensor | None:
+        """The output's bias share ``down(gate * b_up) + b_down`` (None without biases)."""
+        b_up, b_down = self.up.bias(module), self.down.bias(module)
+        if b_up is None and b_down is None:
+            return None
+        out = gate.new_zeros((*gate.shape[:-1], self.down.weight(module).shape[0]))
+        if b_up is not None:
+            out = out + self.down.linear(module, gate * b_up.to(gate))
+        return out if b_down is None else out + b_down.to(out)
+
+    def width(self, module: nn.Module) -> int:
+        return 2 * int(self.up.weight(module).shape[0])
+
+
+Expert = tuple[Tensor, Tensor, Tensor]  # one expert's gate, up and down weights
+
+
+@dataclass(frozen=True)
+class SparseMoE:
+    """``sum_e w_e * down_e(act(gate_e(x)) * up_e(x))`` over the experts the router chose.
+
+    The routing weights ``w_e`` (zero for an expert not chosen at a position) and each
+    expert's gate are frozen factors; ``route(block, real [N, d])`` returns the stock
+    router's ``(weights [N, k], experts [N, k])`` and ``experts(block)`` each expert's weights.
+    """
+
+    route: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]
+    experts: Callable[[nn.Module], list[Expert]]
+    act: Callable[[nn.Module], Callable[[Tensor], Tensor]]
+    returns_router_logits: Callable[[nn.Module], bool] = lambda module: False
+
+    @torch.no_grad()
+    def factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> dict[int, Tensor]:
+        """Per expert used anywhere: ``w_e * act(gate_e(real))``, ``[B, q, intermediate]``."""
+        batch, q, d = real.shape
+        weights, chosen = self.route(module, real.reshape(-1, d))
+        act = self.act(module)
+        out = {}
+        for e, (gate, _, _) in enumerate(self.experts(module)):
+            w = (weights * (chosen == e)).sum(-1).view(batch, q, 1)
+            if bool((w != 0).any()):
+                out[e] = (act(F.linear(real, gate.to(real))) * w.to(real)).to(dtype)
+        return out
+
+    def apply(self, module: nn.Module, gates: dict[int, Tensor], x: Tensor, t0: int = 0) -> Tensor:
+        experts = self.experts(module)
+        total: Tensor | None = None
+        for e, gate in gates.items():
+            _, up, down = experts[e]
+            part = F.linear(scale(F.linear(x, up.to(x)), gate, t0), down.to(x))
+            total = part if total is None else total + part
+        return x * 0 if total is None else total
+
+    def bias(self, module: nn.Module, gates: dict[int, Tensor]) -> Tensor | None:
+        return None
+
+    def width(self, module: nn.Module) -> int:
+        return 2 * int(self.experts(module)[0][1].shape[0])
+
+
+@dataclass(frozen=True)
+class Attention:
+    """``out(probs @ value(x))``: probabilities frozen (from the stock attention function,
+    after the family's rope, q/k norms, scaling, mask, sliding window and soft-cap)."""
+
+    value: Proj = Proj("v_proj")
+    out: Proj = Proj("o_proj")
+
+
+def probabilities(
     module: nn.Module,
-    real: Tensor,
-    position_embeddings: tuple[Tensor, Tensor],
+    query: Tensor,
+    key: Tensor,
     mask: Tensor | None,
-    cache: ValueCache | None,
-    comps: Tensor,
-    offset: int,
-    layout: Layout | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Attention probabilities from the real ``x`` (``[B, kv, g, q, S]``) and the decomposed
-    values ``[C, B, kv, S, hd]`` of every position so far."""
-    batch, q, _ = real.shape
-    hd = int(module.head_dim)  # type: ignore[arg-type]
-    groups = int(module.num_key_value_groups)  # type: ignore[arg-type]
-    queries = module.q_proj(real).view(batch, q, -1, hd).transpose(1, 2)  # type: ignore[operator]
-    keys = module.k_proj(real).view(batch, q, -1, hd).transpose(1, 2)  # type: ignore[operator]
-    cos, sin = position_embeddings
-    queries, keys = _rope(module)(queries, keys, cos, sin)
-    kv = keys.shape[1]
-    values = _positionwise(lambda part, _: _linear(part, module.v_proj), comps, offset, kv * hd, layout)  # type: ignore[arg-type]
-    values = values.view(comps.shape[0], batch, q, kv, hd).transpose(2, 3)
-    if cache is not None:
-        keys, values = cache.append(keys, values)
-    queries = queries.to(torch.float32).reshape(batch, kv, groups * q, hd)
-    scores = queries @ keys.to(torch.float32).transpose(-1, -2) * float(module.scaling)  # type: ignore[arg-type]
-    scores = scores.view(batch, kv * groups, q, -1) + _additive_mask(mask, batch, q, offset, real.device)
-    probs = torch.softmax(scores, dim=-1).view(batch, kv, groups, q, -1)
-    return probs.to(comps.dtype), values
+    scaling: float | None,
+    softcap: float | None,
+) -> Tensor:
+    """``[B, kv, groups, q, S]`` float32 attention probabilities from the stock function's
+    inputs: ``query [B, heads, q, d]`` and ``key [B, kv, S, d]`` (rope and norms applied)."""
+    batch, heads, q, d = query.shape
+    kv, s = key.shape[1], key.shape[2]
+    if scaling is None:
+        scaling = float(module.head_dim) ** -0.5  # type: ignore[arg-type]
+    scores = query.to(torch.float32).reshape(batch, kv, heads // kv * q, d) @ key.to(torch.float32).transpose(
+        -1, -2
+    )
+    scores = scores * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(batch, heads, q, s) + _additive_mask(mask, batch, q, s - q, query.device)
+    return torch.softmax(scores, dim=-1).view(batch, kv, heads // kv, q, s)
+
+
+def mix(probs: Tensor, values: Tensor) -> Tensor:
+    """``probs [B, kv, g, rows, S]`` times ``values [..., B, kv, S, hd]`` -> ``[..., B, rows, heads*hd]``."""
+    b, kv, g, rows, s = probs.shape
+    out = torch.matmul(probs.reshape(b, kv, g * rows, s), values)  # [..., B, kv, g*rows, hd]
+    lead, hd = out.shape[:-4], out.shape[-1]
+    out = out.view(*lead, b, kv, g, rows, hd).movedim(-2, -4)  # [..., B, rows, kv, g, hd]
+    return out.reshape(*lead, b, rows, kv * g * hd)
+
+
+def _value_heads(values: Tensor, hd: int) -> Tensor:
+    """``[..., B, q, kv*hd]`` -> ``[..., B, kv, q, hd]``."""
+    return values.view(*values.shape[:-1], -1, hd).transpose(-2, -3)
 
 
 @torch.no_grad()
 def attention(
+    rule: Attention,
     module: nn.Module,
-    real: Tensor,
+    probs: Tensor,
     comps: Tensor,
-    position_embeddings: tuple[Tensor, Tensor],
-    mask: Tensor | None,
+    residual: Tensor | None,
     cache: ValueCache | None,
     offset: int,
     layout: Layout | None = None,
-) -> Tensor:
-    """``o(softmax(q k^T) v)``: probabilities from the real ``x``, values per component."""
-    batch, q, _ = real.shape
-    probs, values = attention_probs(module, real, position_embeddings, mask, cache, comps, offset, layout)
-    c, _, kv, s, hd = values.shape
-    groups = probs.shape[2]
+) -> tuple[Tensor, Tensor | None]:
+    """Forward mode: the components (and bias share) of the attention's output."""
+    c, batch, q, _ = comps.shape
+    kv, groups = probs.shape[1], probs.shape[2]
+    hd = int(module.head_dim)  # type: ignore[arg-type]
     heads = kv * groups * hd
+    probs = probs.to(comps.dtype)
+    values = _positionwise(lambda part, _: rule.value.linear(module, part), comps, offset, kv * hd, layout)
+    values = _value_heads(values, hd)  # [C, B, kv, q, hd]
+    b_v = rule.value.bias(module)
+    res_values = None
+    if residual is not None or b_v is not None:
+        res = (
+            comps.new_zeros((batch, q, kv * hd)) if residual is None else rule.value.linear(module, residual)
+        )
+        res_values = _value_heads(res if b_v is None else res + b_v.to(res), hd)
+    if cache is not None:
+        values, res_values = cache.append(values, res_values)
+    s = values.shape[3]
+    if probs.shape[-1] < s:
+        # A sliding-window cache hands the attention only the most recent keys: the older
+        # positions get probability zero (they are outside every query's window).
+        probs = F.pad(probs, (s - probs.shape[-1], 0))
+    res_out = None
+    if res_values is not None:
+        res_out = rule.out.linear(module, mix(probs, res_values))
+    b_o = rule.out.bias(module)
+    if b_o is not None:
+        res_out = b_o.to(comps) + (0 if res_out is None else res_out)
 
     if groups * q <= hd:
         # Few queries (generation steps): batch over components, reading the cache as a view.
-        out = torch.matmul(probs.reshape(1, batch, kv, groups * q, s), values)  # [C, B, kv, g*q, hd]
-        out = out.view(c, batch, kv, groups, q, hd).permute(0, 1, 4, 2, 3, 5).reshape(c, batch, q, heads)
-        return _linear(out, module.o_proj)  # type: ignore[arg-type]
+        return rule.out.linear(module, mix(probs, values)), res_out
 
-    def mix(c0: int, c1: int, t0: int) -> Tensor:
+    def part(c0: int, c1: int, t0: int) -> Tensor:
         # Many queries (a prompt): components go into the matrix columns, one big matmul.
         # Components c0:c1 have no value before key k0 and no output before query t0.
         n, rows, k0 = c1 - c0, q - t0, _first(layout, c0, c1)
         p = probs[:, :, :, t0:, k0:].reshape(batch, kv, groups * rows, s - k0)
         cols = values[c0:c1, :, :, k0:].permute(1, 2, 3, 0, 4).reshape(batch, kv, s - k0, n * hd)
         out = torch.matmul(p, cols).view(batch, kv, groups, rows, n, hd).permute(4, 0, 3, 1, 2, 5)
-        return _linear(out.reshape(n, batch, rows, heads), module.o_proj)  # type: ignore[arg-type]
+        return rule.out.linear(module, out.reshape(n, batch, rows, heads))
 
-    return _causal_chunks(mix, c, batch, q, offset, 2 * heads, layout)
+    return _causal_chunks(part, c, batch, q, offset, 2 * heads, layout), res_out
+
+
+def attention_graph(
+    rule: Attention,
+    module: nn.Module,
+    probs: Tensor,
+    x: Tensor,
+    bias: Callable[[Tensor], Tensor],
+    keep_from: int = 0,
+) -> Tensor:
+    """Target mode: the same map on the differentiable input ``x [B, q, hidden]``.
+
+    ``bias(b)`` turns a bias into a tensor the pass can differentiate against (its share).
+    Outputs at query positions before ``keep_from`` are computed without a graph (in the
+    last layer they reach no explained logit): the backward then skips them.
+    """
+    hd = int(module.head_dim)  # type: ignore[arg-type]
+    probs = probs.to(x.dtype)
+    values = rule.value.linear(module, x)
+    b_v = rule.value.bias(module)
+    if b_v is not None:
+        values = values + bias(b_v.to(x).expand_as(values))
+    values = _value_heads(values, hd)
+
+    def out(p: Tensor, v: Tensor) -> Tensor:
+        o = rule.out.linear(module, mix(p, v))
+        b_o = rule.out.bias(module)
+        return o if b_o is None else o + bias(b_o.to(o).expand_as(o))
+
+    q = x.shape[1]
+    if not 0 < keep_from < q:
+        return out(probs, values)
+    with torch.no_grad():
+        before = out(probs[:, :, :, :keep_from], values.detach())
+    return torch.cat([before, out(probs[:, :, :, keep_from:], values)], dim=1)

@@ -214,6 +214,7 @@ class TargetRun:
         self.budget = budget
         self.lean = lean
         self.progress = progress
+        self.model_dtype = next(model.parameters()).dtype
         batch, length = inputs.ids.shape
         shape = memory.Shape.of(model)
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -227,6 +228,7 @@ class TargetRun:
                 "max_memory"
             )
         self.logits: Tensor | None = None
+        self.reference: Tensor | None = None  # the stock logits, once computed
         self.weight: Tensor = _offload.weight(model.get_submodule("lm_head"))
 
     @property
@@ -237,28 +239,48 @@ class TargetRun:
         return self.weight[token].detach().to(self.dtype)
 
     @contextmanager
-    def graph(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """Run the frozen-factor pass; yields (embeddings [B, T, d], final hidden [B, K, d])."""
+    def graph(self) -> Iterator[tuple[Tensor, list[Tensor], Tensor]]:
+        """Run the frozen-factor pass; yields (embeddings [B, T, d], the biases' leaves,
+        final hidden [B, K, d])."""
         from .api import decompose
 
         with torch.inference_mode(False), torch.enable_grad(), decompose(self.model):
             session: Session = self.model.__dict__["_llama_attrib_session"]
             session.linear_dtype = self.dtype
             session.keep_from = self.inputs.first
+            session.bias_leaves = []
             try:
-                out = self.inputs.call(self.model)
-                embeds, head = session.embeds, session.head
+                self.inputs.call(self.model)
+                embeds, head, leaves = session.embeds, session.head, session.bias_leaves
+                head_logits = session.head_logits
             finally:
                 session.linear_dtype, session.embeds, session.head = None, None, None
-                session.keep_from = 0
-            if embeds is None or head is None:
+                session.keep_from, session.bias_leaves, session.head_logits = 0, [], None
+            if embeds is None or head is None or head_logits is None:
                 raise DecompositionError("the target-mode pass never reached the embeddings or the LM head")
             if self.logits is None:
-                self.logits = self.inputs.select(out["logits"]).detach().to(self.dtype)
-            yield embeds, self.inputs.select(head[0])
+                self.logits = self.inputs.select(head_logits).detach().to(self.dtype)
+            yield embeds, leaves, self.inputs.select(head[0])
+
+    def stock_logits(self) -> Tensor:
+        """The stock model's own logits at the explained positions (a plain forward; before a
+        final soft-cap), which the components and residual are checked against."""
+        if self.reference is None:
+            session: Session = self.model.__dict__["_llama_attrib_session"]
+            session.capture_logits, session.head_logits = True, None
+            try:
+                with torch.no_grad():
+                    self.inputs.call(self.model)
+                logits = session.head_logits
+            finally:
+                session.capture_logits, session.head_logits = False, None
+            assert logits is not None
+            self.reference = self.inputs.select(logits).detach().float()
+        return self.reference
 
     def solve(self, requests: list[tuple[int, Any]]) -> Tensor:
-        """Contributions ``[N, B, C]`` for each ``(step, target key)`` request.
+        """Contributions ``[N, B, C + 1]`` for each ``(step, target key)`` request: one per
+        component, then the bias share (pydec's residual: what belongs to no token).
 
         Keys: ``("token", ids per row)``, ``("contrast", a per row, b per row)``,
         ``("vector", [B, hidden])`` or ``None`` (each row's argmax token at that step).
@@ -272,7 +294,7 @@ class TargetRun:
         chunks = math.ceil(n / per_chunk)
         per_chunk = math.ceil(n / chunks)  # even chunks
         results: list[Tensor] = []
-        with self.graph() as (embeds, head):
+        with self.graph() as (embeds, leaves, head):
             values = embeds.detach()
             steps = head.shape[1]
             bar = _progress(self.progress, chunks, "backward", work=n * embeds.shape[1] * embeds.shape[0])
@@ -283,13 +305,22 @@ class TargetRun:
                     if not 0 <= step < steps:
                         raise IndexError(f"step {step} out of range ({steps} steps)")
                     cot[i, :, step] = self._cotangent(self.resolve(step, key)).to(cot.dtype)
-                (grads,) = torch.autograd.grad(
-                    head, embeds, grad_outputs=cot, retain_graph=True, is_grads_batched=True
+                grads = torch.autograd.grad(
+                    head,
+                    [embeds, *leaves],
+                    grad_outputs=cot,
+                    retain_graph=True,
+                    is_grads_batched=True,
+                    allow_unused=True,
                 )
-                contributions = (grads * values).sum(-1)  # [n, B, T]
+                contributions = (grads[0] * values).sum(-1)  # [n, B, T]
                 if self.members is not None:
                     contributions = contributions @ self.members.to(contributions).T
-                results.append(contributions.detach())
+                residual = contributions.new_zeros(contributions.shape[:2])
+                for g, leaf in zip(grads[1:], leaves, strict=True):
+                    if g is not None:
+                        residual += (g * leaf.detach()).flatten(2).sum(-1)
+                results.append(torch.cat([contributions, residual[..., None]], -1).detach())
                 bar.update(1)
             bar.close()
         return torch.cat(results)
@@ -401,17 +432,17 @@ class TargetComposition(LazyComposition):
             d = int(self._run.weight.shape[1])
             eye = torch.eye(d, dtype=self.dtype)
             requests = [(self._step, ("vector", eye[j].expand(self._run.batch, d))) for j in range(d)]
-            solved = self._run.solve(requests)[..., : self.numc()]  # [d, B, C]
+            solved = self._run.solve(requests)[..., : self.numc()]  # [d, B, C] (bias share left out)
             hidden = solved.permute(2, 1, 0)
             self._hidden = hidden[:, 0] if self._squeeze else hidden
         return self._hidden
 
     def _remember(self, key: Any, contributions: Tensor) -> None:
-        """Store ``contributions [B, C_all]`` of a per-row key."""
+        """Store ``contributions [B, C_all + 1]`` (the bias share last) of a per-row key."""
         kind = key[0]
         for row in range(self._run.batch):
             what = key[1][row] if kind == "token" else (key[1][row], key[2][row])
-            self._known[(row, what)] = contributions[row, : self.numc()]
+            self._known[(row, what)] = _keep(contributions[row], self.numc())
 
     def _lookup(self, key: Any, row: int = 0) -> pydec.Composition:
         kind = key[0]
@@ -419,7 +450,7 @@ class TargetComposition(LazyComposition):
         return self._composition(self._known[(row, what)])
 
     def _composition(self, components: Tensor) -> pydec.Composition:
-        return Contributions.of(components)
+        return Contributions.of(components[:-1], components[-1])
 
     def _get(self, row: int, what: Any) -> Tensor:
         found = self._known.get((row, what))
@@ -431,7 +462,7 @@ class TargetComposition(LazyComposition):
                 vector = self._run.head_row(what)
             cot = vector.new_zeros((batch, vector.shape[0]))
             cot[row] = vector
-            found = self._run.solve([(self._step, ("vector", cot))])[0, row, : self.numc()]
+            found = _keep(self._run.solve([(self._step, ("vector", cot))])[0, row], self.numc())
             self._known[(row, what)] = found
         return found
 
@@ -447,21 +478,29 @@ class TargetComposition(LazyComposition):
         return self._composition(self._get(row, (int(a), int(b))))
 
     def check(self) -> None:
-        """The target's components add up to its logit (else :class:`DecompositionError`)."""
+        """The target's components and bias share add up to the stock model's own logit (a
+        plain forward, not the decomposition's pass), else :class:`DecompositionError`."""
+        logits = self._run.stock_logits()[:, self._step]
         tol = _TOLERANCE.get(self.dtype, _TOLERANCE_HALF)
-        assert self._run.logits is not None
-        logits = self._run.logits[:, self._step]
+        if self._run.model_dtype in (torch.float16, torch.bfloat16):
+            tol = _TOLERANCE_HALF
         for (row, what), comps in self._known.items():
             value = (
                 logits[row, what[0]] - logits[row, what[1]] if isinstance(what, tuple) else logits[row, what]
             )
+            if not bool(torch.isfinite(logits[row]).all()):
+                raise DecompositionError(
+                    f"step {self._step}: the model's own logits are not finite (NaN or inf): the model "
+                    "itself overflows on this input (try float32 or bfloat16 instead of float16)"
+                )
             scale = float(logits[row].abs().max().clamp(min=1e-30))
-            err = abs(float(comps.sum()) - float(value)) / scale
+            total = float(comps.sum())
+            err = abs(total - float(value)) / scale
             if not err <= tol:
                 raise DecompositionError(
-                    f"step {self._step}: contributions add up to {float(comps.sum()):.6g}, the logit is "
-                    f"{float(value):.6g} (relative error {err:.2e} > {tol:.0e}); an operation outside "
-                    "llama_attrib's rules changed the hidden state"
+                    f"step {self._step}: contributions and bias share add up to {total:.6g}, the model's "
+                    f"logit is {float(value):.6g} (relative error {err:.2e} > {tol:.0e}); an operation "
+                    "outside llama_attrib's rules changed the hidden state"
                 )
 
     def __repr__(self) -> str:  # type: ignore[override]
@@ -469,6 +508,11 @@ class TargetComposition(LazyComposition):
             f"TargetComposition(size={tuple(self.shape)}, components={self.numc()}, "
             f"dtype={self.dtype}, step={self._step})"
         )
+
+
+def _keep(contributions: Tensor, count: int) -> Tensor:
+    """The first ``count`` components and the bias share (the last column)."""
+    return torch.cat([contributions[:count], contributions[-1:]])
 
 
 def _parse_index(indices: Any, squeeze: bool) -> tuple[int, int] | None:
@@ -519,6 +563,7 @@ def _forward_mode(
     hidden: Tensor | None = None
     real: Tensor | None = None
     logits: Tensor | None = None
+    residual: Tensor | None = None
     saved = session.dtype, session.layout
     bar = _progress(progress, chunks, "components", work=total * length * batch)
     try:
@@ -530,16 +575,20 @@ def _forward_mode(
             session.begin(0)
             failed = True
             try:
-                out = inputs.call(model)
+                inputs.call(model)
                 failed = False
             finally:
                 head = session.end(failed)
             if head is None:
                 raise DecompositionError("the decomposed forward never reached the LM head")
-            part_real, part = head
+            part_real, part, part_residual = head
             if hidden is None:
                 hidden = part.new_zeros((total, batch, steps, part.shape[-1]))
-                real, logits = inputs.select(part_real), inputs.select(out["logits"]).detach()
+                real = inputs.select(part_real)
+                assert session.head_logits is not None
+                logits = inputs.select(session.head_logits).detach()
+                if part_residual is not None:
+                    residual = inputs.select(part_residual)
             hidden[c0:c1] = inputs.select(part, dim=1)
             bar.update(1)
     finally:
@@ -547,7 +596,7 @@ def _forward_mode(
         bar.close()
     assert hidden is not None and real is not None and logits is not None
     tol = _TOLERANCE.get(real.dtype, _TOLERANCE_HALF)
-    err = completeness_error(real, hidden)
+    err = completeness_error(real, hidden if residual is None else torch.cat([hidden, residual[None]]))
     if not err <= tol:
         raise DecompositionError(
             f"components do not add up to the final hidden state (relative error {err:.2e} > {tol:.0e})"
@@ -557,9 +606,11 @@ def _forward_mode(
     for k, position in enumerate(inputs.positions):
         count = total if members is not None else position + 1
         h, lg = hidden[:count, :, k], logits[:, k]
+        res = None if residual is None else residual[:, k]
         if batch == 1:
             h, lg = h[:, 0], lg[0]
-        c = LogitComposition(h, weight.detach(), lg)
+            res = None if res is None else res[0]
+        c = LogitComposition(h, weight.detach(), lg, residual=res)
         c.names = names
         out_steps.append(c)
     return tuple(out_steps)

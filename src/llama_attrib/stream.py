@@ -45,10 +45,11 @@ class DecomposedTensor(Tensor):
 
     components: Tensor
     base: Tensor
+    residual: Tensor | None  # the share of no token (biases), or None while there is none
 
     @staticmethod
-    def wrap(real: Tensor, components: Tensor) -> DecomposedTensor:
-        """Pair a plain tensor with its components; checks that the shapes agree."""
+    def wrap(real: Tensor, components: Tensor, residual: Tensor | None = None) -> DecomposedTensor:
+        """Pair a plain tensor with its components (and bias share); checks the shapes."""
         if tuple(components.shape[1:]) != tuple(real.shape):
             raise DecompositionError(
                 f"components of shape {tuple(components.shape)} do not match the hidden "
@@ -58,6 +59,7 @@ class DecomposedTensor(Tensor):
             out = real.as_subclass(DecomposedTensor)
         out.base = real
         out.components = components
+        out.residual = residual
         return out
 
     @classmethod
@@ -117,9 +119,32 @@ def _add(a: Any, b: Any, **kwargs: Any) -> DecomposedTensor:
     if not (isinstance(a, DecomposedTensor) and isinstance(b, DecomposedTensor)):
         raise DecompositionError(
             "a plain tensor was added to the decomposed hidden state (a bias or an external "
-            "input); it belongs to no input token, so the decomposition would not be exact"
+            "input) outside llama_attrib's rules: this model's code path is not supported"
         )
-    return DecomposedTensor.wrap(a.base + b.base, a.components + b.components)
+    residual = (
+        a.residual if b.residual is None else b.residual if a.residual is None else a.residual + b.residual
+    )
+    return DecomposedTensor.wrap(a.base + b.base, a.components + b.components, residual)
+
+
+@_handles(torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.mul, torch.Tensor.mul)
+def _mul(a: Any, b: Any, **kwargs: Any) -> DecomposedTensor:
+    """Scaling by a constant (Gemma's embedding scale): linear, so every component scales."""
+    stream, other = (a, b) if isinstance(a, DecomposedTensor) else (b, a)
+    if kwargs or isinstance(other, DecomposedTensor):
+        raise DecompositionError("the decomposed hidden state was multiplied by itself: not linear")
+    other = other.to(stream.components) if isinstance(other, Tensor) else other
+    residual = None if stream.residual is None else stream.residual * other
+    real = stream.base * (other.to(stream.base) if isinstance(other, Tensor) else other)
+    return DecomposedTensor.wrap(real, stream.components * other, residual)
+
+
+@_handles(torch.nn.functional.dropout)
+def _dropout(t: DecomposedTensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Any:
+    """Dropout in evaluation (Phi-3's residual dropouts): the identity."""
+    if training and p > 0:
+        raise DecompositionError("dropout is active (training mode): call model.eval() first")
+    return t
 
 
 @_handles(torch.Tensor.__getitem__)
@@ -127,29 +152,31 @@ def _getitem(t: DecomposedTensor, index: Any) -> DecomposedTensor:
     """Slicing (e.g. ``hidden[:, -1:, :]`` before the LM head) slices every component."""
     index = tree_map(_plain, index)
     comp_index = (slice(None), *index) if isinstance(index, tuple) else (slice(None), index)
-    return DecomposedTensor.wrap(t.base[index], t.components[comp_index])
+    residual = None if t.residual is None else t.residual[index]
+    return DecomposedTensor.wrap(t.base[index], t.components[comp_index], residual)
 
 
 @_handles(torch.Tensor.to)
 def _to(t: DecomposedTensor, *args: Any, **kwargs: Any) -> DecomposedTensor:
     """Moves follow the real tensor's device; components keep their own precision."""
     real = t.base.to(*args, **kwargs)
-    return DecomposedTensor.wrap(real, t.components.to(device=real.device))
+    residual = None if t.residual is None else t.residual.to(device=real.device)
+    return DecomposedTensor.wrap(real, t.components.to(device=real.device), residual)
 
 
 @_handles(torch.Tensor.contiguous)
 def _contiguous(t: DecomposedTensor, *args: Any, **kwargs: Any) -> DecomposedTensor:
-    return DecomposedTensor.wrap(t.base.contiguous(*args, **kwargs), t.components)
+    return DecomposedTensor.wrap(t.base.contiguous(*args, **kwargs), t.components, t.residual)
 
 
-def split(value: Any) -> tuple[Tensor, Tensor]:
-    """``(real, components)`` of a decomposed tensor; a plain tensor is an error."""
+def split(value: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(real, components, residual)`` of a decomposed tensor; a plain tensor is an error."""
     if not isinstance(value, DecomposedTensor):
         raise DecompositionError(
             "a decomposed module received a plain tensor: the components were lost upstream "
             "(a hook or module outside llama_attrib's rules replaced the hidden state)"
         )
-    return value.base, value.components
+    return value.base, value.components, value.residual
 
 
 def strip(value: Any) -> Any:

@@ -7,55 +7,78 @@ touched, so a refusal never leaves a half-patched model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._offload import offloading_hook
-from .errors import UnsupportedModelError, UnsupportedOptionError
+from .. import rules
+from .._offload import offloading_hook
+from ..errors import UnsupportedModelError, UnsupportedOptionError
 
 NORM, ATTENTION, MLP, EMBEDDING, LM_HEAD = "norm", "attention", "mlp", "embedding", "lm_head"
 SUPPORTED_ATTENTION = ("eager", "sdpa")
+STANDARD_LAYER = {
+    "input_layernorm": NORM,
+    "self_attn": ATTENTION,
+    "post_attention_layernorm": NORM,
+    "mlp": MLP,
+}
 
 
 @dataclass(frozen=True)
 class Family:
-    """A declarative map from roles to module classes and names, for one architecture."""
+    """A declarative map of one architecture: which module plays which role, and how.
+
+    ``classes``: role -> the stock class names accepted (anything else is refused);
+    ``layer_roles``: decoder-layer attribute -> role, in the order the layer uses them;
+    ``attention`` / ``mlp``: the rules' maps (which projection is the value, the gate...);
+    ``norm_offset``: 1 for norms that scale by ``1 + weight``; ``inner``: classes allowed
+    inside the attention and MLP besides ``nn.Linear`` (q/k norms, routers);
+    ``checks``: what the family refuses beyond the common checks; ``notes``: what it needed.
+    """
 
     name: str
-    model_class: str
-    classes: dict[str, str]  # role -> class name of the stock module
-    layer_roles: dict[str, str]  # attribute of a decoder layer -> role
-    layer_class: str
-    projections: dict[str, tuple[str, ...]] = field(default_factory=dict)  # role -> linears
+    model_classes: tuple[str, ...]
+    classes: dict[str, tuple[str, ...]]
+    layer_roles: dict[str, str] = field(default_factory=lambda: dict(STANDARD_LAYER))
+    attention: rules.Attention = field(default_factory=rules.Attention)
+    mlp: rules.GatedMLP | rules.SparseMoE = field(
+        default_factory=lambda: rules.GatedMLP(
+            rules.Proj("gate_proj"), rules.Proj("up_proj"), rules.Proj("down_proj")
+        )
+    )
+    norm_offset: float = 0.0
+    inner: tuple[str, ...] = ()
+    checks: Callable[[nn.Module], list[str]] | None = None
+    notes: str = ""
 
 
-LLAMA = Family(
-    name="llama",
-    model_class="LlamaForCausalLM",
-    classes={NORM: "LlamaRMSNorm", ATTENTION: "LlamaAttention", MLP: "LlamaMLP"},
-    layer_roles={
-        "input_layernorm": NORM,
-        "self_attn": ATTENTION,
-        "post_attention_layernorm": NORM,
-        "mlp": MLP,
-    },
-    layer_class="LlamaDecoderLayer",
-    projections={
-        ATTENTION: ("q_proj", "k_proj", "v_proj", "o_proj"),
-        MLP: ("gate_proj", "up_proj", "down_proj"),
-    },
-)
-
-FAMILIES: dict[str, Family] = {LLAMA.model_class: LLAMA}
+def standard(prefix: str, **kwargs: Any) -> Family:
+    """The Llama layout under another prefix (``Mistral`` -> MistralForCausalLM, MistralRMSNorm...)."""
+    name = kwargs.pop("name", prefix.lower())
+    classes: dict[str, tuple[str, ...]] = {
+        NORM: (f"{prefix}RMSNorm",),
+        ATTENTION: (f"{prefix}Attention",),
+        MLP: (f"{prefix}MLP",),
+        EMBEDDING: ("Embedding",),
+    }
+    classes.update(kwargs.pop("classes", {}))
+    return Family(name=name, model_classes=(f"{prefix}ForCausalLM",), classes=classes, **kwargs)
 
 
-def register_family(family: Family) -> None:
-    """Make another architecture known (its stock classes must follow the same rules)."""
-    FAMILIES[family.model_class] = family
+FAMILIES: dict[str, Family] = {}
+# A layer attribute's name in the other supported transformers version.
+ALTERNATIVES = {"mlp": "block_sparse_moe"}
+
+
+def register_family(family: Family) -> Family:
+    """Make an architecture known, under each of its model classes (replacing any before)."""
+    for cls in family.model_classes:
+        FAMILIES[cls] = family
+    return family
 
 
 def family_of(model: nn.Module) -> Family:
@@ -65,19 +88,26 @@ def family_of(model: nn.Module) -> Family:
         raise UnsupportedModelError(
             [
                 f"{type(model).__name__} is not a supported architecture (supported: {known}); "
-                "see llama_attrib.families.register_family"
+                "see docs/families.md and llama_attrib.register_family"
             ]
         )
     return family
 
 
 def roles(model: nn.Module, family: Family) -> Iterator[tuple[str, nn.Module]]:
-    """Every module to patch, with its role: embedding, the layers' leaves, norm, head."""
+    """Every module to patch, with its role: embedding, the layers' modules, norm, head."""
     base: Any = model.model
     yield EMBEDDING, base.embed_tokens
     for layer in base.layers:
         for attr, role in family.layer_roles.items():
-            yield role, getattr(layer, attr)
+            module = getattr(layer, attr, None)
+            if module is None and attr in ALTERNATIVES:
+                module = getattr(layer, ALTERNATIVES[attr], None)
+            if module is None:
+                raise UnsupportedModelError(
+                    [f"{type(layer).__name__} has no {attr!r} ({family.name} family)"]
+                )
+            yield role, module
     yield NORM, base.norm
     yield LM_HEAD, model.get_submodule("lm_head")
 
@@ -112,32 +142,31 @@ def _config_problems(model: nn.Module) -> list[str]:
 
 
 def _module_problems(model: nn.Module, family: Family) -> list[str]:
-    problems = []
+    problems = list(family.checks(model)) if family.checks else []
     names = {id(m): n for n, m in model.named_modules()}
     for role, module in roles(model, family):
         where = names.get(id(module), "?")
-        expected = family.classes.get(role)
-        if expected is not None and type(module).__name__ != expected:
-            problems.append(f"{where}: expected the stock {expected}, found {type(module).__name__}")
+        expected = family.classes.get(role, ())
+        if role != LM_HEAD and type(module).__name__ not in expected:
+            problems.append(
+                f"{where}: expected the stock {' or '.join(expected)}, found {type(module).__name__}"
+            )
             continue
-        linears = family.projections.get(role, ())
-        if role == LM_HEAD:
-            linears = ("",)
-        for attr in linears:
-            sub = getattr(module, attr) if attr else module
-            label = f"{where}.{attr}" if attr else where
-            if type(sub) is not nn.Linear:
+        inner = [("", module)] if role == LM_HEAD else []
+        if role in (ATTENTION, MLP):
+            inner = [(f".{n}", c) for n, c in module.named_children()]
+        for suffix, sub in inner:
+            has_weights = any(True for _ in sub.parameters())
+            if type(sub) is nn.Linear or type(sub).__name__ in family.inner + family.classes.get(NORM, ()):
+                continue
+            if has_weights or "lora" in type(sub).__name__.lower() or isinstance(sub, nn.Linear):
                 kind = f"{type(sub).__module__}.{type(sub).__qualname__}"
                 problems.append(
-                    f"{label}: {kind} is not a plain torch.nn.Linear: merge adapters into the "
+                    f"{where}{suffix}: {kind} is not a plain torch.nn.Linear: merge adapters into the "
                     "weights first (PEFT/LoRA: model.merge_and_unload()), and load quantized "
                     "checkpoints unquantized (8-bit/4-bit layers are not exact linear maps of the "
                     "stored weights)"
                 )
-            elif sub.bias is not None:
-                problems.append(f"{label}: has a bias, which belongs to no input token")
-        if role == EMBEDDING and type(module) is not nn.Embedding:
-            problems.append(f"{where}: {type(module).__name__} is not a plain torch.nn.Embedding")
     for name, param in model.named_parameters():
         owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         if param.device.type == "meta" and offloading_hook(owner) is None:
@@ -158,6 +187,12 @@ def component_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def final_softcap(model: nn.Module) -> float | None:
+    """The final-logit soft-cap (Gemma): components sum to the logit before it."""
+    value = getattr(model.config, "final_logit_softcapping", None)  # type: ignore[union-attr]
+    return float(value) if value else None
+
+
 def check_length(model: nn.Module, length: int) -> None:
     """Refuse sequences longer than the positions the model was built for."""
     limit = getattr(model.config, "max_position_embeddings", None)  # type: ignore[union-attr]
@@ -166,3 +201,10 @@ def check_length(model: nn.Module, length: int) -> None:
             f"the sequence would have {length} positions, more than the model's "
             f"max_position_embeddings ({limit}): shorten the prompt or max_new_tokens"
         )
+
+
+def _load_builtin() -> None:
+    from . import gemma, llama, mistral, mixtral, olmo2, phi3, qwen  # noqa: F401
+
+
+_load_builtin()

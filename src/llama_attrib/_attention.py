@@ -1,0 +1,67 @@
+"""llama_attrib's attention function, registered in transformers' ``AttentionInterface``.
+
+A wrapped attention module, while it decomposes, runs its own stock forward (projections,
+rope, q/k norms, cache update) with ``config._attn_implementation`` set to this function's
+name for the length of the call. The function receives exactly what the model's chosen
+implementation would (queries and keys after every family quirk, the family's mask with its
+sliding window, ``scaling``, ``softcap``), records the frozen attention probabilities, and
+calls that implementation for the real output. Only the registry gains a name; no class
+or function of transformers is changed.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from torch import Tensor, nn
+
+from . import rules
+
+ATTENTION_NAME = "llama_attrib"
+PROBE = "_llama_attrib_probe"  # per-instance attribute of a wrapped attention module
+
+
+class Probe:
+    """What one attention call records, and how it runs."""
+
+    def __init__(self) -> None:
+        self.original: str = "sdpa"  # the model's own implementation, for the real output
+        self.skip = False  # target mode: only the probabilities are needed
+        self.probs: Tensor | None = None
+
+
+def _implementation(module: nn.Module, name: str) -> Any:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name == "eager":  # each family has its own eager function (soft-cap, sinks...)
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[name]
+
+
+def attention_function(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    probe: Probe = module.__dict__[PROBE]
+    probe.probs = rules.probabilities(
+        module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")
+    )
+    if probe.skip:
+        batch, heads, q, _ = query.shape
+        return value.new_zeros((batch, q, heads, value.shape[-1])), None
+    out: tuple[Tensor, Tensor | None] = _implementation(module, probe.original)(
+        module, query, key, value, attention_mask, **kwargs
+    )
+    return out
+
+
+def register_attention() -> None:
+    """Add llama_attrib's function to the public registry (once; idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, attention_function)

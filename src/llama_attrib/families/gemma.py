@@ -1,0 +1,37 @@
+"""Gemma 2 and Gemma 3 (text): ``(1 + w)`` RMSNorms, scaled embeddings, sandwich norms,
+attention and final-logit soft-capping, sliding windows."""
+
+from . import ATTENTION, MLP, NORM, register_family, standard
+
+SANDWICH = {
+    "input_layernorm": NORM,
+    "self_attn": ATTENTION,
+    "post_attention_layernorm": NORM,
+    "pre_feedforward_layernorm": NORM,
+    "mlp": MLP,
+    "post_feedforward_layernorm": NORM,
+}
+NOTES = (
+    "(1 + w) norms; embedding scale is linear; attention soft-cap and windows inside the frozen "
+    "probabilities; components sum to the logit before the final soft-cap"
+)
+
+GEMMA2 = register_family(
+    standard(
+        "Gemma2",
+        classes={"embedding": ("Embedding", "Gemma2TextScaledWordEmbedding")},
+        layer_roles=SANDWICH,
+        norm_offset=1.0,
+        notes=NOTES,
+    )
+)
+GEMMA3 = register_family(
+    standard(
+        "Gemma3",
+        classes={"embedding": ("Gemma3TextScaledWordEmbedding",)},
+        layer_roles=SANDWICH,
+        norm_offset=1.0,
+        inner=("Gemma3RMSNorm",),
+        notes=NOTES + "; q/k norms inside the probabilities",
+    )
+)

@@ -1,0 +1,189 @@
+"""Every supported family, decomposed exactly in both modes, against an independent reference.
+
+The reference is written here, on the stock model (unwrapped): gradient x input of the logit
+with the frozen factors detached by forward hooks that know no formula. Norm outputs become
+``x * (out / x).detach()``; the q and k projections' outputs (and Phi-3's fused q/k rows),
+the MLP activation's output and the router's output are detached. With q and k detached the
+attention probabilities are constants; everything else stays live. Gradient x input over the
+input embeddings then gives each token's component; the logit minus their sum is the bias
+share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import llama_attrib
+from conftest import prompt
+
+BASE = {
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "max_position_embeddings": 128,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {"sliding_window": 4},  # shorter than the 9-token prompt
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2": {},  # biases on q, k and v
+    "qwen3": {},
+    "gemma2": {"sliding_window": 4, "query_pre_attn_scalar": 8},
+    "gemma3_text": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+    "phi3": {},
+    "olmo2": {},
+}
+GEN = {"max_new_tokens": 4, "do_sample": False, "return_dict_in_generate": True}
+
+
+def family_model(name: str, attn: str = "eager") -> nn.Module:
+    config = AutoConfig.for_model(name, **BASE, **FAMILIES[name])
+    config._attn_implementation = attn
+    torch.manual_seed(len(name))
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # larger weights: attention far from uniform, gates and norms matter
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
+    return model.eval()
+
+
+def _detach_output(module: nn.Module, args: Any, out: Any) -> Any:
+    if isinstance(out, tuple):
+        return tuple(o.detach() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
+    return out.detach()
+
+
+def _frozen_norm(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    x = args[0].to(out.dtype)
+    return x * (out / x).detach()
+
+
+def reference(model: nn.Module, ids: torch.Tensor, token: int) -> tuple[torch.Tensor, float, float]:
+    """(components [T], bias share, logit before any final soft-cap) of the last position."""
+    handles = []
+    head_out: list[torch.Tensor] = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind.endswith("RMSNorm") and not name.endswith(("q_norm", "k_norm")):
+            handles.append(module.register_forward_hook(_frozen_norm))
+        elif name.endswith(
+            ("q_proj", "k_proj", "act_fn", "activation_fn", "mlp.gate", "block_sparse_moe.gate")
+        ):
+            handles.append(module.register_forward_hook(_detach_output))
+        elif name.endswith("qkv_proj"):
+            q_and_k = (
+                model.config.num_attention_heads + model.config.num_key_value_heads
+            ) * model.config.head_dim
+
+            def split(m: nn.Module, a: Any, out: torch.Tensor, n: int = q_and_k) -> torch.Tensor:
+                return torch.cat([out[..., :n].detach(), out[..., n:]], -1)
+
+            handles.append(module.register_forward_hook(split))
+    handles.append(model.lm_head.register_forward_hook(lambda m, a, out: head_out.append(out)))
+    try:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, use_cache=False)
+        logit = head_out[-1][0, -1, token]
+        (grad,) = torch.autograd.grad(logit, embeds)
+    finally:
+        for h in handles:
+            h.remove()
+    components = (grad * embeds).sum(-1)[0].detach()
+    return components, float(logit) - float(components.sum()), float(logit)
+
+
+@pytest.mark.parametrize("mode", ["target", "forward"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_matches_the_independent_reference(name: str, mode: str) -> None:
+    model = family_model(name)
+    ids = prompt(9)
+    plain = model.generate(ids, **GEN, output_logits=True)
+    llama_attrib.wrap(model)
+    out = model.generate(ids, decompose=mode, **GEN)
+    assert torch.equal(out.sequences, plain.sequences), "tokens differ from plain generation"
+    llama_attrib.unwrap(model)
+    for k, c in enumerate(out["attentions"]):
+        token = int(out.sequences[0, 9 + k])
+        components, bias, logit = reference(model, out.sequences[:, : 9 + k], token)
+        got = c[token]
+        scale = float(plain.logits[k][0].abs().max())
+        assert torch.allclose(got.components, components, atol=1e-5 * scale, rtol=0), (name, mode, k)
+        assert abs(float(got.residual) - bias) <= 1e-5 * scale
+        assert abs(float(got.components.sum() + got.residual) - logit) <= 1e-5 * scale
+        if name == "gemma2" and mode == "forward":  # final soft-cap 30: reported beside the sum
+            assert torch.allclose(c.capped[token], plain.logits[k][0, token], atol=1e-5 * scale)
+            assert abs(float(c.capped[token]) - logit) > 1e-3
+        if name == "qwen2":
+            assert abs(bias) > 1e-3 * scale  # the biases have a share, and it is not a token's
+
+
+def test_sliding_window_is_shorter_than_the_prompt() -> None:
+    """Mistral's window (4) binds on a 9-token prompt: the probabilities are those of the
+    window, so decomposing with a full-attention model would give other numbers."""
+    model = family_model("mistral")
+    ids = prompt(9)
+    windowed = llama_attrib.wrap(model)(ids, decompose=True)["attentions"]
+    model = family_model("mistral")
+    model.config.sliding_window = None
+    full = llama_attrib.wrap(model)(ids, decompose=True)["attentions"]
+    token = int(windowed.recovery.argmax())
+    assert not torch.allclose(windowed[token].components, full[token].components, atol=1e-3)
+    assert float(windowed[token].components[:4].abs().sum()) > 0  # early tokens still reach in
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3_text", "phi3"])
+def test_decompose_sequence_and_attribute(name: str) -> None:
+    """The after-the-fact and high-level entry points on other families."""
+    from conftest import tiny_tokenizer
+
+    model = family_model(name, attn="sdpa")
+    ids = prompt(9)
+    sequences = model.generate(ids, max_new_tokens=3, do_sample=False)
+    target = llama_attrib.decompose_sequence(model, sequences, 9)
+    forward = llama_attrib.decompose_sequence(model, sequences, 9, mode="forward")
+    for k, (a, b) in enumerate(zip(target, forward, strict=True)):
+        token = int(sequences[0, 9 + k])
+        assert torch.allclose(a[token].components, b[token].components, atol=1e-4)
+        assert torch.allclose(a[token].residual, b[token].residual, atol=1e-4)
+    assert not llama_attrib.is_wrapped(model)
+    result = llama_attrib.attribute(model, tiny_tokenizer(), "the cat sat", max_new_tokens=2)
+    assert result.n_generated == 2
+
+
+def test_register_family() -> None:
+    """A family is a small declarative map: register one under a new model class name."""
+    from llama_attrib.families import FAMILIES as KNOWN
+    from llama_attrib.families import standard
+
+    model = family_model("llama")
+
+    class MyLlamaForCausalLM(type(model)):  # type: ignore[misc]
+        pass
+
+    model.__class__ = MyLlamaForCausalLM
+    with pytest.raises(llama_attrib.UnsupportedModelError, match="MyLlamaForCausalLM"):
+        llama_attrib.wrap(model)
+    family = standard("Llama", name="my-llama")
+    family = llama_attrib.Family(**{**family.__dict__, "model_classes": ("MyLlamaForCausalLM",)})
+    llama_attrib.register_family(family)
+    try:
+        ids = prompt(9)
+        c = llama_attrib.wrap(model)(ids, decompose=True)["attentions"]
+        token = int(c.recovery.argmax())
+        components, _, _ = reference(llama_attrib.unwrap(model), ids, token)
+        assert torch.allclose(c[token].components, components, atol=1e-4)
+    finally:
+        del KNOWN["MyLlamaForCausalLM"]
