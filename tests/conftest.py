@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"  # see its README.md
 REFERENCE = Path(os.environ.get("LLAMA_ATTRIB_REFERENCE", REFERENCE))
 
 ROPE_SCALINGS: dict[str, dict[str, Any] | None] = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -161,6 +162,17 @@ def test_decompose_sequence_and_attribute(name: str) -> None:
     assert not llama_attrib.is_wrapped(model)
     result = llama_attrib.attribute(model, tiny_tokenizer(), "the cat sat", max_new_tokens=2)
     assert result.n_generated == 2
+    assert result.bias is not None
+    assert np.allclose(np.nansum(result.token_scores, 1) + result.bias, result.logits, atol=1e-4)
+    if name == "qwen2":  # the biases' share is shown as such, never as a token's
+        assert (np.abs(result.bias) > 1e-3).all()
+        assert "(bias)" in result.table() and "no token" in result.table()
+        assert (result.to_dataframe()["label"] == "bias").sum() == 2
+        shares = result.normalize("share")
+        total = np.nansum(np.abs(shares.scores), 1) + np.abs(shares.bias_scores)
+        assert np.allclose(total, 1.0)
+    else:
+        assert not result.bias.any()
 
 
 def test_register_family() -> None:

@@ -1,4 +1,4 @@
-"""Parity with the golden numbers of PyDec's dec_llama (../shared/reference)."""
+"""Parity with the golden numbers of PyDec's dec_llama (tests/data/reference, see its README)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ def reference(request: pytest.FixtureRequest):
     return llama_attrib.wrap(model), data["cases"]
 
 
-def test_forward_matches_reference(reference) -> None:
+@pytest.mark.parametrize("mode", ["forward", "target"])
+def test_forward_matches_reference(reference, mode: str) -> None:
     model, cases = reference
     for case in cases:
-        out = model(torch.tensor([case["input_ids"]]), decompose=True)
+        out = model(torch.tensor([case["input_ids"]]), decompose=mode)
         c = out["attentions"]
         pred = c.recovery.argmax(0)
         assert int(pred) == case["forward_pred_token"]
@@ -30,15 +31,17 @@ def test_forward_matches_reference(reference) -> None:
         assert torch.allclose(c[pred].components, expected, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_generation_matches_reference(reference, use_cache: bool) -> None:
+# Forward mode decomposes inside generate, so use_cache changes its path (decomposed value
+# cache or whole-prefix recomputation); target mode decomposes the finished sequence.
+@pytest.mark.parametrize(("mode", "use_cache"), [("forward", True), ("forward", False), ("target", True)])
+def test_generation_matches_reference(reference, mode: str, use_cache: bool) -> None:
     model, cases = reference
     for case in cases:
         ids = torch.tensor([case["input_ids"]])
         steps = case["steps"]
         out = model.generate(
             ids,
-            decompose=True,
+            decompose=mode,
             use_cache=use_cache,
             return_dict_in_generate=True,
             output_attentions=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -222,10 +223,12 @@ def test_to_dataframe(result: Attribution) -> None:
 
 @pytest.mark.parametrize("suffix", [".json", ".safetensors"])
 def test_save_load_round_trip(result: Attribution, tmp_path: Any, suffix: str) -> None:
+    biased = dataclasses.replace(result, bias=np.arange(5, dtype=np.float32) - 2.0)
     views = [
         result,
         result.words().normalize("share", drop_first=True),
         result.spans({"x": result.find("france")}),
+        biased,
     ]
     for i, view in enumerate(views):
         path = view.save(tmp_path / f"r{i}{suffix}")
@@ -233,6 +236,7 @@ def test_save_load_round_trip(result: Attribution, tmp_path: Any, suffix: str) -
         assert loaded == view
         assert np.array_equal(loaded.scores, view.scores, equal_nan=True)
         assert loaded.options == view.options and loaded.versions == view.versions
+        assert np.array_equal(loaded.bias, view.bias)
     assert views[0] != views[1]
     if suffix == ".json":  # plain JSON (no NaN literals): readable anywhere
         data = json.loads((tmp_path / "r0.json").read_text(), parse_constant=lambda c: pytest.fail(c))

@@ -99,7 +99,7 @@ def test_exception_inside_a_decomposed_forward_leaves_a_usable_model() -> None:
     ids = prompt(6)
     with pytest.raises(IndexError):
         model(torch.tensor([[1, 500]]), decompose=True)  # token id out of the vocabulary
-    assert not model.__dict__["_llama_attrib_session"].active
+    assert model.__dict__["_llama_attrib_session"].call is None
     assert torch.allclose(
         model(ids, decompose=True)["attentions"].recovery, model(ids).logits[0, -1], atol=1e-5
     )

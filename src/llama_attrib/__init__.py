@@ -10,7 +10,7 @@
 >>> result.words().top_k(3)             # or result.to_html("out.html"), result.plot()
 """
 
-from .api import decompose, is_wrapped, unwrap, wrap
+from .api import decompose, decompose_sequence, is_wrapped, unwrap, wrap
 from .attribution import attribute
 from .composition import LogitComposition
 from .errors import (
@@ -23,7 +23,7 @@ from .families import Family, register_family
 from .memory import MemoryBudgetError
 from .memory import estimate as estimate_memory
 from .result import Attribution, Contributor
-from .sequence import TargetComposition, decompose_sequence
+from .sequence import TargetComposition
 
 __version__ = "0.1.0"
 

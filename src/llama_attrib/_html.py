@@ -56,7 +56,9 @@ SCRIPT = """function(uid){
     root.querySelector('.la-min').textContent=fmt(-vmax);
     root.querySelector('.la-max').textContent=fmt(vmax);
     root.querySelector('.la-info').textContent='step '+step+': '+JSON.stringify(data.tokens[limit])+
-      ', logit '+data.logits[step].toFixed(4)+'; colours: '+data.unit;
+      ', logit '+data.logits[step].toFixed(4)+
+      (data.bias[step] ? ' (bias share '+data.bias[step].toFixed(4)+', no token)' : '')+
+      '; colours: '+data.unit;
   }
   root.querySelectorAll('.la-gen').forEach(function(el){
     el.addEventListener('click',function(){select(parseInt(el.getAttribute('data-step'),10));});

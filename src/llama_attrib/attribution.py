@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import platform
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from .api import decompose
-from .errors import DecompositionError, UnsupportedOptionError
+from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from .result import Attribution
 from .tokens import piece_texts
 
@@ -99,7 +100,9 @@ def attribute(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     options: dict[str, Any] = {"do_sample": False, "pad_token_id": pad, "use_cache": True, **generate_kwargs}
     streamer = _Progress(max_new_tokens) if progress and "streamer" not in options else None
-    with torch.no_grad(), decompose(model):
+    # attribute() explains the generated token itself, whatever chose it: no warning needed.
+    with torch.no_grad(), decompose(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore", GeneratedTokenWarning)
         generate: Any = model.generate  # the wrapped one: look it up inside the block
         out = generate(
             ids.to(device),
@@ -129,9 +132,12 @@ def _result(
     sequence = [int(t) for t in out.sequences[0, : p + len(steps)]]
     scores = np.full((len(steps), max(p + len(steps) - 1, 0)), np.nan, dtype=np.float32)
     logits = np.zeros(len(steps), dtype=np.float32)
+    bias = np.zeros(len(steps), dtype=np.float32)
     for k, c in enumerate(steps):
         token = sequence[p + k]
-        components = c[token].components.detach().float().cpu().numpy()
+        contributions = c[token]
+        components = contributions.components.detach().float().cpu().numpy()
+        bias[k] = float(contributions.residual)
         if components.shape != (p + k,):
             raise DecompositionError(f"step {k}: {components.shape} components, expected ({p + k},)")
         scores[k, : p + k] = components
@@ -150,6 +156,7 @@ def _result(
         prompt_length=p,
         token_scores=scores,
         logits=logits,
+        bias=bias,
         pieces=pieces,
         special=special,
         options=recorded,

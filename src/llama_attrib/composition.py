@@ -45,6 +45,8 @@ class LazyComposition(pydec.Composition):  # type: ignore[misc]
     """
 
     names: tuple[str, ...] | None = None  # the components' names, when they are groups
+    # The token generate produced at this step (one per row for a batch); None outside generate.
+    token: int | tuple[int, ...] | None = None
     _full: Tensor | None = None
     _zeros: Tensor | None = None
 

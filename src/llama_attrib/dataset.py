@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .attribution import attribute
+from .errors import require
 from .result import Attribution
 
 
@@ -133,6 +134,7 @@ def merge(rows: Sequence[Mapping[str, Any]], output: str | Path) -> Path:
     records = [done[str(r["id"])] for r in rows]
     path = Path(output)
     if path.suffix == ".parquet":
+        require("pyarrow", "dataset", "writing Parquet")
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -164,6 +166,7 @@ def load_results(path: str | Path) -> dict[str, Attribution]:
     """The merged output (JSONL or Parquet) back as Attributions, by id."""
     path = Path(path)
     if path.suffix == ".parquet":
+        require("pyarrow", "dataset", "reading Parquet")
         import pyarrow.parquet as pq
 
         records = [

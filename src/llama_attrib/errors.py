@@ -26,3 +26,20 @@ class UnsupportedOptionError(LlamaAttribError, ValueError):
 class DecompositionError(LlamaAttribError, RuntimeError):
     """The decomposition went wrong at run time (an op that would drop components,
     a cache that was not built by a decomposed call, components that do not add up)."""
+
+
+class GeneratedTokenWarning(UserWarning):
+    """A generated token is not the argmax of the logits its step explains (sampling, a logits
+    processor): ``c[c.token]`` explains the generated token, ``c[c.recovery.argmax(0)]`` not."""
+
+
+def require(module: str, extra: str, what: str) -> None:
+    """Import ``module`` or say which extra of llama_attrib installs it."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"{what} needs {module}, which is not installed: pip install 'llama_attrib[{extra}]'"
+        ) from e

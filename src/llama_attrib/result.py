@@ -24,6 +24,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from . import tokens as _tokens
+from .errors import require
 
 Unit = Literal["logit", "share"]
 FORMAT = "llama_attrib.Attribution/1"
@@ -65,10 +66,15 @@ class Attribution:
     labels: list[str] | None = None
     unit: Unit = "logit"
     drop_first: bool = False
+    bias: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.token_scores = np.asarray(self.token_scores, dtype=np.float32)
         self.logits = np.asarray(self.logits, dtype=np.float32)
+        g = self.token_scores.shape[0]
+        self.bias = np.zeros(g, np.float32) if self.bias is None else np.asarray(self.bias, dtype=np.float32)
+        if self.bias.shape != (g,):
+            raise ValueError(f"bias has shape {self.bias.shape}, expected ({g},): one share per step")
         self.pieces = self.pieces or list(self.tokens)
         self.special = self.special or [False] * len(self.tokens)
         g, n = self.n_generated, len(self.tokens)
@@ -145,9 +151,25 @@ class Attribution:
         if self.drop_first and tok.shape[1]:
             tok[:, 0] = np.nan
         if self.unit == "share":
-            total = np.nansum(np.abs(tok), axis=1, keepdims=True)
-            tok = tok / np.where(total > 0, total, 1.0)
+            tok = tok / self._share_total()
         return tok
+
+    def _share_total(self) -> np.ndarray:
+        """``[G, 1]``: the sum of the absolute scores (the bias share's included) of each step."""
+        tok = self.token_scores.astype(np.float64)
+        if self.drop_first and tok.shape[1]:
+            tok[:, 0] = np.nan
+        assert self.bias is not None
+        total = np.nansum(np.abs(tok), axis=1, keepdims=True) + np.abs(self.bias.astype(np.float64))[:, None]
+        return np.where(total > 0, total, 1.0)
+
+    @property
+    def bias_scores(self) -> np.ndarray:
+        """``[G]``: the share of no token (every bias's) of each step, in this view's unit.
+        Zero for a model without biases; ``sum(scores) + bias_scores`` is the logit."""
+        assert self.bias is not None
+        bias = self.bias.astype(np.float64)
+        return bias / self._share_total()[:, 0] if self.unit == "share" else bias
 
     def normalize(self, unit: Unit = "share", drop_first: bool = False) -> Attribution:
         """The same result in ``unit`` (``"logit"`` or ``"share"``), with or without token 0."""
@@ -242,6 +264,7 @@ class Attribution:
         Columns: step, generated, generated_id, logit, source (column index), label,
         positions (token positions), score (in this view's unit).
         """
+        require("pandas", "viz", "to_dataframe()")
         import pandas as pd
 
         rows, scores = [], self.scores
@@ -252,6 +275,9 @@ class Attribution:
                         (k, self.generated_tokens[k], self.generated_ids[k], float(self.logits[k]), j, label,
                          tuple(self.columns[j]), float(scores[k, j]))
                     )  # fmt: skip
+            if self.bias is not None and self.bias[k] != 0:
+                rows.append((k, self.generated_tokens[k], self.generated_ids[k], float(self.logits[k]), -1,
+                             "bias", (), float(self.bias_scores[k])))  # fmt: skip
         names = ["step", "generated", "generated_id", "logit", "source", "label", "positions", "score"]
         return pd.DataFrame(rows, columns=names)
 
@@ -268,6 +294,7 @@ class Attribution:
             "prompt_length": p,
             "token_scores": [[float(x) for x in row[: p + k]] for k, row in enumerate(self.token_scores)],
             "logits": [float(x) for x in self.logits],
+            "bias": [float(x) for x in (self.bias if self.bias is not None else [])],
             "options": self.options,
             "versions": self.versions,
             "groups": self.groups,
@@ -297,7 +324,9 @@ class Attribution:
             meta = self.to_dict()
             meta.pop("token_scores")
             meta.pop("logits")
-            tensors = {"token_scores": self.token_scores, "logits": self.logits}
+            meta.pop("bias")
+            assert self.bias is not None
+            tensors = {"token_scores": self.token_scores, "logits": self.logits, "bias": self.bias}
             save_file(tensors, str(path), metadata={"attribution": json.dumps(meta)})
         elif path.suffix == ".json":
             path.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
@@ -315,8 +344,11 @@ class Attribution:
             with safe_open(str(path), framework="numpy") as f:
                 meta = json.loads(f.metadata()["attribution"])
                 scores, logits = f.get_tensor("token_scores"), f.get_tensor("logits")
+                names = set(f.keys())  # safe_open has no __contains__
+                bias = f.get_tensor("bias") if "bias" in names else None
             fields = {f.name for f in dataclasses.fields(cls)}
-            return cls(token_scores=scores, logits=logits, **{k: v for k, v in meta.items() if k in fields})
+            kept = {k: v for k, v in meta.items() if k in fields}
+            return cls(token_scores=scores, logits=logits, bias=bias, **kept)
         return cls.from_dict(json.loads(path.read_text()))
 
     def __eq__(self, other: object) -> bool:

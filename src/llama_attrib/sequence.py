@@ -16,8 +16,8 @@ Both accept component groups: one component per named span of positions.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from . import _offload, families, memory
 from .composition import Contributions, LazyComposition, LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
 from .rules import Layout
-from .session import Session, completeness_error
+from .session import Call, Session, completeness_error
 
 _TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
 _TOLERANCE_HALF = 5e-2
@@ -38,90 +38,6 @@ LEAN_BYTES = 64 << 20  # default working memory of target mode's batched backwar
 
 Span = tuple[int, int]
 Groups = Mapping[str, Span | Sequence[Span]] | Sequence[Span] | Tensor
-
-
-def decompose_sequence(
-    model: nn.Module,
-    input_ids: Tensor,
-    prompt_length: int | None = None,
-    *,
-    attention_mask: Tensor | None = None,
-    position_ids: Tensor | None = None,
-    mode: str = "target",
-    targets: Any = None,
-    groups: Groups | None = None,
-    component_dtype: torch.dtype | None = None,
-    max_memory: int | str | None = None,
-    progress: bool | None = None,
-) -> tuple[pydec.Composition, ...]:
-    """Decompose every token after the prompt of a finished sequence, in one pass.
-
-    ``input_ids``: ``[T]`` or ``[batch, T]`` (prompt + generated tokens). With
-    ``prompt_length=P`` it returns one Composition per token after the prompt, like
-    ``generate(..., decompose=True)``: step ``k`` explains the logits at position ``P-1+k``
-    (which predicted ``input_ids[P+k]``) and has ``P+k`` components. Without it, one
-    Composition for the logits at the last position.
-
-    ``targets`` (target mode): which logit each step explains up front: ``None`` (the next
-    token of the sequence, or the argmax at the last position), a token id, one id per step,
-    or a pair ``(a, b)`` for the difference ``logit_a - logit_b`` (ids or one per step).
-    Any other token is available afterwards as ``c[token]`` (one more pass).
-
-    ``groups``: one component per span of positions: ``{"system": (0, 12), ...}`` (a name
-    may map to several spans), a list of ``(start, end)`` spans, or a ``[T]`` tensor of group
-    ids; positions outside every span form one more component, ``"other"``.
-
-    ``component_dtype``: precision of the components (default float32 for a half-precision
-    model, the model's dtype otherwise). ``max_memory``: a budget in bytes (or ``"8GB"``);
-    default 80% of the free memory; work is split into chunks to fit, and a run that cannot
-    fit at all raises :class:`~llama_attrib.memory.MemoryBudgetError` before it starts.
-    """
-    if mode not in MODES:
-        raise UnsupportedOptionError(f"mode must be one of {MODES}, not {mode!r}")
-    ids = _as_batch(input_ids, "input_ids")
-    batch, length = ids.shape
-    families.check_length(model, length)
-    mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask")
-    if mask is not None and mask.shape != ids.shape:
-        raise UnsupportedOptionError(
-            f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: they must match"
-        )
-    if position_ids is None and mask is not None:
-        position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    last = None
-    if prompt_length is None or prompt_length >= length:
-        positions, next_tokens, used = [length - 1], None, length
-        if mask is not None and not bool(mask[:, -1].all()):  # right padding: last real tokens
-            last = length - 1 - mask.flip(-1).long().argmax(-1)
-    else:
-        if prompt_length < 1:
-            raise UnsupportedOptionError("prompt_length must be at least 1")
-        positions, next_tokens, used = (
-            list(range(prompt_length - 1, length - 1)),
-            ids[:, prompt_length:],
-            length - 1,
-        )
-    inputs = Inputs(
-        ids[:, :used],
-        None if mask is None else mask[:, :used],
-        None if position_ids is None else _as_batch(position_ids, "position_ids")[:, :used],
-        positions,
-        last,
-    )
-    members, names = (None, None) if groups is None else group_members(groups, length)
-    if members is not None:
-        members = members[:, :used]
-    return explain(
-        model,
-        inputs,
-        mode=mode,
-        targets=_resolve_targets(targets, next_tokens, len(positions), batch),
-        members=members,
-        names=names,
-        component_dtype=component_dtype,
-        max_memory=max_memory,
-        progress=progress,
-    )
 
 
 @dataclass(frozen=True)
@@ -163,8 +79,12 @@ class Inputs:
         return moved.unsqueeze(1).movedim((0, 1), (dim, dim + 1))
 
 
+Scope = Callable[[], AbstractContextManager[Session]]
+
+
 def explain(
     model: nn.Module,
+    scope: Scope,
     inputs: Inputs,
     *,
     mode: str = "target",
@@ -175,18 +95,17 @@ def explain(
     max_memory: int | str | None = None,
     progress: bool | None = None,
 ) -> tuple[pydec.Composition, ...]:
-    """The per-step Compositions of one teacher-forced pass (see :func:`decompose_sequence`)."""
-    from .api import decompose  # the public context manager; api imports this module
-
+    """The per-step Compositions of one teacher-forced pass (see
+    :func:`llama_attrib.decompose_sequence`). ``scope()``: a block in which the model is wrapped,
+    giving its session (target mode's lazy Compositions enter it again later)."""
     dtype = component_dtype or families.component_dtype(model)
     device = next(model.parameters()).device
     limit = memory.budget(max_memory, device)
-    with decompose(model):
-        session: Session = model.__dict__["_llama_attrib_session"]
-        if mode == "forward":
+    if mode == "forward":
+        with scope() as session:
             return _forward_mode(model, session, inputs, members, names, dtype, limit, progress)
-        run = TargetRun(model, inputs, members, names, dtype, limit, progress, lean=max_memory is None)
-        return run.compositions(targets)
+    run = TargetRun(model, scope, inputs, members, names, dtype, limit, progress, lean=max_memory is None)
+    return run.compositions(targets)
 
 
 # -- target mode ------------------------------------------------------------------------
@@ -198,6 +117,7 @@ class TargetRun:
     def __init__(
         self,
         model: nn.Module,
+        scope: Scope,
         inputs: Inputs,
         members: Tensor | None,
         names: tuple[str, ...] | None,
@@ -207,6 +127,7 @@ class TargetRun:
         lean: bool = False,
     ) -> None:
         self.model = model
+        self.scope = scope
         self.inputs = inputs
         self.members = members
         self.names = names
@@ -242,20 +163,10 @@ class TargetRun:
     def graph(self) -> Iterator[tuple[Tensor, list[Tensor], Tensor]]:
         """Run the frozen-factor pass; yields (embeddings [B, T, d], the biases' leaves,
         final hidden [B, K, d])."""
-        from .api import decompose
-
-        with torch.inference_mode(False), torch.enable_grad(), decompose(self.model):
-            session: Session = self.model.__dict__["_llama_attrib_session"]
-            session.linear_dtype = self.dtype
-            session.keep_from = self.inputs.first
-            session.bias_leaves = []
-            try:
+        with torch.inference_mode(False), torch.enable_grad(), self.scope() as session:
+            with session.running(Call("target", self.dtype, keep_from=self.inputs.first)) as call:
                 self.inputs.call(self.model)
-                embeds, head, leaves = session.embeds, session.head, session.bias_leaves
-                head_logits = session.head_logits
-            finally:
-                session.linear_dtype, session.embeds, session.head = None, None, None
-                session.keep_from, session.bias_leaves, session.head_logits = 0, [], None
+            embeds, head, leaves, head_logits = call.embeds, call.head, call.bias_leaves, call.logits
             if embeds is None or head is None or head_logits is None:
                 raise DecompositionError("the target-mode pass never reached the embeddings or the LM head")
             if self.logits is None:
@@ -266,14 +177,10 @@ class TargetRun:
         """The stock model's own logits at the explained positions (a plain forward; before a
         final soft-cap), which the components and residual are checked against."""
         if self.reference is None:
-            session: Session = self.model.__dict__["_llama_attrib_session"]
-            session.capture_logits, session.head_logits = True, None
-            try:
-                with torch.no_grad():
-                    self.inputs.call(self.model)
-                logits = session.head_logits
-            finally:
-                session.capture_logits, session.head_logits = False, None
+            call = Call("capture", self.dtype)
+            with torch.no_grad(), self.scope() as session, session.running(call):
+                self.inputs.call(self.model)
+            logits = call.logits
             assert logits is not None
             self.reference = self.inputs.select(logits).detach().float()
         return self.reference
@@ -564,35 +471,27 @@ def _forward_mode(
     real: Tensor | None = None
     logits: Tensor | None = None
     residual: Tensor | None = None
-    saved = session.dtype, session.layout
     bar = _progress(progress, chunks, "components", work=total * length * batch)
     try:
-        session.dtype = dtype
         for c0 in range(0, total, per_chunk):
             c1 = min(total, c0 + per_chunk)
             rows = torch.eye(length, dtype=dtype)[c0:c1] if members is None else members[c0:c1]
-            session.layout = Layout.of(rows.to(dtype))
-            session.begin(0)
-            failed = True
-            try:
+            with session.running(Call("forward", dtype, layout=Layout.of(rows.to(dtype)))) as call:
                 inputs.call(model)
-                failed = False
-            finally:
-                head = session.end(failed)
+            head = call.head
             if head is None:
                 raise DecompositionError("the decomposed forward never reached the LM head")
             part_real, part, part_residual = head
             if hidden is None:
                 hidden = part.new_zeros((total, batch, steps, part.shape[-1]))
                 real = inputs.select(part_real)
-                assert session.head_logits is not None
-                logits = inputs.select(session.head_logits).detach()
+                assert call.logits is not None
+                logits = inputs.select(call.logits).detach()
                 if part_residual is not None:
                     residual = inputs.select(part_residual)
             hidden[c0:c1] = inputs.select(part, dim=1)
             bar.update(1)
     finally:
-        session.dtype, session.layout = saved
         bar.close()
     assert hidden is not None and real is not None and logits is not None
     tol = _TOLERANCE.get(real.dtype, _TOLERANCE_HALF)

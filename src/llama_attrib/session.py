@@ -1,14 +1,17 @@
-"""State of one wrapped model, and the replacement forwards of its leaf modules.
+"""State of one wrapped model, and the replacement forwards of its role modules.
 
 All state lives on a :class:`Session` stored on the model instance (never in module
-globals), so two wrapped models never share anything. Each replacement forward first asks
-whether this call decomposes; if not it calls the original forward and nothing else.
+globals), so two wrapped models never share anything; what one decomposing forward needs and
+collects lives on a :class:`Call`. Each replacement forward asks whether a call is running
+and in which mode; with none it calls the original forward and nothing else.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,8 +32,38 @@ def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str, position
     return kwargs[name] if name in kwargs else (args[position] if len(args) > position else None)
 
 
+@dataclass
+class Call:
+    """One decomposing forward: how it carries the decomposition, and what it collects.
+
+    ``mode``: ``"forward"`` (components beside the real hidden state), ``"target"`` (one
+    differentiable frozen-factor pass) or ``"capture"`` (a plain forward that only records the
+    LM head's output). ``offset``: positions already in the cache; ``layout``: which positions
+    each component holds (a finished sequence); ``keep_from``: target mode's first explained
+    position (the last layer's outputs before it reach no explained logit).
+    """
+
+    mode: str
+    dtype: torch.dtype
+    offset: int = 0
+    layout: rules.Layout | None = None
+    keep_from: int = 0
+    # collected during the call
+    head: tuple[Tensor, Tensor, Tensor | None] | None = None  # LM head input: real, components, bias share
+    logits: Tensor | None = None  # the LM head's own output (before any soft-cap)
+    embeds: Tensor | None = None  # target mode: the embeddings, a leaf requiring grad
+    bias_leaves: list[Tensor] = field(default_factory=list)  # target mode: every bias, as a leaf
+
+    def bias_leaf(self, bias: Tensor) -> Tensor:
+        """Target mode: a bias as a leaf of the pass, so the backward gives its share."""
+        leaf = bias.detach().clone().requires_grad_(True)
+        self.bias_leaves.append(leaf)
+        return leaf
+
+
 class Session:
-    """Everything llama_attrib keeps for one wrapped model."""
+    """What llama_attrib keeps for one wrapped model between calls: its family, its patches,
+    the decomposed value caches of a generation, and the current :class:`Call`, if any."""
 
     def __init__(self, model: nn.Module, family: families.Family) -> None:
         self.family = family
@@ -40,24 +73,9 @@ class Session:
         self.plain = 0  # > 0 while target-mode generate runs plain forwards
         self.record: list[tuple[Any, Any]] | None = None  # masks and positions generate passed
         self.steps: list[Any] | None = None  # collecting a decomposed generate
-        self.active = False  # the current forward decomposes
-        self.offset = 0  # positions already in the cache when the current forward began
-        self.head: tuple[Tensor, Tensor, Tensor | None] | None = (
-            None  # LM head input: real, components, bias share
-        )
-        self.head_logits: Tensor | None = None  # the LM head's own output (before any soft-cap)
-        self.capture_logits = False  # plain forwards record head_logits too
-        self.bias_leaves: list[Tensor] = []  # target mode: the biases of the pass, as leaves
         self.expected_length = 0  # final sequence length of the generate call, if known
-        # Target mode: the roles run the differentiable frozen-factor pass (rules' linear parts).
-        self.linear_dtype: torch.dtype | None = None
-        self.embeds: Tensor | None = None  # the embeddings (leaf requiring grad) of that pass
-        # First position whose logits that pass explains: the last layer's attention and MLP
-        # outputs before it reach no explained logit, so they are computed without a graph.
-        self.keep_from = 0
-        self.last_layer: set[int] = set()
-        # Forward mode over a finished sequence: which positions each component holds.
-        self.layout: rules.Layout | None = None
+        self.call: Call | None = None
+        self.last_layer: set[int] = set()  # the last layer's attention and MLP
         self._caches: dict[int, rules.ValueCache] = {}
         self._owners: dict[int, weakref.ref[Any]] = {}
 
@@ -69,19 +87,27 @@ class Session:
             return False
         return self.forced > 0 or self.steps is not None
 
-    # -- one decomposed forward -------------------------------------------------------
-    def begin(self, offset: int) -> None:
-        if self.active:
+    @contextmanager
+    def running(self, call: Call) -> Iterator[Call]:
+        """Make ``call`` the current one for the block (one at a time); a failed forward-mode
+        call drops the decomposed caches it may have half written."""
+        if self.call is not None:
             raise DecompositionError("a decomposed forward was called from inside another one")
-        if offset == 0:
+        if call.mode == "forward" and call.offset == 0:
             self.clear_caches()
-        self.active, self.offset, self.head = True, offset, None
+        self.call = call
+        try:
+            yield call
+        except BaseException:
+            if call.mode == "forward":
+                self.clear_caches()
+            raise
+        finally:
+            self.call = None
 
-    def end(self, failed: bool) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        head, self.active, self.head = self.head, False, None
-        if failed:
-            self.clear_caches()
-        return head
+    def _current(self, *modes: str) -> Call | None:
+        call = self.call
+        return call if call is not None and call.mode in modes else None
 
     def clear_caches(self) -> None:
         self._caches.clear()
@@ -92,10 +118,11 @@ class Session:
         if cache is None:
             return None
         past = cache_length(cache, layer_idx)
-        if past != self.offset:
+        offset = self.call.offset if self.call is not None else 0
+        if past != offset:
             raise DecompositionError(
                 f"layer {layer_idx}'s cache holds {past} positions, the call began with "
-                f"{self.offset}: caches that differ per layer are not supported"
+                f"{offset}: caches that differ per layer are not supported"
             )
         if past == 0:
             self._caches[layer_idx] = rules.ValueCache(self.expected_length)
@@ -138,23 +165,17 @@ class Session:
         restore_all(self.patches)
         self.clear_caches()
 
-    def bias_leaf(self, bias: Tensor) -> Tensor:
-        """Target mode: a bias as a leaf of the pass, so the backward gives its share."""
-        leaf = bias.detach().clone().requires_grad_(True)
-        self.bias_leaves.append(leaf)
-        return leaf
-
     def _embedding(self, module: nn.Module, original: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if self.linear_dtype is not None:
+            if (call := self._current("target")) is not None:
                 with torch.no_grad():
                     out = original(*args, **kwargs)
-                self.embeds = out.to(self.linear_dtype).clone().requires_grad_(True)
-                return self.embeds
+                call.embeds = out.to(call.dtype).clone().requires_grad_(True)
+                return call.embeds
             out = original(*args, **kwargs)
-            if not self.active:
+            if (call := self._current("forward")) is None:
                 return out
-            return DecomposedTensor.wrap(out, rules.embedding(out, self.offset, self.dtype, self.layout))
+            return DecomposedTensor.wrap(out, rules.embedding(out, call.offset, call.dtype, call.layout))
 
         return forward
 
@@ -162,9 +183,9 @@ class Session:
         offset = self.family.norm_offset
 
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.linear_dtype is not None:
+            if self._current("target") is not None:
                 return rules.scale(x, rules.norm_factor(module, x.detach(), x.dtype, offset))
-            if not self.active:
+            if self._current("forward") is None:
                 return original(x, *args, **kwargs)
             real, comps, residual = split(x)
             factor = rules.norm_factor(module, real, comps.dtype, offset)
@@ -177,24 +198,23 @@ class Session:
         rule: Any = self.family.mlp  # GatedMLP or SparseMoE: the same interface
 
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.linear_dtype is not None:
+            if (call := self._current("target")) is not None:
                 gate = rule.factors(module, x.detach().to(_dtype_of(module)), x.dtype)
-                out = self._last_layer_split(
-                    module, x, lambda part, t0: rule.apply(module, gate, part, t0), gate
-                )
+                keep = call.keep_from if id(module) in self.last_layer else 0
+                out = _split_at(keep, x, lambda part, t0: rule.apply(module, gate, part, t0))
                 bias = rule.bias(module, gate)
-                out = out if bias is None else out + self.bias_leaf(bias.to(out))
+                out = out if bias is None else out + call.bias_leaf(bias.to(out))
                 if isinstance(rule, rules.SparseMoE) and rule.returns_router_logits(module):
                     return out, None
                 return out
-            if not self.active:
+            if (call := self._current("forward")) is None:
                 return original(x, *args, **kwargs)
             real, comps, residual = split(x)
             stock = original(real, *args, **kwargs)
             gate = rule.factors(module, real, comps.dtype)
             width = rule.width(module)
             comps_out = rules._positionwise(
-                lambda part, t0: rule.apply(module, gate, part, t0), comps, self.offset, width, self.layout
+                lambda part, t0: rule.apply(module, gate, part, t0), comps, call.offset, width, call.layout
             )
             res = None if residual is None else rule.apply(module, gate, residual)
             bias = rule.bias(module, gate)
@@ -206,29 +226,13 @@ class Session:
 
         return forward
 
-    def _keep_from(self, module: nn.Module) -> int:
-        """Target mode: the first position whose output of ``module`` is read (0: all are)."""
-        return self.keep_from if id(module) in self.last_layer else 0
-
-    def _last_layer_split(
-        self, module: nn.Module, x: Tensor, apply: Callable[[Tensor, int], Tensor], factors: Any
-    ) -> Tensor:
-        """A position-wise rule; in the last layer, with a graph only where it is read."""
-        keep = self._keep_from(module)
-        if keep <= 0 or keep >= x.shape[1]:
-            return apply(x, 0)
-        with torch.no_grad():
-            whole = apply(x.detach(), 0)
-        return torch.cat([whole[:, :keep], apply(x[:, keep:], keep)], dim=1)
-
     def _attention(self, module: nn.Module, original: Forward) -> Forward:
         rule = self.family.attention
-        probe: Probe = module.__dict__[PROBE] if PROBE in module.__dict__ else Probe()
 
-        def call(args: tuple[Any, ...], kwargs: dict[str, Any], skip: bool) -> Any:
+        def stock(args: tuple[Any, ...], kwargs: dict[str, Any], skip: bool) -> Any:
             """The stock forward through llama_attrib's attention function: the probabilities
             are recorded from the queries and keys the family's own code made."""
-            probe = module.__dict__[PROBE]
+            probe: Probe = module.__dict__[PROBE]
             probe.skip, probe.probs = skip, None
             config: Any = module.config
             previous = config._attn_implementation_internal
@@ -243,48 +247,54 @@ class Session:
             return out, probe.probs
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if self.linear_dtype is not None:
+            if (call := self._current("target")) is not None:
                 x = _argument(args, kwargs, "hidden_states", 0)
-                real = x.detach().to(_dtype_of(module))
-                args, kwargs = _replace_hidden(args, kwargs, real)
+                args, kwargs = _replace_hidden(args, kwargs, x.detach().to(_dtype_of(module)))
                 with torch.no_grad():
-                    _, probs = call(args, kwargs, skip=True)
-                out = rules.attention_graph(rule, module, probs, x, self.bias_leaf, self._keep_from(module))
-                return out, None
-            if not self.active:
+                    _, probs = stock(args, kwargs, skip=True)
+                keep = call.keep_from if id(module) in self.last_layer else 0
+                return rules.attention_graph(rule, module, probs, x, call.bias_leaf, keep), None
+            if (call := self._current("forward")) is None:
                 return original(*args, **kwargs)
             real, comps, residual = split(_argument(args, kwargs, "hidden_states", 0))
             args, kwargs = _replace_hidden(args, kwargs, real)
             cache = self.value_cache(int(module.layer_idx), find_cache(kwargs))  # type: ignore[arg-type]
-            (out, weights), probs = call(args, kwargs, skip=False)
+            (out, weights), probs = stock(args, kwargs, skip=False)
             comps_out, res = rules.attention(
-                rule, module, probs, comps, residual, cache, self.offset, self.layout
+                rule, module, probs, comps, residual, cache, call.offset, call.layout
             )
             return DecomposedTensor.wrap(out, comps_out, res), weights
 
-        del probe
         return forward
 
     def _lm_head(self, module: nn.Module, original: Forward) -> Forward:
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.linear_dtype is not None:
-                self.head = (x, x, None)
+            call = self.call
+            if call is None:
+                return original(x, *args, **kwargs)
+            if call.mode == "target":
+                call.head = (x, x, None)
                 with torch.no_grad():
-                    logits = F.linear(x.detach(), _offload.weight(module).to(x))
-                self.head_logits = logits
-                return logits
-            if not self.active:
-                logits = original(x, *args, **kwargs)
-                if self.capture_logits:
-                    self.head_logits = logits  # the stock logits before any soft-cap
-                return logits
+                    call.logits = F.linear(x.detach(), _offload.weight(module).to(x))
+                return call.logits
+            if call.mode == "capture":
+                call.logits = original(x, *args, **kwargs)  # the stock logits before any soft-cap
+                return call.logits
             real, comps, residual = split(x)
-            logits = original(real, *args, **kwargs)
-            self.head = (real, comps, residual)
-            self.head_logits = logits
-            return logits
+            call.logits = original(real, *args, **kwargs)
+            call.head = (real, comps, residual)
+            return call.logits
 
         return forward
+
+
+def _split_at(keep: int, x: Tensor, apply: Callable[[Tensor, int], Tensor]) -> Tensor:
+    """A position-wise rule in target mode; with ``keep``, a graph only from that position."""
+    if keep <= 0 or keep >= x.shape[1]:
+        return apply(x, 0)
+    with torch.no_grad():
+        whole = apply(x.detach(), 0)
+    return torch.cat([whole[:, :keep], apply(x[:, keep:], keep)], dim=1)
 
 
 def _layer_roles(layer: nn.Module, family: families.Family) -> list[tuple[str, nn.Module]]:

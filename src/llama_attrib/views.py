@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._html import SCRIPT, STYLE
+from .errors import require
 
 if TYPE_CHECKING:
     from .result import Attribution
@@ -36,9 +37,12 @@ def table(result: Attribution, top: int = 0) -> str:
     scores = result.scores
     for k in range(result.n_generated):
         raw = result.token_scores[k, : result.prompt_length + k]
+        assert result.bias is not None
+        bias = float(result.bias[k])
+        extra = f" + bias {bias:.4f} (no token)" if bias else ""
         lines.append(
             f"step {k}: {result.generated_tokens[k]!r}  logit {float(result.logits[k]):.4f} "
-            f"= sum of {len(raw)} contributions {float(raw.sum(dtype=np.float64)):.4f}"
+            f"= sum of {len(raw)} contributions {float(raw.sum(dtype=np.float64)):.4f}{extra}"
         )
         valid = [j for j in range(scores.shape[1]) if not np.isnan(scores[k, j])]
         if top:
@@ -46,6 +50,8 @@ def table(result: Attribution, top: int = 0) -> str:
         width = max([len(repr(result.sources[j])) for j in valid] + [8])
         for j in valid:
             lines.append(f"  {j:5d}  {result.sources[j]!r:>{width}}  {scores[k, j]:+10.4f}")
+        if bias:
+            lines.append(f"  {'-':>5}  {'(bias)':>{width}}  {float(result.bias_scores[k]):+10.4f}")
     return "\n".join(lines)
 
 
@@ -90,6 +96,7 @@ def to_html(result: Attribution, full_page: bool = True) -> str:
         "labels": labels,
         "tokens": result.tokens,
         "logits": [float(x) for x in result.logits],
+        "bias": [float(x) for x in result.bias_scores],
         "prompt_length": result.prompt_length,
         "unit": "share of |total|" if result.unit == "share" else "logit",
     }
@@ -121,6 +128,7 @@ def to_html(result: Attribution, full_page: bool = True) -> str:
 def plot(result: Attribution, ax: Any = None, cmap: str = "RdBu_r", max_label: int = 16) -> Any:
     """Heatmap ``[generated step, source]``: a diverging colour map centred on 0, NaN (no
     contribution possible) in grey, whitespace made visible in the labels."""
+    require("matplotlib", "viz", "plot()")
     import matplotlib.pyplot as plt
     from matplotlib import colormaps
 

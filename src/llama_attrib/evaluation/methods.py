@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..sequence import decompose_sequence
+from ..api import decompose_sequence
+from ..errors import require
 from .metrics import drop_first, logprob_fn
 
 Method = Callable[[nn.Module, Tensor, int, "Setup"], list[Tensor]]
@@ -124,6 +125,7 @@ def input_x_gradient(model: nn.Module, prefix: Tensor, target: int, setup: Setup
 
 
 def integrated_gradients(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
+    require("captum", "eval", "integrated gradients")
     from captum.attr import LayerIntegratedGradients
 
     lm: Any = model
@@ -149,6 +151,7 @@ def feature_groups(texts: list[str], length: int, max_tokens: int) -> Tensor:
 
 
 def feature_ablation(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
+    require("captum", "eval", "feature ablation")
     from captum.attr import FeatureAblation
 
     mask = feature_groups(setup.token_texts, len(prefix), setup.ablation_tokens)
