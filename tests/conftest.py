@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"  # see its README.md
@@ -35,6 +36,15 @@ ROPE_SCALINGS: dict[str, dict[str, Any] | None] = {
         "original_max_position_embeddings": 32,
     },
 }
+
+
+# Every tiny configuration the tests use, for scripts/measure_guards.py.
+CONFIGS_FOR_GUARDS = [
+    (4, "default", False, "eager"),
+    (2, "default", True, "sdpa"),
+    (1, "default", False, "sdpa"),
+    *[(2, rope, rope == "yarn", "sdpa") for rope in ROPE_SCALINGS if rope != "default"],
+]
 
 
 def tiny_config(
@@ -151,3 +161,66 @@ def tiny_tokenizer(kind: str = "bytelevel") -> Any:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def _detach_output(module: nn.Module, args: Any, out: Any) -> Any:
+    if isinstance(out, tuple):
+        return tuple(o.detach() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
+    return out.detach()
+
+
+def _frozen_norm(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    x = args[0].to(out.dtype)
+    return x * (out / x).detach()
+
+
+def gradient_x_input(
+    model: nn.Module,
+    ids: torch.Tensor,
+    token: int,
+    row: int = 0,
+    position: int = -1,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float, float]:
+    """The independent reference: ``(components [T], bias share, logit)`` of ``token``'s logit
+    (before any final soft-cap) at ``position`` of batch row ``row``, on the stock (unwrapped)
+    model, in float32 arithmetic of the model's own dtype.
+
+    Gradient x input of the logit with the frozen factors detached by forward hooks that know
+    no formula: norm outputs become ``x * (out / x).detach()``; the q and k projections'
+    outputs (Phi-3: the fused q/k rows), the MLP activation's output and the router's output
+    are detached. With q and k detached the attention probabilities are constants; everything
+    else stays live. Gradient x input over the input embeddings gives each token's component;
+    the logit minus their sum is what belongs to no token (the biases' share).
+    """
+    handles = []
+    head_out: list[torch.Tensor] = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind.endswith("RMSNorm") and not name.endswith(("q_norm", "k_norm")):
+            handles.append(module.register_forward_hook(_frozen_norm))
+        elif name.endswith(
+            ("q_proj", "k_proj", "act_fn", "activation_fn", "mlp.gate", "block_sparse_moe.gate")
+        ):
+            handles.append(module.register_forward_hook(_detach_output))
+        elif name.endswith("qkv_proj"):
+            q_and_k = (
+                model.config.num_attention_heads + model.config.num_key_value_heads
+            ) * model.config.head_dim
+
+            def split(m: nn.Module, a: Any, out: torch.Tensor, n: int = q_and_k) -> torch.Tensor:
+                return torch.cat([out[..., :n].detach(), out[..., n:]], -1)
+
+            handles.append(module.register_forward_hook(split))
+    handles.append(model.lm_head.register_forward_hook(lambda m, a, out: head_out.append(out)))
+    try:
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        logit = head_out[-1][row, position, token].float()
+        (grad,) = torch.autograd.grad(logit, embeds)
+    finally:
+        for h in handles:
+            h.remove()
+    components = (grad.float() * embeds.float()).sum(-1)[row].detach()
+    value = float(logit.detach())
+    return components, value - float(components.sum()), value

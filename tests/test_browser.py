@@ -66,9 +66,11 @@ def test_clicking_a_generated_token_colours_the_earlier_tokens(
     page = tmp_path / "view.html"
     result.to_html(page)
     browser.get(page.as_uri())
-    p = result.prompt_length
-    before = _backgrounds(browser)
-    assert len(before) == len(result.tokens) and set(before) == {TRANSPARENT}
+    p, g = result.prompt_length, result.n_generated
+    before = _backgrounds(browser)  # the view opens on the last step, already coloured
+    assert len(before) == len(result.tokens)
+    assert all(c != TRANSPARENT for c in before[: p + g - 1]) and set(before[p + g - 1 :]) == {TRANSPARENT}
+    assert f"step {g - 1}" in browser.find_element(By.CSS_SELECTOR, ".la-info").text
 
     browser.find_element(By.CSS_SELECTOR, '.la-gen[data-step="0"]').click()
     step0 = _backgrounds(browser)
@@ -90,6 +92,13 @@ def test_clicking_a_generated_token_colours_the_earlier_tokens(
     assert step2[:p] != step0[:p]  # the prompt is recoloured for the new step
     assert all(c != TRANSPARENT for c in step2[: p + 2]) and set(step2[p + 2 :]) == {TRANSPARENT}
     assert "step 2" in browser.find_element(By.CSS_SELECTOR, ".la-info").text
+
+    # The overview: one row per generated token, one cell per source; a row click selects it.
+    rows = browser.find_elements(By.CSS_SELECTOR, ".la-ov-row")
+    assert len(rows) == g and len(rows[0].find_elements(By.CSS_SELECTOR, "td")) == 1 + len(result.sources)
+    rows[1].click()
+    assert "step 1" in browser.find_element(By.CSS_SELECTOR, ".la-info").text
+    assert _backgrounds(browser)[: p + 1] != step2[: p + 1]
 
     shot = tmp_path / "view.png"
     assert browser.save_screenshot(str(shot))

@@ -30,7 +30,7 @@ def relative_error(c: llama_attrib.LogitComposition, logits: torch.Tensor) -> fl
 def test_forward_and_generation_complete(kv: int, rope: str, tied: bool, attn: str, mode: str) -> None:
     model = llama_attrib.wrap(tiny_model(kv, rope, tied, attn))
     ids = prompt(9)
-    out = model(ids, decompose=True)
+    out = model(ids, decompose=mode)
     c = out["attentions"]
     assert c.shape == (96,) and c.numc() == 9
     assert relative_error(c, out.logits[0, -1]) <= 1e-5

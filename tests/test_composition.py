@@ -23,7 +23,18 @@ def test_lazy_index_equals_full_components() -> None:
         assert torch.allclose(c[token].components, full[:, int(token)])
     assert isinstance(c[2], pydec.Composition)
     assert torch.allclose(c.recovery, full.sum(0), atol=1e-5)
-    assert torch.allclose(c.recovery, c.logits, atol=1e-5)
+    assert torch.equal(c.residual, torch.zeros(11))  # no bias: nothing belongs to no token
+
+
+def test_bias_share_is_the_residual() -> None:
+    """A bias share in the final hidden state is pydec's residual, never a component."""
+    torch.manual_seed(1)
+    hidden, weight, bias = torch.randn(5, 8), torch.randn(11, 8), torch.randn(8)
+    c = LogitComposition(hidden, weight, torch.zeros(11), residual=bias)
+    assert torch.allclose(c.residual, weight @ bias, atol=1e-5)
+    assert torch.allclose(c.components, (hidden @ weight.T), atol=1e-5)
+    assert torch.allclose(c.recovery, (hidden.sum(0) + bias) @ weight.T, atol=1e-5)
+    assert torch.allclose(c[4].residual, weight[4] @ bias, atol=1e-5)
 
 
 def test_batched_index_and_fallback_indexing() -> None:

@@ -1,13 +1,6 @@
-"""Every supported family, decomposed exactly in both modes, against an independent reference.
-
-The reference is written here, on the stock model (unwrapped): gradient x input of the logit
-with the frozen factors detached by forward hooks that know no formula. Norm outputs become
-``x * (out / x).detach()``; the q and k projections' outputs (and Phi-3's fused q/k rows),
-the MLP activation's output and the router's output are detached. With q and k detached the
-attention probabilities are constants; everything else stays live. Gradient x input over the
-input embeddings then gives each token's component; the logit minus their sum is the bias
-share.
-"""
+"""Every supported family, decomposed exactly in both modes, against an independent reference
+(conftest.gradient_x_input: gradient x input on the stock model, frozen factors detached by
+hooks written in the tests, not by the library's rules)."""
 
 from __future__ import annotations
 
@@ -20,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import llama_attrib
-from conftest import prompt
+from conftest import gradient_x_input, prompt
 
 BASE = {
     "vocab_size": 96,
@@ -61,49 +54,8 @@ def family_model(name: str, attn: str = "eager") -> nn.Module:
     return model.eval()
 
 
-def _detach_output(module: nn.Module, args: Any, out: Any) -> Any:
-    if isinstance(out, tuple):
-        return tuple(o.detach() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
-    return out.detach()
-
-
-def _frozen_norm(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-    x = args[0].to(out.dtype)
-    return x * (out / x).detach()
-
-
 def reference(model: nn.Module, ids: torch.Tensor, token: int) -> tuple[torch.Tensor, float, float]:
-    """(components [T], bias share, logit before any final soft-cap) of the last position."""
-    handles = []
-    head_out: list[torch.Tensor] = []
-    for name, module in model.named_modules():
-        kind = type(module).__name__
-        if kind.endswith("RMSNorm") and not name.endswith(("q_norm", "k_norm")):
-            handles.append(module.register_forward_hook(_frozen_norm))
-        elif name.endswith(
-            ("q_proj", "k_proj", "act_fn", "activation_fn", "mlp.gate", "block_sparse_moe.gate")
-        ):
-            handles.append(module.register_forward_hook(_detach_output))
-        elif name.endswith("qkv_proj"):
-            q_and_k = (
-                model.config.num_attention_heads + model.config.num_key_value_heads
-            ) * model.config.head_dim
-
-            def split(m: nn.Module, a: Any, out: torch.Tensor, n: int = q_and_k) -> torch.Tensor:
-                return torch.cat([out[..., :n].detach(), out[..., n:]], -1)
-
-            handles.append(module.register_forward_hook(split))
-    handles.append(model.lm_head.register_forward_hook(lambda m, a, out: head_out.append(out)))
-    try:
-        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        model(inputs_embeds=embeds, use_cache=False)
-        logit = head_out[-1][0, -1, token]
-        (grad,) = torch.autograd.grad(logit, embeds)
-    finally:
-        for h in handles:
-            h.remove()
-    components = (grad * embeds).sum(-1)[0].detach()
-    return components, float(logit) - float(components.sum()), float(logit)
+    return gradient_x_input(model, ids, token)
 
 
 @pytest.mark.parametrize("mode", ["target", "forward"])

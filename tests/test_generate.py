@@ -11,30 +11,34 @@ from conftest import prompt, tiny_model
 GEN = {"return_dict_in_generate": True, "output_attentions": True, "max_new_tokens": 8}
 
 
+@pytest.mark.parametrize("mode", ["target", "forward"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_tokens_identical_to_plain_generate(attn: str) -> None:
+def test_tokens_identical_to_plain_generate(attn: str, mode: str) -> None:
     model = tiny_model(2, attn=attn)
     ids = prompt(11)
     plain = model.generate(ids, max_new_tokens=8, do_sample=False)
     llama_attrib.wrap(model)
-    out = model.generate(ids, decompose=True, use_cache=True, do_sample=False, **GEN)
+    out = model.generate(ids, decompose=mode, use_cache=True, do_sample=False, **GEN)
     assert torch.equal(out.sequences, plain)
 
 
 def test_cached_equals_uncached() -> None:
+    """Forward mode decomposes inside generate: with the cache it reads the decomposed value
+    cache, without it recomputes the whole prefix each step. Same numbers."""
     model = llama_attrib.wrap(tiny_model(2))
     ids = prompt(10)
-    cached = model.generate(ids, decompose=True, use_cache=True, do_sample=False, **GEN)
-    uncached = model.generate(ids, decompose=True, use_cache=False, do_sample=False, **GEN)
+    cached = model.generate(ids, decompose="forward", use_cache=True, do_sample=False, **GEN)
+    uncached = model.generate(ids, decompose="forward", use_cache=False, do_sample=False, **GEN)
     assert torch.equal(cached.sequences, uncached.sequences)
     for a, b in zip(cached["attentions"], uncached["attentions"], strict=True):
         assert torch.allclose(a.components, b.components, atol=1e-5, rtol=1e-5)
 
 
-def test_eager_and_sdpa_give_the_same_numbers() -> None:
+@pytest.mark.parametrize("mode", ["target", "forward"])
+def test_eager_and_sdpa_give_the_same_numbers(mode: str) -> None:
     ids = prompt(10)
     outs = [
-        llama_attrib.wrap(tiny_model(2, attn=attn)).generate(ids, decompose=True, do_sample=False, **GEN)
+        llama_attrib.wrap(tiny_model(2, attn=attn)).generate(ids, decompose=mode, do_sample=False, **GEN)
         for attn in ("eager", "sdpa")
     ]
     for a, b in zip(outs[0]["attentions"], outs[1]["attentions"], strict=True):

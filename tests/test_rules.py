@@ -13,7 +13,13 @@ from llama_attrib import rules
 def test_chunked_and_unchunked_components_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     model = llama_attrib.wrap(tiny_model(2))
     ids = prompt(40, seed=5)
-    options = {"decompose": True, "return_dict_in_generate": True, "max_new_tokens": 3, "do_sample": False}
+    # forward mode: the only mode whose components go through the chunking
+    options = {
+        "decompose": "forward",
+        "return_dict_in_generate": True,
+        "max_new_tokens": 3,
+        "do_sample": False,
+    }
     monkeypatch.setattr(rules, "CHUNK_ELEMENTS", 1 << 40)  # one chunk: no triangle skipping
     whole = model.generate(ids, **options)
     monkeypatch.setattr(rules, "CHUNK_ELEMENTS", 1)  # one component per chunk

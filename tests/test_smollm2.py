@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import llama_attrib
+from conftest import gradient_x_input
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,13 @@ def test_smollm2_generation_is_exact_and_unchanged(smollm2: tuple[Any, Any]) -> 
 def test_smollm2_cached_equals_uncached(smollm2: tuple[Any, Any]) -> None:
     model, tokenizer = smollm2
     ids = chat_ids(tokenizer, "Name a colour.")
-    kwargs = {"decompose": True, "return_dict_in_generate": True, "max_new_tokens": 3, "do_sample": False}
+    # forward mode: the cache changes its path (decomposed value cache or whole-prefix recomputation)
+    kwargs = {
+        "decompose": "forward",
+        "return_dict_in_generate": True,
+        "max_new_tokens": 3,
+        "do_sample": False,
+    }
     llama_attrib.wrap(model)
     try:
         cached = model.generate(ids, use_cache=True, pad_token_id=tokenizer.eos_token_id, **kwargs)
@@ -66,3 +73,21 @@ def test_smollm2_cached_equals_uncached(smollm2: tuple[Any, Any]) -> None:
     for a, b in zip(cached["attentions"], uncached["attentions"], strict=True):
         token = int(a.recovery.argmax(0))
         assert torch.allclose(a[token].components, b[token].components, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["target", "forward"])
+def test_smollm2_components_equal_gradient_x_input(smollm2: tuple[Any, Any], mode: str) -> None:
+    """Every component of a real checkpoint's answer against the independent reference."""
+    model, tokenizer = smollm2
+    ids = chat_ids(tokenizer, "What is the capital of France?")
+    n = ids.shape[1]
+    options = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+    with llama_attrib.decompose(model):
+        out = model.generate(ids, decompose=mode, return_dict_in_generate=True, output_logits=True, **options)
+    for k, c in enumerate(out["attentions"]):
+        token = int(out.sequences[0, n + k])
+        components, bias, logit = gradient_x_input(model, out.sequences[:, : n + k], token)
+        scale = float(out.logits[k][0].abs().max())
+        assert torch.allclose(c[token].components, components, atol=1e-5 * scale, rtol=0), k
+        assert abs(bias) <= 1e-5 * scale
+        assert abs(logit - float(out.logits[k][0, token])) <= 1e-5 * scale  # the stock logit

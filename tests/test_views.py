@@ -106,3 +106,16 @@ def test_plot_heatmap(result: Attribution, tmp_path: Path) -> None:
     assert (tmp_path / "heatmap.png").stat().st_size > 1000
     words_ax = result.words().plot()
     assert len(words_ax.get_xticklabels()) == len(result.words().sources)
+
+
+def test_tables_explain_the_first_token_sink() -> None:
+    """When the first token leads, the table says what it is and how to set it apart."""
+    from llama_attrib import Attribution
+
+    scores = np.array([[9.0, 1.0, -2.0, np.nan], [8.0, 0.5, 1.0, 2.0]], dtype=np.float32)
+    result = Attribution(["<s>", "a", "b", "c", "d"], [1, 5, 6, 7, 8], 3, scores, np.nansum(scores, 1))
+    assert "attention sink" in result.table() and "drop_first=True" in result.table()
+    assert "attention sink" not in result.normalize("logit", drop_first=True).table()
+    quiet = Attribution(["<s>", "a", "b", "c", "d"], [1, 5, 6, 7, 8], 3, -scores[:, ::-1].copy(), np.zeros(2))
+    quiet.token_scores[:, 0] = 0.1
+    assert "attention sink" not in quiet.table()

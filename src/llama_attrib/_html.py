@@ -22,6 +22,12 @@ STYLE = """
 .la-attrib .la-bar{display:inline-block;width:180px;height:12px;border:1px solid #aaa;
   background:linear-gradient(to right,rgb(33,102,172),rgb(255,255,255),rgb(178,24,43))}
 .la-attrib .la-info{margin-left:12px;color:#333}
+.la-attrib .la-overview{border-collapse:collapse;margin-top:8px;font-size:11px}
+.la-attrib .la-overview td{width:9px;height:13px;padding:0;border:1px solid #fff}
+.la-attrib .la-overview td.la-ov-label{width:auto;padding-right:6px;white-space:nowrap;
+  font-family:system-ui,sans-serif;color:#333;border:none}
+.la-attrib .la-ov-row{cursor:pointer}
+.la-attrib .la-ov-row.la-ov-selected td.la-ov-label{font-weight:700}
 """
 
 SCRIPT = """function(uid){
@@ -53,6 +59,9 @@ SCRIPT = """function(uid){
       }
     }
     toks[limit].classList.add('la-selected');
+    root.querySelectorAll('.la-ov-row').forEach(function(r){
+      r.classList.toggle('la-ov-selected',parseInt(r.getAttribute('data-step'),10)===step);
+    });
     root.querySelector('.la-min').textContent=fmt(-vmax);
     root.querySelector('.la-max').textContent=fmt(vmax);
     root.querySelector('.la-info').textContent='step '+step+': '+JSON.stringify(data.tokens[limit])+
@@ -60,7 +69,8 @@ SCRIPT = """function(uid){
       (data.bias[step] ? ' (bias share '+data.bias[step].toFixed(4)+', no token)' : '')+
       '; colours: '+data.unit;
   }
-  root.querySelectorAll('.la-gen').forEach(function(el){
+  root.querySelectorAll('.la-gen, .la-ov-row').forEach(function(el){
     el.addEventListener('click',function(){select(parseInt(el.getAttribute('data-step'),10));});
   });
+  if(data.scores.length){select(data.scores.length-1);}
 }"""

@@ -252,7 +252,11 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
         options = {k: kwargs.pop(k) for k in _SEQUENCE_OPTIONS if k in kwargs}
         families.check_length(model, _expected_length(generation_config, args, kwargs))
         if mode == "target":
-            return _generate_target(session, model, original, args, kwargs, options, scope)
+            simple = all(
+                _generation_option(generation_config, kwargs, key) in (None, 1, False)
+                for key in ("num_beams", "assistant_model", "prompt_lookup_num_tokens")
+            )
+            return _generate_target(session, model, original, args, kwargs, options, scope, simple)
         problems = [
             what
             for key, (refused, what) in _REFUSED_GENERATION.items()
@@ -318,13 +322,23 @@ def _generate_target(
     kwargs: dict[str, Any],
     options: dict[str, Any],
     scope: Scope,
+    simple: bool = False,
 ) -> Any:
     """Plain generation (recording the masks and positions it used), then one target-mode pass."""
+    # generate's own raw logits are the stock logits the decomposition is checked against
+    # (before a final soft-cap they are not: then target mode runs one plain forward instead).
+    wanted_logits = kwargs.get("output_logits")
+    own_logits = simple and families.final_softcap(model) is None  # one row per sequence, each step
+    if own_logits:
+        kwargs = {**kwargs, "output_logits": True}
     session.record, session.plain = [], session.plain + 1
     try:
         out = original(*args, **kwargs)
     finally:
         record, session.record, session.plain = session.record, None, session.plain - 1
+    reference = torch.stack(out.logits, 1) if own_logits and out.get("logits") is not None else None
+    if own_logits and not wanted_logits:
+        out["logits"] = None
     sequences = out.sequences
     prompt_ids = _prompt_ids(args, kwargs)
     prompt = int(prompt_ids.shape[-1])
@@ -336,7 +350,11 @@ def _generate_target(
     inputs = Inputs(used, mask, position_ids, list(range(prompt - 1, used.shape[1])))
     steps = len(inputs.positions)
     targets = [("token", tuple(int(t) for t in sequences[:, prompt + k].tolist())) for k in range(steps)]
-    out["attentions"] = explain(model, scope, inputs, mode="target", targets=targets, **options)
+    if reference is not None and reference.shape[:2] != (used.shape[0], steps):
+        reference = None
+    out["attentions"] = explain(
+        model, scope, inputs, mode="target", targets=targets, reference=reference, **options
+    )
     _mark_tokens(out, prompt)
     return out
 

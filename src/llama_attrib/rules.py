@@ -260,8 +260,9 @@ def norm_factor(module: nn.Module, real: Tensor, dtype: torch.dtype, offset: flo
 
 
 def scale(x: Tensor, factor: Tensor, t0: int = 0) -> Tensor:
-    """A position-wise frozen factor applied to positions ``t0:`` of ``x`` (any leading dims)."""
-    return x * factor[:, t0:]
+    """A position-wise frozen factor applied to ``x`` (any leading dims) holding the positions
+    ``t0 : t0 + x.shape[-2]``."""
+    return x * factor[:, t0 : t0 + x.shape[-2]]
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ def explain(
     component_dtype: torch.dtype | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
+    reference: Tensor | None = None,
 ) -> tuple[pydec.Composition, ...]:
     """The per-step Compositions of one teacher-forced pass (see
     :func:`llama_attrib.decompose_sequence`). ``scope()``: a block in which the model is wrapped,
@@ -105,6 +106,8 @@ def explain(
         with scope() as session:
             return _forward_mode(model, session, inputs, members, names, dtype, limit, progress)
     run = TargetRun(model, scope, inputs, members, names, dtype, limit, progress, lean=max_memory is None)
+    if reference is not None:  # the stock logits generate already computed: no extra forward
+        run.reference = reference.float()
     return run.compositions(targets)
 
 

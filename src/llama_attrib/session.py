@@ -242,9 +242,10 @@ class Session:
                 out = original(*args, **kwargs)
             finally:
                 config._attn_implementation_internal = previous
-            if probe.probs is None:
+            probs, probe.probs = probe.probs, None  # the probe keeps nothing after the call
+            if probs is None:
                 raise DecompositionError(f"{type(module).__name__} did not call its attention function")
-            return out, probe.probs
+            return out, probs
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if (call := self._current("target")) is not None:
@@ -293,8 +294,8 @@ def _split_at(keep: int, x: Tensor, apply: Callable[[Tensor, int], Tensor]) -> T
     if keep <= 0 or keep >= x.shape[1]:
         return apply(x, 0)
     with torch.no_grad():
-        whole = apply(x.detach(), 0)
-    return torch.cat([whole[:, :keep], apply(x[:, keep:], keep)], dim=1)
+        head = apply(x[:, :keep].detach(), 0)
+    return torch.cat([head, apply(x[:, keep:], keep)], dim=1)
 
 
 def _layer_roles(layer: nn.Module, family: families.Family) -> list[tuple[str, nn.Module]]:

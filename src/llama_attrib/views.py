@@ -52,7 +52,23 @@ def table(result: Attribution, top: int = 0) -> str:
             lines.append(f"  {j:5d}  {result.sources[j]!r:>{width}}  {scores[k, j]:+10.4f}")
         if bias:
             lines.append(f"  {'-':>5}  {'(bias)':>{width}}  {float(result.bias_scores[k]):+10.4f}")
+    if _sink_leads(result):
+        lines += [
+            "",
+            "note: the first token takes the largest share at some step. It is an attention sink: "
+            "heads with nothing to attend to put their weight there, so it carries much of the logit "
+            "without saying anything about the prompt. Set it apart with "
+            "result.normalize(drop_first=True) (CLI: --drop-first).",
+        ]
     return "\n".join(lines)
+
+
+def _sink_leads(result: Attribution) -> bool:
+    """Whether token 0 (shown, not grouped with others) has the largest |score| at some step."""
+    if result.drop_first or not result.n_generated or not result.columns or result.columns[0] != [0]:
+        return False
+    scores = np.nan_to_num(np.abs(result.scores), nan=-1.0)
+    return bool((scores.argmax(1) == 0).any())
 
 
 # -- HTML ----------------------------------------------------------------------------------
@@ -87,6 +103,35 @@ def _token_spans(result: Attribution) -> str:
     return "".join(spans)
 
 
+def _colour(value: float, vmax: float) -> str:
+    t = min(1.0, abs(value) / vmax) if vmax > 0 else 0.0
+    end = (33, 102, 172) if value < 0 else (178, 24, 43)
+    r, g, b = (round(255 + (e - 255) * t) for e in end)
+    return f"rgb({r},{g},{b})"
+
+
+def _overview(result: Attribution) -> str:
+    """The whole generation at a glance: one row per generated token, one cell per source,
+    coloured by its score (each row scaled to its own largest); a click selects the step."""
+    scores = result.scores
+    rows = []
+    for k in range(result.n_generated):
+        finite = np.abs(scores[k][~np.isnan(scores[k])])
+        vmax = float(finite.max()) if finite.size else 0.0
+        cells = []
+        for j, label in enumerate(result.sources):
+            v = scores[k, j]
+            if np.isnan(v):
+                cells.append('<td style="background:#f2f2f2"></td>')
+            else:
+                tip = html.escape(f"{label!r}: {v:+.4g}", quote=True)
+                cells.append(f'<td style="background:{_colour(float(v), vmax)}" title="{tip}"></td>')
+        label = html.escape(visible(result.generated_tokens[k])[:16])
+        head = f'<tr class="la-ov-row" data-step="{k}"><td class="la-ov-label">{k}: {label}</td>'
+        rows.append(head + "".join(cells) + "</tr>")
+    return f'<table class="la-overview" title="sources x generated tokens">{"".join(rows)}</table>'
+
+
 def to_html(result: Attribution, full_page: bool = True) -> str:
     """Self-contained HTML: the text, where clicking a generated token colours every earlier
     token by its signed contribution (diverging colours, a legend, values on hover)."""
@@ -106,11 +151,13 @@ def to_html(result: Attribution, full_page: bool = True) -> str:
     body = (
         f'<div class="la-attrib" id="{uid}">'
         f"<style>{STYLE}</style>"
-        f'<div class="la-help">Click a generated token (underlined) to colour every earlier '
-        f"token by its contribution to that token's logit ({data['unit']}{note}).</div>"
+        f'<div class="la-help">Click a generated token (underlined), or a row of the overview '
+        f"below, to colour every earlier token by its contribution to that token's logit "
+        f"({data['unit']}{note}). The last step is shown first.</div>"
         f'<div class="la-text">{_token_spans(result)}</div>'
         '<div class="la-legend"><span class="la-min">−</span><span class="la-bar"></span>'
         '<span class="la-max">+</span><span class="la-info">no token selected</span></div>'
+        f"{_overview(result)}"
         f'<script type="application/json" class="la-data">{payload}</script>'
         f'<script>({SCRIPT})("{uid}");</script>'
         "</div>"
