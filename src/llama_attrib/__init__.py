@@ -20,6 +20,7 @@ from .errors import (
     UnsupportedOptionError,
 )
 from .families import Family, register_family
+from .flow import Flow, flow
 from .memory import MemoryBudgetError
 from .memory import estimate as estimate_memory
 from .result import Attribution, Contributor
@@ -32,6 +33,7 @@ __all__ = [
     "Contributor",
     "DecompositionError",
     "Family",
+    "Flow",
     "LlamaAttribError",
     "LogitComposition",
     "MemoryBudgetError",
@@ -43,6 +45,7 @@ __all__ = [
     "decompose",
     "decompose_sequence",
     "estimate_memory",
+    "flow",
     "is_wrapped",
     "register_family",
     "unwrap",

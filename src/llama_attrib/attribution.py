@@ -114,7 +114,9 @@ def attribute(
             **({"streamer": streamer} if streamer else {}),
             **options,
         )
-    return _result(out, ids.shape[1], tokenizer, model, prompt, chat, mode, max_new_tokens, options)
+    result = _result(out, ids.shape[1], tokenizer, model, prompt, chat, mode, max_new_tokens, options)
+    result._model = model  # type: ignore[attr-defined]  # for result.flow(step); not saved or compared
+    return result
 
 
 def _result(

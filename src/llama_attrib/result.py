@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import torch
 
 from . import tokens as _tokens
 from .errors import require
@@ -364,6 +365,23 @@ class Attribution:
         return True
 
     __hash__ = None  # type: ignore[assignment]
+
+    # -- inside the model ----------------------------------------------------------------
+    def flow(self, step: int, model: Any = None) -> Any:
+        """Step ``step``'s logit split over source x layer x head/MLP (:func:`llama_attrib.flow`),
+        sources labelled by their text. ``model``: the model that produced this result (kept
+        by :func:`llama_attrib.attribute` on the result it returns; pass it for a loaded one)."""
+        from .flow import flow
+
+        model = model if model is not None else getattr(self, "_model", None)
+        if model is None:
+            raise ValueError("flow(step) needs the model: result.flow(step, model=model)")
+        if not 0 <= step < self.n_generated:
+            raise IndexError(f"step {step} out of range ({self.n_generated} generated tokens)")
+        end = self.prompt_length + step
+        device = next(model.parameters()).device
+        ids = torch.tensor([self.token_ids[:end]], device=device)
+        return flow(model, ids, target=self.token_ids[end], labels=self.tokens[:end])
 
     # -- views (llama_attrib.views) ----------------------------------------------------
     def table(self, top: int = 0) -> str:

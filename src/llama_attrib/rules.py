@@ -399,8 +399,12 @@ def attention(
     cache: ValueCache | None,
     offset: int,
     layout: Layout | None = None,
+    record: Callable[[Tensor, Tensor | None], None] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Forward mode: the components (and bias share) of the attention's output."""
+    """Forward mode: the components (and bias share) of the attention's output.
+
+    ``record(position)``: a flow recorder, given every head's mixed values (before the output
+    projection) at one query position: components ``[C, B, heads*hd]`` and bias share."""
     c, batch, q, _ = comps.shape
     kv, groups = probs.shape[1], probs.shape[2]
     hd = int(module.head_dim)  # type: ignore[arg-type]
@@ -422,6 +426,10 @@ def attention(
         # A sliding-window cache hands the attention only the most recent keys: the older
         # positions get probability zero (they are outside every query's window).
         probs = F.pad(probs, (s - probs.shape[-1], 0))
+    if record is not None:
+        t = int(record.position)  # type: ignore[attr-defined]
+        at = probs[:, :, :, t : t + 1]
+        record(mix(at, values)[..., 0, :], None if res_values is None else mix(at, res_values)[:, 0])
     res_out = None
     if res_values is not None:
         res_out = rule.out.linear(module, mix(probs, res_values))

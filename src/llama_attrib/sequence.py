@@ -31,7 +31,7 @@ from .errors import DecompositionError, UnsupportedOptionError
 from .rules import Layout
 from .session import Call, Session, completeness_error
 
-_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-3}
+_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}  # measured: 1.7e-6 (scripts/measure_guards.py)
 _TOLERANCE_HALF = 5e-2
 MODES = ("target", "forward")
 LEAN_BYTES = 64 << 20  # default working memory of target mode's batched backward

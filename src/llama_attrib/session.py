@@ -53,12 +53,32 @@ class Call:
     logits: Tensor | None = None  # the LM head's own output (before any soft-cap)
     embeds: Tensor | None = None  # target mode: the embeddings, a leaf requiring grad
     bias_leaves: list[Tensor] = field(default_factory=list)  # target mode: every bias, as a leaf
+    flow: FlowRecord | None = None  # forward mode: what each block adds at one position
 
     def bias_leaf(self, bias: Tensor) -> Tensor:
         """Target mode: a bias as a leaf of the pass, so the backward gives its share."""
         leaf = bias.detach().clone().requires_grad_(True)
         self.bias_leaves.append(leaf)
         return leaf
+
+
+@dataclass
+class FlowRecord:
+    """Forward mode, one position: each block's output there, before it joins the residual
+    stream (attention: every head's mixed values before the output projection), and the
+    norms' frozen factors there. Keyed by ``id(module)``; values ``(components, bias share)``."""
+
+    position: int
+    attention: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    mlp: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    norm: dict[int, Tensor] = field(default_factory=dict)
+
+    def recorder(self, module: nn.Module) -> Callable[[Tensor, Tensor | None], None]:
+        def record(comps: Tensor, residual: Tensor | None) -> None:
+            self.attention[id(module)] = (comps, residual)
+
+        record.position = self.position  # type: ignore[attr-defined]
+        return record
 
 
 class Session:
@@ -189,6 +209,8 @@ class Session:
                 return original(x, *args, **kwargs)
             real, comps, residual = split(x)
             factor = rules.norm_factor(module, real, comps.dtype, offset)
+            if (call := self._current("forward")) is not None and call.flow is not None:
+                call.flow.norm[id(module)] = factor[:, call.flow.position]
             res = None if residual is None else rules.scale(residual, factor)
             return DecomposedTensor.wrap(original(real, *args, **kwargs), rules.scale(comps, factor), res)
 
@@ -220,6 +242,9 @@ class Session:
             bias = rule.bias(module, gate)
             if bias is not None:
                 res = bias if res is None else res + bias
+            if call.flow is not None:
+                t = call.flow.position
+                call.flow.mlp[id(module)] = (comps_out[:, :, t], None if res is None else res[:, t])
             if isinstance(stock, tuple):  # transformers 4.x MoE blocks return (hidden, router logits)
                 return (DecomposedTensor.wrap(stock[0], comps_out, res), *stock[1:])
             return DecomposedTensor.wrap(stock, comps_out, res)
@@ -261,8 +286,9 @@ class Session:
             args, kwargs = _replace_hidden(args, kwargs, real)
             cache = self.value_cache(int(module.layer_idx), find_cache(kwargs))  # type: ignore[arg-type]
             (out, weights), probs = stock(args, kwargs, skip=False)
+            record = None if call.flow is None else call.flow.recorder(module)
             comps_out, res = rules.attention(
-                rule, module, probs, comps, residual, cache, call.offset, call.layout
+                rule, module, probs, comps, residual, cache, call.offset, call.layout, record
             )
             return DecomposedTensor.wrap(out, comps_out, res), weights
 

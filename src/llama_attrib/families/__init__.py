@@ -51,6 +51,9 @@ class Family:
         )
     )
     norm_offset: float = 0.0
+    # role -> the decoder-layer norm applied to that block's output before the residual add
+    # (OLMo 2 and Gemma's post-norms; Llama's ``post_attention_layernorm`` is a pre-norm)
+    post_norms: dict[str, str] = field(default_factory=dict)
     inner: tuple[str, ...] = ()
     checks: Callable[[nn.Module], list[str]] | None = None
     notes: str = ""

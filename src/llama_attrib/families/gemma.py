@@ -21,6 +21,7 @@ GEMMA2 = register_family(
         "Gemma2",
         classes={"embedding": ("Embedding", "Gemma2TextScaledWordEmbedding")},
         layer_roles=SANDWICH,
+        post_norms={"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
         norm_offset=1.0,
         notes=NOTES,
     )
@@ -30,6 +31,7 @@ GEMMA3 = register_family(
         "Gemma3",
         classes={"embedding": ("Gemma3TextScaledWordEmbedding",)},
         layer_roles=SANDWICH,
+        post_norms={"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
         norm_offset=1.0,
         inner=("Gemma3RMSNorm",),
         notes=NOTES + "; q/k norms inside the probabilities",

@@ -11,6 +11,7 @@ OLMO2 = register_family(
             "mlp": MLP,
             "post_feedforward_layernorm": NORM,
         },
+        post_norms={"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
         inner=("Olmo2RMSNorm",),
         notes="post-norms (frozen scales on the block outputs); q/k norms inside the probabilities",
     )

@@ -1,0 +1,355 @@
+"""Where each token's contribution travelled: the split of one logit over source x layer x
+head/MLP.
+
+With the frozen factors fixed, the final residual stream at a position is the embedding plus
+what every attention and MLP block added there; each block's output is a sum over source
+tokens; the final norm's frozen scale and the LM head row are linear. So
+
+    logit = sum over sources i, layers l, parts p of scores[i, l, p] + sum_i embedding[i]
+            (+ the biases' share, for a model with biases)
+
+where ``p`` runs over the heads of layer ``l`` and then its MLP (for a mixture of experts, the
+whole sparse block), and ``scores[i, l, p]`` is the part of that block's output that came from
+token ``i``, read directly through the final norm and the LM head (a post-norm's frozen scale
+too, for OLMo 2 and Gemma). Computed in one forward-mode pass over the sequence (components
+in chunks sized to the memory budget): exact, not an approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import _offload, families, memory, rules
+from .api import _scope_of
+from .errors import DecompositionError, UnsupportedOptionError, require
+from .session import Call, FlowRecord
+
+
+@dataclass
+class Flow:
+    """One logit split over ``[sources, layers, heads + 1]`` (the heads, then the MLP).
+
+    ``scores``: that split (float32, logit units); ``embedding [sources]``: the embeddings'
+    direct path (only the token at ``position`` has one); ``bias [layers, heads + 1]``: what
+    belongs to no token (zero without biases); ``stream [layers + 1, sources]``: the residual
+    stream at ``position`` before the first layer and after each layer, read through the final
+    norm and head (how each token's contribution builds up); ``logit``: the real logit (before
+    a final soft-cap), which ``scores.sum() + embedding.sum() + bias.sum()`` equals.
+    """
+
+    scores: Tensor
+    embedding: Tensor
+    bias: Tensor
+    stream: Tensor
+    stream_bias: Tensor
+    logit: float
+    target: Any
+    position: int
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> int:
+        return int(self.scores.shape[1])
+
+    @property
+    def heads(self) -> int:
+        return int(self.scores.shape[2]) - 1
+
+    def by_layer(self) -> Tensor:
+        """``[layers, sources]``: each layer's attention and MLP together."""
+        return self.scores.sum(-1).T
+
+    def by_part(self) -> Tensor:
+        """``[layers, heads + 1]``: each head's and MLP's direct contribution, all sources."""
+        return self.scores.sum(0)
+
+    def grouped(self, groups: Sequence[Sequence[int]], labels: Sequence[str] | None = None) -> Flow:
+        """Sources summed over ``groups`` of token positions (every position in one group)."""
+        n = self.scores.shape[0]
+        members = torch.zeros((len(groups), n))
+        for g, positions in enumerate(groups):
+            members[g, list(positions)] = 1.0
+        if bool((members.sum(0) != 1).any()):
+            raise ValueError(f"groups must cover each of the {n} sources exactly once")
+        if labels is None:
+            labels = ["".join(self.labels[i] for i in g) if self.labels else str(list(g)) for g in groups]
+        scores = torch.einsum("gs,slp->glp", members, self.scores)
+        return replace(
+            self,
+            scores=scores,
+            embedding=members @ self.embedding,
+            stream=self.stream @ members.T,
+            labels=list(labels),
+        )
+
+    def top_paths(self, k: int = 10) -> list[tuple[str, int, str, float]]:
+        """The ``k`` largest ``(source, layer, part, score)`` paths by absolute score."""
+        flat = self.scores.flatten()
+        order = flat.abs().argsort(descending=True)[:k]
+        out = []
+        for index in order.tolist():
+            s, rest = divmod(index, self.scores.shape[1] * self.scores.shape[2])
+            layer, part = divmod(rest, self.scores.shape[2])
+            name = "mlp" if part == self.heads else f"head {part}"
+            out.append((self._label(s), layer, name, float(flat[index])))
+        return out
+
+    def table(self, k: int = 10) -> str:
+        total = float(self.scores.sum() + self.embedding.sum() + self.bias.sum())
+        lines = [
+            f"logit {self.logit:.4f} = paths {float(self.scores.sum()):.4f} + embeddings "
+            f"{float(self.embedding.sum()):.4f} + bias {float(self.bias.sum()):.4f} ({total:.4f})",
+            f"{'source':>16}  {'layer':>5}  {'part':>7}  {'score':>9}",
+        ]
+        for source, layer, part, score in self.top_paths(k):
+            lines.append(f"{source!r:>16}  {layer:5d}  {part:>7}  {score:+9.4f}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _label(self, s: int) -> str:
+        return self.labels[s] if self.labels else str(s)
+
+    def plot_layers(self, ax: Any = None, cmap: str = "RdBu_r") -> Any:
+        """Heatmap ``[layer x source]`` (each layer's heads and MLP together)."""
+        return self._heatmap(self.by_layer().numpy(), [f"layer {i}" for i in range(self.layers)], ax, cmap)
+
+    def plot_heads(self, layer: int, ax: Any = None, cmap: str = "RdBu_r") -> Any:
+        """Heatmap ``[head x source]`` of one layer (its MLP as the last row)."""
+        rows = [f"head {h}" for h in range(self.heads)] + ["mlp"]
+        return self._heatmap(self.scores[:, layer].T.numpy(), rows, ax, cmap, title=f"layer {layer}")
+
+    def _heatmap(self, values: np.ndarray, rows: list[str], ax: Any, cmap: str, title: str = "") -> Any:
+        require("matplotlib", "viz", "Flow plots")
+        import matplotlib.pyplot as plt
+
+        from .views import visible
+
+        if ax is None:
+            width = min(max(4.0, 0.28 * values.shape[1] + 2.0), 40.0)
+            _, ax = plt.subplots(figsize=(width, max(2.5, 0.25 * values.shape[0] + 1.5)))
+        vmax = float(np.abs(values).max()) or 1.0
+        image = ax.imshow(values, cmap=cmap, vmin=-vmax, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(values.shape[1]))
+        ax.set_xticklabels(
+            [visible(self._label(s))[:16] for s in range(values.shape[1])], rotation=90, fontsize=8
+        )
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(rows, fontsize=8)
+        ax.set_xlabel("source")
+        if title:
+            ax.set_title(title)
+        ax.figure.colorbar(image, ax=ax, label="direct contribution (logit)")
+        return ax
+
+    def to_html(self, path: str | None = None) -> str:
+        """A self-contained page: the ``[layer x source]`` grid; clicking a layer shows its
+        ``[head x source]`` rows (the heads, then the MLP)."""
+        from ._flow_html import render
+
+        html = render(self)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(html)
+        return html
+
+    def _repr_html_(self) -> str:
+        from ._flow_html import render
+
+        return render(self, full_page=False)
+
+
+def flow(
+    model: nn.Module,
+    input_ids: Tensor,
+    position: int = -1,
+    target: int | tuple[int, int] | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+    labels: Sequence[str] | None = None,
+    max_memory: int | str | None = None,
+) -> Flow:
+    """Split the logit of ``target`` at ``position`` over source x layer x head/MLP.
+
+    ``input_ids``: ``[T]`` or ``[1, T]``; ``target``: a token id, a pair ``(a, b)`` for
+    ``logit_a - logit_b``, or None (the argmax at that position). ``labels``: a name per
+    source token (e.g. its text). The model may be wrapped or not; it is left as it was.
+    """
+    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    if ids.shape[0] != 1:
+        raise UnsupportedOptionError(f"flow explains one sequence: input_ids has {ids.shape[0]} rows")
+    length = int(ids.shape[1])
+    position = position % length if -length <= position < length else -1
+    if position < 0:
+        raise UnsupportedOptionError(f"position out of range for {length} tokens")
+    ids = ids[:, : position + 1]
+    mask = (
+        None
+        if attention_mask is None
+        else (attention_mask if attention_mask.dim() == 2 else attention_mask[None])
+    )
+    mask = None if mask is None else mask[:, : position + 1]
+    families.check_length(model, position + 1)
+    with _scope_of(model)() as session:
+        family = session.family
+        dtype = session.dtype
+        records, logits = _run(model, session, ids, mask, position, dtype, max_memory)
+    return _assemble(model, family, records, logits, target, position, list(labels or []))
+
+
+def _run(
+    model: nn.Module,
+    session: Any,
+    ids: Tensor,
+    mask: Tensor | None,
+    position: int,
+    dtype: torch.dtype,
+    max_memory: int | str | None,
+) -> tuple[list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]], Any]], Tensor]:
+    """Forward mode over the sequence in chunks of components, recording at ``position``."""
+    length = int(ids.shape[1])
+    device = next(model.parameters()).device
+    budget = memory.budget(max_memory, device)
+    shape = memory.Shape.of(model)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_component = memory.forward_component_bytes(shape, 1, length, itemsize)
+    per_chunk = min(length, budget // per_component)
+    if per_chunk < 1:
+        raise memory.MemoryBudgetError(
+            f"flow over {length} tokens needs about {memory.fmt(per_component)} per source; the budget "
+            f"is {memory.fmt(budget)}: shorten the sequence or raise max_memory"
+        )
+    per_chunk = math.ceil(length / math.ceil(length / per_chunk))
+    layers: Any = model.model.layers  # type: ignore[union-attr]
+    out: list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]], Any]] = []
+    logits: Tensor | None = None
+    for c0 in range(0, length, per_chunk):
+        rows = torch.eye(length, dtype=dtype)[c0 : c0 + per_chunk]
+        record = FlowRecord(position)
+        # the residual stream at the position: into layer 0, then after each layer
+        streams: list[tuple[Tensor, Tensor | None]] = []
+        keep = _keeper(streams, position)
+        hooks = [
+            layers[0].register_forward_pre_hook(
+                lambda m, args, kwargs, keep=keep: keep(_hidden(args, kwargs)), with_kwargs=True
+            )
+        ]
+        hooks += [
+            layer.register_forward_hook(lambda m, a, output, keep=keep: keep(output)) for layer in layers
+        ]
+        call = Call("forward", dtype, layout=rules.Layout.of(rows), flow=record)
+        kwargs: dict[str, Any] = {"use_cache": False, "decompose": False, "logits_to_keep": 1}
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        try:
+            with torch.no_grad(), session.running(call):
+                model(input_ids=ids, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        if call.logits is None or len(streams) != len(layers) + 1:
+            raise DecompositionError("the flow pass did not reach every layer and the LM head")
+        logits = call.logits[0, -1]
+        out.append((record, streams, None))
+    assert logits is not None
+    return out, logits
+
+
+def _keeper(streams: list[tuple[Tensor, Tensor | None]], position: int) -> Any:
+    def keep(stream: Any) -> None:
+        from .stream import split
+
+        _, comps, residual = split(stream[0] if isinstance(stream, tuple) else stream)
+        streams.append((comps[:, 0, position], None if residual is None else residual[0, position]))
+
+    return keep
+
+
+def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _assemble(
+    model: nn.Module,
+    family: families.Family,
+    chunks: list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]], Any]],
+    logits: Tensor,
+    target: Any,
+    position: int,
+    labels: list[str],
+) -> Flow:
+    weight = _offload.weight(model.get_submodule("lm_head")).float()
+    if target is None:
+        target = int(logits.argmax())
+    if isinstance(target, tuple):
+        row, logit = weight[target[0]] - weight[target[1]], float(logits[target[0]] - logits[target[1]])
+    else:
+        row, logit = weight[int(target)], float(logits[int(target)])
+    base: Any = model.model  # type: ignore[union-attr]
+    first = chunks[0][0]
+    read = row.to(first.norm[id(base.norm)].device) * first.norm[id(base.norm)][0].float()  # [hidden]
+    scores_parts, embedding_parts, stream_parts = [], [], []
+    bias = None
+    stream_bias = None
+    for record, streams, _ in chunks:
+        per_layer, bias_layers = [], []
+        for layer in base.layers:
+            attention = layer.self_attn
+            mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")  # noqa: B009
+            v_attn, v_mlp = read, read
+            if "attention" in family.post_norms:
+                v_attn = read * record.norm[id(getattr(layer, family.post_norms["attention"]))][0].float()
+            if "mlp" in family.post_norms:
+                v_mlp = read * record.norm[id(getattr(layer, family.post_norms["mlp"]))][0].float()
+            w_o = family.attention.out.weight(attention).float()  # [hidden, heads*hd]
+            u = w_o.T.to(v_attn) @ v_attn  # [heads*hd]
+            mixed, mixed_bias = record.attention[id(attention)]
+            hd = int(attention.head_dim)
+            heads = (mixed[:, 0].float().reshape(mixed.shape[0], -1, hd) * u.view(-1, hd)).sum(
+                -1
+            )  # [C, heads]
+            out, out_bias = record.mlp[id(mlp)]
+            mlp_scores = out[:, 0].float() @ v_mlp  # [C]
+            per_layer.append(torch.cat([heads, mlp_scores[:, None]], 1))
+            b_heads = torch.zeros(heads.shape[1], device=read.device)
+            if mixed_bias is not None:
+                b_heads = (mixed_bias[0].float().view(-1, hd) * u.view(-1, hd)).sum(-1)
+            b_o = family.attention.out.bias(attention)
+            b_attn_o = 0.0 if b_o is None else float(b_o.float().to(v_attn) @ v_attn)
+            b_mlp = 0.0 if out_bias is None else float(out_bias[0].float() @ v_mlp)
+            b_heads = b_heads + b_attn_o / b_heads.shape[0]  # the output bias, shared over the heads
+            bias_layers.append(torch.cat([b_heads, torch.tensor([b_mlp], device=b_heads.device)]))
+        scores_parts.append(torch.stack(per_layer, 1))  # [C, layers, heads + 1]
+        reads = [
+            (comps.float() @ read, None if res is None else float(res.float() @ read))
+            for comps, res in streams
+        ]
+        embedding_parts.append(reads[0][0])
+        stream_parts.append(torch.stack([r for r, _ in reads]))  # [layers + 1, C]
+        if bias is None:
+            bias = torch.stack(bias_layers)
+            stream_bias = torch.tensor([0.0 if b is None else b for _, b in reads])
+    assert bias is not None and stream_bias is not None
+    scores = torch.cat(scores_parts).cpu()
+    embedding = torch.cat(embedding_parts).cpu()
+    stream = torch.cat(stream_parts, 1).cpu()
+    result = Flow(scores, embedding, bias.cpu(), stream, stream_bias, logit, target, position, labels)
+    total = float(scores.sum() + embedding.sum() + result.bias.sum())
+    scale = float(logits.float().abs().max())
+    if not abs(total - logit) <= 1e-4 * scale + 1e-6:
+        raise DecompositionError(
+            f"flow: paths add up to {total:.6g}, the logit is {logit:.6g}: this model's layer "
+            "structure is not the residual stream llama_attrib assumed"
+        )
+    return result
+
+
+__all__ = ["Flow", "flow"]

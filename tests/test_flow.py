@@ -1,0 +1,137 @@
+"""The split of a logit over source x layer x head/MLP (llama_attrib.flow), against direct
+logit attribution computed here with forward hooks on the stock model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import llama_attrib
+from conftest import prompt, tiny_model, tiny_tokenizer
+from test_families import FAMILIES, family_model
+
+POST_NORMS = {"gemma2", "gemma3_text", "olmo2"}  # norms on the block outputs, before the add
+
+
+def direct_logit_attribution(model: nn.Module, name: str, ids: torch.Tensor, token: int) -> dict[str, Any]:
+    """Each head's and MLP's direct contribution to ``token``'s logit at the last position,
+    from the stock model: the o_proj input split by head, the MLP output, the post-norm and
+    final-norm ratios out/in at that position, and the LM head row. Also the stock logit."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def save(key: str, which: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            x = args[0] if which == "in" else (out[0] if isinstance(out, tuple) else out)
+            if which == "ratio":
+                x = out / args[0]
+            seen[key] = x[0, -1].detach().float()
+
+        return hook
+
+    base: Any = model.model
+    for i, layer in enumerate(base.layers):
+        hooks.append(layer.self_attn.o_proj.register_forward_hook(save(f"z{i}", "in")))
+        mlp = getattr(layer, "mlp", None) or layer.block_sparse_moe
+        hooks.append(mlp.register_forward_hook(save(f"mlp{i}", "out")))
+        if name in POST_NORMS:
+            hooks.append(layer.post_attention_layernorm.register_forward_hook(save(f"pa{i}", "ratio")))
+            hooks.append(layer.post_feedforward_layernorm.register_forward_hook(save(f"pf{i}", "ratio")))
+    hooks.append(base.norm.register_forward_hook(save("final", "ratio")))
+    hooks.append(model.lm_head.register_forward_hook(save("logits", "out")))
+    try:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    read = model.lm_head.weight[token].detach().float() * seen["final"]
+    parts = []
+    for i, layer in enumerate(base.layers):
+        attention = layer.self_attn
+        hd = attention.head_dim
+        w_o = attention.o_proj.weight.detach().float()
+        z = seen[f"z{i}"]
+        v_attn = read * seen[f"pa{i}"] if name in POST_NORMS else read
+        v_mlp = read * seen[f"pf{i}"] if name in POST_NORMS else read
+        heads = [
+            float((w_o[:, h * hd : (h + 1) * hd] @ z[h * hd : (h + 1) * hd]) @ v_attn)
+            for h in range(z.numel() // hd)
+        ]
+        parts.append([*heads, float(seen[f"mlp{i}"] @ v_mlp)])
+    return {"parts": torch.tensor(parts), "logit": float(seen["logits"][token])}
+
+
+@pytest.mark.parametrize("name", ["llama", *FAMILIES])
+def test_flow_matches_direct_logit_attribution(name: str) -> None:
+    model = tiny_model(2) if name == "llama" else family_model(name)
+    ids = prompt(9)
+    result = llama_attrib.flow(model, ids)
+    token = int(result.target)
+    reference = direct_logit_attribution(model, name, ids, token)
+    scale = abs(reference["logit"]) + 1.0
+    assert result.scores.shape == (9, 2, 5)
+    # the sum is the stock logit
+    total = float(result.scores.sum() + result.embedding.sum() + result.bias.sum())
+    assert abs(total - reference["logit"]) <= 1e-5 * scale
+    assert abs(result.logit - reference["logit"]) <= 1e-5 * scale
+    # over sources (and the biases' share): each head's and MLP's direct logit attribution
+    assert torch.allclose(result.scores.sum(0) + result.bias, reference["parts"], atol=1e-5 * scale, rtol=0)
+    # over layers and parts: the per-token decomposition of the same logit
+    (c,) = llama_attrib.decompose_sequence(model, ids, mode="forward")
+    per_token = result.scores.sum((1, 2)) + result.embedding
+    assert torch.allclose(per_token, c[token].components.float(), atol=1e-5 * scale, rtol=0)
+    # the residual stream after the last layer is that decomposition too; each layer adds its blocks
+    assert torch.allclose(result.stream[-1], c[token].components.float(), atol=1e-5 * scale, rtol=0)
+    steps = result.stream[1:] - result.stream[:-1]
+    assert torch.allclose(steps, result.scores.sum(-1).T, atol=1e-5 * scale, rtol=0)
+    assert torch.equal(result.embedding[:-1], torch.zeros(8))  # only the token at the position
+    assert not llama_attrib.is_wrapped(model)
+
+
+def test_flow_of_a_contrast_and_a_position() -> None:
+    model = tiny_model(2)
+    ids = prompt(12)
+    a, b = 5, 7
+    contrast = llama_attrib.flow(model, ids, position=6, target=(a, b))
+    first = llama_attrib.flow(model, ids, position=6, target=a)
+    second = llama_attrib.flow(model, ids, position=6, target=b)
+    assert contrast.scores.shape[0] == 7  # sources up to the position
+    assert torch.allclose(contrast.scores, first.scores - second.scores, atol=1e-5)
+    assert abs(contrast.logit - (first.logit - second.logit)) <= 1e-5
+
+
+def test_chunked_flow_equals_one_pass() -> None:
+    """A small memory budget splits the sources into chunks: same numbers."""
+    model = tiny_model(2)
+    ids = prompt(20)
+    whole = llama_attrib.flow(model, ids)
+    chunked = llama_attrib.flow(model, ids, max_memory=200_000)
+    assert torch.allclose(whole.scores, chunked.scores, atol=1e-6)
+    assert torch.allclose(whole.stream, chunked.stream, atol=1e-6)
+
+
+def test_flow_views_and_aggregation(tmp_path: Any) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    model = tiny_model(2)
+    result = llama_attrib.attribute(model, tiny_tokenizer(), "the cat sat on the mat", max_new_tokens=3)
+    f = result.flow(2)
+    step = result.token_scores[2, : result.prompt_length + 2]
+    assert torch.allclose(f.scores.sum((1, 2)) + f.embedding, torch.tensor(step), atol=1e-4)
+    assert f.labels == result.tokens[: result.prompt_length + 2]
+    words = result.words()
+    g = f.grouped(words.columns[: len(words.columns)], None)
+    assert torch.allclose(g.scores.sum(0), f.scores.sum(0), atol=1e-5)
+    paths = f.top_paths(3)
+    assert len(paths) == 3 and abs(paths[0][3]) >= abs(paths[-1][3])
+    assert "head" in f.table() or "mlp" in f.table()
+    assert f.plot_layers() is not None and f.plot_heads(1) is not None
+    page = f.to_html(str(tmp_path / "flow.html"))
+    assert page.count('class="la-fl-layer"') == 2 and page.count('class="la-fl-part"') == 2 * 5
+    with pytest.raises(ValueError, match="needs the model"):
+        words.flow(0)
