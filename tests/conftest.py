@@ -170,8 +170,14 @@ def _detach_output(module: nn.Module, args: Any, out: Any) -> Any:
 
 
 def _frozen_norm(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-    x = args[0].to(out.dtype)
-    return x * (out / x).detach()
+    # The norm's factor is out / x; where x is exactly 0 (a quantized checkpoint's embeddings
+    # have such entries) it is read from the module run on 1e-20 there (no hooks), which
+    # changes the norm's scale by nothing measurable.
+    x = args[0]
+    safe = torch.where(x == 0, torch.full_like(x, 1e-20), x).detach()
+    with torch.no_grad():
+        ratio = type(module).forward(module, safe).to(out.dtype) / safe.to(out.dtype)
+    return x.to(out.dtype) * ratio
 
 
 def gradient_x_input(

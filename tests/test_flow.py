@@ -127,6 +127,8 @@ def test_flow_views_and_aggregation(tmp_path: Any) -> None:
     words = result.words()
     g = f.grouped(words.columns[: len(words.columns)], None)
     assert torch.allclose(g.scores.sum(0), f.scores.sum(0), atol=1e-5)
+    part = f.only([1, 2])
+    assert torch.equal(part.scores, f.scores[[1, 2]]) and part.labels == f.labels[1:3]
     paths = f.top_paths(3)
     assert len(paths) == 3 and abs(paths[0][3]) >= abs(paths[-1][3])
     assert "head" in f.table() or "mlp" in f.table()

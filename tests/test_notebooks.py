@@ -47,7 +47,12 @@ def outputs(notebook: Any, mime: str) -> list[str]:
 
 def test_notebooks_are_listed() -> None:
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
-    assert names == ["chat_exploration.ipynb", "groups_and_targets.ipynb", "quickstart.ipynb"]
+    assert names == [
+        "chat_exploration.ipynb",
+        "groups_and_targets.ipynb",
+        "inside_the_model.ipynb",
+        "quickstart.ipynb",
+    ]
 
 
 def test_quickstart(tmp_path: Path) -> None:
@@ -74,3 +79,16 @@ def test_groups_and_targets(tmp_path: Path) -> None:
     padded = re.findall(r"pad positions: (\d+) their contribution: (\S+)", streams)
     assert padded and any(int(n) > 0 for n, _ in padded)  # a row that is really padded
     assert all(float(share) == 0.0 for n, share in padded if int(n) > 0)  # contributes exactly 0
+
+
+def test_inside_the_model(tmp_path: Path) -> None:
+    notebook = run("inside_the_model.ipynb", tmp_path)
+    streams = "".join(
+        out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
+    )
+    assert "flow summed over layers and parts == per-token scores: True" in streams
+    assert re.search(r"top prompt tokens: \[\('[^']*Oslo'", streams)  # the source found first
+    assert "reaches the answer mostly through layer" in streams
+    html = outputs(notebook, "text/html")
+    assert any('class="la-flow"' in h and "la-fl-layer" in h for h in html)
+    assert sum("image/png" in out.get("data", {}) for c in notebook.cells for out in c.get("outputs", [])) == 2

@@ -89,6 +89,18 @@ class Flow:
             labels=list(labels),
         )
 
+    def only(self, sources: Sequence[int]) -> Flow:
+        """The same split restricted to some sources (for a view: the totals no longer add up
+        to the logit), e.g. without the first token's attention sink."""
+        index = torch.tensor(list(sources), dtype=torch.long)
+        return replace(
+            self,
+            scores=self.scores[index],
+            embedding=self.embedding[index],
+            stream=self.stream[:, index],
+            labels=[self.labels[i] for i in index.tolist()] if self.labels else [],
+        )
+
     def top_paths(self, k: int = 10) -> list[tuple[str, int, str, float]]:
         """The ``k`` largest ``(source, layer, part, score)`` paths by absolute score."""
         flat = self.scores.flatten()
@@ -268,7 +280,10 @@ def _keeper(streams: list[tuple[Tensor, Tensor | None]], position: int) -> Any:
         from .stream import split
 
         _, comps, residual = split(stream[0] if isinstance(stream, tuple) else stream)
-        streams.append((comps[:, 0, position], None if residual is None else residual[0, position]))
+        # copies: a view would keep the layer's whole [C, 1, T, hidden] stream alive
+        streams.append(
+            (comps[:, 0, position].clone(), None if residual is None else residual[0, position].clone())
+        )
 
     return keep
 

@@ -210,7 +210,7 @@ class Session:
             real, comps, residual = split(x)
             factor = rules.norm_factor(module, real, comps.dtype, offset)
             if (call := self._current("forward")) is not None and call.flow is not None:
-                call.flow.norm[id(module)] = factor[:, call.flow.position]
+                call.flow.norm[id(module)] = factor[:, call.flow.position].clone()
             res = None if residual is None else rules.scale(residual, factor)
             return DecomposedTensor.wrap(original(real, *args, **kwargs), rules.scale(comps, factor), res)
 
@@ -244,7 +244,11 @@ class Session:
                 res = bias if res is None else res + bias
             if call.flow is not None:
                 t = call.flow.position
-                call.flow.mlp[id(module)] = (comps_out[:, :, t], None if res is None else res[:, t])
+                # copies: a view would keep the whole [C, B, q, hidden] output alive
+                call.flow.mlp[id(module)] = (
+                    comps_out[:, :, t].clone(),
+                    None if res is None else res[:, t].clone(),
+                )
             if isinstance(stock, tuple):  # transformers 4.x MoE blocks return (hidden, router logits)
                 return (DecomposedTensor.wrap(stock[0], comps_out, res), *stock[1:])
             return DecomposedTensor.wrap(stock, comps_out, res)
