@@ -137,3 +137,16 @@ def test_flow_views_and_aggregation(tmp_path: Any) -> None:
     assert page.count('class="la-fl-layer"') == 2 and page.count('class="la-fl-part"') == 2 * 5
     with pytest.raises(ValueError, match="needs the model"):
         words.flow(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_flow_of_a_half_precision_model(dtype: torch.dtype) -> None:
+    """Float32 paths over half weights add up to the model's half-precision logit within its
+    own rounding (the bounds of the per-token decomposition), and match the float32 split."""
+    ids = prompt(9)
+    half = llama_attrib.flow(tiny_model(2, dtype=dtype), ids)
+    full = llama_attrib.flow(tiny_model(2, dtype=dtype).float(), ids, target=half.target)
+    scale = abs(full.logit) + 1.0
+    total = float(half.scores.sum() + half.embedding.sum() + half.bias.sum())
+    assert abs(total - half.logit) <= 5e-2 * scale
+    assert torch.allclose(half.scores, full.scores, atol=5e-2 * scale)

@@ -96,3 +96,15 @@ def test_attribute_on_cuda() -> None:
     totals = np.nansum(result.token_scores, axis=1)
     assert np.allclose(totals, result.logits, atol=1e-4, rtol=1e-4)
     assert not llama_attrib.is_wrapped(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_flow_on_cuda(dtype: torch.dtype) -> None:
+    """flow() on a GPU model: the same split as on the CPU (float32), and it adds up."""
+    ids = prompt(9)
+    cpu = llama_attrib.flow(tiny_model(2, dtype=dtype).float(), ids)
+    gpu = llama_attrib.flow(tiny_model(2, dtype=dtype).to("cuda"), ids.to("cuda"), target=cpu.target)
+    total = float(gpu.scores.sum() + gpu.embedding.sum() + gpu.bias.sum())
+    assert abs(total - gpu.logit) <= 1e-4 * (abs(gpu.logit) + 1)
+    bound = 1e-4 if dtype == torch.float32 else 6e-2 * (abs(cpu.logit) + 1)
+    assert torch.allclose(gpu.scores, cpu.scores, atol=bound)

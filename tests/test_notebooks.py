@@ -91,4 +91,6 @@ def test_inside_the_model(tmp_path: Path) -> None:
     assert "reaches the answer mostly through layer" in streams
     html = outputs(notebook, "text/html")
     assert any('class="la-flow"' in h and "la-fl-layer" in h for h in html)
-    assert sum("image/png" in out.get("data", {}) for c in notebook.cells for out in c.get("outputs", [])) == 2
+    assert (
+        sum("image/png" in out.get("data", {}) for c in notebook.cells for out in c.get("outputs", [])) == 2
+    )

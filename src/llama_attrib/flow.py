@@ -359,7 +359,9 @@ def _assemble(
     result = Flow(scores, embedding, bias.cpu(), stream, stream_bias, logit, target, position, labels)
     total = float(scores.sum() + embedding.sum() + result.bias.sum())
     scale = float(logits.float().abs().max())
-    if not abs(total - logit) <= 1e-4 * scale + 1e-6:
+    # float32: the guard of the per-token decomposition; half precision: the model's own rounding
+    half = logits.dtype in (torch.float16, torch.bfloat16)
+    if not abs(total - logit) <= (5e-2 if half else 1e-5) * scale + 1e-6:
         raise DecompositionError(
             f"flow: paths add up to {total:.6g}, the logit is {logit:.6g}: this model's layer "
             "structure is not the residual stream llama_attrib assumed"
