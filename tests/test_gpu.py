@@ -105,6 +105,7 @@ def test_flow_on_cuda(dtype: torch.dtype) -> None:
     cpu = llama_attrib.flow(tiny_model(2, dtype=dtype).float(), ids)
     gpu = llama_attrib.flow(tiny_model(2, dtype=dtype).to("cuda"), ids.to("cuda"), target=cpu.target)
     total = float(gpu.scores.sum() + gpu.embedding.sum() + gpu.bias.sum())
-    assert abs(total - gpu.logit) <= 1e-4 * (abs(gpu.logit) + 1)
+    # float32: the decomposition's bound; bfloat16: the model's own rounding (its logit is bf16)
     bound = 1e-4 if dtype == torch.float32 else 6e-2 * (abs(cpu.logit) + 1)
+    assert abs(total - gpu.logit) <= bound
     assert torch.allclose(gpu.scores, cpu.scores, atol=bound)
