@@ -120,3 +120,31 @@ def test_grouped_view_in_the_browser(browser: Any, result: Attribution, tmp_path
     assert all(colours[i] == TRANSPARENT for i in range(len(colours)) if i not in (a, b))
     title = browser.find_elements(By.CSS_SELECTOR, ".la-tok")[a].get_attribute("title")
     assert title.startswith("subject: ")
+
+
+def test_flow_view_in_the_browser(browser: Any, tmp_path: Path) -> None:
+    """The flow page: layers shown, their heads hidden until the layer is clicked."""
+    import llama_attrib
+    from conftest import prompt, tiny_model
+
+    f = llama_attrib.flow(tiny_model(2), prompt(9))
+    page = tmp_path / "flow.html"
+    f.to_html(str(page))
+    browser.get(page.as_uri())
+    layers = browser.find_elements(By.CSS_SELECTOR, "tr.la-fl-layer")
+    parts = browser.find_elements(By.CSS_SELECTOR, 'tr.la-fl-part[data-layer="1"]')
+    assert len(layers) == 2 and len(parts) == f.heads + 1
+    assert not any(p.is_displayed() for p in parts)
+    layers[1].click()
+    assert all(p.is_displayed() for p in parts)
+    assert not any(
+        p.is_displayed() for p in browser.find_elements(By.CSS_SELECTOR, 'tr.la-fl-part[data-layer="0"]')
+    )
+    cells = parts[0].find_elements(By.CSS_SELECTOR, "td")[1:]
+    assert len(cells) == 9 and any(
+        c.value_of_css_property("background-color") != "rgba(255, 255, 255, 1)" for c in cells
+    )
+    layers[1].click()
+    assert not any(p.is_displayed() for p in parts)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []

@@ -91,3 +91,22 @@ def test_smollm2_components_equal_gradient_x_input(smollm2: tuple[Any, Any], mod
         assert torch.allclose(c[token].components, components, atol=1e-5 * scale, rtol=0), k
         assert abs(bias) <= 1e-5 * scale
         assert abs(logit - float(out.logits[k][0, token])) <= 1e-5 * scale  # the stock logit
+
+
+def test_smollm2_flow_matches_direct_logit_attribution(smollm2: tuple[Any, Any]) -> None:
+    """The source x layer x head split on a real checkpoint: it adds up to the stock logit, its
+    sum over sources is each head's and MLP's direct logit attribution (hooks on the stock
+    model), and its sum over layers and parts is the per-token decomposition."""
+    from test_flow import direct_logit_attribution
+
+    model, tokenizer = smollm2
+    ids = chat_ids(tokenizer, "What is the capital of France?")
+    f = llama_attrib.flow(model, ids)
+    reference = direct_logit_attribution(model, "llama", ids, int(f.target))
+    scale = abs(reference["logit"]) + 1.0
+    assert f.scores.shape == (ids.shape[1], 30, 10)
+    assert abs(float(f.scores.sum() + f.embedding.sum()) - reference["logit"]) <= 1e-5 * scale
+    assert torch.allclose(f.scores.sum(0), reference["parts"], atol=1e-5 * scale, rtol=0)
+    (c,) = llama_attrib.decompose_sequence(model, ids)
+    per_token = f.scores.sum((1, 2)) + f.embedding
+    assert torch.allclose(per_token, c[int(f.target)].components.float(), atol=1e-5 * scale, rtol=0)
