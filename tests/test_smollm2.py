@@ -81,7 +81,10 @@ def test_smollm2_components_equal_gradient_x_input(smollm2: tuple[Any, Any], mod
     model, tokenizer = smollm2
     ids = chat_ids(tokenizer, "What is the capital of France?")
     n = ids.shape[1]
+    # an explicit mask: transformers 4.x would otherwise take the prompt's <|im_end|> (the pad id
+    # here) for padding, and the reference below runs without one
     options = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": tokenizer.eos_token_id}
+    options["attention_mask"] = torch.ones_like(ids)
     with llama_attrib.decompose(model):
         out = model.generate(ids, decompose=mode, return_dict_in_generate=True, output_logits=True, **options)
     for k, c in enumerate(out["attentions"]):

@@ -247,6 +247,42 @@ class Attribution:
             labels.append(rest)
         return self.grouped(groups, labels)
 
+    def sentences(
+        self, unit: Literal["sentence", "paragraph"] = "sentence", within: tuple[int, int] | None = None
+    ) -> Attribution:
+        """Sources summed over the sentences (or paragraphs) of the prompt, split without any
+        download (:func:`llama_attrib.tokens.text_spans`). ``within``: a character span of the
+        text to split (one chat message, say; see :meth:`find`), default the prompt's text.
+        Tokens outside every sentence (template tokens, the generated ones) form ``"(rest)"``."""
+        p = self.prompt_length
+        prompt_end = len("".join(self.tokens[:p]))
+        start, end = within if within is not None else (0, prompt_end)
+        spans = {}
+        for a, b in _tokens.text_spans(self.text[start:end], unit):
+            label = self.text[start + a : start + b]
+            label = label if label not in spans else f"{label} ({start + a})"
+            spans[label] = (start + a, start + b)
+        if not spans:
+            raise ValueError("no sentence in that text")
+        return self.spans(spans)
+
+    def ranking(
+        self, steps: Sequence[int] | None = None, k: int | None = None
+    ) -> list[tuple[str, float, float]]:
+        """The sources of the answer as a whole: each source's score summed over ``steps``
+        (default every generated token), largest first, as ``(label, score, share)`` where the
+        share is of the sum of absolute scores. With :meth:`sentences`: which sentences the
+        answer came from."""
+        rows = list(range(self.n_generated)) if steps is None else list(steps)
+        if not rows:
+            raise ValueError("ranking needs at least one generated step")
+        totals = np.nansum(self.scores[rows], axis=0)
+        seen = ~np.all(np.isnan(self.scores[rows]), axis=0)
+        order = [int(j) for j in np.argsort(-totals, kind="stable") if seen[j]]
+        norm = float(np.abs(totals[seen]).sum()) or 1.0
+        out = [(self.sources[j], float(totals[j]), float(totals[j]) / norm) for j in order]
+        return out if k is None else out[:k]
+
     # -- reading -----------------------------------------------------------------------
     def top_k(self, k: int = 5, step: int | None = None) -> list[list[Contributor]]:
         """The ``k`` largest sources by absolute score, per step (or for ``step`` only)."""

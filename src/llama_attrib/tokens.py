@@ -9,6 +9,7 @@ wherever a piece starts with a space.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,4 +85,31 @@ def tokens_in_span(texts: Sequence[str], start: int, end: int) -> list[int]:
     return [i for i, (a, b) in enumerate(char_offsets(texts)) if a < end and b > start and b > a]
 
 
-__all__ = ["char_offsets", "piece_texts", "starts_word", "tokens_in_span", "word_groups"]
+# A sentence ends at . ! ? (or …) plus closing quotes/brackets, before whitespace and a
+# capital, a digit or an opening quote/bracket; or at a line break. Abbreviations such as
+# "e.g." or "Dr." followed by a capital are split too: a splitter that needs no download.
+_SENTENCE_END = re.compile(r"""(?<=[.!?…])(["')\]]*)\s+(?=["'(\[]?[A-Z0-9À-Ý])|\n+""")
+_PARAGRAPH_END = re.compile(r"\n\s*\n")
+
+
+def text_spans(text: str, unit: str = "sentence") -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the sentences (or paragraphs) of ``text``, leading
+    and trailing whitespace left out; every non-blank character is in one span."""
+    if unit not in ("sentence", "paragraph"):
+        raise ValueError(f"unit must be 'sentence' or 'paragraph', not {unit!r}")
+    pattern = _SENTENCE_END if unit == "sentence" else _PARAGRAPH_END
+    spans, start = [], 0
+    for match in [*pattern.finditer(text), None]:
+        # the closing quotes or brackets after the stop belong to the sentence
+        closing = (match.group(1) or "") if match is not None and match.re.groups else ""
+        end = len(text) if match is None else match.start() + len(closing)
+        piece = text[start:end]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((start + lead, start + len(piece.rstrip())))
+        if match is not None:
+            start = match.end()
+    return spans
+
+
+__all__ = ["char_offsets", "piece_texts", "starts_word", "text_spans", "tokens_in_span", "word_groups"]
