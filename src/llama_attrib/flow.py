@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import _offload, families, memory, rules
 from .api import _scope_of
 from .errors import DecompositionError, UnsupportedOptionError, require
-from .session import Call, FlowRecord
+from .session import Call, FlowRecord, tolerance
 
 
 @dataclass
@@ -359,9 +359,8 @@ def _assemble(
     result = Flow(scores, embedding, bias.cpu(), stream, stream_bias, logit, target, position, labels)
     total = float(scores.sum() + embedding.sum() + result.bias.sum())
     scale = float(logits.float().abs().max())
-    # float32: the guard of the per-token decomposition; half precision: the model's own rounding
-    half = logits.dtype in (torch.float16, torch.bfloat16)
-    if not abs(total - logit) <= (5e-2 if half else 1e-5) * scale + 1e-6:
+    # the guard of the per-token decomposition; for a half-precision logit, the model's rounding
+    if not abs(total - logit) <= tolerance(logits.dtype) * scale + 1e-6:
         raise DecompositionError(
             f"flow: paths add up to {total:.6g}, the logit is {logit:.6g}: this model's layer "
             "structure is not the residual stream llama_attrib assumed"

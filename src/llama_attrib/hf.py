@@ -21,13 +21,8 @@ from ._compat import CACHE_KEYWORDS, cache_length
 from .composition import LogitComposition
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from .sequence import MODES, Inputs, Scope, explain
-from .session import Call, Forward, Session, completeness_error
+from .session import Call, Forward, Session, completeness_error, tolerance
 from .stream import strip
-
-# A sum of components further than this from the real final hidden state (relative to its
-# largest entry) means components were lost: raise rather than return wrong numbers.
-_GUARD = {torch.float64: 1e-6, torch.float32: 1e-5}  # measured: 1.3e-6 (scripts/measure_guards.py)
-_GUARD_HALF = 5e-2
 
 
 def forward_adapter(session: Session, model: nn.Module, original: Forward, scope: Scope) -> Forward:
@@ -116,7 +111,7 @@ def _attach(session: Session, call: Call, model: nn.Module, out: Any, mask: Any 
     if head is None:
         raise DecompositionError("the decomposed forward never reached the LM head")
     real, comps, residual = head
-    tol = _GUARD.get(real.dtype, _GUARD_HALF)
+    tol = tolerance(real.dtype)
     checked_real, checked = real, comps if residual is None else torch.cat([comps, residual[None]])
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= real.shape[1]:
         # Padding positions attend to nothing real (their outputs are whatever the attention

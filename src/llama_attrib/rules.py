@@ -27,11 +27,6 @@ from .errors import DecompositionError
 CHUNK_ELEMENTS = 1 << 26
 
 
-def _linear(x: Tensor, layer: nn.Module) -> Tensor:
-    """A bias-free ``nn.Linear`` applied to components in their own precision."""
-    return F.linear(x, _offload.weight(layer).to(device=x.device, dtype=x.dtype))
-
-
 @dataclass(frozen=True)
 class Layout:
     """Which positions each component holds, when that is not "component i = position i".
@@ -399,12 +394,13 @@ def attention(
     cache: ValueCache | None,
     offset: int,
     layout: Layout | None = None,
-    record: Callable[[Tensor, Tensor | None], None] | None = None,
+    record: tuple[int, Callable[[Tensor, Tensor | None], None]] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Forward mode: the components (and bias share) of the attention's output.
 
-    ``record(position)``: a flow recorder, given every head's mixed values (before the output
-    projection) at one query position: components ``[C, B, heads*hd]`` and bias share."""
+    ``record``: ``(position, callback)``, a flow recorder given every head's mixed values
+    (before the output projection) at that query position: components ``[C, B, heads*hd]``
+    and bias share."""
     c, batch, q, _ = comps.shape
     kv, groups = probs.shape[1], probs.shape[2]
     hd = int(module.head_dim)  # type: ignore[arg-type]
@@ -427,9 +423,9 @@ def attention(
         # positions get probability zero (they are outside every query's window).
         probs = F.pad(probs, (s - probs.shape[-1], 0))
     if record is not None:
-        t = int(record.position)  # type: ignore[attr-defined]
+        t, callback = record
         at = probs[:, :, :, t : t + 1]
-        record(mix(at, values)[..., 0, :], None if res_values is None else mix(at, res_values)[:, 0])
+        callback(mix(at, values)[..., 0, :], None if res_values is None else mix(at, res_values)[:, 0])
     res_out = None
     if res_values is not None:
         res_out = rule.out.linear(module, mix(probs, res_values))

@@ -29,10 +29,8 @@ from . import _offload, families, memory
 from .composition import Contributions, LazyComposition, LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
 from .rules import Layout
-from .session import Call, Session, completeness_error
+from .session import Call, Session, completeness_error, tolerance
 
-_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5}  # measured: 1.7e-6 (scripts/measure_guards.py)
-_TOLERANCE_HALF = 5e-2
 MODES = ("target", "forward")
 LEAN_BYTES = 64 << 20  # default working memory of target mode's batched backward
 
@@ -391,9 +389,9 @@ class TargetComposition(LazyComposition):
         """The target's components and bias share add up to the stock model's own logit (a
         plain forward, not the decomposition's pass), else :class:`DecompositionError`."""
         logits = self._run.stock_logits()[:, self._step]
-        tol = _TOLERANCE.get(self.dtype, _TOLERANCE_HALF)
-        if self._run.model_dtype in (torch.float16, torch.bfloat16):
-            tol = _TOLERANCE_HALF
+        # a half-precision model's own logit carries its rounding, whatever the components' dtype
+        half = self._run.model_dtype in (torch.float16, torch.bfloat16)
+        tol = tolerance(self._run.model_dtype if half else self.dtype)
         for (row, what), comps in self._known.items():
             value = (
                 logits[row, what[0]] - logits[row, what[1]] if isinstance(what, tuple) else logits[row, what]
@@ -497,7 +495,7 @@ def _forward_mode(
     finally:
         bar.close()
     assert hidden is not None and real is not None and logits is not None
-    tol = _TOLERANCE.get(real.dtype, _TOLERANCE_HALF)
+    tol = tolerance(real.dtype)
     err = completeness_error(real, hidden if residual is None else torch.cat([hidden, residual[None]]))
     if not err <= tol:
         raise DecompositionError(
