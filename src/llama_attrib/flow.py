@@ -17,7 +17,6 @@ in chunks sized to the memory budget): exact, not an approximation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from . import _offload, families, memory, rules
 from .api import _scope_of
 from .errors import DecompositionError, UnsupportedOptionError, require
-from .session import Call, FlowRecord, tolerance
+from .session import Call, FlowRecord, Session, tolerance
 
 
 @dataclass
@@ -219,29 +218,20 @@ def flow(
 
 def _run(
     model: nn.Module,
-    session: Any,
+    session: Session,
     ids: Tensor,
     mask: Tensor | None,
     position: int,
     dtype: torch.dtype,
     max_memory: int | str | None,
-) -> tuple[list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]], Any]], Tensor]:
+) -> tuple[list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]]]], Tensor]:
     """Forward mode over the sequence in chunks of components, recording at ``position``."""
     length = int(ids.shape[1])
-    device = next(model.parameters()).device
-    budget = memory.budget(max_memory, device)
-    shape = memory.Shape.of(model)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_component = memory.forward_component_bytes(shape, 1, length, itemsize)
-    per_chunk = min(length, budget // per_component)
-    if per_chunk < 1:
-        raise memory.MemoryBudgetError(
-            f"flow over {length} tokens needs about {memory.fmt(per_component)} per source; the budget "
-            f"is {memory.fmt(budget)}: shorten the sequence or raise max_memory"
-        )
-    per_chunk = math.ceil(length / math.ceil(length / per_chunk))
+    budget = memory.budget(max_memory, next(model.parameters()).device)
+    refusal = "flow runs forward mode: shorten the sequence or raise max_memory"
+    per_chunk, _ = memory.forward_chunks(model, 1, length, length, dtype, budget, refusal)
     layers: Any = model.model.layers  # type: ignore[union-attr]
-    out: list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]], Any]] = []
+    out: list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]]]] = []
     logits: Tensor | None = None
     for c0 in range(0, length, per_chunk):
         rows = torch.eye(length, dtype=dtype)[c0 : c0 + per_chunk]
@@ -270,7 +260,7 @@ def _run(
         if call.logits is None or len(streams) != len(layers) + 1:
             raise DecompositionError("the flow pass did not reach every layer and the LM head")
         logits = call.logits[0, -1]
-        out.append((record, streams, None))
+        out.append((record, streams))
     assert logits is not None
     return out, logits
 
@@ -295,7 +285,7 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 def _assemble(
     model: nn.Module,
     family: families.Family,
-    chunks: list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]], Any]],
+    chunks: list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]]]],
     logits: Tensor,
     target: Any,
     position: int,
@@ -314,7 +304,7 @@ def _assemble(
     scores_parts, embedding_parts, stream_parts = [], [], []
     bias = None
     stream_bias = None
-    for record, streams, _ in chunks:
+    for record, streams in chunks:
         per_layer, bias_layers = [], []
         for layer in base.layers:
             attention = layer.self_attn

@@ -9,6 +9,7 @@ before it starts.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,24 @@ def forward_component_bytes(shape: Shape, batch: int, length: int, itemsize: int
     """One component of forward mode over ``length`` positions (no cache)."""
     width = 8 * shape.hidden + 2 * shape.kv_dim
     return batch * length * width * itemsize
+
+
+def forward_chunks(
+    model: nn.Module, batch: int, length: int, total: int, dtype: torch.dtype, budget: int, refusal: str
+) -> tuple[int, int]:
+    """``(components per chunk, chunks)`` for a forward-mode pass over ``total`` components of
+    ``batch`` x ``length`` tokens within ``budget`` bytes, in even chunks; a run that cannot
+    fit one component raises :class:`MemoryBudgetError` (``refusal``: what the user can do)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_component = forward_component_bytes(Shape.of(model), batch, length, itemsize)
+    per_chunk = min(total, budget // per_component)
+    if per_chunk < 1:
+        raise MemoryBudgetError(
+            f"forward mode over {batch} x {length} tokens needs about {fmt(per_component)} per "
+            f"component; the budget is {fmt(budget)}. {refusal}"
+        )
+    chunks = math.ceil(total / per_chunk)
+    return math.ceil(total / chunks), chunks
 
 
 def forward_cache_bytes(shape: Shape, batch: int, length: int, itemsize: int) -> int:

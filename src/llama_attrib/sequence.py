@@ -454,19 +454,17 @@ def _forward_mode(
     progress: bool | None,
 ) -> tuple[pydec.Composition, ...]:
     batch, length = inputs.ids.shape
-    shape = memory.Shape.of(model)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_component = memory.forward_component_bytes(shape, batch, length, itemsize)
     total = length if members is None else int(members.shape[0])
-    per_chunk = min(total, budget // per_component)
-    if per_chunk < 1:
-        raise memory.MemoryBudgetError(
-            f"forward mode over {batch} x {length} tokens needs about {memory.fmt(per_component)} per "
-            f"component; the budget is {memory.fmt(budget)}. Use mode='target' (memory does not grow "
-            "with the number of components), fewer rows, or a larger max_memory"
-        )
-    chunks = math.ceil(total / per_chunk)
-    per_chunk = math.ceil(total / chunks)
+    per_chunk, chunks = memory.forward_chunks(
+        model,
+        batch,
+        length,
+        total,
+        dtype,
+        budget,
+        "Use mode='target' (memory does not grow with the number of components), fewer rows, or a "
+        "larger max_memory",
+    )
     steps = len(inputs.positions)
     hidden: Tensor | None = None
     real: Tensor | None = None
