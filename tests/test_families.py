@@ -54,10 +54,6 @@ def family_model(name: str, attn: str = "eager") -> nn.Module:
     return model.eval()
 
 
-def reference(model: nn.Module, ids: torch.Tensor, token: int) -> tuple[torch.Tensor, float, float]:
-    return gradient_x_input(model, ids, token)
-
-
 @pytest.mark.parametrize("mode", ["target", "forward"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family_matches_the_independent_reference(name: str, mode: str) -> None:
@@ -70,7 +66,7 @@ def test_family_matches_the_independent_reference(name: str, mode: str) -> None:
     llama_attrib.unwrap(model)
     for k, c in enumerate(out["attentions"]):
         token = int(out.sequences[0, 9 + k])
-        components, bias, logit = reference(model, out.sequences[:, : 9 + k], token)
+        components, bias, logit = gradient_x_input(model, out.sequences[:, : 9 + k], token)
         got = c[token]
         scale = float(plain.logits[k][0].abs().max())
         assert torch.allclose(got.components, components, atol=1e-5 * scale, rtol=0), (name, mode, k)
@@ -147,7 +143,7 @@ def test_register_family() -> None:
         ids = prompt(9)
         c = llama_attrib.wrap(model)(ids, decompose=True)["attentions"]
         token = int(c.recovery.argmax())
-        components, _, _ = reference(llama_attrib.unwrap(model), ids, token)
+        components, _, _ = gradient_x_input(llama_attrib.unwrap(model), ids, token)
         assert torch.allclose(c[token].components, components, atol=1e-4)
     finally:
         del KNOWN["MyLlamaForCausalLM"]

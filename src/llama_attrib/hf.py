@@ -247,8 +247,9 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
         options = {k: kwargs.pop(k) for k in _SEQUENCE_OPTIONS if k in kwargs}
         families.check_length(model, _expected_length(generation_config, args, kwargs))
         if mode == "target":
-            simple = all(
-                _generation_option(generation_config, kwargs, key) in (None, 1, False)
+            # one row of generate's logits per returned sequence and step: no beams, no drafts
+            simple = not any(
+                _REFUSED_GENERATION[key][0](_generation_option(generation_config, kwargs, key))
                 for key in ("num_beams", "assistant_model", "prompt_lookup_num_tokens")
             )
             return _generate_target(session, model, original, args, kwargs, options, scope, simple)
