@@ -4,8 +4,8 @@ A wrapped attention module, while it decomposes, runs its own stock forward (pro
 rope, q/k norms, cache update) with ``config._attn_implementation`` set to this function's
 name for the length of the call. The function receives exactly what the model's chosen
 implementation would (queries and keys after every family quirk, the family's mask with its
-sliding window, ``scaling``, ``softcap``), records the frozen attention probabilities, and
-calls that implementation for the real output. Only the registry gains a name; no class
+sliding window, ``scaling``, ``softcap``), records what the frozen attention probabilities
+are computed from, and calls that implementation for the real output. Only the registry gains a name; no class
 or function of transformers is changed.
 """
 
@@ -27,8 +27,8 @@ class Probe:
 
     def __init__(self) -> None:
         self.original: str = "sdpa"  # the model's own implementation, for the real output
-        self.skip = False  # target mode: only the probabilities are needed
-        self.probs: Tensor | None = None
+        self.skip = False  # target mode: only the probabilities' inputs are needed
+        self.scores: rules.Scores | None = None
 
 
 def _implementation(module: nn.Module, name: str) -> Any:
@@ -48,9 +48,8 @@ def attention_function(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     probe: Probe = module.__dict__[PROBE]
-    probe.probs = rules.probabilities(
-        module, query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")
-    )
+    scaling, softcap = kwargs.get("scaling"), kwargs.get("softcap")
+    probe.scores = rules.Scores.of(module, query, key, attention_mask, scaling, softcap)
     if probe.skip:
         batch, heads, q, _ = query.shape
         return value.new_zeros((batch, q, heads, value.shape[-1])), None

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import rules
 from .errors import LlamaAttribError
 
 
@@ -51,16 +52,33 @@ class Shape:
         )
 
 
-def target_graph_bytes(shape: Shape, batch: int, length: int, itemsize: int) -> int:
-    """The frozen-factor graph of target mode: probabilities, gates, saved activations."""
-    per_layer = shape.heads * length * length + length * (2 * shape.intermediate + 6 * shape.hidden)
-    return batch * itemsize * (shape.layers * per_layer + 2 * length * shape.hidden)
+@dataclass(frozen=True)
+class TargetSizes:
+    """Bytes target mode keeps (:mod:`llama_attrib.sweep`): ``graph``, whatever the targets
+    (each layer's input, one layer's graph, blocks of attention probabilities); ``state``,
+    per target for a whole sweep (its gradient into and out of a layer); ``work``, per target
+    in one batched backward through a layer."""
 
+    graph: int
+    state: int
+    work: int
 
-def target_request_bytes(shape: Shape, batch: int, length: int, itemsize: int) -> int:
-    """One cotangent of a batched backward: its gradients through one layer at a time."""
-    width = 2 * shape.intermediate + 6 * shape.hidden + 2 * shape.kv_dim
-    return batch * length * width * itemsize
+    @property
+    def per_request(self) -> int:
+        return self.state + self.work
+
+    @staticmethod
+    def of(shape: Shape, batch: int, length: int, dtype: torch.dtype) -> TargetSizes:
+        item = torch.empty((), dtype=dtype).element_size()
+        tokens = batch * length
+        inputs = (shape.layers + 1) * tokens * shape.hidden * item
+        layer = tokens * (3 * shape.intermediate + 10 * shape.hidden + 3 * shape.kv_dim) * item
+        blocks = 3 * rules.BLOCK_BYTES
+        return TargetSizes(
+            graph=inputs + layer + blocks,
+            state=2 * tokens * shape.hidden * item,
+            work=tokens * (2 * shape.intermediate + 4 * shape.hidden + 2 * shape.kv_dim) * item,
+        )
 
 
 def forward_component_bytes(shape: Shape, batch: int, length: int, itemsize: int) -> int:
@@ -111,8 +129,8 @@ def estimate(
     shape = Shape.of(model)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if mode == "target":
-        graph = target_graph_bytes(shape, batch, length, itemsize)
-        return graph + steps * target_request_bytes(shape, batch, length, itemsize)
+        sizes = TargetSizes.of(shape, batch, length, dtype)
+        return sizes.graph + steps * sizes.per_request
     c = length if components is None else components
     per = forward_component_bytes(shape, batch, length, itemsize)
     if mode == "forward":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -178,18 +179,29 @@ class ValueCache:
         self._values = new_values
 
 
-def _additive_mask(mask: Tensor | None, batch: int, q: int, past: int, device: torch.device) -> Tensor:
-    """The stock mask (None, bool or additive float) as an additive float32 ``[B, 1, q, S]``."""
+def _additive_mask(
+    mask: Tensor | None,
+    batch: int,
+    q: int,
+    past: int,
+    device: torch.device,
+    t0: int = 0,
+    t1: int | None = None,
+) -> Tensor:
+    """Rows ``t0:t1`` of the stock mask (None, bool or additive float) as an additive float32
+    ``[B, 1, rows, S]``."""
+    t1 = q if t1 is None else t1
     s = past + q
     neg = torch.finfo(torch.float32).min
     if mask is None:
-        rows = torch.arange(q, device=device)[:, None] + past
+        rows = torch.arange(t0, t1, device=device)[:, None] + past
         allowed = torch.arange(s, device=device)[None, :] <= rows
-        return torch.where(allowed, 0.0, neg)[None, None].expand(batch, 1, q, s)
+        return torch.where(allowed, 0.0, neg)[None, None].expand(batch, 1, t1 - t0, s)
     if mask.shape[-1] != s or mask.shape[-2] != q:
         raise DecompositionError(
             f"attention mask of shape {tuple(mask.shape)} does not match {q} queries over {s} keys"
         )
+    mask = mask[..., t0:t1, :]
     if mask.dtype == torch.bool:
         return torch.where(mask, 0.0, neg)
     return mask.to(torch.float32).clamp(min=neg)
@@ -346,6 +358,77 @@ class Attention:
     out: Proj = Proj("o_proj")
 
 
+# Target mode computes the probabilities of this many bytes (float32) at a time, so a long
+# prompt never holds a layer's ``heads x q x S`` matrix at once.
+BLOCK_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the stock attention function received, enough for any rows of the frozen
+    attention probabilities: ``query [B, heads, q, d]`` and ``key [B, kv, S, d]`` (rope and
+    q/k norms applied), the family's mask (sliding window included), scaling and soft-cap."""
+
+    query: Tensor
+    key: Tensor
+    mask: Tensor | None
+    scaling: float
+    softcap: float | None
+
+    @staticmethod
+    def of(
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        mask: Tensor | None,
+        scaling: float | None,
+        softcap: float | None,
+    ) -> Scores:
+        if scaling is None:
+            scaling = float(module.head_dim) ** -0.5  # type: ignore[arg-type]
+        return Scores(query, key, mask, float(scaling), softcap)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """``(batch, kv heads, groups, queries, keys)``."""
+        batch, heads, q, _ = self.query.shape
+        kv, s = self.key.shape[1], self.key.shape[2]
+        return batch, kv, heads // kv, q, s
+
+    def rows(self, t0: int = 0, t1: int | None = None, keys: int | None = None) -> Tensor:
+        """``[B, kv, groups, t1 - t0, keys]`` float32 probabilities of queries ``t0:t1`` over
+        the first ``keys`` keys (default all; see :meth:`extent`)."""
+        batch, kv, groups, q, s = self.shape
+        t1 = q if t1 is None else t1
+        k1 = s if keys is None else keys
+        mask = _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)[..., :k1]
+        d = self.query.shape[-1]
+        query = self.query[:, :, t0:t1].to(torch.float32).reshape(batch, kv, groups * (t1 - t0), d)
+        scores = query @ self.key[:, :, :k1].to(torch.float32).transpose(-1, -2)
+        scores = scores * self.scaling
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.view(batch, kv * groups, t1 - t0, k1) + mask
+        return torch.softmax(scores, dim=-1).view(batch, kv, groups, t1 - t0, k1)
+
+    def extent(self, t0: int, t1: int) -> int:
+        """How many keys queries ``t0:t1`` see: the keys after the last one any of them sees
+        get probability exactly zero (a causal mask), so :meth:`rows` may leave them out."""
+        batch, _, _, q, s = self.shape
+        if self.mask is None:
+            return s - q + t1
+        mask = _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)
+        seen = (mask > torch.finfo(torch.float32).min / 2).flatten(0, -2).any(0)
+        return int(seen.nonzero().max()) + 1 if bool(seen.any()) else s
+
+    def blocks(self, t0: int, t1: int) -> list[tuple[int, int, int]]:
+        """Queries ``t0:t1`` in blocks of about :data:`BLOCK_BYTES` of probabilities:
+        ``(first, end, keys seen)`` each."""
+        batch, kv, groups, _, s = self.shape
+        rows = max(1, BLOCK_BYTES // (4 * batch * kv * groups * s))
+        return [(a, min(t1, a + rows), self.extent(a, min(t1, a + rows))) for a in range(t0, t1, rows)]
+
+
 def probabilities(
     module: nn.Module,
     query: Tensor,
@@ -356,18 +439,7 @@ def probabilities(
 ) -> Tensor:
     """``[B, kv, groups, q, S]`` float32 attention probabilities from the stock function's
     inputs: ``query [B, heads, q, d]`` and ``key [B, kv, S, d]`` (rope and norms applied)."""
-    batch, heads, q, d = query.shape
-    kv, s = key.shape[1], key.shape[2]
-    if scaling is None:
-        scaling = float(module.head_dim) ** -0.5  # type: ignore[arg-type]
-    scores = query.to(torch.float32).reshape(batch, kv, heads // kv * q, d) @ key.to(torch.float32).transpose(
-        -1, -2
-    )
-    scores = scores * scaling
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(batch, heads, q, s) + _additive_mask(mask, batch, q, s - q, query.device)
-    return torch.softmax(scores, dim=-1).view(batch, kv, heads // kv, q, s)
+    return Scores.of(module, query, key, mask, scaling, softcap).rows()
 
 
 def mix(probs: Tensor, values: Tensor) -> Tensor:
@@ -449,10 +521,57 @@ def attention(
     return _causal_chunks(part, c, batch, q, offset, 2 * heads, layout), res_out
 
 
+class _FrozenMix(torch.autograd.Function):
+    """``mix(probabilities, values)`` for queries ``t0:t1``, the probabilities frozen and never
+    kept: computed block by block from the queries and keys in the forward, and again in the
+    backward (as flash attention does). The backward is linear in the cotangent, so a batched
+    backward (``is_grads_batched``) computes each block of probabilities once for all targets."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(values: Tensor, scores: Scores, t0: int, t1: int) -> Tensor:  # type: ignore[override]
+        parts = [
+            mix(scores.rows(a, b, k).to(values.dtype), values[..., :k, :])
+            for a, b, k in scores.blocks(t0, t1)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        values, ctx.scores, ctx.t0, ctx.t1 = inputs
+        ctx.length = values.shape[-2]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
+        scores: Scores = ctx.scores
+        batch, kv, groups, _, _ = scores.shape
+        total: Tensor | None = None
+        for a, b, k in scores.blocks(ctx.t0, ctx.t1):
+            p = scores.rows(a, b, k).to(grad.dtype).reshape(batch, kv, groups * (b - a), k)
+            g = grad.narrow(1, a - ctx.t0, b - a).reshape(
+                batch, b - a, kv, groups, -1
+            )  # [B, rows, heads, hd]
+            g = g.permute(0, 2, 3, 1, 4).reshape(batch, kv, groups * (b - a), -1)
+            part = F.pad(p.transpose(-1, -2) @ g, (0, 0, 0, ctx.length - k))  # [B, kv, S, hd]
+            total = part if total is None else total + part
+        return total, None, None, None
+
+
+def frozen_mix(scores: Scores, values: Tensor, t0: int = 0, t1: int | None = None) -> Tensor:
+    """``[B, t1 - t0, heads * hd]``: queries ``t0:t1`` mixing ``values [B, kv, S, hd]`` with
+    the frozen probabilities, which are never held for more than one block of queries."""
+    t1 = scores.shape[3] if t1 is None else t1
+    if not values.requires_grad or not torch.is_grad_enabled():
+        return _FrozenMix.forward(values, scores, t0, t1)
+    out: Tensor = _FrozenMix.apply(values, scores, t0, t1)
+    return out
+
+
 def attention_graph(
     rule: Attention,
     module: nn.Module,
-    probs: Tensor,
+    scores: Scores,
     x: Tensor,
     bias: Callable[[Tensor], Tensor],
     keep_from: int = 0,
@@ -464,21 +583,20 @@ def attention_graph(
     last layer they reach no explained logit): the backward then skips them.
     """
     hd = int(module.head_dim)  # type: ignore[arg-type]
-    probs = probs.to(x.dtype)
     values = rule.value.linear(module, x)
     b_v = rule.value.bias(module)
     if b_v is not None:
         values = values + bias(b_v.to(x).expand_as(values))
     values = _value_heads(values, hd)
 
-    def out(p: Tensor, v: Tensor) -> Tensor:
-        o = rule.out.linear(module, mix(p, v))
+    def out(v: Tensor, t0: int, t1: int) -> Tensor:
+        o = rule.out.linear(module, frozen_mix(scores, v, t0, t1))
         b_o = rule.out.bias(module)
         return o if b_o is None else o + bias(b_o.to(o).expand_as(o))
 
     q = x.shape[1]
     if not 0 < keep_from < q:
-        return out(probs, values)
+        return out(values, 0, q)
     with torch.no_grad():
-        before = out(probs[:, :, :, :keep_from], values.detach())
-    return torch.cat([before, out(probs[:, :, :, keep_from:], values)], dim=1)
+        before = out(values.detach(), 0, keep_from)
+    return torch.cat([before, out(values, keep_from, q)], dim=1)

@@ -16,8 +16,8 @@ Both accept component groups: one component per named span of positions.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +25,7 @@ import pydec
 import torch
 from torch import Tensor, nn
 
-from . import _offload, families, memory
+from . import _offload, families, memory, sweep
 from .composition import Contributions, LazyComposition, LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
 from .rules import Layout
@@ -138,14 +138,11 @@ class TargetRun:
         self.progress = progress
         self.model_dtype = next(model.parameters()).dtype
         batch, length = inputs.ids.shape
-        shape = memory.Shape.of(model)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        self.graph_bytes = memory.target_graph_bytes(shape, batch, length, itemsize)
-        self.request_bytes = memory.target_request_bytes(shape, batch, length, itemsize)
-        if self.graph_bytes + self.request_bytes > budget:
+        self.sizes = memory.TargetSizes.of(memory.Shape.of(model), batch, length, dtype)
+        if self.sizes.graph + self.sizes.per_request > budget:
             raise memory.MemoryBudgetError(
                 f"target mode over {batch} x {length} tokens needs about "
-                f"{memory.fmt(self.graph_bytes + self.request_bytes)} for one target; the budget is "
+                f"{memory.fmt(self.sizes.graph + self.sizes.per_request)} for one target; the budget is "
                 f"{memory.fmt(budget)}. Shorten the sequence, decompose fewer rows at once, or raise "
                 "max_memory"
             )
@@ -160,19 +157,8 @@ class TargetRun:
     def head_row(self, token: int) -> Tensor:
         return self.weight[token].detach().to(self.dtype)
 
-    @contextmanager
-    def graph(self) -> Iterator[tuple[Tensor, list[Tensor], Tensor]]:
-        """Run the frozen-factor pass; yields (embeddings [B, T, d], the biases' leaves,
-        final hidden [B, K, d])."""
-        with torch.inference_mode(False), torch.enable_grad(), self.scope() as session:
-            with session.running(Call("target", self.dtype, keep_from=self.inputs.first)) as call:
-                self.inputs.call(self.model)
-            embeds, head, leaves, head_logits = call.embeds, call.head, call.bias_leaves, call.logits
-            if embeds is None or head is None or head_logits is None:
-                raise DecompositionError("the target-mode pass never reached the embeddings or the LM head")
-            if self.logits is None:
-                self.logits = self.inputs.select(head_logits).detach().to(self.dtype)
-            yield embeds, leaves, self.inputs.select(head[0])
+    def _call(self) -> Call:
+        return Call("target", self.dtype, keep_from=self.inputs.first)
 
     def stock_logits(self) -> Tensor:
         """The stock model's own logits at the explained positions (a plain forward; before a
@@ -186,6 +172,20 @@ class TargetRun:
             self.reference = self.inputs.select(logits).detach().float()
         return self.reference
 
+    def chunks(self, n: int) -> tuple[int, int]:
+        """``(targets per batched backward, targets per sweep)`` for ``n`` requests: each target
+        keeps its gradient for the whole sweep, and a batched backward's working memory grows
+        with the targets it takes (see :class:`memory.TargetSizes`)."""
+        sizes = self.sizes
+        free = self.budget - sizes.graph
+        per_chunk = max(1, min(n, free // sizes.per_request))
+        if self.lean:
+            # Without an explicit budget, keep the working memory near the pass's own size:
+            # each batched backward recomputes the attention probabilities, so not too small.
+            per_chunk = min(per_chunk, max(8, max(sizes.graph, LEAN_BYTES) // sizes.work))
+        per_sweep = max(per_chunk, (free - per_chunk * sizes.work) // sizes.state)
+        return per_chunk, min(n, per_sweep)
+
     def solve(self, requests: list[tuple[int, Any]]) -> Tensor:
         """Contributions ``[N, B, C + 1]`` for each ``(step, target key)`` request: one per
         component, then the bias share (pydec's residual: what belongs to no token).
@@ -194,42 +194,39 @@ class TargetRun:
         ``("vector", [B, hidden])`` or ``None`` (each row's argmax token at that step).
         """
         n = len(requests)
-        per_chunk = max(1, (self.budget - self.graph_bytes) // self.request_bytes)
-        if self.lean:
-            # Without an explicit budget, keep the backward's working memory near the graph's
-            # own size: batching more targets buys little speed (about 15% from 8 to 32 here).
-            per_chunk = min(per_chunk, max(4, max(self.graph_bytes, LEAN_BYTES) // self.request_bytes))
-        chunks = math.ceil(n / per_chunk)
-        per_chunk = math.ceil(n / chunks)  # even chunks
+        per_chunk, per_sweep = self.chunks(n)
+        layers = len(self.model.model.layers)  # type: ignore[union-attr, arg-type]
+        sweeps = math.ceil(n / per_sweep)
         results: list[Tensor] = []
-        with self.graph() as (embeds, leaves, head):
-            values = embeds.detach()
-            steps = head.shape[1]
-            bar = _progress(self.progress, chunks, "backward", work=n * embeds.shape[1] * embeds.shape[0])
-            for start in range(0, n, per_chunk):
-                part = requests[start : start + per_chunk]
-                cot = head.new_zeros((len(part), *head.shape))
+        with torch.inference_mode(False), self.scope() as session:
+            recorded = sweep.record(self.model, session, self._call(), lambda: self.inputs.call(self.model))
+            if self.logits is None:
+                self.logits = self.inputs.select(recorded.logits).to(self.dtype)
+            norm: Any = self.model.model.norm  # type: ignore[union-attr]
+            first = self.inputs.first
+
+            def head(x: Tensor) -> Tensor:
+                return self.inputs.select(norm(x)[:, first:])
+
+            values = recorded.first_input.detach()
+            steps = len(self.inputs.positions)
+            work = n * values.shape[1] * self.batch
+            bar = _progress(self.progress, sweeps * (layers + 1), "layer", work=work)
+            for start in range(0, n, per_sweep):
+                part = requests[start : start + per_sweep]
+                cot = values.new_zeros((len(part), self.batch, steps, values.shape[-1]))
                 for i, (step, key) in enumerate(part):
                     if not 0 <= step < steps:
                         raise IndexError(f"step {step} out of range ({steps} steps)")
                     cot[i, :, step] = self._cotangent(self.resolve(step, key)).to(cot.dtype)
-                grads = torch.autograd.grad(
-                    head,
-                    [embeds, *leaves],
-                    grad_outputs=cot,
-                    retain_graph=True,
-                    is_grads_batched=True,
-                    allow_unused=True,
+                grads, shares = sweep.pull_back(
+                    session, recorded, self._call, head, list(cot.split(per_chunk)), bar.update
                 )
-                contributions = (grads[0] * values).sum(-1)  # [n, B, T]
-                if self.members is not None:
-                    contributions = contributions @ self.members.to(contributions).T
-                residual = contributions.new_zeros(contributions.shape[:2])
-                for g, leaf in zip(grads[1:], leaves, strict=True):
-                    if g is not None:
-                        residual += (g * leaf.detach()).flatten(2).sum(-1)
-                results.append(torch.cat([contributions, residual[..., None]], -1).detach())
-                bar.update(1)
+                for g, share in zip(grads, shares, strict=True):
+                    contributions = (g * values).sum(-1)  # [n, B, T]
+                    if self.members is not None:
+                        contributions = contributions @ self.members.to(contributions).T
+                    results.append(torch.cat([contributions, share[..., None]], -1).detach())
             bar.close()
         return torch.cat(results)
 

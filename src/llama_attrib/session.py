@@ -28,7 +28,7 @@ from .stream import DecomposedTensor, split
 Forward = Callable[..., Any]
 
 
-def _argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str, position: int) -> Any:
+def argument(args: tuple[Any, ...], kwargs: dict[str, Any], name: str, position: int) -> Any:
     return kwargs[name] if name in kwargs else (args[position] if len(args) > position else None)
 
 
@@ -260,10 +260,10 @@ class Session:
         rule = self.family.attention
 
         def stock(args: tuple[Any, ...], kwargs: dict[str, Any], skip: bool) -> Any:
-            """The stock forward through llama_attrib's attention function: the probabilities
-            are recorded from the queries and keys the family's own code made."""
+            """The stock forward through llama_attrib's attention function: the probabilities'
+            inputs are recorded from the queries and keys the family's own code made."""
             probe: Probe = module.__dict__[PROBE]
-            probe.skip, probe.probs = skip, None
+            probe.skip, probe.scores = skip, None
             config: Any = module.config
             previous = config._attn_implementation_internal
             probe.original = previous
@@ -272,28 +272,28 @@ class Session:
                 out = original(*args, **kwargs)
             finally:
                 config._attn_implementation_internal = previous
-            probs, probe.probs = probe.probs, None  # the probe keeps nothing after the call
-            if probs is None:
+            scores, probe.scores = probe.scores, None  # the probe keeps nothing after the call
+            if scores is None:
                 raise DecompositionError(f"{type(module).__name__} did not call its attention function")
-            return out, probs
+            return out, scores
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if (call := self._current("target")) is not None:
-                x = _argument(args, kwargs, "hidden_states", 0)
-                args, kwargs = _replace_hidden(args, kwargs, x.detach().to(_dtype_of(module)))
+                x = argument(args, kwargs, "hidden_states", 0)
+                args, kwargs = replace_hidden(args, kwargs, x.detach().to(_dtype_of(module)))
                 with torch.no_grad():
-                    _, probs = stock(args, kwargs, skip=True)
+                    _, scores = stock(args, kwargs, skip=True)
                 keep = call.keep_from if id(module) in self.last_layer else 0
-                return rules.attention_graph(rule, module, probs, x, call.bias_leaf, keep), None
+                return rules.attention_graph(rule, module, scores, x, call.bias_leaf, keep), None
             if (call := self._current("forward")) is None:
                 return original(*args, **kwargs)
-            real, comps, residual = split(_argument(args, kwargs, "hidden_states", 0))
-            args, kwargs = _replace_hidden(args, kwargs, real)
+            real, comps, residual = split(argument(args, kwargs, "hidden_states", 0))
+            args, kwargs = replace_hidden(args, kwargs, real)
             cache = self.value_cache(int(module.layer_idx), find_cache(kwargs))  # type: ignore[arg-type]
-            (out, weights), probs = stock(args, kwargs, skip=False)
+            (out, weights), scores = stock(args, kwargs, skip=False)
             record = None if call.flow is None else call.flow.recorder(module)
             comps_out, res = rules.attention(
-                rule, module, probs, comps, residual, cache, call.offset, call.layout, record
+                rule, module, scores.rows(), comps, residual, cache, call.offset, call.layout, record
             )
             return DecomposedTensor.wrap(out, comps_out, res), weights
 
@@ -344,7 +344,7 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _replace_hidden(
+def replace_hidden(
     args: tuple[Any, ...], kwargs: dict[str, Any], value: Tensor
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if "hidden_states" in kwargs or not args:
