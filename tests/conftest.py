@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -180,25 +182,12 @@ def _frozen_norm(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tenso
     return x.to(out.dtype) * ratio
 
 
-def gradient_x_input(
-    model: nn.Module,
-    ids: torch.Tensor,
-    token: int,
-    row: int = 0,
-    position: int = -1,
-    attention_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, float, float]:
-    """The independent reference: ``(components [T], bias share, logit)`` of ``token``'s logit
-    (before any final soft-cap) at ``position`` of batch row ``row``, on the stock (unwrapped)
-    model, in float32 arithmetic of the model's own dtype.
-
-    Gradient x input of the logit with the frozen factors detached by forward hooks that know
-    no formula: norm outputs become ``x * (out / x).detach()``; the q and k projections'
-    outputs (Phi-3: the fused q/k rows), the MLP activation's output and the router's output
-    are detached. With q and k detached the attention probabilities are constants; everything
-    else stays live. Gradient x input over the input embeddings gives each token's component;
-    the logit minus their sum is what belongs to no token (the biases' share).
-    """
+@contextmanager
+def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Forward hooks on the stock model that know no formula: norm outputs become
+    ``x * (out / x).detach()``; the q and k projections' outputs (Phi-3: the fused q/k rows),
+    the MLP activation's output and the router's output are detached. Yields the list the LM
+    head's outputs are appended to."""
     handles = []
     head_out: list[torch.Tensor] = []
     for name, module in model.named_modules():
@@ -220,13 +209,36 @@ def gradient_x_input(
             handles.append(module.register_forward_hook(split))
     handles.append(model.lm_head.register_forward_hook(lambda m, a, out: head_out.append(out)))
     try:
+        yield head_out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def gradient_x_input(
+    model: nn.Module,
+    ids: torch.Tensor,
+    token: int,
+    row: int = 0,
+    position: int = -1,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float, float]:
+    """The independent reference: ``(components [T], bias share, logit)`` of ``token``'s logit
+    (before any final soft-cap) at ``position`` of batch row ``row``, on the stock (unwrapped)
+    model, in float32 arithmetic of the model's own dtype.
+
+    Gradient x input of the logit with the frozen factors detached by forward hooks that know
+    no formula: norm outputs become ``x * (out / x).detach()``; the q and k projections'
+    outputs (Phi-3: the fused q/k rows), the MLP activation's output and the router's output
+    are detached. With q and k detached the attention probabilities are constants; everything
+    else stays live. Gradient x input over the input embeddings gives each token's component;
+    the logit minus their sum is what belongs to no token (the biases' share).
+    """
+    with frozen_factors(model) as head_out:
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
         logit = head_out[-1][row, position, token].float()
         (grad,) = torch.autograd.grad(logit, embeds)
-    finally:
-        for h in handles:
-            h.remove()
     components = (grad.float() * embeds.float()).sum(-1)[row].detach()
     value = float(logit.detach())
     return components, value - float(components.sum()), value

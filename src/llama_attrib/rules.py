@@ -401,15 +401,27 @@ class Scores:
         batch, kv, groups, q, s = self.shape
         t1 = q if t1 is None else t1
         k1 = s if keys is None else keys
-        mask = _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)[..., :k1]
-        d = self.query.shape[-1]
-        query = self.query[:, :, t0:t1].to(torch.float32).reshape(batch, kv, groups * (t1 - t0), d)
-        scores = query @ self.key[:, :, :k1].to(torch.float32).transpose(-1, -2)
-        scores = scores * self.scaling
+        rows, d = t1 - t0, self.query.shape[-1]
+        query = self.query[:, :, t0:t1].to(torch.float32)
+        if self.softcap is None:
+            query = query * self.scaling  # on the queries: rows x d multiplications, not rows x keys
+        query = query.reshape(batch, kv, groups * rows, d)
+        scores = (query @ self.key[:, :, :k1].to(torch.float32).transpose(-1, -2)).view(
+            batch, kv, groups, rows, k1
+        )
         if self.softcap is not None:
-            scores = torch.tanh(scores / self.softcap) * self.softcap
-        scores = scores.view(batch, kv * groups, t1 - t0, k1) + mask
-        return torch.softmax(scores, dim=-1).view(batch, kv, groups, t1 - t0, k1)
+            scores = torch.tanh(scores * (self.scaling / self.softcap)) * self.softcap
+        neg = torch.finfo(torch.float32).min
+        if self.mask is None:
+            # causal: of these rows' keys, only the last ``rows`` can be masked
+            first = s - q + t0
+            if first < k1:
+                seen = torch.ones((rows, k1 - first), dtype=torch.bool, device=scores.device).tril()
+                scores[..., first:].masked_fill_(~seen, neg)
+        else:
+            mask = _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)[..., :k1]
+            scores += mask[:, :, None]
+        return torch.softmax(scores, dim=-1)
 
     def extent(self, t0: int, t1: int) -> int:
         """How many keys queries ``t0:t1`` see: the keys after the last one any of them sees
@@ -521,49 +533,80 @@ def attention(
     return _causal_chunks(part, c, batch, q, offset, 2 * heads, layout), res_out
 
 
-class _FrozenMix(torch.autograd.Function):
-    """``mix(probabilities, values)`` for queries ``t0:t1``, the probabilities frozen and never
-    kept: computed block by block from the queries and keys in the forward, and again in the
-    backward (as flash attention does). The backward is linear in the cotangent, so a batched
-    backward (``is_grads_batched``) computes each block of probabilities once for all targets."""
+# A layer's probabilities up to this size are kept from the forward for the backward (else
+# computed again there, block by block).
+KEEP_BYTES = 128 << 20
 
-    generate_vmap_rule = True
+
+class _FrozenMix(torch.autograd.Function):
+    """``mix(probabilities, values)`` for queries ``t0:t1``, the probabilities frozen: computed
+    block by block from the queries and keys in the forward and, unless they are small enough
+    to keep (:data:`KEEP_BYTES`), again in the backward (as flash attention does)."""
 
     @staticmethod
-    def forward(values: Tensor, scores: Scores, t0: int, t1: int) -> Tensor:  # type: ignore[override]
-        parts = [
-            mix(scores.rows(a, b, k).to(values.dtype), values[..., :k, :])
-            for a, b, k in scores.blocks(t0, t1)
-        ]
+    def forward(ctx: Any, values: Tensor, scores: Scores, t0: int, t1: int) -> Tensor:  # type: ignore[override]
+        blocks = scores.blocks(t0, t1)
+        kept: list[Tensor] | None = []
+        parts = []
+        size = 0
+        for a, b, k in blocks:
+            p = scores.rows(a, b, k)
+            parts.append(mix(p.to(values.dtype), values[..., :k, :]))
+            size += p.numel() * p.element_size()
+            kept = kept if kept is not None and size <= KEEP_BYTES else None
+            if kept is not None:
+                kept.append(p)
+        ctx.scores, ctx.t0, ctx.t1, ctx.length, ctx.kept = scores, t0, t1, values.shape[-2], kept
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        values, ctx.scores, ctx.t0, ctx.t1 = inputs
-        ctx.length = values.shape[-2]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        out: Tensor = _Transposed.apply(grad, ctx.scores, ctx.t0, ctx.t1, ctx.length, ctx.kept)
+        ctx.kept = None
+        return out, None, None, None
+
+
+class _Transposed(torch.autograd.Function):
+    """The backward of :class:`_FrozenMix`: ``probabilities^T @ grad``. Under ``vmap`` (one
+    cotangent per target) the targets become columns of one matrix product per block, so each
+    block of probabilities is computed once and read once for all of them."""
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # type: ignore[override]
-        scores: Scores = ctx.scores
-        batch, kv, groups, _, _ = scores.shape
-        total: Tensor | None = None
-        for a, b, k in scores.blocks(ctx.t0, ctx.t1):
-            p = scores.rows(a, b, k).to(grad.dtype).reshape(batch, kv, groups * (b - a), k)
-            g = grad.narrow(1, a - ctx.t0, b - a).reshape(
-                batch, b - a, kv, groups, -1
-            )  # [B, rows, heads, hd]
-            g = g.permute(0, 2, 3, 1, 4).reshape(batch, kv, groups * (b - a), -1)
-            part = F.pad(p.transpose(-1, -2) @ g, (0, 0, 0, ctx.length - k))  # [B, kv, S, hd]
-            total = part if total is None else total + part
-        return total, None, None, None
+    def forward(grad: Tensor, *args: Any) -> Tensor:  # type: ignore[override]
+        return _transposed(grad.unsqueeze(-1), *args).squeeze(-1)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], grad: Tensor, *args: Any) -> tuple[Tensor, int | None]:
+        if in_dims[0] is None:
+            return _Transposed.forward(grad, *args), None
+        return _transposed(grad.movedim(in_dims[0], -1), *args), 4
+
+
+def _transposed(
+    grad: Tensor, scores: Scores, t0: int, t1: int, length: int, kept: list[Tensor] | None
+) -> Tensor:
+    """``grad [B, t1 - t0, heads * hd, n]`` (``n`` cotangents) -> ``[B, kv, length, hd, n]``."""
+    batch, kv, groups, _, _ = scores.shape
+    n = grad.shape[-1]
+    g = grad.reshape(batch, t1 - t0, kv, groups, -1, n)
+    hd = g.shape[4]
+    total = grad.new_zeros((batch * kv, length, hd * n))
+    for i, (a, b, k) in enumerate(scores.blocks(t0, t1)):
+        p = scores.rows(a, b, k) if kept is None else kept[i]
+        p = p.to(grad.dtype).reshape(batch * kv, groups * (b - a), k)
+        rows = g[:, a - t0 : b - t0].permute(0, 2, 3, 1, 4, 5).reshape(batch * kv, groups * (b - a), hd * n)
+        total[:, :k].baddbmm_(p.transpose(-1, -2), rows)
+    return total.view(batch, kv, length, hd, n)
 
 
 def frozen_mix(scores: Scores, values: Tensor, t0: int = 0, t1: int | None = None) -> Tensor:
     """``[B, t1 - t0, heads * hd]``: queries ``t0:t1`` mixing ``values [B, kv, S, hd]`` with
     the frozen probabilities, which are never held for more than one block of queries."""
     t1 = scores.shape[3] if t1 is None else t1
-    if not values.requires_grad or not torch.is_grad_enabled():
-        return _FrozenMix.forward(values, scores, t0, t1)
     out: Tensor = _FrozenMix.apply(values, scores, t0, t1)
     return out
 

@@ -199,16 +199,22 @@ class TargetRun:
         sweeps = math.ceil(n / per_sweep)
         results: list[Tensor] = []
         with torch.inference_mode(False), self.scope() as session:
-            recorded = sweep.record(self.model, session, self._call(), lambda: self.inputs.call(self.model))
+            # the stock forward, whose hidden states the layers' frozen factors are computed from
+            recorded = sweep.record(
+                self.model, session, Call("capture", self.dtype), lambda: self.inputs.call(self.model)
+            )
+            stock = self.inputs.select(recorded.logits)
+            if self.reference is None:
+                self.reference = stock.float()
             if self.logits is None:
-                self.logits = self.inputs.select(recorded.logits).to(self.dtype)
+                self.logits = stock.to(self.dtype)
             norm: Any = self.model.model.norm  # type: ignore[union-attr]
             first = self.inputs.first
 
             def head(x: Tensor) -> Tensor:
                 return self.inputs.select(norm(x)[:, first:])
 
-            values = recorded.first_input.detach()
+            values = recorded.first_input.detach().to(self.dtype)
             steps = len(self.inputs.positions)
             work = n * values.shape[1] * self.batch
             bar = _progress(self.progress, sweeps * (layers + 1), "layer", work=work)

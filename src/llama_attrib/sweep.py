@@ -1,7 +1,7 @@
 """Target mode's backward, one decoder layer at a time, in memory that does not grow with depth.
 
-A pass without a graph keeps only what enters each decoder layer (its hidden state and call
-arguments) and the final norm. The cotangents of the explained logits are then pulled back
+A plain forward of the stock model keeps only what enters each decoder layer (its real hidden
+state and call arguments) and the final norm, and gives the stock logits. The cotangents of the explained logits are then pulled back
 from the LM head to the first layer's input: each layer runs again from its recorded input
 with a graph (its frozen factors recomputed from the same real input, so they are the same
 numbers), and one batched backward takes every target through it at once. A layer's graph
@@ -35,7 +35,7 @@ class Recorded:
 
     layers: list[LayerCall]
     final: Tensor  # [B, T, hidden], the last layer's output
-    logits: Tensor  # the LM head's output at the kept positions [B, T_kept, vocab]
+    logits: Tensor  # the stock LM head's output at the kept positions [B, T_kept, vocab]
 
     @property
     def first_input(self) -> Tensor:
@@ -51,8 +51,8 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
 
 
 def record(model: nn.Module, session: Session, call: Call, run: Callable[[], Any]) -> Recorded:
-    """Run ``run()`` (a forward of ``model``) as target mode without a graph, keeping each decoder
-    layer's call and the final norm's input (per-instance hooks, removed afterwards)."""
+    """Run ``run()`` (a forward of ``model``) as ``call`` (a capture) without a graph, keeping each
+    decoder layer's call and the final norm's input (per-instance hooks, removed afterwards)."""
     base: Any = model.model
     layers: list[LayerCall] = []
     final: list[Tensor] = []
@@ -88,26 +88,26 @@ def through(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Pull each ``[n, *y.shape]`` cotangent chunk back through ``y = fn(x)`` (``fn`` run once
     with a graph, as target mode): ``(gradients [n, *x.shape], bias shares [n, B])``."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), session.running(call()) as running:
+    running = call()
+    x = x.detach().to(running.dtype).requires_grad_(True)
+    with torch.enable_grad(), session.running(running):
         y = fn(x)
     leaves = running.bias_leaves
     grads, shares = [], []
-    for i, cot in enumerate(cotangents):
-        found = torch.autograd.grad(
-            y,
-            [x, *leaves],
-            grad_outputs=cot,
-            retain_graph=i + 1 < len(cotangents),
-            is_grads_batched=True,
-            allow_unused=True,
+    inputs = [x, *leaves]
+
+    def pull(cot: Tensor) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(
+            y, inputs, cot, retain_graph=True, allow_unused=True, materialize_grads=True
         )
-        if found[0] is None:
-            raise DecompositionError("a decoder layer's output does not depend on its input")
+
+    for cot in cotangents:
+        # torch.func.vmap rather than is_grads_batched: the attention's backward has its own
+        # batching rule (rules._Transposed), one matrix product for all the targets
+        found = torch.func.vmap(pull)(cot)
         share = cot.new_zeros(cot.shape[:2])
         for g, leaf in zip(found[1:], leaves, strict=True):
-            if g is not None:
-                share += (g * leaf.detach()).flatten(2).sum(-1)
+            share += (g * leaf.detach()).flatten(2).sum(-1)
         grads.append(found[0])
         shares.append(share)
     return grads, shares
