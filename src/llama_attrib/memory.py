@@ -73,7 +73,9 @@ class TargetSizes:
         tokens = batch * length
         inputs = (shape.layers + 1) * tokens * shape.hidden * item
         layer = tokens * (3 * shape.intermediate + 10 * shape.hidden + 3 * shape.kv_dim) * item
-        blocks = 3 * rules.BLOCK_BYTES
+        # float32 probabilities: a few blocks being computed, and those kept for the backward
+        whole = batch * shape.heads * length * length * 4
+        blocks = 3 * min(rules.BLOCK_BYTES, whole) + min(rules.KEEP_BYTES, whole // 2)
         return TargetSizes(
             graph=inputs + layer + blocks,
             state=2 * tokens * shape.hidden * item,

@@ -104,8 +104,11 @@ def explain(
         with scope() as session:
             return _forward_mode(model, session, inputs, members, names, dtype, limit, progress)
     run = TargetRun(model, scope, inputs, members, names, dtype, limit, progress, lean=max_memory is None)
-    if reference is not None:  # the stock logits generate already computed: no extra forward
+    if reference is not None:
+        # generate's own logits: what it chose each token from (a full forward can break a
+        # near tie the other way), and what the components are checked against
         run.reference = reference.float()
+        run.logits = reference.to(dtype)
     return run.compositions(targets)
 
 

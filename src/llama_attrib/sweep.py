@@ -1,13 +1,13 @@
 """Target mode's backward, one decoder layer at a time, in memory that does not grow with depth.
 
 A plain forward of the stock model keeps only what enters each decoder layer (its real hidden
-state and call arguments) and the final norm, and gives the stock logits. The cotangents of the explained logits are then pulled back
-from the LM head to the first layer's input: each layer runs again from its recorded input
-with a graph (its frozen factors recomputed from the same real input, so they are the same
-numbers), and one batched backward takes every target through it at once. A layer's graph
-is the only one alive, and its attention probabilities are never held for more than one
-block of queries (:func:`rules.frozen_mix`). The rules are the module forwards of target
-mode (:class:`Call`); nothing here knows a family.
+state and call arguments) and the final norm, and gives the stock logits. The cotangents of
+the explained logits are then pulled back from the LM head to the first layer's input: each
+layer runs again from its recorded input with a graph (its frozen factors recomputed from the
+same real input), and one batched backward takes every target through it at once. A layer's
+graph is the only one alive, and its attention probabilities are never held for more than one
+block of queries unless they are small (:func:`rules.frozen_mix`). The rules are the module
+forwards of target mode (:class:`Call`); nothing here knows a family.
 
 The contribution of position ``i`` is ``grad_i . h_i`` at the first layer's input: every map
 before it (the embedding, Gemma's scaling) is linear per position, so this equals the

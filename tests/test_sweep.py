@@ -1,0 +1,123 @@
+"""Target mode in bounded memory: the probabilities in blocks of queries, recomputed in the
+backward, targets in several batched backwards and sweeps. Every way of cutting the work
+gives the numbers of the uncut computation (float32, 1e-5 of the largest logit)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import llama_attrib
+from conftest import prompt, tiny_model
+from llama_attrib import rules, sequence
+from test_families import family_model
+
+STEPS = 4
+
+
+def _all(model: nn.Module, ids: torch.Tensor, prompt_length: int, **kwargs: Any) -> list[torch.Tensor]:
+    """Every step's components and bias share for its generated token and for token 5."""
+    out = []
+    for k, c in enumerate(llama_attrib.decompose_sequence(model, ids, prompt_length, **kwargs)):
+        for token in (int(ids[0, prompt_length + k]), 5):
+            got = c[token]
+            out.append(torch.cat([got.components.reshape(-1), got.residual.reshape(-1)]))
+    return out
+
+
+def _uncut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole probability matrix of a layer in one block, kept for the backward."""
+    monkeypatch.setattr(rules, "BLOCK_BYTES", 1 << 40)
+    monkeypatch.setattr(rules, "KEEP_BYTES", 1 << 40)
+
+
+def _blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rules, "BLOCK_BYTES", 64)  # a row or two of queries per block
+    monkeypatch.setattr(rules, "KEEP_BYTES", 1 << 40)
+
+
+def _recomputed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rules, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(rules, "KEEP_BYTES", 0)  # every block computed again in the backward
+
+
+def _chunked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one target per batched backward, three per sweep (several sweeps over the layers)
+    monkeypatch.setattr(sequence.TargetRun, "chunks", lambda self, n: (1, 3))
+
+
+WAYS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
+    "blocks": _blocks,
+    "recomputed": _recomputed,
+    "chunked": _chunked,
+}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "qwen2"])
+def test_cut_work_equals_the_uncut_computation(name: str, way: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model() if name == "llama" else family_model(name)
+    ids = prompt(11)
+    sequences = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
+    with monkeypatch.context() as m:
+        _uncut(m)
+        expected = _all(model, sequences, 11)
+    with monkeypatch.context() as m:
+        WAYS[way](m)
+        got = _all(model, sequences, 11)
+    scale = max(float(e.abs().max()) for e in expected)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.allclose(e, g, atol=1e-5 * scale, rtol=0), (name, way, float((e - g).abs().max()))
+
+
+def test_left_padded_batch_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A padding mask cut into blocks: each row equals that row decomposed alone."""
+    model = tiny_model()
+    ids = prompt(9, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    _recomputed(monkeypatch)
+    batch = llama_attrib.decompose_sequence(model, ids, 7, attention_mask=mask)
+    alone = llama_attrib.decompose_sequence(model, ids[1:, 3:], 4)
+    for c, a in zip(batch, alone, strict=True):
+        token = int(a.recovery.argmax())
+        got = c[1, token].components[3:]
+        scale = float(a.recovery.abs().max())
+        assert torch.allclose(got, a[token].components, atol=1e-5 * scale, rtol=0)
+
+
+def test_probability_rows_equal_the_whole_matrix() -> None:
+    """Scores.rows over a block and the keys it sees equals that part of the whole matrix,
+    and the keys left out have probability exactly zero."""
+    torch.manual_seed(0)
+    query, key = torch.randn(2, 4, 13, 8), torch.randn(2, 2, 13, 8)
+    for mask in (None, torch.rand(2, 1, 13, 13) > 0.3):
+        if mask is not None:
+            mask = mask & torch.ones(13, 13, dtype=torch.bool).tril()
+            mask[..., 0] = True
+        scores = rules.Scores(query, key, mask, 0.35, None)
+        whole = scores.rows()
+        for a, b, k in [(0, 3, scores.extent(0, 3)), (5, 9, scores.extent(5, 9)), (12, 13, 13)]:
+            assert torch.allclose(scores.rows(a, b, k), whole[..., a:b, :k], atol=1e-6)
+            assert not whole[..., a:b, k:].any()
+
+
+def test_the_sweep_leaves_no_hook_even_when_a_layer_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model()
+    ids = prompt(7)
+    llama_attrib.decompose_sequence(model, ids, 6)
+    modules = [*model.model.layers, model.model.norm]
+    assert all(not m._forward_pre_hooks for m in modules)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("layer failed")
+
+    monkeypatch.setattr(model.model.layers[1], "forward", broken)
+    with pytest.raises(RuntimeError, match="layer failed"):
+        llama_attrib.decompose_sequence(model, ids, 6)
+    assert all(not m._forward_pre_hooks for m in modules)
+    assert not llama_attrib.is_wrapped(model)
