@@ -83,7 +83,9 @@ def test_clicking_a_generated_token_colours_the_earlier_tokens(
         r, _, b = _rgb(step0[bottom])
         assert b > r
     token = browser.find_elements(By.CSS_SELECTOR, ".la-tok")[top]
-    assert token.get_attribute("title").endswith(f"{float(row[top]):+.4g} (logit)".replace("e+0", "e+"))
+    assert token.get_attribute("title").endswith(
+        f"{float(row[top]):+.4g} (logit, step 0)".replace("e+0", "e+")
+    )
     legend = browser.find_element(By.CSS_SELECTOR, ".la-max").text
     assert float(legend) == pytest.approx(float(np.abs(row).max()), rel=1e-3)
 
@@ -146,5 +148,55 @@ def test_flow_view_in_the_browser(browser: Any, tmp_path: Path) -> None:
     )
     layers[1].click()
     assert not any(p.is_displayed() for p in parts)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+
+
+def _long_document() -> Attribution:
+    """A 60-sentence document whose answer comes from sentence 30 (synthetic scores)."""
+    sentences = [f"Sentence {i} says little of note here." for i in range(60)]
+    sentences[30] = "The access code is 4817."
+    words = " ".join(sentences).split(" ")
+    tokens = [w if i == 0 else " " + w for i, w in enumerate(words)] + [" 48", "17", "."]
+    p, g = len(words), 3
+    rng = np.random.default_rng(0)
+    scores = np.full((g, p + g - 1), np.nan, np.float32)
+    source = [i for i, t in enumerate(tokens[:p]) if i >= len(" ".join(sentences[:30]).split(" "))][:5]
+    for k in range(g):
+        scores[k, : p + k] = rng.normal(0, 0.01, p + k)
+        scores[k, source] = 2.0 - k * 0.1
+    return Attribution(tokens, list(range(len(tokens))), p, scores, np.nansum(scores, 1))
+
+
+def test_long_document_view_ranks_and_folds(browser: Any, tmp_path: Path) -> None:
+    """Sentences of a long prompt: the whole answer's ranking lists the source sentence first;
+    text that scores little is folded (and opens on a click); a ranked source is marked."""
+    result = _long_document().sentences()
+    page = tmp_path / "long.html"
+    result.to_html(page)
+    browser.get(page.as_uri())
+    toks = browser.find_elements(By.CSS_SELECTOR, ".la-tok")
+    marks = browser.find_elements(By.CSS_SELECTOR, ".la-fold-mark")
+    assert marks, "a long prompt opens with the low-scoring text folded"
+    hidden = [i for i, t in enumerate(toks) if "la-hidden" in t.get_attribute("class")]
+    assert len(hidden) > len(toks) / 2
+    source = result.columns[result.sources.index("The access code is 4817.")]
+    assert not set(source) & set(hidden), "the source sentence stays visible"
+
+    browser.find_element(By.CSS_SELECTOR, ".la-answer").click()
+    assert "whole answer" in browser.find_element(By.CSS_SELECTOR, ".la-info").text
+    items = browser.find_elements(By.CSS_SELECTOR, ".la-ranking li")
+    assert 1 < len(items) <= 10 and "The access code is 4817." in items[0].text
+    assert items[0].text.startswith(f"{100 * result.ranking()[0][2]:.1f}%")
+    items[0].click()
+    marked = [i for i, t in enumerate(toks) if "la-marked" in t.get_attribute("class")]
+    assert marked == source
+
+    before = len(browser.find_elements(By.CSS_SELECTOR, ".la-fold-mark"))
+    browser.find_elements(By.CSS_SELECTOR, ".la-fold-mark")[0].click()
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".la-fold-mark")) == before - 1
+    browser.find_element(By.CSS_SELECTOR, ".la-fold").click()  # unticked: everything shown
+    assert not browser.find_elements(By.CSS_SELECTOR, ".la-fold-mark")
+    assert all("la-hidden" not in t.get_attribute("class") for t in toks)
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []

@@ -75,3 +75,25 @@ def test_cli_default_model_is_smollm2(tmp_path: Path) -> None:
     assert f"generated: {result.generation!r}" in done.stdout
     assert result.versions["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     np.testing.assert_allclose(np.nansum(result.token_scores.astype(np.float64), 1), result.logits, rtol=1e-5)
+
+
+def test_cli_sentences_and_the_answers_ranking(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--by sentence splits the user message (not the chat template) and --rank lists the
+    sources of the whole answer, largest first, with their shares."""
+    message = (
+        "the cat sat on the mat.\nthe dogs ran off.\nwhere are the cats"  # the tiny vocabulary: no capitals
+    )
+    args = [message, "--model", str(folder), "--chat", "--max-new-tokens", "3", "--no-progress"]
+    main([*args, "--by", "sentence", "--rank", "2"])
+    out, _ = capsys.readouterr()
+    result = attribute(*load(str(folder)), message, 3, chat=True)
+    view = result.sentences(within=result.find(message))
+    assert view.sources[:3] == ["the cat sat on the mat.", "the dogs ran off.", "where are the cats"]
+    ranked = view.ranking(k=2)
+    lines = out.splitlines()
+    assert lines[0].startswith("sources of the answer") and "3 tokens" in lines[0]
+    for line, (label, score, share) in zip(lines[1:3], ranked, strict=True):
+        assert line.split()[0] in ("1", "2") and f"{share:6.1%}".strip() in line and label in line
+        assert f"{score:+9.4f}".strip() in line
+    assert abs(ranked[0][1]) >= abs(ranked[1][1]) or ranked[0][1] >= ranked[1][1]
+    assert view.table().strip() in out

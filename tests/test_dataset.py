@@ -123,3 +123,32 @@ def test_two_processes_with_accelerate_launch_on_gloo(tmp_path: Path) -> None:
     loaded, _ = load(str(folder))
     for key, want in expected(loaded, tokenizer, rows).items():
         same(results[key], want)
+
+
+def test_dataset_by_sentence_keeps_groups_and_the_ranking(tmp_path: Path) -> None:
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    rows = [
+        {
+            "id": "doc",
+            "prompt": "a cat sat.\nthe dog ran.\nwhere is the cat",
+        },  # no capitals in the tiny vocabulary
+        {"id": "chat", "messages": [{"role": "user", "content": "one fact here.\nanother one.\nwhich"}]},
+    ]
+    out = tmp_path / "out.jsonl"
+    dataset.attribute_dataset(model, tokenizer, rows, out, max_new_tokens=3, by="sentence")
+    dataset.merge(rows, out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    results = dataset.load_results(out)
+    for row, record in zip(rows, records, strict=True):
+        result = results[row["id"]]
+        prompt = row.get("messages", row.get("prompt"))
+        alone = llama_attrib.attribute(model, tokenizer, prompt, 3)
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        want = alone.sentences(within=alone.find(text))
+        assert result.sources == want.sources and result.groups == want.groups
+        assert [r["label"] for r in record["ranking"]] == [label for label, _, _ in want.ranking()]
+        np.testing.assert_allclose(
+            [r["score"] for r in record["ranking"]], [s for _, s, _ in want.ranking()], rtol=1e-5
+        )
+    assert "(rest)" in results["chat"].sources  # the chat template is not a sentence of the message
+    assert results["chat"].sources[:3] == ["one fact here.", "another one.", "which"]

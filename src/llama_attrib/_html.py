@@ -28,9 +28,19 @@ STYLE = """
   font-family:system-ui,sans-serif;color:#333;border:none}
 .la-attrib .la-ov-row{cursor:pointer}
 .la-attrib .la-ov-row.la-ov-selected td.la-ov-label{font-weight:700}
+.la-attrib .la-controls{font-family:system-ui,sans-serif;font-size:12px;margin-bottom:4px;
+  display:flex;gap:12px;align-items:center}
+.la-attrib .la-answer.la-on{font-weight:700}
+.la-attrib .la-hidden{display:none}
+.la-attrib .la-fold-mark{color:#777;background:#f2f2f2;border-radius:3px;cursor:pointer;
+  padding:0 3px;font-family:system-ui,sans-serif;font-size:12px}
+.la-attrib .la-ranking{font-family:system-ui,sans-serif;font-size:12px;margin:6px 0;padding-left:2em}
+.la-attrib .la-ranking li{cursor:pointer}
+.la-attrib .la-ranking li:hover{text-decoration:underline}
+.la-attrib .la-marked{outline:2px solid #e6a100}
 """
 
-SCRIPT = """function(uid){
+SCRIPT = r"""function(uid){
   var root=document.getElementById(uid);
   var data=JSON.parse(root.querySelector('script.la-data').textContent);
   var toks=root.querySelectorAll('.la-tok');
@@ -41,8 +51,38 @@ SCRIPT = """function(uid){
     return 'rgb('+c[0]+','+c[1]+','+c[2]+')';
   }
   function fmt(v){return (v>=0?'+':'')+v.toPrecision(4);}
-  function select(step){
-    var row=data.scores[step], limit=data.prompt_length+step, vmax=0;
+  var text=root.querySelector('.la-text'), fold=root.querySelector('.la-fold');
+  var answerButton=root.querySelector('.la-answer'), current=null;
+  fold.checked=!!data.collapse;
+  function unfold(){
+    text.querySelectorAll('.la-fold-mark').forEach(function(m){m.remove();});
+    for(var i=0;i<toks.length;i++){toks[i].classList.remove('la-hidden');}
+  }
+  function refold(row,limit,vmax){
+    unfold();
+    if(!fold.checked){return;}
+    var start=-1;
+    for(var i=0;i<=limit;i++){
+      var low=i<limit && (row[i]===null || Math.abs(row[i])<0.05*vmax) &&
+        !toks[i].classList.contains('la-marked');
+      if(low && start<0){start=i;}
+      if(!low && start>=0){
+        if(i-start>=12){
+          var mark=document.createElement('span'), first=start, end=i;
+          mark.className='la-fold-mark';
+          mark.textContent='[… '+(end-first)+' tokens …]';
+          mark.title='text that scores little here: click to open';
+          mark.addEventListener('click',function(a,b,m){return function(){
+            for(var j=a;j<b;j++){toks[j].classList.remove('la-hidden');} m.remove();};}(first,end,mark));
+          toks[first].parentNode.insertBefore(mark,toks[first]);
+          for(var j=first;j<end;j++){toks[j].classList.add('la-hidden');}
+        }
+        start=-1;
+      }
+    }
+  }
+  function paint(row,limit,what){
+    var vmax=0;
     for(var i=0;i<limit;i++){ if(row[i]!==null){vmax=Math.max(vmax,Math.abs(row[i]));} }
     if(vmax===0){vmax=1;}
     for(var i=0;i<toks.length;i++){
@@ -51,24 +91,59 @@ SCRIPT = """function(uid){
       if(i<limit && row[i]!==null){
         el.style.backgroundColor=colour(row[i],vmax);
         el.style.color=Math.abs(row[i])/vmax>0.55?'#fff':'';
-        el.title=(data.labels[i]||data.tokens[i])+': '+fmt(row[i])+' ('+data.unit+')';
+        el.title=(data.labels[i]||data.tokens[i])+': '+fmt(row[i])+' ('+data.unit+', '+what+')';
       } else {
         el.style.backgroundColor='transparent';
         el.style.color='';
         el.title=i<limit?'(left out)':'after the selected token';
       }
     }
+    root.querySelector('.la-min').textContent=fmt(-vmax);
+    root.querySelector('.la-max').textContent=fmt(vmax);
+    refold(row,limit,vmax);
+  }
+  function select(step){
+    current=step;
+    answerButton.classList.remove('la-on');
+    var row=data.scores[step], limit=data.prompt_length+step;
+    paint(row,limit,'step '+step);
     toks[limit].classList.add('la-selected');
     root.querySelectorAll('.la-ov-row').forEach(function(r){
       r.classList.toggle('la-ov-selected',parseInt(r.getAttribute('data-step'),10)===step);
     });
-    root.querySelector('.la-min').textContent=fmt(-vmax);
-    root.querySelector('.la-max').textContent=fmt(vmax);
     root.querySelector('.la-info').textContent='step '+step+': '+JSON.stringify(data.tokens[limit])+
       ', logit '+data.logits[step].toFixed(4)+
       (data.bias[step] ? ' (bias share '+data.bias[step].toFixed(4)+', no token)' : '')+
       '; colours: '+data.unit;
   }
+  function answer(){
+    current='answer';
+    answerButton.classList.add('la-on');
+    root.querySelectorAll('.la-ov-row').forEach(function(r){r.classList.remove('la-ov-selected');});
+    var limit=data.prompt_length+data.scores.length-1;
+    paint(data.answer,limit,'whole answer');
+    root.querySelector('.la-info').textContent='whole answer: '+data.scores.length+
+      ' generated tokens, scores summed; colours: '+data.unit;
+  }
+  var list=root.querySelector('.la-ranking');
+  data.ranking.forEach(function(r){
+    var li=document.createElement('li');
+    var label=r.label.replace(/\s+/g,' ').trim();
+    li.textContent=(100*r.share).toFixed(1)+'%  '+fmt(r.score)+'  '+
+      (label.length>90?label.slice(0,90)+'…':label);
+    li.title=r.label;
+    li.addEventListener('click',function(){
+      for(var i=0;i<toks.length;i++){toks[i].classList.remove('la-marked');}
+      r.tokens.forEach(function(i){toks[i].classList.add('la-marked');});
+      if(current==='answer'){answer();}else if(current!==null){select(current);}
+      if(r.tokens.length){toks[r.tokens[0]].scrollIntoView({block:'center'});}
+    });
+    list.appendChild(li);
+  });
+  answerButton.addEventListener('click',answer);
+  fold.addEventListener('change',function(){
+    if(current==='answer'){answer();}else if(current!==null){select(current);}
+  });
   root.querySelectorAll('.la-gen, .la-ov-row').forEach(function(el){
     el.addEventListener('click',function(){select(parseInt(el.getAttribute('data-step'),10));});
   });

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .attribution import attribute
 from .models import load
+from .result import Attribution
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -18,7 +19,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--top", type=int, default=0, help="show only the N largest contributors per step")
-    p.add_argument("--words", action="store_true", help="sum subword pieces into words")
+    p.add_argument("--words", action="store_true", help="sum subword pieces into words (same as --by word)")
+    p.add_argument(
+        "--by",
+        choices=["token", "word", "sentence", "paragraph"],
+        default="token",
+        help="sources: tokens, words, or the sentences/paragraphs of the prompt (of the user message "
+        "with --chat), split without any download",
+    )
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first print the N sources the whole answer came from (score summed over its tokens, share)",
+    )
     p.add_argument("--share", action="store_true", help="scores as shares of the total |contribution|")
     p.add_argument("--drop-first", action="store_true", help="leave out the first token (attention sink)")
     p.add_argument("--html", metavar="FILE", help="also write the interactive HTML view to FILE")
@@ -40,14 +55,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.json:
         result.save(args.json)  # the full token-level result, whatever the view printed
-    view = result.words() if args.words else result
+    unit = "word" if args.words and args.by == "token" else args.by
+    within = None
+    if unit in ("sentence", "paragraph") and args.chat:
+        try:
+            within = result.find(args.prompt)  # the user message, not the chat template around it
+        except ValueError:
+            print(
+                "note: the tokenizer does not give the message back verbatim: splitting the whole "
+                "prompt, chat template included",
+                file=sys.stderr,
+            )
+    view = result.by(unit, within)
     if args.share or args.drop_first:
         view = view.normalize("share" if args.share else "logit", drop_first=args.drop_first)
     if args.html:  # files first: printing may stop early (a closed pipe)
         view.to_html(args.html)
         print(f"HTML view written to {args.html}", file=sys.stderr)
+    if args.rank:
+        print(ranking_table(view, args.rank))
+        print()
     print(view.table(top=args.top))
     return 0
+
+
+def ranking_table(result: Attribution, k: int) -> str:
+    """The ``k`` sources of the whole answer, largest first: rank, share, score, text."""
+    lines = [
+        f"sources of the answer {result.generation.strip()!r} (summed over its {result.n_generated} tokens):"
+    ]
+    for i, (label, score, share) in enumerate(result.ranking(k=k), 1):
+        text = " ".join(label.split())
+        lines.append(
+            f"  {i:3d}  {share:6.1%}  {score:+9.4f}  {text[:100] + ('…' if len(text) > 100 else '')}"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -103,9 +103,14 @@ def attribute_dataset(
     max_new_tokens: int = 8,
     chat: bool | None = None,
     progress: bool = False,
+    by: str = "token",
     **generate_kwargs: Any,
 ) -> int:
-    """Attribute this rank's share of ``rows``, appending to its part file; returns rows done now."""
+    """Attribute this rank's share of ``rows``, appending to its part file; returns rows done now.
+
+    ``by``: ``"sentence"`` or ``"paragraph"`` groups the sources by the sentences of the prompt
+    (of the last user message of a chat) and adds ``"ranking"`` to each record: the sources of
+    the whole answer, largest first (``label``, ``score``, ``share``)."""
     folder = parts_folder(output)
     folder.mkdir(parents=True, exist_ok=True)
     done = set(finished(output))
@@ -116,13 +121,30 @@ def attribute_dataset(
         for row in mine:
             prompt = row.get("messages", row.get("prompt"))
             result = attribute(model, tokenizer, prompt, max_new_tokens, chat=chat, **generate_kwargs)
-            f.write(json.dumps({"id": row["id"], **result.to_dict()}, ensure_ascii=False) + "\n")
+            record = {"id": row["id"], **_sources(result, prompt, by)}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
             count += 1
             bar.update(1)
     bar.close()
     return count
+
+
+def _sources(result: Attribution, prompt: Any, by: str) -> dict[str, Any]:
+    """The record of one row: the result grouped ``by`` its sources, with the answer's ranking."""
+    if by == "token":
+        return result.to_dict()
+    within = None
+    if isinstance(prompt, list):  # a chat: the sentences of its last user message
+        users = [
+            m["content"] for m in prompt if m.get("role") == "user" and isinstance(m.get("content"), str)
+        ]
+        if users and users[-1].strip():
+            within = result.find(users[-1])
+    view = result.by(by, within)
+    ranking = [{"label": label, "score": score, "share": share} for label, score, share in view.ranking()]
+    return {**view.to_dict(), "ranking": ranking}
 
 
 def merge(rows: Sequence[Mapping[str, Any]], output: str | Path) -> Path:
@@ -158,6 +180,7 @@ def _flat(record: Mapping[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
         "prompt_length": int(record["prompt_length"]),
         "token_scores": record["token_scores"],
         "logits": record["logits"],
+        "ranking": json.dumps(record.get("ranking"), ensure_ascii=False),
         "record": json.dumps(record, ensure_ascii=False),
     }
 
@@ -204,6 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--chat", action="store_true", help="apply the chat template to text prompts")
+    p.add_argument(
+        "--by",
+        choices=["token", "sentence", "paragraph"],
+        default="token",
+        help="group the sources by the prompt's sentences or paragraphs (adds each answer's ranking)",
+    )
     p.add_argument("--rank", type=int, help="this process's shard (default: from torch.distributed)")
     p.add_argument("--world", type=int, help="number of shards (default: from torch.distributed)")
     p.add_argument("--merge", action="store_true", help="only merge finished parts into OUTPUT")
@@ -229,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         chat=True if args.chat else None,
         progress=not args.no_progress,
+        by=args.by,
     )
     print(f"rank {rank}/{world}: {count} prompts attributed", flush=True)
     if dist is not None:

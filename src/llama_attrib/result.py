@@ -252,11 +252,16 @@ class Attribution:
     ) -> Attribution:
         """Sources summed over the sentences (or paragraphs) of the prompt, split without any
         download (:func:`llama_attrib.tokens.text_spans`). ``within``: a character span of the
-        text to split (one chat message, say; see :meth:`find`), default the prompt's text.
+        text to split (one chat message, say; see :meth:`find`), default the prompt's text after
+        its leading special tokens.
         Tokens outside every sentence (template tokens, the generated ones) form ``"(rest)"``."""
         p = self.prompt_length
-        prompt_end = len("".join(self.tokens[:p]))
-        start, end = within if within is not None else (0, prompt_end)
+        lead = next((i for i in range(p) if not self.special[i]), p)  # BOS and the like
+        start, end = (
+            within
+            if within is not None
+            else (len("".join(self.tokens[:lead])), len("".join(self.tokens[:p])))
+        )
         spans = {}
         for a, b in _tokens.text_spans(self.text[start:end], unit):
             label = self.text[start + a : start + b]
@@ -265,6 +270,28 @@ class Attribution:
         if not spans:
             raise ValueError("no sentence in that text")
         return self.spans(spans)
+
+    def steps_in(self, start: int, end: int) -> list[int]:
+        """The generated steps whose tokens overlap the character span ``[start, end)`` of
+        :attr:`text` (one sentence of the answer, say; see :meth:`find`), for :meth:`ranking`."""
+        p = self.prompt_length
+        steps = [
+            i - p for i in _tokens.tokens_in_span(self.tokens, start, end) if p <= i < p + self.n_generated
+        ]
+        if not steps:
+            raise ValueError(f"the span ({start}, {end}) covers no generated token")
+        return steps
+
+    def by(self, unit: str, within: tuple[int, int] | None = None) -> Attribution:
+        """Sources by ``unit``: ``"token"``, ``"word"``, ``"sentence"`` or ``"paragraph"``
+        (the last two within ``within``, a character span; see :meth:`sentences`)."""
+        if unit == "token":
+            return self.tokens_level()
+        if unit == "word":
+            return self.words()
+        if unit in ("sentence", "paragraph"):
+            return self.sentences(unit, within)  # type: ignore[arg-type]
+        raise ValueError(f"unit must be 'token', 'word', 'sentence' or 'paragraph', not {unit!r}")
 
     def ranking(
         self, steps: Sequence[int] | None = None, k: int | None = None

@@ -93,6 +93,38 @@ def _display(result: Attribution) -> tuple[list[list[float | None]], list[str]]:
     return rows, labels
 
 
+COLLAPSE_FROM = 300  # tokens: longer texts open with the folding of what scores little on
+RANKED = 10  # sources listed for the whole answer
+
+
+def _answer(result: Attribution) -> list[float | None]:
+    """Each token's column score summed over every generated step (the ranking's totals)."""
+    if not result.n_generated:
+        return [None] * len(result.tokens)
+    scores = result.scores
+    totals = np.nansum(scores, axis=0)
+    seen = ~np.all(np.isnan(scores), axis=0)
+    out: list[float | None] = [None] * len(result.tokens)
+    for j, positions in enumerate(result.columns):
+        if seen[j]:
+            for i in positions:
+                out[i] = float(f"{float(totals[j]):.6g}")
+    return out
+
+
+def _ranking(result: Attribution) -> list[dict[str, Any]]:
+    """The top sources of the whole answer, with the token positions each covers."""
+    if not result.n_generated:
+        return []
+    where = {label: j for j, label in reversed(list(enumerate(result.sources)))}
+    ranked = []
+    for label, score, share in result.ranking(k=RANKED):
+        ranked.append(
+            {"label": label, "score": score, "share": share, "tokens": list(result.columns[where[label]])}
+        )
+    return ranked
+
+
 def _token_spans(result: Attribution) -> str:
     spans = []
     for i, text in enumerate(result.tokens):
@@ -138,6 +170,9 @@ def to_html(result: Attribution, full_page: bool = True) -> str:
     rows, labels = _display(result)
     data = {
         "scores": rows,
+        "answer": _answer(result),
+        "ranking": _ranking(result),
+        "collapse": len(result.tokens) > COLLAPSE_FROM,
         "labels": labels,
         "tokens": result.tokens,
         "logits": [float(x) for x in result.logits],
@@ -153,10 +188,15 @@ def to_html(result: Attribution, full_page: bool = True) -> str:
         f"<style>{STYLE}</style>"
         f'<div class="la-help">Click a generated token (underlined), or a row of the overview '
         f"below, to colour every earlier token by its contribution to that token's logit "
-        f"({data['unit']}{note}). The last step is shown first.</div>"
+        f"({data['unit']}{note}); <b>whole answer</b> sums them over every generated token and "
+        "ranks the sources. The last step is shown first. Long runs of text that score little "
+        "are folded into […]: click one to open it.</div>"
+        '<div class="la-controls"><button type="button" class="la-answer">whole answer</button>'
+        '<label><input type="checkbox" class="la-fold"> fold text that scores little</label></div>'
         f'<div class="la-text">{_token_spans(result)}</div>'
         '<div class="la-legend"><span class="la-min">−</span><span class="la-bar"></span>'
         '<span class="la-max">+</span><span class="la-info">no token selected</span></div>'
+        '<ol class="la-ranking" title="sources of the whole answer, largest first"></ol>'
         f"{_overview(result)}"
         f'<script type="application/json" class="la-data">{payload}</script>'
         f'<script>({SCRIPT})("{uid}");</script>'
