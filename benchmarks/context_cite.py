@@ -1,0 +1,284 @@
+"""Which sentence of a long document did the answer come from: llama_attrib against ContextCite.
+
+    pip install context-cite==0.0.4            # the peer (pulls nltk, spacy, datasets)
+    python benchmarks/context_cite.py [--limit N] [--out results.json]
+
+ContextCite (Cohen-Wang et al. 2024) ablates the context 64 times (each sentence kept with
+probability 1/2), runs one forward per ablation, and fits a sparse linear surrogate of the
+response's log-probability. llama_attrib decomposes the response's logits exactly (target
+mode) and sums each sentence's contributions over the response's tokens.
+
+Both get the same documents, the same prompt (ContextCite's template in SmolLM2's chat
+template), the same greedy response and the same sentence partition (llama_attrib's
+splitter, handed to ContextCite as its partitioner: its own splitter downloads data). The
+documents are built here: filler, one planted fact, and distractor sentences worded like
+the fact; the fact's sentence is the known source. Measured per method, ContextCite's own
+metric: the drop of the response's log-probability when the top 1, 3 and 5 sentences are
+removed from the context (larger is better), whether the fact's sentence ranks first, and
+the seconds per answer (generation included). Prints a Markdown table; ``--out`` keeps
+every document's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+import llama_attrib
+from llama_attrib.models import load
+from llama_attrib.tokens import text_spans
+
+TEMPLATE = "Context: {context}\n\nQuery: {query}"  # ContextCite's default prompt template
+NEW_TOKENS = 20
+# (fact, question, distractors): each distractor is worded like the fact, other details
+FACTS = [
+    (
+        "The access code for the archive room is 4817.",
+        "What is the access code for the archive room?",
+        ["The access code for the storage room is 2390.", "The access code for the server room is 7714."],
+    ),
+    (
+        "The ferry to Norland leaves at 7:45 every morning.",
+        "When does the ferry to Norland leave?",
+        [
+            "The ferry to Westby leaves at 9:10 every morning.",
+            "The bus to Norland leaves at 6:30 every evening.",
+        ],
+    ),
+    (
+        "The astronomer Amara Osei discovered the comet in 1987.",
+        "Who discovered the comet?",
+        [
+            "The astronomer Lena Varga discovered the asteroid in 1992.",
+            "The physicist Tomas Weir named the nebula in 1979.",
+        ],
+    ),
+    (
+        "The bridge over the Kell river is 412 metres long.",
+        "How long is the bridge over the Kell river?",
+        [
+            "The tunnel under the Kell river is 980 metres long.",
+            "The bridge over the Sorn river is 265 metres long.",
+        ],
+    ),
+    (
+        "The museum's oldest painting is by Ines Marlow.",
+        "Who painted the museum's oldest painting?",
+        ["The museum's largest sculpture is by Paulo Renn.", "The library's oldest map is by Ines Castell."],
+    ),
+    (
+        "The winning team scored 31 points in the final.",
+        "How many points did the winning team score in the final?",
+        [
+            "The losing team scored 17 points in the final.",
+            "The winning team scored 24 points in the semi-final.",
+        ],
+    ),
+    (
+        "The new library will open on the 14th of March.",
+        "When will the new library open?",
+        ["The new pool will open on the 2nd of June.", "The old library will close on the 30th of January."],
+    ),
+    (
+        "The company's headquarters moved to Tallinn.",
+        "Where did the company's headquarters move?",
+        ["The company's warehouse moved to Riga.", "The rival's headquarters moved to Vilnius."],
+    ),
+    (
+        "The recipe calls for 350 grams of flour.",
+        "How much flour does the recipe call for?",
+        ["The recipe calls for 120 grams of sugar.", "The other recipe calls for 500 grams of flour."],
+    ),
+    (
+        "The lighthouse keeper's name was Hector Bain.",
+        "What was the lighthouse keeper's name?",
+        ["The harbour master's name was Colin Rusk.", "The lighthouse builder's name was Angus Bell."],
+    ),
+]
+FILLER = [
+    "The committee met on Tuesday to review the quarterly figures for the northern district.",
+    "Rainfall in the valley was slightly above the ten-year average for the season.",
+    "Several volunteers repainted the benches along the river path before the festival.",
+    "The library extended its opening hours during the examination period.",
+    "A new bus route now connects the harbour with the university campus.",
+    "Local bakers reported strong demand for rye bread throughout the winter months.",
+    "The football club announced that its stadium roof will be repaired next spring.",
+    "Engineers inspected the old railway bridge and found no structural damage.",
+    "The museum opened an exhibition of maps drawn by early coastal surveyors.",
+    "Farmers in the region planted more barley than wheat for the second year running.",
+    "The town council approved a budget for new street lighting in the market square.",
+    "Students from the technical college built a small weather station on the roof.",
+    "A choir from the neighbouring village performed at the cathedral on Sunday.",
+    "The ferry company repainted two of its older vessels over the summer.",
+    "Hikers were advised to carry water because the spring on the ridge had dried up.",
+    "The school canteen introduced a vegetarian option on three days of the week.",
+    "An old mill on the edge of town was converted into a small hotel.",
+    "The regional newspaper celebrated its hundredth anniversary with a special edition.",
+    "Cyclists asked for a separate lane on the main road into the city centre.",
+    "The orchard produced fewer apples than usual after a late frost in April.",
+]
+LENGTHS = [1000, 1200, 1500, 2000, 1000, 3000, 1200, 4000, 1500, 8000]
+
+
+def document(i: int, tokens: int, tokenizer: Any) -> tuple[str, str, str]:
+    """``(context, question, fact)``: filler to about ``tokens`` tokens, the fact and its
+    distractors at seeded random places."""
+    fact, question, distractors = FACTS[i % len(FACTS)]
+    rng = random.Random(i)
+    sentences: list[str] = []
+    while len(tokenizer(" ".join(sentences)).input_ids) < tokens:
+        sentences.extend(rng.sample(FILLER, len(FILLER)))
+    while len(tokenizer(" ".join(sentences)).input_ids) > tokens:
+        sentences.pop()
+    for extra in [fact, *distractors]:
+        sentences.insert(rng.randrange(len(sentences) + 1), extra)
+    return " ".join(sentences), question, fact
+
+
+class Partition:
+    """llama_attrib's sentence spans as a ContextCite partitioner (built lazily: the class
+    derives from context-cite's base class, an optional dependency)."""
+
+    @staticmethod
+    def make(context: str) -> Any:
+        from context_cite.context_partitioner import BaseContextPartitioner
+
+        class _Partition(BaseContextPartitioner):  # type: ignore[misc]
+            def __init__(self, context: str) -> None:
+                super().__init__(context)
+                self.spans = text_spans(context, "sentence")
+
+            @property
+            def num_sources(self) -> int:
+                return len(self.spans)
+
+            def split_context(self) -> None:
+                pass
+
+            def get_source(self, index: int) -> str:
+                a, b = self.spans[index]
+                return self.context[a:b]
+
+            def get_context(self, mask: Any = None) -> str:
+                keep = np.ones(len(self.spans), bool) if mask is None else np.asarray(mask, bool)
+                return " ".join(self.get_source(i) for i in range(len(self.spans)) if keep[i])
+
+        return _Partition(context)
+
+
+def prompt_ids(tokenizer: Any, context: str, question: str) -> list[int]:
+    """ContextCite's way: the template in the chat template, encoded without extra tokens."""
+    messages = [{"role": "user", "content": TEMPLATE.format(context=context, query=question)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+@torch.no_grad()
+def response_logprob(model: Any, tokenizer: Any, context: str, question: str, response: list[int]) -> float:
+    """Log-probability of the response's tokens after the prompt with ``context`` (teacher forced)."""
+    ids = prompt_ids(tokenizer, context, question)
+    full = torch.tensor([ids + response])
+    logits = model(full, use_cache=False, logits_to_keep=len(response) + 1).logits[0, :-1].float()
+    logp = torch.log_softmax(logits, -1)[torch.arange(len(response)), torch.tensor(response)]
+    return float(logp.sum())
+
+
+def drops(
+    model: Any, tokenizer: Any, part: Any, question: str, response: list[int], order: list[int]
+) -> dict[str, float]:
+    base = response_logprob(model, tokenizer, part.get_context(), question, response)
+    out = {}
+    for k in (1, 3, 5):
+        mask = np.ones(part.num_sources, bool)
+        mask[order[:k]] = False
+        out[f"top{k}"] = base - response_logprob(model, tokenizer, part.get_context(mask), question, response)
+    return out
+
+
+def ours(model: Any, tokenizer: Any, context: str, question: str) -> tuple[list[int], np.ndarray, float]:
+    """The response's ids, one score per sentence (summed over the response's tokens), seconds."""
+    messages = [{"role": "user", "content": TEMPLATE.format(context=context, query=question)}]
+    start = time.perf_counter()
+    result = llama_attrib.attribute(model, tokenizer, messages, max_new_tokens=NEW_TOKENS, chat=True)
+    view = result.sentences(within=result.find(context))
+    scores = np.nansum(view.scores, 0)[: len(text_spans(context, "sentence"))]
+    seconds = time.perf_counter() - start
+    return result.generated_ids, scores, seconds
+
+
+def theirs(model: Any, tokenizer: Any, context: str, question: str) -> tuple[list[int], np.ndarray, float]:
+    from context_cite import ContextCiter
+
+    start = time.perf_counter()
+    cc = ContextCiter(
+        model,
+        tokenizer,
+        context,
+        question,
+        partitioner=Partition.make(context),
+        generate_kwargs={"max_new_tokens": NEW_TOKENS, "do_sample": False},
+    )
+    scores = np.asarray(cc.get_attributions(verbose=False))
+    seconds = time.perf_counter() - start
+    return list(cc._response_ids), scores, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--docs", type=int, default=20)
+    parser.add_argument("--limit", type=int, help="only the first N documents")
+    parser.add_argument("--out", help="write every document's figures to this JSON file")
+    args = parser.parse_args()
+    model, tokenizer = load()
+    rows = []
+    for i in range(args.docs if args.limit is None else min(args.limit, args.docs)):
+        context, question, fact = document(i, LENGTHS[i % len(LENGTHS)], tokenizer)
+        part = Partition.make(context)
+        source = part.sources.index(fact)
+        row: dict[str, Any] = {
+            "doc": i,
+            "tokens": len(prompt_ids(tokenizer, context, question)),
+            "source": source,
+        }
+        for name, method in (("llama_attrib", ours), ("ContextCite", theirs)):
+            response, scores, seconds = method(model, tokenizer, context, question)
+            order = [int(j) for j in np.argsort(-scores, kind="stable")]
+            row[name] = {
+                "seconds": seconds,
+                "first": order[0] == source,
+                "response": tokenizer.decode(response),
+                **drops(model, tokenizer, part, question, response, order),
+            }
+        same = row["llama_attrib"]["response"] == row["ContextCite"]["response"]
+        row["same_response"] = same
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| method | source ranked first | top-1 drop | top-3 drop | top-5 drop | seconds per answer |")
+    print("|---|---|---|---|---|---|")
+    for name in ("llama_attrib", "ContextCite"):
+        r = [row[name] for row in rows]
+        print(
+            f"| {name} | {sum(x['first'] for x in r)}/{len(r)} | {np.mean([x['top1'] for x in r]):.2f} | "
+            f"{np.mean([x['top3'] for x in r]):.2f} | {np.mean([x['top5'] for x in r]):.2f} | "
+            f"{np.mean([x['seconds'] for x in r]):.1f} |"
+        )
+    print(
+        f"\n{len(rows)} documents, {min(r['tokens'] for r in rows)} to "
+        f"{max(r['tokens'] for r in rows)} tokens; "
+        f"same response from both: {sum(r['same_response'] for r in rows)}/{len(rows)}"
+    )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
