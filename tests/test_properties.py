@@ -101,8 +101,9 @@ def test_left_padded_batch_rows_equal_single_runs(
     width = max(len(s) for s in singles)
     ids = torch.stack([torch.cat([torch.zeros(width - len(s), dtype=torch.long), s]) for s in singles])
     mask = (torch.arange(width)[None] >= torch.tensor([[width - len(s)] for s in singles])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate does: each row counts from its first token
     for mode in ("forward", "target"):
-        batch = model(ids, attention_mask=mask, decompose=mode)["attentions"]
+        batch = model(ids, attention_mask=mask, position_ids=positions, decompose=mode)["attentions"]
         for row, single in enumerate(singles):
             alone = model(single[None], decompose=mode)["attentions"]
             pad = width - len(single)

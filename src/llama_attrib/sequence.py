@@ -185,7 +185,7 @@ class TargetRun:
         if self.lean:
             # Without an explicit budget, keep the working memory near the pass's own size:
             # each batched backward recomputes the attention probabilities, so not too small.
-            per_chunk = min(per_chunk, max(8, max(sizes.graph, LEAN_BYTES) // sizes.work))
+            per_chunk = min(per_chunk, max(4, max(sizes.graph, LEAN_BYTES) // sizes.work))
         per_sweep = max(per_chunk, (free - per_chunk * sizes.work) // sizes.state)
         return per_chunk, min(n, per_sweep)
 
