@@ -186,6 +186,7 @@ class TargetRun:
             # Without an explicit budget, keep the working memory near the pass's own size:
             # each batched backward recomputes the attention probabilities, so not too small.
             per_chunk = min(per_chunk, max(4, max(sizes.graph, LEAN_BYTES) // sizes.work))
+        per_chunk = math.ceil(n / math.ceil(n / per_chunk))  # even: 8 targets by 7 -> 4 + 4, not 7 + 1
         per_sweep = max(per_chunk, (free - per_chunk * sizes.work) // sizes.state)
         return per_chunk, min(n, per_sweep)
 
