@@ -229,3 +229,23 @@ def test_forward_mode_refuses_what_cannot_fit(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.undo()
     out = model.generate(prompt(9), decompose="forward", max_memory="1GB", **GEN)  # fits
     assert len(out["attentions"]) == 6
+
+
+def test_the_estimate_is_what_the_run_plans_and_fits_its_own_budget(generated: tuple) -> None:
+    """estimate_memory(steps=n) is the peak of the chunking a default run uses; a budget of that
+    size is never refused and chunks the targets the same way."""
+    from llama_attrib import memory
+
+    sequences, reference = generated
+    model = tiny_model(2)
+    length, n = sequences.shape[1] - 1, len(reference)
+    sizes = memory.TargetSizes.of(memory.Shape.of(model), 1, length, torch.float32)
+    estimate = estimate_memory(model, length, steps=n)
+    assert estimate == sizes.peak(n) == sizes.graph + n * sizes.state + sizes.chunks(n)[0] * sizes.work
+    assert sizes.chunks(n, estimate, lean=False) == sizes.chunks(n)
+    steps = decompose_sequence(model, sequences, 10, max_memory=estimate)
+    for k, (c, ref) in enumerate(zip(steps, reference, strict=True)):
+        token = int(sequences[0, 10 + k])
+        assert torch.allclose(c[token].components, ref[token].components, **TOL)
+    with pytest.raises(MemoryBudgetError):
+        decompose_sequence(model, sequences, 10, max_memory=sizes.graph + sizes.per_request - 1)

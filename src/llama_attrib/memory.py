@@ -20,6 +20,8 @@ from torch import nn
 from . import rules
 from .errors import LlamaAttribError
 
+LEAN_BYTES = 64 << 20  # target mode's working memory without max_memory, at least
+
 
 class MemoryBudgetError(LlamaAttribError):
     """A run would not fit in the memory budget, even processed in the smallest chunks."""
@@ -66,6 +68,25 @@ class TargetSizes:
     @property
     def per_request(self) -> int:
         return self.state + self.work
+
+    def chunks(self, n: int, budget: int | None = None, lean: bool = True) -> tuple[int, int]:
+        """``(targets per batched backward, targets per sweep)`` for ``n`` targets within
+        ``budget`` bytes (None: no limit). Each target keeps its gradient for a whole sweep;
+        a batched backward's working memory grows with the targets it takes. ``lean`` (no
+        explicit budget): keep that working memory near the pass's own size, but at least 4
+        targets per backward, since each one computes the attention probabilities again."""
+        free = (1 << 62) if budget is None else budget - self.graph
+        per_chunk = max(1, min(n, free // self.per_request))
+        if lean:
+            per_chunk = min(per_chunk, max(4, max(self.graph, LEAN_BYTES) // self.work))
+        per_chunk = math.ceil(n / math.ceil(n / per_chunk))  # even: 8 targets by 7 -> 4 + 4, not 7 + 1
+        per_sweep = max(per_chunk, (free - per_chunk * self.work) // self.state)
+        return per_chunk, min(n, per_sweep)
+
+    def peak(self, n: int, budget: int | None = None, lean: bool = True) -> int:
+        """Bytes at the peak of a run of ``n`` targets chunked as :meth:`chunks` says."""
+        per_chunk, per_sweep = self.chunks(n, budget, lean)
+        return self.graph + per_sweep * self.state + per_chunk * self.work
 
     @staticmethod
     def of(shape: Shape, batch: int, length: int, dtype: torch.dtype) -> TargetSizes:
@@ -124,15 +145,14 @@ def estimate(
 ) -> int:
     """Bytes a decomposition of ``batch`` sequences of ``length`` tokens keeps at its peak.
 
-    ``mode="target"``: one pass with ``steps`` target cotangents in one backward.
+    ``mode="target"``: ``steps`` targets, chunked as a run without ``max_memory`` chunks them.
     ``mode="forward"``: one pass over ``components`` components (default: one per position).
     ``mode="generate"``: forward-mode generation to ``length`` (value caches included).
     """
     shape = Shape.of(model)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if mode == "target":
-        sizes = TargetSizes.of(shape, batch, length, dtype)
-        return sizes.graph + steps * sizes.per_request
+        return TargetSizes.of(shape, batch, length, dtype).peak(steps)
     c = length if components is None else components
     per = forward_component_bytes(shape, batch, length, itemsize)
     if mode == "forward":

@@ -32,7 +32,6 @@ from .rules import Layout
 from .session import Call, Session, completeness_error, tolerance
 
 MODES = ("target", "forward")
-LEAN_BYTES = 64 << 20  # default working memory of target mode's batched backward
 
 Span = tuple[int, int]
 Groups = Mapping[str, Span | Sequence[Span]] | Sequence[Span] | Tensor
@@ -176,19 +175,8 @@ class TargetRun:
         return self.reference
 
     def chunks(self, n: int) -> tuple[int, int]:
-        """``(targets per batched backward, targets per sweep)`` for ``n`` requests: each target
-        keeps its gradient for the whole sweep, and a batched backward's working memory grows
-        with the targets it takes (see :class:`memory.TargetSizes`)."""
-        sizes = self.sizes
-        free = self.budget - sizes.graph
-        per_chunk = max(1, min(n, free // sizes.per_request))
-        if self.lean:
-            # Without an explicit budget, keep the working memory near the pass's own size:
-            # each batched backward recomputes the attention probabilities, so not too small.
-            per_chunk = min(per_chunk, max(4, max(sizes.graph, LEAN_BYTES) // sizes.work))
-        per_chunk = math.ceil(n / math.ceil(n / per_chunk))  # even: 8 targets by 7 -> 4 + 4, not 7 + 1
-        per_sweep = max(per_chunk, (free - per_chunk * sizes.work) // sizes.state)
-        return per_chunk, min(n, per_sweep)
+        """``(targets per batched backward, targets per sweep)`` (:meth:`memory.TargetSizes.chunks`)."""
+        return self.sizes.chunks(n, self.budget, self.lean)
 
     def solve(self, requests: list[tuple[int, Any]]) -> Tensor:
         """Contributions ``[N, B, C + 1]`` for each ``(step, target key)`` request: one per
