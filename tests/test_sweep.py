@@ -1,6 +1,7 @@
 """Target mode in bounded memory: the probabilities in blocks of queries, recomputed in the
-backward, targets in several batched backwards and sweeps. Every way of cutting the work
-gives the numbers of the uncut computation (float32, 1e-5 of the largest logit)."""
+backward, the MLP in pieces of positions, targets in several batched backwards and sweeps.
+Every way of cutting the work gives the numbers of the uncut computation (float32, 1e-5 of
+the largest logit)."""
 
 from __future__ import annotations
 
@@ -30,9 +31,11 @@ def _all(model: nn.Module, ids: torch.Tensor, prompt_length: int, **kwargs: Any)
 
 
 def _uncut(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole probability matrix of a layer in one block, kept for the backward."""
+    """The whole probability matrix of a layer in one block, kept for the backward; the MLP
+    over every position at once."""
     monkeypatch.setattr(rules, "BLOCK_BYTES", 1 << 40)
     monkeypatch.setattr(rules, "KEEP_BYTES", 1 << 40)
+    monkeypatch.setattr(rules, "ROWS", 1 << 30)
 
 
 def _blocks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -45,6 +48,10 @@ def _recomputed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rules, "KEEP_BYTES", 0)  # every block computed again in the backward
 
 
+def _pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rules, "ROWS", 4)  # the MLP over 4 positions at a time
+
+
 def _chunked(monkeypatch: pytest.MonkeyPatch) -> None:
     # one target per batched backward, three per sweep (several sweeps over the layers)
     monkeypatch.setattr(sequence.TargetRun, "chunks", lambda self, n: (1, 3))
@@ -53,6 +60,7 @@ def _chunked(monkeypatch: pytest.MonkeyPatch) -> None:
 WAYS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
     "blocks": _blocks,
     "recomputed": _recomputed,
+    "pieces": _pieces,
     "chunked": _chunked,
 }
 

@@ -73,12 +73,12 @@ class TargetSizes:
         """``(targets per batched backward, targets per sweep)`` for ``n`` targets within
         ``budget`` bytes (None: no limit). Each target keeps its gradient for a whole sweep;
         a batched backward's working memory grows with the targets it takes. ``lean`` (no
-        explicit budget): keep that working memory near the pass's own size, but at least 4
-        targets per backward, since each one computes the attention probabilities again."""
+        explicit budget): keep that working memory within half the pass's own size, but at
+        least 4 targets per backward, since each one computes the attention probabilities again."""
         free = (1 << 62) if budget is None else budget - self.graph
         per_chunk = max(1, min(n, free // self.per_request))
         if lean:
-            per_chunk = min(per_chunk, max(4, max(self.graph, LEAN_BYTES) // self.work))
+            per_chunk = min(per_chunk, max(4, max(self.graph, LEAN_BYTES) // (2 * self.work)))
         per_chunk = math.ceil(n / math.ceil(n / per_chunk))  # even: 8 targets by 7 -> 4 + 4, not 7 + 1
         per_sweep = max(per_chunk, (free - per_chunk * self.work) // self.state)
         return per_chunk, min(n, per_sweep)
@@ -100,7 +100,12 @@ class TargetSizes:
         return TargetSizes(
             graph=inputs + layer + blocks,
             state=2 * tokens * shape.hidden * item,
-            work=tokens * (2 * shape.intermediate + 4 * shape.hidden + 2 * shape.kv_dim) * item,
+            # the MLP's backward runs in pieces of rules.ROWS positions
+            work=(
+                tokens * (4 * shape.hidden + 2 * shape.kv_dim)
+                + batch * min(length, rules.ROWS) * 2 * shape.intermediate
+            )
+            * item,
         )
 
 

@@ -358,6 +358,10 @@ class Attention:
     out: Proj = Proj("o_proj")
 
 
+# Target mode applies a position-wise rule (the MLP) to this many positions at a time: the
+# backward then holds the ``[targets, positions, intermediate]`` temporaries of one piece.
+ROWS = 1024
+
 # Target mode computes the probabilities of this many bytes (float32) at a time, so a long
 # prompt never holds a layer's ``heads x q x S`` matrix at once.
 BLOCK_BYTES = 32 << 20

@@ -321,12 +321,17 @@ class Session:
 
 
 def _split_at(keep: int, x: Tensor, apply: Callable[[Tensor, int], Tensor]) -> Tensor:
-    """A position-wise rule in target mode; with ``keep``, a graph only from that position."""
-    if keep <= 0 or keep >= x.shape[1]:
-        return apply(x, 0)
-    with torch.no_grad():
-        head = apply(x[:, :keep].detach(), 0)
-    return torch.cat([head, apply(x[:, keep:], keep)], dim=1)
+    """A position-wise rule in target mode, in pieces of :data:`rules.ROWS` positions; with
+    ``keep``, a graph only from that position (the positions before it get none)."""
+    q = x.shape[1]
+    keep = keep if 0 < keep < q else 0
+    parts = []
+    if keep:
+        with torch.no_grad():
+            parts.append(apply(x[:, :keep].detach(), 0))
+    for a in range(keep, q, rules.ROWS):
+        parts.append(apply(x[:, a : a + rules.ROWS], a))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _layer_roles(layer: nn.Module, family: families.Family) -> list[tuple[str, nn.Module]]:
