@@ -445,19 +445,6 @@ class Scores:
         return [(a, min(t1, a + rows), self.extent(a, min(t1, a + rows))) for a in range(t0, t1, rows)]
 
 
-def probabilities(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    mask: Tensor | None,
-    scaling: float | None,
-    softcap: float | None,
-) -> Tensor:
-    """``[B, kv, groups, q, S]`` float32 attention probabilities from the stock function's
-    inputs: ``query [B, heads, q, d]`` and ``key [B, kv, S, d]`` (rope and norms applied)."""
-    return Scores.of(module, query, key, mask, scaling, softcap).rows()
-
-
 def mix(probs: Tensor, values: Tensor) -> Tensor:
     """``probs [B, kv, g, rows, S]`` times ``values [..., B, kv, S, hd]`` -> ``[..., B, rows, heads*hd]``."""
     b, kv, g, rows, s = probs.shape

@@ -163,15 +163,10 @@ class TargetRun:
         return Call("target", self.dtype, keep_from=self.inputs.first)
 
     def stock_logits(self) -> Tensor:
-        """The stock model's own logits at the explained positions (a plain forward; before a
-        final soft-cap), which the components and residual are checked against."""
-        if self.reference is None:
-            call = Call("capture", self.dtype)
-            with torch.no_grad(), self.scope() as session, session.running(call):
-                self.inputs.call(self.model)
-            logits = call.logits
-            assert logits is not None
-            self.reference = self.inputs.select(logits).detach().float()
+        """The stock model's own logits at the explained positions (before a final soft-cap),
+        which the components and residual are checked against: generate's, or those of the
+        stock forward the first :meth:`solve` records."""
+        assert self.reference is not None, "the stock logits are known once a pass has run"
         return self.reference
 
     def chunks(self, n: int) -> tuple[int, int]:

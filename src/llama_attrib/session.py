@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _offload, families, rules
+from . import families, rules
 from ._attention import ATTENTION_NAME, PROBE, Probe, register_attention
 from ._compat import cache_length, find_cache
 from .errors import DecompositionError
@@ -37,8 +36,9 @@ class Call:
     """One decomposing forward: how it carries the decomposition, and what it collects.
 
     ``mode``: ``"forward"`` (components beside the real hidden state), ``"target"`` (one
-    differentiable frozen-factor pass) or ``"capture"`` (a plain forward that only records the
-    LM head's output). ``offset``: positions already in the cache; ``layout``: which positions
+    decoder layer, or the final norm, as a differentiable frozen-factor pass: see
+    :mod:`llama_attrib.sweep`) or ``"capture"`` (a plain forward that only records the LM
+    head's output). ``offset``: positions already in the cache; ``layout``: which positions
     each component holds (a finished sequence); ``keep_from``: target mode's first explained
     position (the last layer's outputs before it reach no explained logit).
     """
@@ -51,7 +51,6 @@ class Call:
     # collected during the call
     head: tuple[Tensor, Tensor, Tensor | None] | None = None  # LM head input: real, components, bias share
     logits: Tensor | None = None  # the LM head's own output (before any soft-cap)
-    embeds: Tensor | None = None  # target mode: the embeddings, a leaf requiring grad
     bias_leaves: list[Tensor] = field(default_factory=list)  # target mode: every bias, as a leaf
     flow: FlowRecord | None = None  # forward mode: what each block adds at one position
 
@@ -188,11 +187,6 @@ class Session:
 
     def _embedding(self, module: nn.Module, original: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if (call := self._current("target")) is not None:
-                with torch.no_grad():
-                    out = original(*args, **kwargs)
-                call.embeds = out.to(call.dtype).clone().requires_grad_(True)
-                return call.embeds
             out = original(*args, **kwargs)
             if (call := self._current("forward")) is None:
                 return out
@@ -301,14 +295,9 @@ class Session:
 
     def _lm_head(self, module: nn.Module, original: Forward) -> Forward:
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
-            call = self.call
+            call = self._current("forward", "capture")  # target mode runs decoder layers only
             if call is None:
                 return original(x, *args, **kwargs)
-            if call.mode == "target":
-                call.head = (x, x, None)
-                with torch.no_grad():
-                    call.logits = F.linear(x.detach(), _offload.weight(module).to(x))
-                return call.logits
             if call.mode == "capture":
                 call.logits = original(x, *args, **kwargs)  # the stock logits before any soft-cap
                 return call.logits
