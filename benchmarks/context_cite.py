@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,9 @@ import torch
 import llama_attrib
 from llama_attrib.models import load
 from llama_attrib.tokens import text_spans
+
+sys.path.insert(0, str(Path(__file__).parent))
+import long_documents
 
 TEMPLATE = "Context: {context}\n\nQuery: {query}"  # ContextCite's default prompt template
 NEW_TOKENS = 20
@@ -101,19 +106,8 @@ FACTS = [
         ["The harbour master's name was Colin Rusk.", "The lighthouse builder's name was Angus Bell."],
     ),
 ]
-FILLER = [
-    "The committee met on Tuesday to review the quarterly figures for the northern district.",
-    "Rainfall in the valley was slightly above the ten-year average for the season.",
-    "Several volunteers repainted the benches along the river path before the festival.",
-    "The library extended its opening hours during the examination period.",
-    "A new bus route now connects the harbour with the university campus.",
-    "Local bakers reported strong demand for rye bread throughout the winter months.",
-    "The football club announced that its stadium roof will be repaired next spring.",
-    "Engineers inspected the old railway bridge and found no structural damage.",
-    "The museum opened an exhibition of maps drawn by early coastal surveyors.",
-    "Farmers in the region planted more barley than wheat for the second year running.",
-    "The town council approved a budget for new street lighting in the market square.",
-    "Students from the technical college built a small weather station on the roof.",
+FILLER = [  # long_documents.py's filler, and more
+    *long_documents.FILLER,
     "A choir from the neighbouring village performed at the cathedral on Sunday.",
     "The ferry company repainted two of its older vessels over the summer.",
     "Hikers were advised to carry water because the spring on the ridge had dried up.",
