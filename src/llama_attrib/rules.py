@@ -547,12 +547,12 @@ class _FrozenMix(torch.autograd.Function):
             kept = kept if kept is not None and size <= KEEP_BYTES else None
             if kept is not None:
                 kept.append(p)
-        ctx.scores, ctx.t0, ctx.t1, ctx.length, ctx.kept = scores, t0, t1, values.shape[-2], kept
+        ctx.scores, ctx.blocks, ctx.length, ctx.kept = scores, blocks, values.shape[-2], kept
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
-        out: Tensor = _Transposed.apply(grad, ctx.scores, ctx.t0, ctx.t1, ctx.length, ctx.kept)
+        out: Tensor = _Transposed.apply(grad, ctx.scores, ctx.blocks, ctx.length, ctx.kept)
         ctx.kept = None
         return out, None, None, None
 
@@ -578,15 +578,17 @@ class _Transposed(torch.autograd.Function):
 
 
 def _transposed(
-    grad: Tensor, scores: Scores, t0: int, t1: int, length: int, kept: list[Tensor] | None
+    grad: Tensor, scores: Scores, blocks: list[tuple[int, int, int]], length: int, kept: list[Tensor] | None
 ) -> Tensor:
-    """``grad [B, t1 - t0, heads * hd, n]`` (``n`` cotangents) -> ``[B, kv, length, hd, n]``."""
+    """``grad [B, t1 - t0, heads * hd, n]`` (``n`` cotangents) for the queries of ``blocks``
+    (:meth:`Scores.blocks`, from ``t0`` to ``t1``) -> ``[B, kv, length, hd, n]``."""
     batch, kv, groups, _, _ = scores.shape
+    t0, t1 = blocks[0][0], blocks[-1][1]
     n = grad.shape[-1]
     g = grad.reshape(batch, t1 - t0, kv, groups, -1, n)
     hd = g.shape[4]
     total = grad.new_zeros((batch * kv, length, hd * n))
-    for i, (a, b, k) in enumerate(scores.blocks(t0, t1)):
+    for i, (a, b, k) in enumerate(blocks):
         p = scores.rows(a, b, k) if kept is None else kept[i]
         p = p.to(grad.dtype).reshape(batch * kv, groups * (b - a), k)
         rows = g[:, a - t0 : b - t0].permute(0, 2, 3, 1, 4, 5).reshape(batch * kv, groups * (b - a), hd * n)

@@ -2,10 +2,11 @@
 
 Two modes give the same numbers (tested to 1e-5 in float32):
 
-- ``"target"``: one pass of the frozen-factor graph (:mod:`linear`), then one batched
-  backward for the chosen target logits of every step. The contribution of position ``i``
-  is ``grad_i . e_i``. Memory does not grow with the number of components; other tokens'
-  contributions are computed on demand (one more pass each time, batched per request).
+- ``"target"``: a stock forward, then the chosen target logits of every step pulled back
+  through one layer at a time in batched backwards (:mod:`sweep`). The contribution of
+  position ``i`` is ``grad_i . h_i`` at the first layer's input. Memory does not grow with
+  the number of components; other tokens' contributions are computed on demand (one more
+  pass each time, batched per request).
 - ``"forward"``: components carried forward through every layer (:mod:`rules`), in chunks
   of components sized to the memory budget. Gives the whole decomposed hidden state, so
   every token of the vocabulary is one dot product away.
