@@ -16,7 +16,7 @@ echo "== CUDA tests"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.log"
 echo "== Llama-7B-shaped benchmark"
 timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/bench.py --shapes llama7b --prompts "${PROMPTS:-512,2048,8192,32768}" \
-    --new "${NEW:-8}" --modes target,forward,after --forward-max "${FORWARD_MAX:-512}" --repeat 1 2>&1 | tee "$out/gpu_bench.md"
+    --new "${NEW:-8}" --modes "${MODES:-target,forward,after}" --forward-max "${FORWARD_MAX:-512}" --repeat 1 2>&1 | tee "$out/gpu_bench.md"
 echo "== test suite"
 xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 timeout ${SUITE_TIMEOUT:-150} python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors $xdist 2>&1 | tail -40 | tee "$out/gpu_suite.log"

@@ -14,7 +14,7 @@ from torch import nn
 
 import llama_attrib
 from conftest import prompt, tiny_model
-from llama_attrib import rules, sequence
+from llama_attrib import memory, rules, sequence
 from test_families import family_model
 
 STEPS = 4
@@ -129,3 +129,25 @@ def test_the_sweep_leaves_no_hook_even_when_a_layer_fails(monkeypatch: pytest.Mo
         llama_attrib.decompose_sequence(model, ids, 6)
     assert all(not m._forward_pre_hooks for m in modules)
     assert not llama_attrib.is_wrapped(model)
+
+
+def test_blocks_of_probabilities_are_larger_on_an_accelerator() -> None:
+    """On a GPU small blocks cost kernel launches, not bytes: a 32-head layer at 32k keys gets
+    8 query rows per block on the CPU (32 MiB) and 256 elsewhere (1 GiB)."""
+    for device, rows in (("cpu", 8), ("meta", 256)):
+        query = torch.empty(1, 32, 32768, 4, device=device)
+        key = torch.empty(1, 8, 32768, 4, device=device)
+        blocks = rules.Scores(query, key, None, 0.5, None).blocks(0, 32768)
+        assert [b - a for a, b, _ in blocks] == [rows] * (32768 // rows)
+        assert [k for _, b, k in blocks] == [b for _, b, _ in blocks]  # causal: keys up to the row
+
+
+def test_estimate_counts_the_kept_layer_inputs_at_the_models_width() -> None:
+    """A half-precision model's layer inputs are kept as it computed them (2 bytes each), while
+    the components run in float32: the estimates differ by exactly those inputs."""
+    model = tiny_model()
+    length, hidden, layers = 100, model.config.hidden_size, model.config.num_hidden_layers
+    full = llama_attrib.estimate_memory(model, length)
+    half = llama_attrib.estimate_memory(tiny_model(dtype=torch.bfloat16), length)
+    inputs = (layers + 1) * length * hidden * 2
+    assert full - half == pytest.approx(memory.SLACK * inputs, abs=4)

@@ -25,6 +25,10 @@ LEAN_BYTES = 64 << 20  # target mode's working memory without max_memory, at lea
 # short-lived temporaries, fitted on benchmarks/long_documents.py (SmolLM2 at 4k and 8k
 # tokens, the 8-layer shape at 2k: the counted bytes were 0.62-0.76 of the measured growth).
 SLACK = 1.4
+# The same on an accelerator, whose caching allocator leaves less slack: fitted on
+# benchmarks/gpu.sh (the 7B shape in bfloat16 on an H200 at 512 to 32k tokens: the counted
+# bytes were 0.87-1.18 of the growth of torch.cuda.max_memory_allocated).
+DEVICE_SLACK = 1.1
 
 
 class MemoryBudgetError(LlamaAttribError):
@@ -93,22 +97,35 @@ class TargetSizes:
         return self.graph + per_sweep * self.state + per_chunk * self.work
 
     @staticmethod
-    def of(shape: Shape, batch: int, length: int, dtype: torch.dtype) -> TargetSizes:
+    def of(
+        shape: Shape,
+        batch: int,
+        length: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+        model_dtype: torch.dtype | None = None,
+    ) -> TargetSizes:
+        """The sizes of a run with components in ``dtype`` on ``device`` (default the CPU); each
+        layer's input is kept as the model computed it, in ``model_dtype`` (default ``dtype``)."""
+        device = device or torch.device("cpu")
         item = torch.empty((), dtype=dtype).element_size()
+        stored = torch.empty((), dtype=model_dtype or dtype).element_size()
+        slack = SLACK if device.type == "cpu" else DEVICE_SLACK
         tokens = batch * length
-        inputs = (shape.layers + 1) * tokens * shape.hidden * item
+        inputs = (shape.layers + 1) * tokens * shape.hidden * stored
         layer = tokens * (3 * shape.intermediate + 10 * shape.hidden + 3 * shape.kv_dim) * item
         # float32 probabilities: a few blocks being computed, and those kept for the backward
         whole = batch * shape.heads * length * length * 4
-        blocks = 3 * min(rules.BLOCK_BYTES, whole) + min(rules.KEEP_BYTES, whole // 2)
+        block = rules.block_bytes(device)
+        blocks = 3 * min(block, whole) + min(rules.KEEP_BYTES, whole // 2)
         work = (
             tokens * (4 * shape.hidden + 2 * shape.kv_dim)
             + batch * min(length, rules.ROWS) * 2 * shape.intermediate
         ) * item
         return TargetSizes(
-            graph=int(SLACK * (inputs + layer + blocks)),
-            state=int(SLACK * 2 * tokens * shape.hidden * item),
-            work=int(SLACK * work),  # the MLP's backward runs in pieces of rules.ROWS positions
+            graph=int(slack * (inputs + layer + blocks)),
+            state=int(slack * 2 * tokens * shape.hidden * item),
+            work=int(slack * work),  # the MLP's backward runs in pieces of rules.ROWS positions
         )
 
 
@@ -160,7 +177,8 @@ def estimate(
     shape = Shape.of(model)
     itemsize = torch.empty((), dtype=dtype).element_size()
     if mode == "target":
-        return TargetSizes.of(shape, batch, length, dtype).peak(steps)
+        weight = next(model.parameters())
+        return TargetSizes.of(shape, batch, length, dtype, weight.device, weight.dtype).peak(steps)
     c = length if components is None else components
     per = forward_component_bytes(shape, batch, length, itemsize)
     if mode == "forward":

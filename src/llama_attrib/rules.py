@@ -365,6 +365,14 @@ ROWS = 1024
 # Target mode computes the probabilities of this many bytes (float32) at a time, so a long
 # prompt never holds a layer's ``heads x q x S`` matrix at once.
 BLOCK_BYTES = 32 << 20
+# On an accelerator, blocks this large: there kernel launches, not bytes, bound small blocks
+# (32 MiB is 8 query rows of a 32-head model at 32k tokens, 4096 blocks a layer).
+DEVICE_BLOCK_BYTES = 1 << 30
+
+
+def block_bytes(device: torch.device) -> int:
+    """Bytes of probabilities target mode computes at a time on ``device``."""
+    return BLOCK_BYTES if device.type == "cpu" else max(BLOCK_BYTES, DEVICE_BLOCK_BYTES)
 
 
 @dataclass(frozen=True)
@@ -438,10 +446,10 @@ class Scores:
         return int(seen.nonzero().max()) + 1 if bool(seen.any()) else s
 
     def blocks(self, t0: int, t1: int) -> list[tuple[int, int, int]]:
-        """Queries ``t0:t1`` in blocks of about :data:`BLOCK_BYTES` of probabilities:
+        """Queries ``t0:t1`` in blocks of about :func:`block_bytes` of probabilities:
         ``(first, end, keys seen)`` each."""
         batch, kv, groups, _, s = self.shape
-        rows = max(1, BLOCK_BYTES // (4 * batch * kv * groups * s))
+        rows = max(1, block_bytes(self.query.device) // (4 * batch * kv * groups * s))
         return [(a, min(t1, a + rows), self.extent(a, min(t1, a + rows))) for a in range(t0, t1, rows)]
 
 

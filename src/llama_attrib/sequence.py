@@ -141,7 +141,9 @@ class TargetRun:
         self.progress = progress
         self.model_dtype = next(model.parameters()).dtype
         batch, length = inputs.ids.shape
-        self.sizes = memory.TargetSizes.of(memory.Shape.of(model), batch, length, dtype)
+        self.sizes = memory.TargetSizes.of(
+            memory.Shape.of(model), batch, length, dtype, inputs.ids.device, self.model_dtype
+        )
         if self.sizes.graph + self.sizes.per_request > budget:
             raise memory.MemoryBudgetError(
                 f"target mode over {batch} x {length} tokens needs about "
