@@ -1,7 +1,7 @@
 """Which sentence of a long document did the answer come from: llama_attrib against ContextCite.
 
     pip install context-cite==0.0.4            # the peer (pulls nltk, spacy, datasets)
-    python benchmarks/context_cite.py [--limit N] [--out results.json]
+    python benchmarks/against_context_cite.py [--limit N] [--out results.json]
 
 ContextCite (Cohen-Wang et al. 2024) ablates the context 64 times (each sentence kept with
 probability 1/2), runs one forward per ablation, and fits a sparse linear surrogate of the
