@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -120,9 +121,9 @@ FILLER = [  # long_documents.py's filler, and more
 LENGTHS = [1000, 1200, 1500, 2000, 1000, 3000, 1200, 4000, 1500, 8000]
 
 
-def document(i: int, tokens: int, tokenizer: Any) -> tuple[str, str, str]:
-    """``(context, question, fact)``: filler to about ``tokens`` tokens, the fact and its
-    distractors at seeded random places."""
+def document(i: int, tokens: int, tokenizer: Any) -> tuple[str, str, list[str]]:
+    """``(context, question, planted)``: filler to about ``tokens`` tokens, the fact and its
+    distractors (``planted``, the fact first) at seeded random places."""
     fact, question, distractors = FACTS[i % len(FACTS)]
     rng = random.Random(i)
     sentences: list[str] = []
@@ -132,7 +133,22 @@ def document(i: int, tokens: int, tokenizer: Any) -> tuple[str, str, str]:
         sentences.pop()
     for extra in [fact, *distractors]:
         sentences.insert(rng.randrange(len(sentences) + 1), extra)
-    return " ".join(sentences), question, fact
+    return " ".join(sentences), question, [fact, *distractors]
+
+
+def answer_source(response: str, question: str, planted: list[str]) -> int:
+    """Which planted sentence the response took its detail from (an index into ``planted``):
+    the one whose own words (those no other planted sentence and not the question has) the
+    response contains; the fact (0) when none or several match."""
+
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"\w+(?::\w+)?", text.replace("'s", "")))
+
+    own = [words(s) - words(question) for s in planted]
+    said = words(response)
+    others = [set().union(*(v for k, v in enumerate(own) if k != j)) for j in range(len(own))]
+    found = [j for j, w in enumerate(own) if said & (w - others[j])]
+    return found[0] if len(found) == 1 else 0
 
 
 class Partition:
@@ -234,33 +250,42 @@ def main() -> None:
     model, tokenizer = load()
     rows = []
     for i in range(args.docs if args.limit is None else min(args.limit, args.docs)):
-        context, question, fact = document(i, LENGTHS[i % len(LENGTHS)], tokenizer)
+        context, question, planted = document(i, LENGTHS[i % len(LENGTHS)], tokenizer)
         part = Partition.make(context)
-        source = part.sources.index(fact)
+        indices = [part.sources.index(s) for s in planted]
         row: dict[str, Any] = {
             "doc": i,
             "tokens": len(prompt_ids(tokenizer, context, question)),
-            "source": source,
+            "source": indices[0],
+            "planted": indices,
         }
         for name, method in (("llama_attrib", ours), ("ContextCite", theirs)):
             response, scores, seconds = method(model, tokenizer, context, question)
             order = [int(j) for j in np.argsort(-scores, kind="stable")]
+            text = tokenizer.decode(response)
             row[name] = {
                 "seconds": seconds,
-                "first": order[0] == source,
-                "response": tokenizer.decode(response),
+                "first": order[0] == indices[0],
+                "answer_first": order[0] == indices[answer_source(text, question, planted)],
+                "response": text,
+                "ranked": order[:5],
                 **drops(model, tokenizer, part, question, response, order),
             }
         same = row["llama_attrib"]["response"] == row["ContextCite"]["response"]
         row["same_response"] = same
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n| method | source ranked first | top-1 drop | top-3 drop | top-5 drop | seconds per answer |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| method | fact ranked first | answer's source ranked first | top-1 drop | top-3 drop "
+        "| top-5 drop | seconds per answer |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name in ("llama_attrib", "ContextCite"):
         r = [row[name] for row in rows]
+        first, answer = sum(x["first"] for x in r), sum(x["answer_first"] for x in r)
         print(
-            f"| {name} | {sum(x['first'] for x in r)}/{len(r)} | {np.mean([x['top1'] for x in r]):.2f} | "
+            f"| {name} | {first}/{len(r)} | {answer}/{len(r)} "
+            f"| {np.mean([x['top1'] for x in r]):.2f} | "
             f"{np.mean([x['top3'] for x in r]):.2f} | {np.mean([x['top5'] for x in r]):.2f} | "
             f"{np.mean([x['seconds'] for x in r]):.1f} |"
         )
