@@ -133,9 +133,12 @@ def test_dataset_by_sentence_keeps_groups_and_the_ranking(tmp_path: Path) -> Non
             "prompt": "a cat sat.\nthe dog ran.\nwhere is the cat",
         },  # no capitals in the tiny vocabulary
         {"id": "chat", "messages": [{"role": "user", "content": "one fact here.\nanother one.\nwhich"}]},
+        # capitals are not in the tiny vocabulary: the message does not come back verbatim
+        {"id": "odd", "messages": [{"role": "user", "content": "One fact.\nWhich"}]},
     ]
     out = tmp_path / "out.jsonl"
-    dataset.attribute_dataset(model, tokenizer, rows, out, max_new_tokens=3, by="sentence")
+    with pytest.warns(UserWarning, match="verbatim"):
+        dataset.attribute_dataset(model, tokenizer, rows, out, max_new_tokens=3, by="sentence")
     dataset.merge(rows, out)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     results = dataset.load_results(out)
@@ -144,7 +147,11 @@ def test_dataset_by_sentence_keeps_groups_and_the_ranking(tmp_path: Path) -> Non
         prompt = row.get("messages", row.get("prompt"))
         alone = llama_attrib.attribute(model, tokenizer, prompt, 3)
         text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
-        want = alone.sentences(within=alone.find(text))
+        if row["id"] == "odd":
+            assert text not in alone.text
+            want = alone.sentences()  # the whole prompt, chat template included
+        else:
+            want = alone.sentences(within=alone.find(text))
         assert result.sources == want.sources and result.groups == want.groups
         assert [r["label"] for r in record["ranking"]] == [label for label, _, _ in want.ranking()]
         np.testing.assert_allclose(

@@ -174,6 +174,16 @@ def test_spans_by_char_and_token(result: Attribution) -> None:
         result.spans({"end": (len(result.text), len(result.text) + 3)})
 
 
+def test_message_is_found_verbatim_or_falls_back_with_a_warning(result: Attribution) -> None:
+    start, end = result.message("\n capital of france\n")  # stripped when not found as given
+    assert result.text[start:end] == "capital of france"
+    assert end <= len("".join(result.tokens[: result.prompt_length]))
+    with pytest.warns(UserWarning, match="verbatim"):
+        assert result.message("Capital Of France") is None
+    with pytest.warns(UserWarning, match="verbatim"):
+        assert result.message(result.generation.strip()) is None  # the answer is no message
+
+
 def test_normalisations(result: Attribution) -> None:
     share = result.normalize("share")
     np.testing.assert_allclose(np.nansum(np.abs(share.scores), 1), 1.0, rtol=1e-9)

@@ -58,14 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unit = "word" if args.words and args.by == "token" else args.by
     within = None
     if unit in ("sentence", "paragraph") and args.chat:
-        try:
-            within = result.find(args.prompt)  # the user message, not the chat template around it
-        except ValueError:
-            print(
-                "note: the tokenizer does not give the message back verbatim: splitting the whole "
-                "prompt, chat template included",
-                file=sys.stderr,
-            )
+        within = result.message(args.prompt)  # the user message, not the chat template around it
     view = result.by(unit, within)
     if args.share or args.drop_first:
         view = view.normalize("share" if args.share else "logit", drop_first=args.drop_first)

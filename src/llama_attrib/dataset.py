@@ -141,7 +141,7 @@ def _sources(result: Attribution, prompt: Any, by: str) -> dict[str, Any]:
             m["content"] for m in prompt if m.get("role") == "user" and isinstance(m.get("content"), str)
         ]
         if users and users[-1].strip():
-            within = result.find(users[-1])
+            within = result.message(users[-1])
     view = result.by(by, within)
     ranking = [{"label": label, "score": score, "share": share} for label, score, share in view.ranking()]
     return {**view.to_dict(), "ranking": ranking}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,24 @@ class Attribution:
             if start < 0:
                 raise ValueError(f"{text!r} occurs fewer than {occurrence + 1} times in the text")
         return start, start + len(text)
+
+    def message(self, text: str) -> tuple[int, int] | None:
+        """The character span of a prompt message ``text`` (for :meth:`sentences`'s ``within``),
+        or None, with a warning, when the decoded text does not contain it verbatim (a tokenizer
+        that normalizes text, or one without some of its characters): then the caller splits
+        the whole prompt. Its last occurrence in the prompt: a chat's last user message."""
+        prompt = self.text[: len("".join(self.tokens[: self.prompt_length]))]
+        for candidate in (text, text.strip()):
+            start = prompt.rfind(candidate) if candidate else -1
+            if start >= 0:
+                return start, start + len(candidate)
+        warnings.warn(
+            "the tokenizer does not give the message back verbatim: sentences are split over "
+            "the whole prompt, chat template included",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None
 
     def spans(
         self,
