@@ -1,7 +1,9 @@
 """Which sentence of a long document did the answer come from: llama_attrib against ContextCite.
 
     pip install context-cite==0.0.4            # the peer (pulls nltk, spacy, datasets)
-    python benchmarks/against_context_cite.py [--limit N] [--out results.json]
+    python benchmarks/against_context_cite.py [--limit N] [--out results.json] > log
+    python benchmarks/against_context_cite.py --start 12 > log2    # a run continued
+    python benchmarks/against_context_cite.py --table log log2    # the table of the documents done
 
 ContextCite (Cohen-Wang et al. 2024) ablates the context 64 times (each sentence kept with
 probability 1/2), runs one forward per ablation, and fits a sparse linear surrogate of the
@@ -239,17 +241,46 @@ def theirs(model: Any, tokenizer: Any, context: str, question: str) -> tuple[lis
     return list(cc._response_ids), scores, seconds
 
 
+def table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table of the documents done (``rows``: what ``main`` prints, one per document)."""
+    out = [
+        "| method | fact ranked first | answer's source ranked first | top-1 drop | top-3 drop "
+        "| top-5 drop | seconds per answer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("llama_attrib", "ContextCite"):
+        r = [row[name] for row in rows]
+        first, answer = sum(x["first"] for x in r), sum(x["answer_first"] for x in r)
+        out.append(
+            f"| {name} | {first}/{len(r)} | {answer}/{len(r)} | {np.mean([x['top1'] for x in r]):.2f} | "
+            f"{np.mean([x['top3'] for x in r]):.2f} | {np.mean([x['top5'] for x in r]):.2f} | "
+            f"{np.mean([x['seconds'] for x in r]):.1f} |"
+        )
+    same = sum(r["same_response"] for r in rows)
+    out.append(
+        f"\n{len(rows)} documents, {min(r['tokens'] for r in rows)} to {max(r['tokens'] for r in rows)} "
+        f"tokens; same response from both: {same}/{len(rows)}"
+    )
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--docs", type=int, default=20)
     parser.add_argument("--limit", type=int, help="only the first N documents")
+    parser.add_argument("--start", type=int, default=0, help="begin at document N (a run continued)")
     parser.add_argument("--out", help="write every document's figures to this JSON file")
+    parser.add_argument("--table", nargs="+", help="only print the table of logs of this script (JSON lines)")
     args = parser.parse_args()
+    if args.table:
+        lines = [line for log in args.table for line in Path(log).read_text().splitlines()]
+        print(table([json.loads(line) for line in lines if line.startswith('{"doc"')]))
+        return
     model, tokenizer = load()
     rows = []
-    for i in range(args.docs if args.limit is None else min(args.limit, args.docs)):
+    for i in range(args.start, args.docs if args.limit is None else min(args.limit, args.docs)):
         context, question, planted = document(i, LENGTHS[i % len(LENGTHS)], tokenizer)
         part = Partition.make(context)
         indices = [part.sources.index(s) for s in planted]
@@ -275,25 +306,7 @@ def main() -> None:
         row["same_response"] = same
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(
-        "\n| method | fact ranked first | answer's source ranked first | top-1 drop | top-3 drop "
-        "| top-5 drop | seconds per answer |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name in ("llama_attrib", "ContextCite"):
-        r = [row[name] for row in rows]
-        first, answer = sum(x["first"] for x in r), sum(x["answer_first"] for x in r)
-        print(
-            f"| {name} | {first}/{len(r)} | {answer}/{len(r)} "
-            f"| {np.mean([x['top1'] for x in r]):.2f} | "
-            f"{np.mean([x['top3'] for x in r]):.2f} | {np.mean([x['top5'] for x in r]):.2f} | "
-            f"{np.mean([x['seconds'] for x in r]):.1f} |"
-        )
-    print(
-        f"\n{len(rows)} documents, {min(r['tokens'] for r in rows)} to "
-        f"{max(r['tokens'] for r in rows)} tokens; "
-        f"same response from both: {sum(r['same_response'] for r in rows)}/{len(rows)}"
-    )
+    print("\n" + table(rows))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
