@@ -138,10 +138,11 @@ def document(i: int, tokens: int, tokenizer: Any) -> tuple[str, str, list[str]]:
     return " ".join(sentences), question, [fact, *distractors]
 
 
-def answer_source(response: str, question: str, planted: list[str]) -> int:
-    """Which planted sentence the response took its detail from (an index into ``planted``):
-    the one whose own words (those no other planted sentence and not the question has) the
-    response contains; the fact (0) when none or several match."""
+def answer_source(response: str, question: str, planted: list[str], sources: list[str]) -> list[int]:
+    """The sentences (indices into ``sources``) the response took its answer from: the planted
+    sentence (fact or distractor) whose own words, those no other planted sentence and not the
+    question has, the response contains; else every copy of a filler sentence the response
+    repeats word for word; else none (the response comes from no one sentence)."""
 
     def words(text: str) -> set[str]:
         return set(re.findall(r"\w+(?::\w+)?", text.replace("'s", "")))
@@ -150,7 +151,10 @@ def answer_source(response: str, question: str, planted: list[str]) -> int:
     said = words(response)
     others = [set().union(*(v for k, v in enumerate(own) if k != j)) for j in range(len(own))]
     found = [j for j, w in enumerate(own) if said & (w - others[j])]
-    return found[0] if len(found) == 1 else 0
+    if len(found) == 1:
+        return [sources.index(planted[found[0]])]
+    repeated = next((s for s in sources if s.rstrip(".") in response), None)
+    return [i for i, s in enumerate(sources) if s == repeated]
 
 
 class Partition:
@@ -241,8 +245,16 @@ def theirs(model: Any, tokenizer: Any, context: str, question: str) -> tuple[lis
     return list(cc._response_ids), scores, seconds
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The Markdown table of the documents done (``rows``: what ``main`` prints, one per document)."""
+def table(rows: list[dict[str, Any]], tokenizer: Any) -> str:
+    """The Markdown table of the documents done (``rows``: what ``main`` prints, one per
+    document). Each document is built again to find the sentence each response came from."""
+    for row in rows:
+        context, question, planted = document(row["doc"], LENGTHS[row["doc"] % len(LENGTHS)], tokenizer)
+        sources = [context[a:b] for a, b in text_spans(context, "sentence")]
+        for name in ("llama_attrib", "ContextCite"):
+            x = row[name]
+            x["answer_source"] = answer_source(x["response"], question, planted, sources)
+            x["answer_first"] = x["ranked"][0] in x["answer_source"]
     out = [
         "| method | fact ranked first | answer's source ranked first | top-1 drop | top-3 drop "
         "| top-5 drop | seconds per answer |",
@@ -251,15 +263,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     for name in ("llama_attrib", "ContextCite"):
         r = [row[name] for row in rows]
         first, answer = sum(x["first"] for x in r), sum(x["answer_first"] for x in r)
+        known = sum(bool(x["answer_source"]) for x in r)
         out.append(
-            f"| {name} | {first}/{len(r)} | {answer}/{len(r)} | {np.mean([x['top1'] for x in r]):.2f} | "
+            f"| {name} | {first}/{len(r)} | {answer}/{known} | {np.mean([x['top1'] for x in r]):.2f} | "
             f"{np.mean([x['top3'] for x in r]):.2f} | {np.mean([x['top5'] for x in r]):.2f} | "
             f"{np.mean([x['seconds'] for x in r]):.1f} |"
         )
     same = sum(r["same_response"] for r in rows)
     out.append(
         f"\n{len(rows)} documents, {min(r['tokens'] for r in rows)} to {max(r['tokens'] for r in rows)} "
-        f"tokens; same response from both: {same}/{len(rows)}"
+        f"tokens; same response from both: {same}/{len(rows)}; the answer's source: the planted "
+        "sentence whose detail the answer gives, else a sentence it repeats (documents with neither "
+        "are left out of that column)"
     )
     return "\n".join(out)
 
@@ -276,7 +291,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         lines = [line for log in args.table for line in Path(log).read_text().splitlines()]
-        print(table([json.loads(line) for line in lines if line.startswith('{"doc"')]))
+        tokenizer = load()[1]
+        print(table([json.loads(line) for line in lines if line.startswith('{"doc"')], tokenizer))
         return
     model, tokenizer = load()
     rows = []
@@ -297,7 +313,6 @@ def main() -> None:
             row[name] = {
                 "seconds": seconds,
                 "first": order[0] == indices[0],
-                "answer_first": order[0] == indices[answer_source(text, question, planted)],
                 "response": text,
                 "ranked": order[:5],
                 **drops(model, tokenizer, part, question, response, order),
@@ -306,7 +321,7 @@ def main() -> None:
         row["same_response"] = same
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print("\n" + table(rows))
+    print("\n" + table(rows, tokenizer))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

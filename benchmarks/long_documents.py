@@ -1,6 +1,7 @@
 """Long prompts: time and peak memory of ``generate(decompose=True)`` against plain generation.
 
     python benchmarks/long_documents.py [--cases smollm2-4096,smollm2-8000,issue6-2048,smollm2-248]
+                                        [--max-memory 300MB]
 
 Each method runs in its own process (peak resident memory of the whole process, model and
 libraries included, sampled every 2 ms; the ratio is the one a user sees); plain generation's
@@ -108,13 +109,16 @@ def one(case: str, method: str) -> dict[str, Any]:
         with torch.inference_mode():
             runs = [measure(lambda: model.generate(ids, **kwargs), device) for _ in range(2)]
         out["seconds"], peak = min(t for t, _ in runs), max(m for _, m in runs)
-    elif method == "llama_attrib":
+    elif method == "llama_attrib" or method.startswith("max_memory="):
         llama_attrib.wrap(model)
-        steps = new
-        out["estimate"] = llama_attrib.estimate_memory(model, ids.shape[1] + new - 1, steps=steps)
+        options: dict[str, Any] = {}
+        if method == "llama_attrib":
+            out["estimate"] = llama_attrib.estimate_memory(model, ids.shape[1] + new - 1, steps=new)
+        else:  # an explicit budget: more, smaller chunks of targets
+            options["max_memory"] = method.split("=", 1)[1]
 
         def run() -> None:
-            result = model.generate(ids, decompose=True, return_dict_in_generate=True, **kwargs)
+            result = model.generate(ids, decompose=True, return_dict_in_generate=True, **kwargs, **options)
             seed_loop(result["attentions"])
 
         out["seconds"], peak = measure(run, device)
@@ -135,6 +139,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cases", default="smollm2-4096,smollm2-8000,issue6-2048,smollm2-248")
+    parser.add_argument("--max-memory", help="also run llama_attrib with this max_memory (say 300MB)")
     parser.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -148,6 +153,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
         methods = ["plain", "llama_attrib"] + (["naive"] if case.endswith("-248") else [])
+        methods += [f"max_memory={args.max_memory}"] if args.max_memory else []
         plain: dict[str, Any] | None = None
         for method in methods:
             done = subprocess.run(
