@@ -10,7 +10,7 @@
 >>> result.words().top_k(3)             # or result.to_html("out.html"), result.plot()
 """
 
-from .api import decompose, decompose_sequence, is_wrapped, unwrap, wrap
+from .api import decompose, decompose_answer, decompose_sequence, is_wrapped, unwrap, wrap
 from .attribution import attribute
 from .composition import LogitComposition
 from .errors import (
@@ -43,6 +43,7 @@ __all__ = [
     "__version__",
     "attribute",
     "decompose",
+    "decompose_answer",
     "decompose_sequence",
     "estimate_memory",
     "flow",

@@ -17,10 +17,20 @@ import torch
 from torch import Tensor, nn
 
 from . import families
+from .composition import Contributions
 from .errors import UnsupportedOptionError
 from .hf import forward_adapter, generate_adapter
 from .patching import replace_method
-from .sequence import MODES, Groups, Inputs, _as_batch, _resolve_targets, explain, group_members
+from .sequence import (
+    MODES,
+    Groups,
+    Inputs,
+    _as_batch,
+    _resolve_targets,
+    explain,
+    explain_answer,
+    group_members,
+)
 from .session import Session
 
 _SENTINEL = "_llama_attrib_session"
@@ -136,6 +146,84 @@ def decompose_sequence(
     """
     if mode not in MODES:
         raise UnsupportedOptionError(f"mode must be one of {MODES}, not {mode!r}")
+    inputs, members, names, resolved = _prepare(
+        model, input_ids, prompt_length, attention_mask, position_ids, targets, groups
+    )
+    return explain(
+        model,
+        _scope_of(model),
+        inputs,
+        mode=mode,
+        targets=resolved,
+        members=members,
+        names=names,
+        component_dtype=component_dtype,
+        max_memory=max_memory,
+        progress=progress,
+    )
+
+
+def decompose_answer(
+    model: nn.Module,
+    input_ids: Tensor,
+    prompt_length: int,
+    *,
+    attention_mask: Tensor | None = None,
+    position_ids: Tensor | None = None,
+    targets: Any = None,
+    groups: Groups | None = None,
+    component_dtype: torch.dtype | None = None,
+    max_memory: int | str | None = None,
+    progress: bool | None = None,
+) -> pydec.Composition:
+    """The answer as a whole: the sum of the logits of every token after the prompt,
+    decomposed over the sources in one backward pass, whatever the answer's length.
+
+    Equals the sum over steps of :func:`decompose_sequence`'s components for the same
+    ``targets`` (each step's components beyond its own position counted as zero), which costs
+    one backward pass per step: use this one for "which part of the prompt did the answer come
+    from". Returns a Composition with one component per position but the last (or per group:
+    ``groups`` as in :func:`decompose_sequence`), ``[C]`` or ``[C, batch]``; its ``residual`` is
+    the bias share, and components and residual add up to the summed logit (checked against
+    the stock model's own logits). Target mode only.
+    """
+    length = _as_batch(input_ids, "input_ids").shape[1]
+    if prompt_length is None or not 1 <= prompt_length < length:
+        raise UnsupportedOptionError(
+            "decompose_answer needs prompt_length=P with 1 <= P < the sequence's length (the answer "
+            "is every token after the prompt)"
+        )
+    inputs, members, names, resolved = _prepare(
+        model, input_ids, prompt_length, attention_mask, position_ids, targets, groups
+    )
+    out = explain_answer(
+        model,
+        _scope_of(model),
+        inputs,
+        targets=resolved,
+        members=members,
+        names=names,
+        component_dtype=component_dtype,
+        max_memory=max_memory,
+        progress=progress,
+    )  # [B, C + 1]
+    components, residual = out[:, :-1].T, out[:, -1]
+    if out.shape[0] == 1:
+        components, residual = components[:, 0], residual[0]
+    return Contributions.of(components, residual)
+
+
+def _prepare(
+    model: nn.Module,
+    input_ids: Tensor,
+    prompt_length: int | None,
+    attention_mask: Tensor | None,
+    position_ids: Tensor | None,
+    targets: Any,
+    groups: Groups | None,
+) -> tuple[Inputs, Tensor | None, tuple[str, ...] | None, list[Any] | None]:
+    """The teacher-forced pass of a finished sequence: inputs, group members and names, and
+    each step's target."""
     ids = _as_batch(input_ids, "input_ids")
     batch, length = ids.shape
     families.check_length(model, length)
@@ -169,18 +257,7 @@ def decompose_sequence(
     members, names = (None, None) if groups is None else group_members(groups, length)
     if members is not None:
         members = members[:, :used]
-    return explain(
-        model,
-        _scope_of(model),
-        inputs,
-        mode=mode,
-        targets=_resolve_targets(targets, next_tokens, len(positions), batch),
-        members=members,
-        names=names,
-        component_dtype=component_dtype,
-        max_memory=max_memory,
-        progress=progress,
-    )
+    return inputs, members, names, _resolve_targets(targets, next_tokens, len(positions), batch)
 
 
-__all__ = ["decompose", "decompose_sequence", "is_wrapped", "unwrap", "wrap"]
+__all__ = ["decompose", "decompose_answer", "decompose_sequence", "is_wrapped", "unwrap", "wrap"]

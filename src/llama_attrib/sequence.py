@@ -112,6 +112,26 @@ def explain(
     return run.compositions(targets)
 
 
+def explain_answer(
+    model: nn.Module,
+    scope: Scope,
+    inputs: Inputs,
+    *,
+    targets: list[Any] | None = None,
+    members: Tensor | None = None,
+    names: tuple[str, ...] | None = None,
+    component_dtype: torch.dtype | None = None,
+    max_memory: int | str | None = None,
+    progress: bool | None = None,
+) -> Tensor:
+    """``[B, C + 1]``: every component's contribution to the sum of the steps' target logits,
+    then the bias share (see :func:`llama_attrib.decompose_answer`)."""
+    dtype = component_dtype or families.component_dtype(model)
+    limit = memory.budget(max_memory, next(model.parameters()).device)
+    run = TargetRun(model, scope, inputs, members, names, dtype, limit, progress, lean=max_memory is None)
+    return run.answer(targets)
+
+
 # -- target mode ------------------------------------------------------------------------
 
 
@@ -176,9 +196,10 @@ class TargetRun:
         """``(targets per batched backward, targets per sweep)`` (:meth:`memory.TargetSizes.chunks`)."""
         return self.sizes.chunks(n, self.budget, self.lean)
 
-    def solve(self, requests: list[tuple[int, Any]]) -> Tensor:
+    def solve(self, requests: Sequence[tuple[int, Any] | list[tuple[int, Any]]]) -> Tensor:
         """Contributions ``[N, B, C + 1]`` for each ``(step, target key)`` request: one per
-        component, then the bias share (pydec's residual: what belongs to no token).
+        component, then the bias share (pydec's residual: what belongs to no token). A request
+        that is a list of such pairs is their sum, pulled back as one target.
 
         Keys: ``("token", ids per row)``, ``("contrast", a per row, b per row)``,
         ``("vector", [B, hidden])`` or ``None`` (each row's argmax token at that step).
@@ -211,10 +232,11 @@ class TargetRun:
             for start in range(0, n, per_sweep):
                 part = requests[start : start + per_sweep]
                 cot = values.new_zeros((len(part), self.batch, steps, values.shape[-1]))
-                for i, (step, key) in enumerate(part):
-                    if not 0 <= step < steps:
-                        raise IndexError(f"step {step} out of range ({steps} steps)")
-                    cot[i, :, step] = self._cotangent(self.resolve(step, key)).to(cot.dtype)
+                for i, request in enumerate(part):
+                    for step, key in request if isinstance(request, list) else [request]:
+                        if not 0 <= step < steps:
+                            raise IndexError(f"step {step} out of range ({steps} steps)")
+                        cot[i, :, step] += self._cotangent(self.resolve(step, key)).to(cot.dtype)
                 grads, shares = sweep.pull_back(
                     session, recorded, self._call, head, list(cot.split(per_chunk)), bar.update
                 )
@@ -247,6 +269,38 @@ class TargetRun:
         for c in out:
             c.check()
         return tuple(out)
+
+    def answer(self, targets: list[Any] | None) -> Tensor:
+        """Contributions ``[B, C_all + 1]`` to the sum over steps of each step's target logit
+        (``targets``, default each row's argmax), pulled back as one target: the sum over steps
+        of what :meth:`compositions` gives (a step's components beyond its position are zero),
+        at the cost of one target. Checked against the sum of the stock model's logits."""
+        steps = len(self.inputs.positions)
+        wanted = targets if targets is not None else [None] * steps
+        out: Tensor = self.solve([list(enumerate(wanted))])[0]
+        logits = self.stock_logits()
+        half = self.model_dtype in (torch.float16, torch.bfloat16)
+        tol = tolerance(self.model_dtype if half else self.dtype)
+        for row in range(self.batch):
+            value, scale = 0.0, 0.0
+            for step, key in enumerate(wanted):
+                key = self.resolve(step, key)
+                here = logits[row, step]
+                if key[0] == "token":
+                    value += float(here[key[1][row]])
+                elif key[0] == "contrast":
+                    value += float(here[key[1][row]] - here[key[2][row]])
+                else:
+                    raise UnsupportedOptionError("an answer's targets are token ids or (a, b) pairs")
+                scale += float(here.abs().max())
+            total = float(out[row].sum())
+            if not abs(total - value) <= tol * max(scale, 1e-30):
+                raise DecompositionError(
+                    f"row {row}: contributions and bias share add up to {total:.6g}, the sum of the "
+                    f"model's logits is {value:.6g}; an operation outside llama_attrib's rules changed "
+                    "the hidden state"
+                )
+        return out
 
     def resolve(self, step: int, key: Any) -> Any:
         """``None`` -> ``("token", each row's argmax at that step)``; other keys unchanged."""
