@@ -37,7 +37,7 @@ import torch
 
 import llama_attrib
 from llama_attrib.models import load
-from llama_attrib.tokens import text_spans
+from llama_attrib.tokens import piece_texts, text_spans, tokens_in_span
 
 sys.path.insert(0, str(Path(__file__).parent))
 import long_documents
@@ -228,6 +228,27 @@ def ours(model: Any, tokenizer: Any, context: str, question: str) -> tuple[list[
     return result.generated_ids, scores, seconds
 
 
+def one_pass(model: Any, tokenizer: Any, context: str, question: str) -> tuple[list[int], np.ndarray, float]:
+    """The same scores as :func:`ours` (each sentence's contributions summed over the response's
+    tokens) from one backward pass: ``decompose_answer`` pulls the summed logits back at once."""
+    ids = torch.tensor([prompt_ids(tokenizer, context, question)])
+    p = ids.shape[1]
+    start = time.perf_counter()
+    with torch.no_grad():
+        sequence = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
+        )
+    answer = llama_attrib.decompose_answer(model, sequence, p)
+    texts = piece_texts(tokenizer, sequence[0].tolist())[0]
+    offset = "".join(texts).find(context)
+    components = answer.components.float().numpy()
+    scores = np.array(
+        [components[tokens_in_span(texts[:-1], offset + a, offset + b)].sum() for a, b in text_spans(context)]
+    )
+    seconds = time.perf_counter() - start
+    return sequence[0, p:].tolist(), scores, seconds
+
+
 def theirs(model: Any, tokenizer: Any, context: str, question: str) -> tuple[list[int], np.ndarray, float]:
     from context_cite import ContextCiter
 
@@ -245,13 +266,16 @@ def theirs(model: Any, tokenizer: Any, context: str, question: str) -> tuple[lis
     return list(cc._response_ids), scores, seconds
 
 
+METHODS = {"llama_attrib": ours, "one_pass": one_pass, "ContextCite": theirs}
+
+
 def table(rows: list[dict[str, Any]], tokenizer: Any) -> str:
     """The Markdown table of the documents done (``rows``: what ``main`` prints, one per
     document). Each document is built again to find the sentence each response came from."""
     for row in rows:
         context, question, planted = document(row["doc"], LENGTHS[row["doc"] % len(LENGTHS)], tokenizer)
         sources = [context[a:b] for a, b in text_spans(context, "sentence")]
-        for name in ("llama_attrib", "ContextCite"):
+        for name in [m for m in METHODS if m in row]:
             x = row[name]
             x["answer_source"] = answer_source(x["response"], question, planted, sources)
             x["answer_first"] = x["ranked"][0] in x["answer_source"]
@@ -260,8 +284,8 @@ def table(rows: list[dict[str, Any]], tokenizer: Any) -> str:
         "| top-5 drop | seconds per answer |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in ("llama_attrib", "ContextCite"):
-        r = [row[name] for row in rows]
+    for name in [m for m in METHODS if any(m in row for row in rows)]:
+        r = [row[name] for row in rows if name in row]
         first, answer = sum(x["first"] for x in r), sum(x["answer_first"] for x in r)
         known = sum(bool(x["answer_source"]) for x in r)
         out.append(
@@ -269,7 +293,7 @@ def table(rows: list[dict[str, Any]], tokenizer: Any) -> str:
             f"{np.mean([x['top3'] for x in r]):.2f} | {np.mean([x['top5'] for x in r]):.2f} | "
             f"{np.mean([x['seconds'] for x in r]):.1f} |"
         )
-    same = sum(r["same_response"] for r in rows)
+    same = sum(len({row[m]["response"] for m in METHODS if m in row}) == 1 for row in rows)
     out.append(
         f"\n{len(rows)} documents, {min(r['tokens'] for r in rows)} to {max(r['tokens'] for r in rows)} "
         f"tokens; same response from both: {same}/{len(rows)}; the answer's source: the planted "
@@ -285,6 +309,7 @@ def main() -> None:
     )
     parser.add_argument("--docs", type=int, default=20)
     parser.add_argument("--limit", type=int, help="only the first N documents")
+    parser.add_argument("--methods", default="llama_attrib,one_pass,ContextCite", help=", ".join(METHODS))
     parser.add_argument("--start", type=int, default=0, help="begin at document N (a run continued)")
     parser.add_argument("--out", help="write every document's figures to this JSON file")
     parser.add_argument("--table", nargs="+", help="only print the table of logs of this script (JSON lines)")
@@ -292,7 +317,12 @@ def main() -> None:
     if args.table:
         lines = [line for log in args.table for line in Path(log).read_text().splitlines()]
         tokenizer = load()[1]
-        print(table([json.loads(line) for line in lines if line.startswith('{"doc"')], tokenizer))
+        merged: dict[int, dict[str, Any]] = {}  # a document's methods may come from several logs
+        for line in lines:
+            if line.startswith('{"doc"'):
+                row = json.loads(line)
+                merged.setdefault(row["doc"], {}).update(row)
+        print(table([merged[k] for k in sorted(merged)], tokenizer))
         return
     model, tokenizer = load()
     rows = []
@@ -306,7 +336,8 @@ def main() -> None:
             "source": indices[0],
             "planted": indices,
         }
-        for name, method in (("llama_attrib", ours), ("ContextCite", theirs)):
+        for name in args.methods.split(","):
+            method = METHODS[name]
             response, scores, seconds = method(model, tokenizer, context, question)
             order = [int(j) for j in np.argsort(-scores, kind="stable")]
             text = tokenizer.decode(response)
@@ -317,8 +348,7 @@ def main() -> None:
                 "ranked": order[:5],
                 **drops(model, tokenizer, part, question, response, order),
             }
-        same = row["llama_attrib"]["response"] == row["ContextCite"]["response"]
-        row["same_response"] = same
+        row["same_response"] = len({row[name]["response"] for name in args.methods.split(",")}) == 1
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n" + table(rows, tokenizer))
