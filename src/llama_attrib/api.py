@@ -25,10 +25,10 @@ from .sequence import (
     MODES,
     Groups,
     Inputs,
+    TargetRun,
     _as_batch,
     _resolve_targets,
     explain,
-    explain_answer,
     group_members,
 )
 from .session import Session
@@ -196,17 +196,9 @@ def decompose_answer(
     inputs, members, names, resolved = _prepare(
         model, input_ids, prompt_length, attention_mask, position_ids, targets, groups
     )
-    out = explain_answer(
-        model,
-        _scope_of(model),
-        inputs,
-        targets=resolved,
-        members=members,
-        names=names,
-        component_dtype=component_dtype,
-        max_memory=max_memory,
-        progress=progress,
-    )  # [B, C + 1]
+    scope = _scope_of(model)
+    run = TargetRun.of(model, scope, inputs, members, names, component_dtype, max_memory, progress)
+    out = run.answer(resolved)  # [B, C + 1]
     components, residual = out[:, :-1].T, out[:, -1]
     if out.shape[0] == 1:
         components, residual = components[:, 0], residual[0]

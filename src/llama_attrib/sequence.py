@@ -97,39 +97,18 @@ def explain(
     """The per-step Compositions of one teacher-forced pass (see
     :func:`llama_attrib.decompose_sequence`). ``scope()``: a block in which the model is wrapped,
     giving its session (target mode's lazy Compositions enter it again later)."""
-    dtype = component_dtype or families.component_dtype(model)
-    device = next(model.parameters()).device
-    limit = memory.budget(max_memory, device)
     if mode == "forward":
+        dtype = component_dtype or families.component_dtype(model)
+        limit = memory.budget(max_memory, next(model.parameters()).device)
         with scope() as session:
             return _forward_mode(model, session, inputs, members, names, dtype, limit, progress)
-    run = TargetRun(model, scope, inputs, members, names, dtype, limit, progress, lean=max_memory is None)
+    run = TargetRun.of(model, scope, inputs, members, names, component_dtype, max_memory, progress)
     if reference is not None:
         # generate's own logits: what it chose each token from (a full forward can break a
         # near tie the other way), and what the components are checked against
         run.reference = reference.float()
-        run.logits = reference.to(dtype)
+        run.logits = reference.to(run.dtype)
     return run.compositions(targets)
-
-
-def explain_answer(
-    model: nn.Module,
-    scope: Scope,
-    inputs: Inputs,
-    *,
-    targets: list[Any] | None = None,
-    members: Tensor | None = None,
-    names: tuple[str, ...] | None = None,
-    component_dtype: torch.dtype | None = None,
-    max_memory: int | str | None = None,
-    progress: bool | None = None,
-) -> Tensor:
-    """``[B, C + 1]``: every component's contribution to the sum of the steps' target logits,
-    then the bias share (see :func:`llama_attrib.decompose_answer`)."""
-    dtype = component_dtype or families.component_dtype(model)
-    limit = memory.budget(max_memory, next(model.parameters()).device)
-    run = TargetRun(model, scope, inputs, members, names, dtype, limit, progress, lean=max_memory is None)
-    return run.answer(targets)
 
 
 # -- target mode ------------------------------------------------------------------------
@@ -174,6 +153,23 @@ class TargetRun:
         self.logits: Tensor | None = None
         self.reference: Tensor | None = None  # the stock logits, once computed
         self.weight: Tensor = _offload.weight(model.get_submodule("lm_head"))
+
+    @staticmethod
+    def of(
+        model: nn.Module,
+        scope: Scope,
+        inputs: Inputs,
+        members: Tensor | None,
+        names: tuple[str, ...] | None,
+        component_dtype: torch.dtype | None,
+        max_memory: int | str | None,
+        progress: bool | None,
+    ) -> TargetRun:
+        """A run with the default component dtype and the budget of ``max_memory``."""
+        dtype = component_dtype or families.component_dtype(model)
+        limit = memory.budget(max_memory, next(model.parameters()).device)
+        lean = max_memory is None
+        return TargetRun(model, scope, inputs, members, names, dtype, limit, progress, lean=lean)
 
     @property
     def batch(self) -> int:
