@@ -175,6 +175,13 @@ class TargetRun:
     def batch(self) -> int:
         return int(self.inputs.ids.shape[0])
 
+    @property
+    def tolerance(self) -> float:
+        """How far a sum of components may be from the stock logit it explains: a
+        half-precision model's own logit carries its rounding, whatever the components' dtype."""
+        half = self.model_dtype in (torch.float16, torch.bfloat16)
+        return tolerance(self.model_dtype if half else self.dtype)
+
     def head_row(self, token: int) -> Tensor:
         return self.weight[token].detach().to(self.dtype)
 
@@ -273,24 +280,16 @@ class TargetRun:
         at the cost of one target. Checked against the sum of the stock model's logits."""
         steps = len(self.inputs.positions)
         wanted = targets if targets is not None else [None] * steps
+        keys = [self.resolve(step, key) for step, key in enumerate(wanted)]
+        if any(key[0] not in ("token", "contrast") for key in keys):
+            raise UnsupportedOptionError("an answer's targets are token ids or (a, b) pairs")
         out: Tensor = self.solve([list(enumerate(wanted))])[0]
         logits = self.stock_logits()
-        half = self.model_dtype in (torch.float16, torch.bfloat16)
-        tol = tolerance(self.model_dtype if half else self.dtype)
         for row in range(self.batch):
-            value, scale = 0.0, 0.0
-            for step, key in enumerate(wanted):
-                key = self.resolve(step, key)
-                here = logits[row, step]
-                if key[0] == "token":
-                    value += float(here[key[1][row]])
-                elif key[0] == "contrast":
-                    value += float(here[key[1][row]] - here[key[2][row]])
-                else:
-                    raise UnsupportedOptionError("an answer's targets are token ids or (a, b) pairs")
-                scale += float(here.abs().max())
+            value = sum(float(_logit(logits[row, step], _what(key, row))) for step, key in enumerate(keys))
+            scale = sum(float(logits[row, step].abs().max()) for step in range(len(keys)))
             total = float(out[row].sum())
-            if not abs(total - value) <= tol * max(scale, 1e-30):
+            if not abs(total - value) <= self.tolerance * max(scale, 1e-30):
                 raise DecompositionError(
                     f"row {row}: contributions and bias share add up to {total:.6g}, the sum of the "
                     f"model's logits is {value:.6g}; an operation outside llama_attrib's rules changed "
@@ -390,15 +389,11 @@ class TargetComposition(LazyComposition):
 
     def _remember(self, key: Any, contributions: Tensor) -> None:
         """Store ``contributions [B, C_all + 1]`` (the bias share last) of a per-row key."""
-        kind = key[0]
         for row in range(self._run.batch):
-            what = key[1][row] if kind == "token" else (key[1][row], key[2][row])
-            self._known[(row, what)] = _keep(contributions[row], self.numc())
+            self._known[(row, _what(key, row))] = _keep(contributions[row], self.numc())
 
     def _lookup(self, key: Any, row: int = 0) -> pydec.Composition:
-        kind = key[0]
-        what = key[1][row] if kind == "token" else (key[1][row], key[2][row])
-        return self._composition(self._known[(row, what)])
+        return self._composition(self._known[(row, _what(key, row))])
 
     def _composition(self, components: Tensor) -> pydec.Composition:
         return Contributions.of(components[:-1], components[-1])
@@ -432,13 +427,9 @@ class TargetComposition(LazyComposition):
         """The target's components and bias share add up to the stock model's own logit (a
         plain forward, not the decomposition's pass), else :class:`DecompositionError`."""
         logits = self._run.stock_logits()[:, self._step]
-        # a half-precision model's own logit carries its rounding, whatever the components' dtype
-        half = self._run.model_dtype in (torch.float16, torch.bfloat16)
-        tol = tolerance(self._run.model_dtype if half else self.dtype)
+        tol = self._run.tolerance
         for (row, what), comps in self._known.items():
-            value = (
-                logits[row, what[0]] - logits[row, what[1]] if isinstance(what, tuple) else logits[row, what]
-            )
+            value = _logit(logits[row], what)
             if not bool(torch.isfinite(logits[row]).all()):
                 raise DecompositionError(
                     f"step {self._step}: the model's own logits are not finite (NaN or inf): the model "
@@ -459,6 +450,17 @@ class TargetComposition(LazyComposition):
             f"TargetComposition(size={tuple(self.shape)}, components={self.numc()}, "
             f"dtype={self.dtype}, step={self._step})"
         )
+
+
+def _what(key: Any, row: int) -> Any:
+    """Row ``row``'s part of a ``("token", ...)`` or ``("contrast", ...)`` key: a token id, or
+    the pair ``(a, b)``."""
+    return key[1][row] if key[0] == "token" else (key[1][row], key[2][row])
+
+
+def _logit(logits: Tensor, what: Any) -> Tensor:
+    """The logit of token ``what`` in ``logits [vocab]``, or ``logit_a - logit_b`` for a pair."""
+    return logits[what[0]] - logits[what[1]] if isinstance(what, tuple) else logits[what]
 
 
 def _keep(contributions: Tensor, count: int) -> Tensor:
