@@ -109,3 +109,25 @@ def test_flow_on_cuda(dtype: torch.dtype) -> None:
     bound = 1e-4 if dtype == torch.float32 else 6e-2 * (abs(cpu.logit) + 1)
     assert abs(total - gpu.logit) <= bound
     assert torch.allclose(gpu.scores, cpu.scores, atol=bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_decompose_answer_on_cuda(dtype: torch.dtype) -> None:
+    """A whole answer in one pass on a GPU model: the CPU's components (float32 weights), and
+    the sum of the stock model's own logits of the answer (within bfloat16's rounding)."""
+    ids = prompt(9)
+    cpu_model = tiny_model(2, dtype=dtype).float()
+    sequences = cpu_model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    cpu = llama_attrib.decompose_answer(cpu_model, sequences, 9)
+    model = tiny_model(2, dtype=dtype).to("cuda")
+    gpu = llama_attrib.decompose_answer(model, sequences.to("cuda"), 9)
+    assert gpu.components.device.type == "cuda" and gpu.components.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(sequences.to("cuda")).logits[0, 8:-1].float()
+    stock = float(logits.gather(1, sequences[0, 9:, None].to("cuda")).sum())
+    total = float(gpu.components.sum() + gpu.residual.sum())
+    bound = 1e-4 * (abs(stock) + 1) if dtype == torch.float32 else 6e-2 * (abs(stock) + 1)
+    assert abs(total - stock) <= bound
+    if dtype == torch.float32:
+        assert torch.allclose(gpu.components.cpu(), cpu.components, atol=1e-4, rtol=1e-4)
+    assert not llama_attrib.is_wrapped(model)

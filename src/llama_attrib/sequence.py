@@ -239,7 +239,7 @@ class TargetRun:
                     for step, key in request if isinstance(request, list) else [request]:
                         if not 0 <= step < steps:
                             raise IndexError(f"step {step} out of range ({steps} steps)")
-                        cot[i, :, step] += self._cotangent(self.resolve(step, key)).to(cot.dtype)
+                        cot[i, :, step] += self._cotangent(self.resolve(step, key)).to(cot)
                 grads, shares = sweep.pull_back(
                     session, recorded, self._call, head, list(cot.split(per_chunk)), bar.update
                 )
@@ -380,7 +380,7 @@ class TargetComposition(LazyComposition):
         """The decomposed final hidden state ``[C, *batch, hidden]``: one backward per dimension."""
         if self._hidden is None:
             d = int(self._run.weight.shape[1])
-            eye = torch.eye(d, dtype=self.dtype)
+            eye = torch.eye(d, dtype=self.dtype, device=self.device)
             requests = [(self._step, ("vector", eye[j].expand(self._run.batch, d))) for j in range(d)]
             solved = self._run.solve(requests)[..., : self.numc()]  # [d, B, C] (bias share left out)
             hidden = solved.permute(2, 1, 0)
