@@ -151,3 +151,14 @@ def test_estimate_counts_the_kept_layer_inputs_at_the_models_width() -> None:
     half = llama_attrib.estimate_memory(tiny_model(dtype=torch.bfloat16), length)
     inputs = (layers + 1) * length * hidden * 2
     assert full - half == pytest.approx(memory.SLACK * inputs, abs=4)
+
+
+def test_a_gpu_budget_counts_the_allocators_cached_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a long run PyTorch keeps its freed blocks; the driver reports them as used. The
+    next run may still use them (the H200 run at 32k split into two sweeps without this)."""
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * gib, 140 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * gib)
+    assert memory.available(torch.device("cuda")) == 110 * gib
+    assert memory.budget(None, torch.device("cuda")) == int(110 * gib * 0.8)

@@ -189,10 +189,13 @@ def estimate(
 
 
 def available(device: torch.device) -> int:
-    """Memory that can be used now: free device memory, or MemAvailable of the host."""
+    """Memory that can be used now: free device memory, or MemAvailable of the host. On a GPU,
+    the blocks PyTorch's caching allocator holds but no tensor uses count as free: after one
+    long run they would otherwise halve the next run's budget (and double its sweeps)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
     try:
         with open("/proc/meminfo") as f:
             for line in f:
