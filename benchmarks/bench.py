@@ -22,6 +22,10 @@ components, at every step):
 - ``groups``: plain generation, then ``decompose_sequence(mode="forward", groups=...)`` with
   8 equal spans: cost follows the number of groups.
 - ``wrapped``: plain generation on a wrapped model (should equal plain).
+- ``target-tf32``, ``target-bf16``: ``target`` with TF32 float32 products
+  (``torch.set_float32_matmul_precision("high")``, GPU only) or bfloat16 components
+  (``component_dtype=torch.bfloat16``). Each row also says how far its components are from
+  ``target``'s (run it first): the largest difference over the largest component.
 
 Peak memory: the largest resident set size of the process (sampled every 2 ms) during the
 call, model and libraries included, so that "decomposed / plain" is the ratio a user sees
@@ -44,7 +48,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llama_attrib
-from llama_attrib import MemoryBudgetError, decompose_sequence
+from llama_attrib import DecompositionError, MemoryBudgetError, decompose_sequence
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -84,17 +88,17 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, int]:
-    """Seconds and peak memory (bytes, whole process or CUDA allocator) of one call."""
+def measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, int, Any]:
+    """Seconds, peak memory (bytes, whole process or CUDA allocator) and result of one call."""
     gc.collect()
     _trim()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        fn()
+        result = fn()
         torch.cuda.synchronize()
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated()
+        return time.perf_counter() - start, torch.cuda.max_memory_allocated(), result
     peak, done = [rss()], threading.Event()
 
     def sample() -> None:
@@ -106,12 +110,12 @@ def measure(fn: Callable[[], Any], device: torch.device) -> tuple[float, int]:
     thread.start()
     start = time.perf_counter()
     try:
-        fn()
+        result = fn()
     finally:
         elapsed = time.perf_counter() - start
         done.set()
         thread.join()
-    return elapsed, max(peak[0], rss())
+    return elapsed, max(peak[0], rss()), result
 
 
 def model_for(shape: str, device: torch.device, longest: int = 4096) -> LlamaForCausalLM:
@@ -131,10 +135,29 @@ def model_for(shape: str, device: torch.device, longest: int = 4096) -> LlamaFor
     return model.eval()
 
 
-def seed_loop(steps: Any) -> None:
+def seed_loop(steps: Any) -> list[torch.Tensor]:
     """The seed's loop: the predicted token, then its contribution from every earlier token."""
-    for c in steps:
-        c[c.recovery.argmax(0)].components.sum()
+    return [c[c.recovery.argmax(0)].components for c in steps]
+
+
+@contextlib.contextmanager
+def tf32() -> Any:
+    """TF32 for float32 matrix products (on a GPU with tensor cores; no effect on a CPU)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def off_by(result: list[torch.Tensor], reference: list[torch.Tensor]) -> str:
+    """How far a variant's components are from float32 target mode's, over the largest one."""
+    worst = max(
+        float((r.float() - c.float()).abs().max() / c.float().abs().max())
+        for r, c in zip(result, reference, strict=True)
+    )
+    return f"components off by {worst:.1e} of the largest"
 
 
 def modes(model: LlamaForCausalLM, ids: torch.Tensor, kwargs: dict[str, Any]) -> dict[str, Callable[[], Any]]:
@@ -149,11 +172,19 @@ def modes(model: LlamaForCausalLM, ids: torch.Tensor, kwargs: dict[str, Any]) ->
 
         return run
 
+    def target(**options: Any) -> list[torch.Tensor]:
+        out = model.generate(ids, decompose=True, return_dict_in_generate=True, **options, **kwargs)
+        return seed_loop(out["attentions"])
+
+    def target_tf32() -> list[torch.Tensor]:
+        with tf32():
+            return target()
+
     return {
         "wrapped": lambda: model.generate(ids, **kwargs),
-        "target": lambda: seed_loop(
-            model.generate(ids, decompose=True, return_dict_in_generate=True, **kwargs)["attentions"]
-        ),
+        "target": target,
+        "target-tf32": target_tf32,
+        "target-bf16": lambda: target(component_dtype=torch.bfloat16),
         "forward": lambda: seed_loop(
             model.generate(ids, decompose="forward", return_dict_in_generate=True, **kwargs)["attentions"]
         ),
@@ -172,22 +203,29 @@ def run(shape: str, prompts: list[int], new: int, wanted: list[str], repeat: int
         calls = modes(model, ids, kwargs)
         with torch.inference_mode():
             calls["wrapped"]()  # warm-up, on the unwrapped model: plain generation
-            t_plain, m_plain = min(measure(calls["wrapped"], device) for _ in range(repeat))
+            t_plain, m_plain = min(measure(calls["wrapped"], device)[:2] for _ in range(repeat))
         row = f"| {shape} | {length} + {new} |"
-        print(f"{row} plain | {t_plain:.2f} s | 1.0x | {m_plain / 2**20:.0f} MiB | 1.00x |", flush=True)
+        print(f"{row} plain | {t_plain:.2f} s | 1.0x | {m_plain / 2**20:.0f} MiB | 1.00x | |", flush=True)
         llama_attrib.wrap(model)
+        reference = None
         try:
             for mode in wanted:
                 if mode in ("forward", "after") and length > forward_max:
                     print(f"{row} {mode} | skipped (--forward-max {forward_max}) |||||")
                     continue
                 try:
-                    t, m = measure(calls[mode], device)
+                    t, m, result = measure(calls[mode], device)
                 except MemoryBudgetError as e:
                     print(f"{row} {mode} | refused: {str(e).split(';')[0]} |||||")
                     continue
+                except DecompositionError as e:  # a variant whose sums miss the stock logits
+                    print(f"{row} {mode} | failed its check: {str(e)[:160]} |||||")
+                    continue
                 figures = f"{t:.2f} s | {t / t_plain:.1f}x | {m / 2**20:.0f} MiB | {m / m_plain:.2f}x"
-                print(f"{row} {mode} | {figures} |", flush=True)
+                if mode == "target":
+                    reference = result
+                note = off_by(result, reference) if mode.startswith("target-") and reference else ""
+                print(f"{row} {mode} | {figures} | {note} |", flush=True)
         finally:
             llama_attrib.unwrap(model)
 
@@ -208,8 +246,8 @@ def main() -> None:
         f"torch {torch.__version__}, llama_attrib {llama_attrib.__version__}, {device}, "
         f"{torch.get_num_threads()} threads\n"
     )
-    print("| model | prompt + new | mode | time | vs plain | peak memory | vs plain |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | prompt + new | mode | time | vs plain | peak memory | vs plain | note |")
+    print("|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         run(
             shape,
