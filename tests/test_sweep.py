@@ -162,3 +162,51 @@ def test_a_gpu_budget_counts_the_allocators_cached_blocks(monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 20 * gib)
     assert memory.available(torch.device("cuda")) == 110 * gib
     assert memory.budget(None, torch.device("cuda")) == int(110 * gib * 0.8)
+
+
+def test_a_tight_budget_gets_smaller_blocks_not_more_sweeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a budget the default blocks would fill, the probabilities come in smaller blocks,
+    none kept for the backward, so that the targets need fewer sweeps over the layers; the
+    components are those of the uncut computation. Below the smallest blocks' need: refused."""
+    model = tiny_model()
+    ids = prompt(11)
+    sequences = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
+    with monkeypatch.context() as m:
+        _uncut(m)
+        expected = _all(model, sequences, 11)
+    monkeypatch.setattr(rules, "BLOCK_BYTES", 4096)  # a whole layer's probabilities are ~4 KiB
+    monkeypatch.setattr(rules, "MIN_BLOCK_BYTES", 256)
+    length = sequences.shape[1] - 1
+    shape, cpu = memory.Shape.of(model), torch.device("cpu")
+    layouts = memory.target_layouts(shape, 1, length, torch.float32, cpu, torch.float32)
+    assert [p for _, p in layouts] == [None, (4096, 0), (2048, 0), (1024, 0), (512, 0), (256, 0)]
+    default, small = layouts[0][0], layouts[-1][0]
+    assert small.graph < default.graph
+    budget = small.graph + STEPS * small.state + small.work  # all targets in one sweep, if small
+    assert default.chunks(STEPS, budget, lean=False)[1] < STEPS  # the default needs two sweeps
+    seen: dict[int, set[tuple[int | None, int | None]]] = {}  # targets in a solve -> blocks seen
+    solving = [0]
+    blocks, solve = rules.Scores.blocks, sequence.TargetRun.solve
+
+    def spy_blocks(self: rules.Scores, t0: int, t1: int) -> list[tuple[int, int, int]]:
+        seen.setdefault(solving[0], set()).add((self.block, self.keep))
+        return blocks(self, t0, t1)
+
+    def spy_solve(self: sequence.TargetRun, requests: Any) -> torch.Tensor:
+        solving[0] = len(requests)
+        return solve(self, requests)
+
+    monkeypatch.setattr(rules.Scores, "blocks", spy_blocks)
+    monkeypatch.setattr(sequence.TargetRun, "solve", spy_solve)
+    got = _all(model, sequences, 11, max_memory=budget)
+    # the steps' targets together: small blocks, nothing kept; one more token (token 5 of a
+    # step) alone fits the default blocks
+    assert seen == {STEPS: {(256, 0)}, 1: {(None, None)}}
+    scale = max(float(e.abs().max()) for e in expected)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.allclose(e, g, atol=1e-5 * scale, rtol=0)
+    seen.clear()
+    _all(model, sequences, 11)  # no budget: the default blocks
+    assert seen == {STEPS: {(None, None)}, 1: {(None, None)}}
+    with pytest.raises(llama_attrib.MemoryBudgetError, match="for one target"):
+        llama_attrib.decompose_sequence(model, sequences, 11, max_memory=small.graph + small.per_request - 1)

@@ -104,9 +104,11 @@ class TargetSizes:
         dtype: torch.dtype,
         device: torch.device | None = None,
         model_dtype: torch.dtype | None = None,
+        probabilities: tuple[int, int] | None = None,
     ) -> TargetSizes:
         """The sizes of a run with components in ``dtype`` on ``device`` (default the CPU); each
-        layer's input is kept as the model computed it, in ``model_dtype`` (default ``dtype``)."""
+        layer's input is kept as the model computed it, in ``model_dtype`` (default ``dtype``).
+        ``probabilities``: ``(bytes computed at a time, bytes kept)`` if not the defaults."""
         device = device or torch.device("cpu")
         item = torch.empty((), dtype=dtype).element_size()
         stored = torch.empty((), dtype=model_dtype or dtype).element_size()
@@ -116,8 +118,8 @@ class TargetSizes:
         layer = tokens * (3 * shape.intermediate + 10 * shape.hidden + 3 * shape.kv_dim) * item
         # float32 probabilities: a few blocks being computed, and those kept for the backward
         whole = batch * shape.heads * length * length * 4
-        block = rules.block_bytes(device)
-        blocks = 3 * min(block, whole) + min(rules.KEEP_BYTES, whole // 2)
+        block, keep = probabilities or (rules.block_bytes(device), rules.KEEP_BYTES)
+        blocks = 3 * min(block, whole) + min(keep, whole // 2)
         work = (
             tokens * (4 * shape.hidden + 2 * shape.kv_dim)
             + batch * min(length, rules.ROWS) * 2 * shape.intermediate
@@ -127,6 +129,31 @@ class TargetSizes:
             state=int(slack * 2 * tokens * shape.hidden * item),
             work=int(slack * work),  # the MLP's backward runs in pieces of rules.ROWS positions
         )
+
+
+def target_layouts(
+    shape: Shape,
+    batch: int,
+    length: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    model_dtype: torch.dtype,
+) -> list[tuple[TargetSizes, tuple[int, int] | None]]:
+    """Target mode's possible sizes, largest first: the default probability blocks, then
+    nothing kept for the backward and blocks halved down to :data:`rules.MIN_BLOCK_BYTES`.
+    Each is ``(sizes, probabilities)`` (``None``: the defaults), for a budget to choose from."""
+    out: list[tuple[TargetSizes, tuple[int, int] | None]] = [
+        (TargetSizes.of(shape, batch, length, dtype, device, model_dtype), None)
+    ]
+    block = rules.block_bytes(device)
+    while True:
+        probabilities = (block, 0)
+        out.append(
+            (TargetSizes.of(shape, batch, length, dtype, device, model_dtype, probabilities), probabilities)
+        )
+        if block <= rules.MIN_BLOCK_BYTES:
+            return out
+        block = max(rules.MIN_BLOCK_BYTES, block // 2)
 
 
 def forward_component_bytes(shape: Shape, batch: int, length: int, itemsize: int) -> int:

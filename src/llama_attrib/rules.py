@@ -368,6 +368,11 @@ BLOCK_BYTES = 32 << 20
 # On an accelerator, blocks this large: there kernel launches, not bytes, bound small blocks
 # (32 MiB is 8 query rows of a 32-head model at 32k tokens, 4096 blocks a layer).
 DEVICE_BLOCK_BYTES = 1 << 30
+# The smallest blocks a tight memory budget gets (memory.TargetSizes.layouts).
+MIN_BLOCK_BYTES = 1 << 20
+# A layer's probabilities up to this size are kept from the forward for the backward (else
+# computed again there, block by block).
+KEEP_BYTES = 128 << 20
 
 
 def block_bytes(device: torch.device) -> int:
@@ -379,13 +384,18 @@ def block_bytes(device: torch.device) -> int:
 class Scores:
     """What the stock attention function received, enough for any rows of the frozen
     attention probabilities: ``query [B, heads, q, d]`` and ``key [B, kv, S, d]`` (rope and
-    q/k norms applied), the family's mask (sliding window included), scaling and soft-cap."""
+    q/k norms applied), the family's mask (sliding window included), scaling and soft-cap.
+    ``block``: bytes of probabilities computed at a time (default :func:`block_bytes`);
+    ``keep``: a layer's probabilities up to this size are kept for the backward (default
+    :data:`KEEP_BYTES`). A tight memory budget sets both lower (:class:`session.Call`)."""
 
     query: Tensor
     key: Tensor
     mask: Tensor | None
     scaling: float
     softcap: float | None
+    block: int | None = None
+    keep: int | None = None
 
     @staticmethod
     def of(
@@ -449,7 +459,8 @@ class Scores:
         """Queries ``t0:t1`` in blocks of about :func:`block_bytes` of probabilities:
         ``(first, end, keys seen)`` each."""
         batch, kv, groups, _, s = self.shape
-        rows = max(1, block_bytes(self.query.device) // (4 * batch * kv * groups * s))
+        size = block_bytes(self.query.device) if self.block is None else self.block
+        rows = max(1, size // (4 * batch * kv * groups * s))
         return [(a, min(t1, a + rows), self.extent(a, min(t1, a + rows))) for a in range(t0, t1, rows)]
 
 
@@ -532,27 +543,22 @@ def attention(
     return _causal_chunks(part, c, batch, q, offset, 2 * heads, layout), res_out
 
 
-# A layer's probabilities up to this size are kept from the forward for the backward (else
-# computed again there, block by block).
-KEEP_BYTES = 128 << 20
-
-
 class _FrozenMix(torch.autograd.Function):
     """``mix(probabilities, values)`` for queries ``t0:t1``, the probabilities frozen: computed
     block by block from the queries and keys in the forward and, unless they are small enough
-    to keep (:data:`KEEP_BYTES`), again in the backward (as flash attention does)."""
+    to keep (:attr:`Scores.keep`), again in the backward (as flash attention does)."""
 
     @staticmethod
     def forward(ctx: Any, values: Tensor, scores: Scores, t0: int, t1: int) -> Tensor:  # type: ignore[override]
         blocks = scores.blocks(t0, t1)
         kept: list[Tensor] | None = []
         parts = []
-        size = 0
+        size, limit = 0, KEEP_BYTES if scores.keep is None else scores.keep
         for a, b, k in blocks:
             p = scores.rows(a, b, k)
             parts.append(mix(p.to(values.dtype), values[..., :k, :]))
             size += p.numel() * p.element_size()
-            kept = kept if kept is not None and size <= KEEP_BYTES else None
+            kept = kept if kept is not None and size <= limit else None
             if kept is not None:
                 kept.append(p)
         ctx.scores, ctx.blocks, ctx.length, ctx.kept = scores, blocks, values.shape[-2], kept

@@ -140,16 +140,20 @@ class TargetRun:
         self.progress = progress
         self.model_dtype = next(model.parameters()).dtype
         batch, length = inputs.ids.shape
-        self.sizes = memory.TargetSizes.of(
+        layouts = memory.target_layouts(
             memory.Shape.of(model), batch, length, dtype, inputs.ids.device, self.model_dtype
         )
-        if self.sizes.graph + self.sizes.per_request > budget:
+        # the probability blocks each fit the budget with one target at least, largest first
+        self.layouts = [(s, p) for s, p in layouts if s.graph + s.per_request <= budget]
+        if not self.layouts:
+            smallest = layouts[-1][0]
             raise memory.MemoryBudgetError(
                 f"target mode over {batch} x {length} tokens needs about "
-                f"{memory.fmt(self.sizes.graph + self.sizes.per_request)} for one target; the budget is "
+                f"{memory.fmt(smallest.graph + smallest.per_request)} for one target; the budget is "
                 f"{memory.fmt(budget)}. Shorten the sequence, decompose fewer rows at once, or raise "
                 "max_memory"
             )
+        self.probabilities: tuple[int, int] | None = None  # the current solve's blocks
         self.logits: Tensor | None = None
         self.reference: Tensor | None = None  # the stock logits, once computed
         self.weight: Tensor = _offload.weight(model.get_submodule("lm_head"))
@@ -186,7 +190,7 @@ class TargetRun:
         return self.weight[token].detach().to(self.dtype)
 
     def _call(self) -> Call:
-        return Call("target", self.dtype, keep_from=self.inputs.first)
+        return Call("target", self.dtype, keep_from=self.inputs.first, probabilities=self.probabilities)
 
     def stock_logits(self) -> Tensor:
         """The stock model's own logits at the explained positions (before a final soft-cap),
@@ -195,9 +199,19 @@ class TargetRun:
         assert self.reference is not None, "the stock logits are known once a pass has run"
         return self.reference
 
+    def layout(self, n: int) -> tuple[memory.TargetSizes, tuple[int, int] | None]:
+        """The sizes and probability blocks for ``n`` targets: the default blocks, unless
+        smaller ones (none kept for the backward) leave room for the targets in fewer sweeps
+        over the layers. Each sweep runs every layer again; smaller blocks cost little."""
+
+        def sweeps(sizes: memory.TargetSizes) -> int:
+            return math.ceil(n / sizes.chunks(n, self.budget, self.lean)[1])
+
+        return min(self.layouts, key=lambda layout: sweeps(layout[0]))  # the first, of equals
+
     def chunks(self, n: int) -> tuple[int, int]:
         """``(targets per batched backward, targets per sweep)`` (:meth:`memory.TargetSizes.chunks`)."""
-        return self.sizes.chunks(n, self.budget, self.lean)
+        return self.layout(n)[0].chunks(n, self.budget, self.lean)
 
     def solve(self, requests: Sequence[tuple[int, Any] | list[tuple[int, Any]]]) -> Tensor:
         """Contributions ``[N, B, C + 1]`` for each ``(step, target key)`` request: one per
@@ -209,6 +223,7 @@ class TargetRun:
         """
         n = len(requests)
         per_chunk, per_sweep = self.chunks(n)
+        self.probabilities = self.layout(n)[1]
         layers = len(self.model.model.layers)  # type: ignore[union-attr, arg-type]
         sweeps = math.ceil(n / per_sweep)
         results: list[Tensor] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -40,7 +40,9 @@ class Call:
     :mod:`llama_attrib.sweep`) or ``"capture"`` (a plain forward that only records the LM
     head's output). ``offset``: positions already in the cache; ``layout``: which positions
     each component holds (a finished sequence); ``keep_from``: target mode's first explained
-    position (the last layer's outputs before it reach no explained logit).
+    position (the last layer's outputs before it reach no explained logit); ``probabilities``:
+    target mode's ``(bytes computed at a time, bytes kept for the backward)`` of attention
+    probabilities, where a memory budget needs them smaller than the defaults.
     """
 
     mode: str
@@ -48,6 +50,7 @@ class Call:
     offset: int = 0
     layout: rules.Layout | None = None
     keep_from: int = 0
+    probabilities: tuple[int, int] | None = None
     # collected during the call
     head: tuple[Tensor, Tensor, Tensor | None] | None = None  # LM head input: real, components, bias share
     logits: Tensor | None = None  # the LM head's own output (before any soft-cap)
@@ -278,6 +281,9 @@ class Session:
                 with torch.no_grad():
                     _, scores = stock(args, kwargs, skip=True)
                 keep = call.keep_from if id(module) in self.last_layer else 0
+                if call.probabilities is not None:
+                    block, kept = call.probabilities
+                    scores = replace(scores, block=block, keep=kept)
                 return rules.attention_graph(rule, module, scores, x, call.bias_leaf, keep), None
             if (call := self._current("forward")) is None:
                 return original(*args, **kwargs)
