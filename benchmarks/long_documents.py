@@ -107,7 +107,7 @@ def one(case: str, method: str) -> dict[str, Any]:
     out: dict[str, Any] = {"case": case, "method": method, "prompt": ids.shape[1], "new": new}
     if method == "plain":  # best of 2: plain generation's time is the noisier one on a shared machine
         with torch.inference_mode():
-            runs = [measure(lambda: model.generate(ids, **kwargs), device) for _ in range(2)]
+            runs = [measure(lambda: model.generate(ids, **kwargs), device)[:2] for _ in range(2)]
         out["seconds"], peak = min(t for t, _ in runs), max(m for _, m in runs)
     elif method == "llama_attrib" or method.startswith("max_memory="):
         llama_attrib.wrap(model)
@@ -121,11 +121,11 @@ def one(case: str, method: str) -> dict[str, Any]:
             result = model.generate(ids, decompose=True, return_dict_in_generate=True, **kwargs, **options)
             seed_loop(result["attentions"])
 
-        out["seconds"], peak = measure(run, device)
+        out["seconds"], peak = measure(run, device)[:2]
     elif method == "naive":
         with torch.no_grad():
             sequences = model.generate(ids, **kwargs)
-        out["seconds"], peak = measure(lambda: naive_loop(model, ids, sequences), device)
+        out["seconds"], peak = measure(lambda: naive_loop(model, ids, sequences), device)[:2]
         with torch.inference_mode():  # the loop above does not include generation: add it
             out["seconds"] += measure(lambda: model.generate(ids, **kwargs), device)[0]
     else:
