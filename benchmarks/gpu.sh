@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu.sh [OUT_DIR]
 # 1. the CUDA tests (tests/test_gpu.py: device placement, half precision, device_map="auto");
 # 2. the Llama-7B-shaped bfloat16 benchmark (benchmarks/bench.py --shapes llama7b), target mode
-#    at 512 to 32k prompt tokens, forward mode and decompose_sequence where they fit;
+#    at 512 to 32k prompt tokens, forward mode and decompose_sequence where they fit
+#    (MODES=target,target-tf32,target-bf16 adds TF32 and bfloat16-component runs);
 # 3. the default test suite on that machine (its CPU), in parallel where pytest-xdist is there.
 # Where pydec or the project's transformers are missing, install wheels first (README, GPU).
 set -uo pipefail
