@@ -368,7 +368,7 @@ BLOCK_BYTES = 32 << 20
 # On an accelerator, blocks this large: there kernel launches, not bytes, bound small blocks
 # (32 MiB is 8 query rows of a 32-head model at 32k tokens, 4096 blocks a layer).
 DEVICE_BLOCK_BYTES = 1 << 30
-# The smallest blocks a tight memory budget gets (memory.TargetSizes.layouts).
+# The smallest blocks a tight memory budget gets (memory.target_layouts).
 MIN_BLOCK_BYTES = 1 << 20
 # A layer's probabilities up to this size are kept from the forward for the backward (else
 # computed again there, block by block).

@@ -153,7 +153,6 @@ class TargetRun:
                 f"{memory.fmt(budget)}. Shorten the sequence, decompose fewer rows at once, or raise "
                 "max_memory"
             )
-        self.probabilities: tuple[int, int] | None = None  # the current solve's blocks
         self.logits: Tensor | None = None
         self.reference: Tensor | None = None  # the stock logits, once computed
         self.weight: Tensor = _offload.weight(model.get_submodule("lm_head"))
@@ -189,8 +188,8 @@ class TargetRun:
     def head_row(self, token: int) -> Tensor:
         return self.weight[token].detach().to(self.dtype)
 
-    def _call(self) -> Call:
-        return Call("target", self.dtype, keep_from=self.inputs.first, probabilities=self.probabilities)
+    def _call(self, probabilities: tuple[int, int] | None) -> Call:
+        return Call("target", self.dtype, keep_from=self.inputs.first, probabilities=probabilities)
 
     def stock_logits(self) -> Tensor:
         """The stock model's own logits at the explained positions (before a final soft-cap),
@@ -223,7 +222,7 @@ class TargetRun:
         """
         n = len(requests)
         per_chunk, per_sweep = self.chunks(n)
-        self.probabilities = self.layout(n)[1]
+        probabilities = self.layout(n)[1]
         layers = len(self.model.model.layers)  # type: ignore[union-attr, arg-type]
         sweeps = math.ceil(n / per_sweep)
         results: list[Tensor] = []
@@ -256,7 +255,12 @@ class TargetRun:
                             raise IndexError(f"step {step} out of range ({steps} steps)")
                         cot[i, :, step] += self._cotangent(self.resolve(step, key)).to(cot)
                 grads, shares = sweep.pull_back(
-                    session, recorded, self._call, head, list(cot.split(per_chunk)), bar.update
+                    session,
+                    recorded,
+                    lambda: self._call(probabilities),
+                    head,
+                    list(cot.split(per_chunk)),
+                    bar.update,
                 )
                 for g, share in zip(grads, shares, strict=True):
                     contributions = (g * values).sum(-1)  # [n, B, T]
