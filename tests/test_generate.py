@@ -7,6 +7,7 @@ import torch
 
 import llama_attrib
 from conftest import prompt, tiny_model
+from llama_attrib import sequence
 
 GEN = {"return_dict_in_generate": True, "output_attentions": True, "max_new_tokens": 8}
 
@@ -83,6 +84,34 @@ def test_seed_loop_runs_as_written() -> None:
         for i, score in enumerate(c[pred].components):
             rows.append((int(pred), i, float(score)))
     assert len(rows) == sum(6 + k for k in range(8))
+
+
+def test_seed_loop_after_a_logits_processor_costs_no_second_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a processor made generate pick another token than the highest logit, the
+    seed's loop asks for the highest one: solved with the generated tokens, in one pass,
+    and equal to what a separate pass gives."""
+    model = tiny_model(2)
+    ids = prompt(6)
+    first = int(model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, 6])
+    options = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0, "suppress_tokens": [first]}
+    plain = model.generate(ids, **options)
+    llama_attrib.wrap(model)
+    solves = []
+    solve = sequence.TargetRun.solve
+    monkeypatch.setattr(
+        sequence.TargetRun,
+        "solve",
+        lambda run, requests: solves.append(len(requests)) or solve(run, requests),
+    )
+    out = model.generate(ids, decompose=True, return_dict_in_generate=True, **options)
+    assert torch.equal(out.sequences, plain)
+    steps = out["attentions"]
+    assert int(steps[0].recovery.argmax(0)) == first != int(plain[0, 6])  # the processor changed step 0
+    seed = [c[c.recovery.argmax(0)].components for c in steps]
+    assert solves == [4 + 1]  # the four generated tokens and step 0's highest logit, one pass
+    again = llama_attrib.decompose_sequence(model, plain, 6)[0][first]
+    assert torch.allclose(seed[0], again.components, atol=1e-5, rtol=0)
+    assert torch.allclose(seed[0].sum() + steps[0][first].residual, steps[0].logits[first], atol=1e-5)
 
 
 def test_batch_rows_match_single_runs() -> None:

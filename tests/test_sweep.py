@@ -210,3 +210,82 @@ def test_a_tight_budget_gets_smaller_blocks_not_more_sweeps(monkeypatch: pytest.
     assert seen == {STEPS: {(None, None)}, 1: {(None, None)}}
     with pytest.raises(llama_attrib.MemoryBudgetError, match="for one target"):
         llama_attrib.decompose_sequence(model, sequences, 11, max_memory=small.graph + small.per_request - 1)
+
+
+def _mlp_calls(model: nn.Module, run: Callable[[], Any]) -> int:
+    """How many times the first layer's MLP ran during ``run()``."""
+    calls = [0]
+    handle = model.model.layers[0].mlp.register_forward_pre_hook(
+        lambda *_: calls.__setitem__(0, calls[0] + 1)
+    )
+    try:
+        run()
+    finally:
+        handle.remove()
+    return calls[0]
+
+
+def test_generate_hands_its_hidden_states_to_the_pass() -> None:
+    """generate(decompose=True) keeps what enters each layer while it generates: the pass then
+    runs every layer once (its graph), not twice (a stock forward of the whole sequence first).
+    The components equal decompose_sequence's, which records its own stock forward."""
+    model = llama_attrib.wrap(tiny_model(2))
+    ids = prompt(9)
+    out: dict[str, Any] = {}
+
+    def generate() -> None:
+        out.update(model.generate(ids, decompose=True, max_new_tokens=STEPS, do_sample=False, pad_token_id=0))
+
+    assert _mlp_calls(model, generate) == STEPS + 1  # the prompt, 3 new tokens with the cache, the graph
+    recorded = llama_attrib.decompose_sequence(model, out["sequences"], 9)
+    assert _mlp_calls(model, lambda: llama_attrib.decompose_sequence(model, out["sequences"], 9)) == 2
+    for k, (c, r) in enumerate(zip(out["attentions"], recorded, strict=True)):
+        token = int(out["sequences"][0, 9 + k])
+        scale = float(r.recovery.abs().max())
+        assert torch.allclose(c[token].components, r[token].components, atol=1e-5 * scale, rtol=0)
+        assert torch.allclose(c[token].residual, r[token].residual, atol=1e-5 * scale, rtol=0)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.model.layers)
+    assert all("forward" not in m.__dict__ for m in model.model.layers)
+
+
+def test_a_model_that_changes_the_hidden_state_between_layers_is_recorded_again() -> None:
+    """When a layer's output is not, as it is, the next layer's input (here a hook of the
+    user's scales it: it would run again on a replayed output), the generated hidden states are
+    not replayed: the pass records its own forward."""
+    model = llama_attrib.wrap(tiny_model(2))
+    model.model.layers[0].register_forward_hook(lambda module, args, output: output * 1.5)
+    ids = prompt(9)
+    out: dict[str, Any] = {}
+
+    def generate() -> None:
+        out.update(model.generate(ids, decompose=True, max_new_tokens=STEPS, do_sample=False, pad_token_id=0))
+
+    assert _mlp_calls(model, generate) == STEPS + 2
+    for k, c in enumerate(out["attentions"]):
+        token = int(out["sequences"][0, 9 + k])
+        assert torch.allclose(c[token].components.sum() + c[token].residual, c.logits[token], atol=1e-5)
+
+
+def test_the_stock_attention_output_is_the_forward_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a layer's probabilities are not kept, the forward takes the stock implementation's
+    output as the value of the frozen mix (no probabilities computed until the backward)."""
+    model = tiny_model()
+    ids = prompt(11)
+    sequences = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
+    with monkeypatch.context() as m:
+        _uncut(m)
+        expected = _all(model, sequences, 11)
+    monkeypatch.setattr(rules, "KEEP_BYTES", 0)
+    rows, grad = [0, 0], torch.is_grad_enabled
+    original = rules.Scores.rows
+
+    def counted(self: rules.Scores, *args: Any) -> torch.Tensor:
+        rows[grad()] += 1  # the backward computes with grad mode off
+        return original(self, *args)
+
+    monkeypatch.setattr(rules.Scores, "rows", counted)
+    got = _all(model, sequences, 11)
+    assert rows[1] == 0 and rows[0] > 0
+    scale = max(float(e.abs().max()) for e in expected)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.allclose(e, g, atol=1e-5 * scale, rtol=0)

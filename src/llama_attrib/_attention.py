@@ -29,6 +29,7 @@ class Probe:
         self.original: str = "sdpa"  # the model's own implementation, for the real output
         self.skip = False  # target mode: only the probabilities' inputs are needed
         self.scores: rules.Scores | None = None
+        self.output: Tensor | None = None  # the implementation's output [B, q, heads, hd]
 
 
 def _implementation(module: nn.Module, name: str) -> Any:
@@ -56,6 +57,7 @@ def attention_function(
     out: tuple[Tensor, Tensor | None] = _implementation(module, probe.original)(
         module, query, key, value, attention_mask, **kwargs
     )
+    probe.output = out[0]
     return out
 
 

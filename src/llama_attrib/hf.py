@@ -9,6 +9,7 @@ model is wrapped; this module never imports the public API.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _offload, families, memory
+from . import _offload, families, memory, sweep
 from ._compat import CACHE_KEYWORDS, cache_length
 from .composition import LogitComposition
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
@@ -252,7 +253,8 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
                 _REFUSED_GENERATION[key][0](_generation_option(generation_config, kwargs, key))
                 for key in ("num_beams", "assistant_model", "prompt_lookup_num_tokens")
             )
-            return _generate_target(session, model, original, args, kwargs, options, scope, simple)
+            greedy = simple and not _generation_option(generation_config, kwargs, "do_sample")
+            return _generate_target(session, model, original, args, kwargs, options, scope, simple, greedy)
         problems = [
             what
             for key, (refused, what) in _REFUSED_GENERATION.items()
@@ -319,8 +321,14 @@ def _generate_target(
     options: dict[str, Any],
     scope: Scope,
     simple: bool = False,
+    greedy: bool = False,
 ) -> Any:
-    """Plain generation (recording the masks and positions it used), then one target-mode pass."""
+    """Plain generation (recording the masks and positions it used), then one target-mode pass.
+
+    ``greedy``: where a logits processor (``min_new_tokens``, ``repetition_penalty``, ...) made
+    generate choose another token than the highest logit, the seed's loop
+    (``c[c.recovery.argmax(0)]``) asks for the highest one: it is solved in the same pass, at
+    the cost of one more target instead of one more pass."""
     # generate's own raw logits are the stock logits the decomposition is checked against
     # (before a final soft-cap they are not: then target mode runs one plain forward instead).
     wanted_logits = kwargs.get("output_logits")
@@ -328,8 +336,10 @@ def _generate_target(
     if own_logits:
         kwargs = {**kwargs, "output_logits": True}
     session.record, session.plain = [], session.plain + 1
+    capture = sweep.Capture(model)  # the layers' inputs: the target-mode pass need not compute them again
     try:
-        out = original(*args, **kwargs)
+        with capture if simple else contextlib.nullcontext():
+            out = original(*args, **kwargs)
     finally:
         record, session.record, session.plain = session.record, None, session.plain - 1
     reference = torch.stack(out.logits, 1) if own_logits and out.get("logits") is not None else None
@@ -348,9 +358,25 @@ def _generate_target(
     targets = [("token", tuple(int(t) for t in sequences[:, prompt + k].tolist())) for k in range(steps)]
     if reference is not None and reference.shape[:2] != (used.shape[0], steps):
         reference = None
+    also = []
+    if greedy and reference is not None:
+        for step, (_, chosen) in enumerate(targets):
+            highest = tuple(int(t) for t in reference[:, step].argmax(-1).tolist())
+            if highest != chosen:
+                also.append((step, ("token", highest)))
+    replay = capture.inputs(used.shape[1]) if simple else None
     out["attentions"] = explain(
-        model, scope, inputs, mode="target", targets=targets, reference=reference, **options
+        model,
+        scope,
+        inputs,
+        mode="target",
+        targets=targets,
+        reference=reference,
+        also=also,
+        replay=replay,
+        **options,
     )
+    del replay
     _mark_tokens(out, prompt)
     return out
 

@@ -396,6 +396,7 @@ class Scores:
     softcap: float | None
     block: int | None = None
     keep: int | None = None
+    mixed: Tensor | None = None  # the stock attention's output [B, q, heads * hd], if it ran
 
     @staticmethod
     def of(
@@ -551,9 +552,17 @@ class _FrozenMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: Tensor, scores: Scores, t0: int, t1: int) -> Tensor:  # type: ignore[override]
         blocks = scores.blocks(t0, t1)
+        limit = KEEP_BYTES if scores.keep is None else scores.keep
+        batch, kv, groups, _, _ = scores.shape
+        whole = sum((b - a) * k for a, b, k in blocks) * batch * kv * groups * 4
+        if scores.mixed is not None and whole > limit:
+            # the stock implementation's output is this map's value; the backward computes the
+            # probabilities block by block, as it would have to anyway
+            ctx.scores, ctx.blocks, ctx.length, ctx.kept = scores, blocks, values.shape[-2], None
+            return scores.mixed[:, t0:t1].to(values.dtype, copy=True)
         kept: list[Tensor] | None = []
         parts = []
-        size, limit = 0, KEEP_BYTES if scores.keep is None else scores.keep
+        size = 0
         for a, b, k in blocks:
             p = scores.rows(a, b, k)
             parts.append(mix(p.to(values.dtype), values[..., :k, :]))

@@ -93,10 +93,14 @@ def explain(
     max_memory: int | str | None = None,
     progress: bool | None = None,
     reference: Tensor | None = None,
+    also: Sequence[tuple[int, Any]] = (),
+    replay: list[Tensor] | None = None,
 ) -> tuple[pydec.Composition, ...]:
     """The per-step Compositions of one teacher-forced pass (see
     :func:`llama_attrib.decompose_sequence`). ``scope()``: a block in which the model is wrapped,
-    giving its session (target mode's lazy Compositions enter it again later)."""
+    giving its session (target mode's lazy Compositions enter it again later). ``also``: more
+    target-mode requests solved with the targets (:meth:`TargetRun.compositions`). ``replay``:
+    the layers' inputs generate computed (:class:`sweep.Capture`), for target mode's first pass."""
     if mode == "forward":
         dtype = component_dtype or families.component_dtype(model)
         limit = memory.budget(max_memory, next(model.parameters()).device)
@@ -108,7 +112,8 @@ def explain(
         # near tie the other way), and what the components are checked against
         run.reference = reference.float()
         run.logits = reference.to(run.dtype)
-    return run.compositions(targets)
+    run.replay = replay
+    return run.compositions(targets, also)
 
 
 # -- target mode ------------------------------------------------------------------------
@@ -155,6 +160,8 @@ class TargetRun:
             )
         self.logits: Tensor | None = None
         self.reference: Tensor | None = None  # the stock logits, once computed
+        # generate's own hidden states, for the first pass only (a later one records its own)
+        self.replay: list[Tensor] | None = None
         self.weight: Tensor = _offload.weight(model.get_submodule("lm_head"))
 
     @staticmethod
@@ -228,9 +235,11 @@ class TargetRun:
         results: list[Tensor] = []
         with torch.inference_mode(False), self.scope() as session:
             # the stock forward, whose hidden states the layers' frozen factors are computed from
+            replay, self.replay = self.replay, None
             recorded = sweep.record(
-                self.model, session, Call("capture", self.dtype), lambda: self.inputs.call(self.model)
+                self.model, session, Call("capture", self.dtype), lambda: self.inputs.call(self.model), replay
             )
+            del replay
             stock = self.inputs.select(recorded.logits)
             if self.reference is None:
                 self.reference = stock.float()
@@ -276,18 +285,24 @@ class TargetRun:
             return int(self.members.shape[0])
         return self.inputs.positions[step] + 1
 
-    def compositions(self, targets: list[Any] | None) -> tuple[TargetComposition, ...]:
+    def compositions(
+        self, targets: list[Any] | None, also: Sequence[tuple[int, Any]] = ()
+    ) -> tuple[TargetComposition, ...]:
+        """One Composition per step, its target (default each row's argmax) solved; ``also``:
+        more ``(step, key)`` requests solved in the same pass and remembered by their steps."""
         steps = len(self.inputs.positions)
         wanted = targets if targets is not None else [None] * steps
-        solved = self.solve(list(enumerate(wanted)))
+        solved = self.solve([*enumerate(wanted), *also])
         out = []
-        for step, (target, contributions) in enumerate(zip(wanted, solved, strict=True)):
+        for step, (target, contributions) in enumerate(zip(wanted, solved[:steps], strict=True)):
             c = TargetComposition(self, step)
             key = self.resolve(step, target)
             c._remember(key, contributions)
             c.target = c._lookup(key)
             c.target_key = key
             out.append(c)
+        for (step, key), contributions in zip(also, solved[steps:], strict=True):
+            out[step]._remember(self.resolve(step, key), contributions)
         for c in out:
             c.check()
         return tuple(out)

@@ -270,6 +270,9 @@ class Session:
             finally:
                 config._attn_implementation_internal = previous
             scores, probe.scores = probe.scores, None  # the probe keeps nothing after the call
+            output, probe.output = probe.output, None
+            if scores is not None and output is not None:
+                scores = replace(scores, mixed=output.flatten(2))
             if scores is None:
                 raise DecompositionError(f"{type(module).__name__} did not call its attention function")
             return out, scores
@@ -279,7 +282,10 @@ class Session:
                 x = argument(args, kwargs, "hidden_states", 0)
                 args, kwargs = replace_hidden(args, kwargs, x.detach().to(_dtype_of(module)))
                 with torch.no_grad():
-                    _, scores = stock(args, kwargs, skip=True)
+                    # the real mix of the values is the forward's value of the frozen one (no
+                    # probabilities computed), unless they are small enough to keep for the backward
+                    # or the model computes in another dtype than the components
+                    _, scores = stock(args, kwargs, skip=call.dtype != _dtype_of(module))
                 keep = call.keep_from if id(module) in self.last_layer else 0
                 if call.probabilities is not None:
                     block, kept = call.probabilities

@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .errors import DecompositionError
+from .patching import Patch, replace_method, restore_all
 from .session import Call, Session, argument, replace_hidden
 
 LayerCall = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
@@ -50,9 +52,84 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
     return x
 
 
-def record(model: nn.Module, session: Session, call: Call, run: Callable[[], Any]) -> Recorded:
+class Capture:
+    """What enters each decoder layer and the final norm during ``generate``, call by call
+    (per-instance hooks, while the block is open): the hidden states the target-mode pass
+    would otherwise compute again with a stock forward of the whole sequence.
+
+    Each layer's inputs are kept as generate computed them, the prompt in one call and each
+    new token with the cache: they are the real hidden states of what was generated."""
+
+    def __init__(self, model: nn.Module) -> None:
+        base: Any = model.model
+        self.modules: list[nn.Module] = [*base.layers, base.norm]
+        self.pieces: list[list[Tensor]] = [[] for _ in self.modules]
+        # replayable only if each layer returns a tensor that is, as it is, the next one's input
+        self.usable = True
+        self.previous: Tensor | None = None
+        self.handles: list[Any] = []
+
+    def __enter__(self) -> Capture:
+        # a hook of the user's on a layer would run again on the replayed output
+        hooked = _global_forward_hooks or _global_forward_pre_hooks
+        self.usable = not hooked and not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
+        for i, (module, pieces) in enumerate(zip(self.modules, self.pieces, strict=True)):
+
+            def on_call(
+                module: nn.Module,
+                args: tuple[Any, ...],
+                kwargs: dict[str, Any],
+                pieces: list[Tensor] = pieces,
+                first: bool = i == 0,
+            ) -> None:
+                x = _hidden(args, kwargs)
+                self.usable = self.usable and (first or x is self.previous)
+                pieces.append(x.detach())
+
+            self.handles.append(module.register_forward_pre_hook(on_call, with_kwargs=True))
+        for layer in self.modules[:-1]:
+            self.handles.append(layer.register_forward_hook(self._output))
+        return self
+
+    def _output(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.previous = output if isinstance(output, Tensor) else None
+        self.usable = self.usable and self.previous is not None
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.previous = None
+
+    def inputs(self, length: int) -> list[Tensor] | None:
+        """Each layer's input over the first ``length`` positions, then the final norm's
+        (joined along the sequence, the pieces freed as it goes); None when the calls did not
+        cover them once each in order (no hidden states, a layer with extra outputs)."""
+        if not self.usable or any(sum(p.shape[1] for p in pieces) != length for pieces in self.pieces):
+            self.pieces = [[] for _ in self.modules]
+            return None
+        out = []
+        for i, pieces in enumerate(self.pieces):
+            whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+            out.append(whole.clone() if whole.is_inference() else whole)  # generate in inference_mode
+            self.pieces[i] = []
+        return out
+
+
+def record(
+    model: nn.Module,
+    session: Session,
+    call: Call,
+    run: Callable[[], Any],
+    replay: list[Tensor] | None = None,
+) -> Recorded:
     """Run ``run()`` (a forward of ``model``) as ``call`` (a capture) without a graph, keeping each
-    decoder layer's call and the final norm's input (per-instance hooks, removed afterwards)."""
+    decoder layer's call and the final norm's input (per-instance hooks, removed afterwards).
+
+    ``replay``: each layer's input and the final norm's, as :class:`Capture` kept them from
+    generate. The layers then return the next one's input instead of computing it (per-instance
+    forward patches, restored afterwards): the pass only builds the layers' call arguments
+    (masks, rotary embeddings) and the logits at the explained positions."""
     base: Any = model.model
     layers: list[LayerCall] = []
     final: list[Tensor] = []
@@ -63,12 +140,20 @@ def record(model: nn.Module, session: Session, call: Call, run: Callable[[], Any
     def on_norm(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         final.append(_hidden(args, kwargs))
 
+    def returning(output: Tensor) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        return lambda original: lambda *args, **kwargs: output
+
     handles = [layer.register_forward_pre_hook(on_layer, with_kwargs=True) for layer in base.layers]
     handles.append(base.norm.register_forward_pre_hook(on_norm, with_kwargs=True))
+    patches: list[Patch] = []
     try:
+        if replay is not None:
+            for layer, output in zip(base.layers, replay[1:], strict=True):
+                patches.append(replace_method(layer, "forward", returning(output)))
         with torch.no_grad(), session.running(call):
             run()
     finally:
+        restore_all(patches)
         for handle in handles:
             handle.remove()
     if len(layers) != len(base.layers) or len(final) != 1 or call.logits is None:
