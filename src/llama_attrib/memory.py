@@ -81,12 +81,12 @@ class TargetSizes:
         """``(targets per batched backward, targets per sweep)`` for ``n`` targets within
         ``budget`` bytes (None: no limit). Each target keeps its gradient for a whole sweep;
         a batched backward's working memory grows with the targets it takes. ``lean`` (no
-        explicit budget): keep that working memory within half the pass's own size, but at
-        least 4 targets per backward, since each one computes the attention probabilities again."""
+        explicit budget): keep that working memory within the pass's own size, but at least 4
+        targets per backward, since each one computes the attention probabilities again."""
         free = (1 << 62) if budget is None else budget - self.graph
         per_chunk = max(1, min(n, free // self.per_request))
         if lean:
-            per_chunk = min(per_chunk, max(4, max(self.graph, LEAN_BYTES) // (2 * self.work)))
+            per_chunk = min(per_chunk, max(4, max(self.graph, LEAN_BYTES) // self.work))
         per_chunk = math.ceil(n / math.ceil(n / per_chunk))  # even: 8 targets by 7 -> 4 + 4, not 7 + 1
         per_sweep = max(per_chunk, (free - per_chunk * self.work) // self.state)
         return per_chunk, min(n, per_sweep)
@@ -116,12 +116,16 @@ class TargetSizes:
         tokens = batch * length
         inputs = (shape.layers + 1) * tokens * shape.hidden * stored
         layer = tokens * (3 * shape.intermediate + 10 * shape.hidden + 3 * shape.kv_dim) * item
-        # float32 probabilities: a few blocks being computed, and those kept for the backward
+        # float32 probabilities: a few blocks being computed, and a layer's causal half kept
+        # for the backward if it is small enough (else the stock attention's output is the
+        # forward's value, and the backward computes them block by block)
         whole = batch * shape.heads * length * length * 4
         block, keep = probabilities or (rules.block_bytes(device), rules.KEEP_BYTES)
-        blocks = 3 * min(block, whole) + min(keep, whole // 2)
+        blocks = 3 * min(block, whole) + (whole // 2 if whole // 2 <= keep else 0)
+        # per target in a batched backward: a gradient or two of the layer's width and one of
+        # the values' beside the ones in and out, and one MLP piece's temporaries
         work = (
-            tokens * (4 * shape.hidden + 2 * shape.kv_dim)
+            tokens * (2 * shape.hidden + shape.kv_dim)
             + batch * min(length, rules.ROWS) * 2 * shape.intermediate
         ) * item
         return TargetSizes(

@@ -330,8 +330,10 @@ def _split_at(keep: int, x: Tensor, apply: Callable[[Tensor, int], Tensor]) -> T
     if keep:
         with torch.no_grad():
             parts.append(apply(x[:, :keep].detach(), 0))
-    for a in range(keep, q, rules.ROWS):
-        parts.append(apply(x[:, a : a + rules.ROWS], a))
+    # split, not slices: the backward joins the pieces' gradients once, where each slice's
+    # would be a zero-filled whole-length tensor (per target) added to the others
+    pieces = (x[:, keep:] if keep else x).split(rules.ROWS, dim=1)
+    parts.extend(apply(piece, keep + i * rules.ROWS) for i, piece in enumerate(pieces))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

@@ -1,7 +1,8 @@
 """Target mode's backward, one decoder layer at a time, in memory that does not grow with depth.
 
 A plain forward of the stock model keeps only what enters each decoder layer (its real hidden
-state and call arguments) and the final norm, and gives the stock logits. The cotangents of
+state and call arguments) and the final norm, and gives the stock logits; after ``generate``,
+whose calls kept those hidden states (:class:`Capture`), that forward only replays them. The cotangents of
 the explained logits are then pulled back from the LM head to the first layer's input: each
 layer runs again from its recorded input with a graph (its frozen factors recomputed from the
 same real input), and one batched backward takes every target through it at once. A layer's
