@@ -21,9 +21,9 @@ from . import rules
 from .errors import LlamaAttribError
 
 LEAN_BYTES = 64 << 20  # target mode's working memory without max_memory, at least
-# What the tensors counted below come to in a process's peak memory: allocator slack and
-# short-lived temporaries, fitted on benchmarks/long_documents.py (SmolLM2 at 4k and 8k
-# tokens, the 8-layer shape at 2k: the counted bytes were 0.62-0.76 of the measured growth).
+# What the tensors a pass keeps whatever its targets (TargetSizes.graph) come to in a process's
+# peak memory: allocator slack and short-lived temporaries, fitted on
+# benchmarks/long_documents.py (SmolLM2 at 4k and 8k tokens, the 8-layer shape at 2k).
 SLACK = 1.4
 # The same on an accelerator, whose caching allocator leaves less slack: fitted on
 # benchmarks/gpu.sh (the 7B shape in bfloat16 on an H200 at 512 to 32k tokens: the counted
@@ -66,8 +66,8 @@ class Shape:
 class TargetSizes:
     """Bytes target mode keeps (:mod:`llama_attrib.sweep`): ``graph``, whatever the targets
     (each layer's input, one layer's graph, blocks of attention probabilities); ``state``,
-    per target for a whole sweep (its gradient into and out of a layer); ``work``, per target
-    in one batched backward through a layer."""
+    per target for a whole sweep (its gradient between two layers); ``work``, per target in
+    one batched backward through a layer (its gradient out beside the one in, temporaries)."""
 
     graph: int
     state: int
@@ -122,16 +122,18 @@ class TargetSizes:
         whole = batch * shape.heads * length * length * 4
         block, keep = probabilities or (rules.block_bytes(device), rules.KEEP_BYTES)
         blocks = 3 * min(block, whole) + (whole // 2 if whole // 2 <= keep else 0)
-        # per target in a batched backward: a gradient or two of the layer's width and one of
-        # the values' beside the ones in and out, and one MLP piece's temporaries
+        # per target in a batched backward: its second gradient (out beside in), a gradient or
+        # two of the layer's width and one of the values', and one MLP piece's temporaries
         work = (
-            tokens * (2 * shape.hidden + shape.kv_dim)
+            tokens * (3 * shape.hidden + shape.kv_dim)
             + batch * min(length, rules.ROWS) * 2 * shape.intermediate
         ) * item
         return TargetSizes(
+            # the per-target terms are whole tensors freed as soon as they are used: they add up
+            # to the measured growth as counted (the 8-layer shape at 4 to 32 targets per backward)
             graph=int(slack * (inputs + layer + blocks)),
-            state=int(slack * 2 * tokens * shape.hidden * item),
-            work=int(slack * work),  # the MLP's backward runs in pieces of rules.ROWS positions
+            state=tokens * shape.hidden * item,  # a target's gradient between two layers
+            work=work,  # the MLP's backward runs in pieces of rules.ROWS positions
         )
 
 

@@ -173,7 +173,9 @@ def through(
     cotangents: list[Tensor],
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Pull each ``[n, *y.shape]`` cotangent chunk back through ``y = fn(x)`` (``fn`` run once
-    with a graph, as target mode): ``(gradients [n, *x.shape], bias shares [n, B])``."""
+    with a graph, as target mode): ``(gradients [n, *x.shape], bias shares [n, B])``. The list
+    ``cotangents`` is emptied as it goes: a chunk's cotangent is freed once its gradient exists,
+    so a sweep holds one gradient per target and one chunk's second one, not two per target."""
     running = call()
     x = x.detach().to(running.dtype).requires_grad_(True)
     with torch.enable_grad(), session.running(running):
@@ -187,15 +189,18 @@ def through(
             y, inputs, cot, retain_graph=True, allow_unused=True, materialize_grads=True
         )
 
-    for cot in cotangents:
+    while cotangents:
+        cot = cotangents.pop(0)
         # torch.func.vmap rather than is_grads_batched: the attention's backward has its own
         # batching rule (rules._Transposed), one matrix product for all the targets
         found = torch.func.vmap(pull)(cot)
         share = cot.new_zeros(cot.shape[:2])
+        del cot
         for g, leaf in zip(found[1:], leaves, strict=True):
             share += (g * leaf.detach()).flatten(2).sum(-1)
         grads.append(found[0])
         shares.append(share)
+        del found
     return grads, shares
 
 
