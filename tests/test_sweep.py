@@ -239,7 +239,7 @@ def test_generate_hands_its_hidden_states_to_the_pass() -> None:
         out.update(model.generate(ids, decompose=True, max_new_tokens=STEPS, do_sample=False, pad_token_id=0))
 
     assert _mlp_calls(model, generate) == STEPS + 1  # the prompt, 3 new tokens with the cache, the graph
-    assert out.get("past_key_values") is None  # dropped before the pass: it explains nothing
+    assert out.get("cache") is None and out.get("past_key_values") is None  # dropped: it explains nothing
     recorded = llama_attrib.decompose_sequence(model, out["sequences"], 9)
     assert _mlp_calls(model, lambda: llama_attrib.decompose_sequence(model, out["sequences"], 9)) == 2
     for k, (c, r) in enumerate(zip(out["attentions"], recorded, strict=True)):

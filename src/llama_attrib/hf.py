@@ -367,8 +367,9 @@ def _generate_target(
     replay = capture.inputs(used.shape[1]) if simple else None
     # generate's cache would sit beside the pass (at 8k tokens, a fifth of plain generation's
     # peak) and explains nothing: the decomposed output carries none
-    if out.get("past_key_values") is not None:
-        out["past_key_values"] = None
+    for key in CACHE_KEYWORDS:
+        if out.get(key) is not None:
+            out[key] = None
     out["attentions"] = explain(
         model,
         scope,
