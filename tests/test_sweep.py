@@ -38,6 +38,16 @@ def _uncut(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rules, "ROWS", 1 << 30)
 
 
+def _uncut_reference(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A greedy generation of STEPS tokens after an 11-token prompt, and its components computed uncut."""
+    sequences = model.generate(prompt(11), max_new_tokens=STEPS, do_sample=False)
+    with monkeypatch.context() as m:
+        _uncut(m)
+        return sequences, _all(model, sequences, 11)
+
+
 def _blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rules, "BLOCK_BYTES", 64)  # a row or two of queries per block
     monkeypatch.setattr(rules, "KEEP_BYTES", 1 << 40)
@@ -69,11 +79,7 @@ WAYS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "qwen2"])
 def test_cut_work_equals_the_uncut_computation(name: str, way: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model() if name == "llama" else family_model(name)
-    ids = prompt(11)
-    sequences = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
-    with monkeypatch.context() as m:
-        _uncut(m)
-        expected = _all(model, sequences, 11)
+    sequences, expected = _uncut_reference(model, monkeypatch)
     with monkeypatch.context() as m:
         WAYS[way](m)
         got = _all(model, sequences, 11)
@@ -169,11 +175,7 @@ def test_a_tight_budget_gets_smaller_blocks_not_more_sweeps(monkeypatch: pytest.
     none kept for the backward, so that the targets need fewer sweeps over the layers; the
     components are those of the uncut computation. Below the smallest blocks' need: refused."""
     model = tiny_model()
-    ids = prompt(11)
-    sequences = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
-    with monkeypatch.context() as m:
-        _uncut(m)
-        expected = _all(model, sequences, 11)
+    sequences, expected = _uncut_reference(model, monkeypatch)
     monkeypatch.setattr(rules, "BLOCK_BYTES", 4096)  # a whole layer's probabilities are ~4 KiB
     monkeypatch.setattr(rules, "MIN_BLOCK_BYTES", 256)
     length = sequences.shape[1] - 1
@@ -273,11 +275,7 @@ def test_the_stock_attention_output_is_the_forward_value(monkeypatch: pytest.Mon
     """Where a layer's probabilities are not kept, the forward takes the stock implementation's
     output as the value of the frozen mix (no probabilities computed until the backward)."""
     model = tiny_model()
-    ids = prompt(11)
-    sequences = model.generate(ids, max_new_tokens=STEPS, do_sample=False)
-    with monkeypatch.context() as m:
-        _uncut(m)
-        expected = _all(model, sequences, 11)
+    sequences, expected = _uncut_reference(model, monkeypatch)
     monkeypatch.setattr(rules, "KEEP_BYTES", 0)
     rows, grad = [0, 0], torch.is_grad_enabled
     original = rules.Scores.rows
