@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -267,3 +269,18 @@ def test_right_padded_batch_explains_each_rows_last_real_token(mode: str) -> Non
             assert torch.equal(scores[last + 1 :], torch.zeros(8 - last))  # padding contributes 0
             assert torch.allclose(scores[: last + 1], alone[token].components, atol=1e-5, rtol=1e-4)
             assert torch.allclose(c.logits[row], out.logits[row, last], atol=1e-5, rtol=1e-5)
+
+
+def test_target_generate_logs_no_deprecation_of_its_own() -> None:
+    """Dropping the returned cache reads its key without the name transformers 5.x deprecates."""
+    model = llama_attrib.wrap(tiny_model(2))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    library = logging.getLogger("transformers")
+    library.addHandler(handler)
+    try:
+        model.generate(prompt(6), decompose=True, use_cache=True, do_sample=False, **GEN)
+    finally:
+        library.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "deprecated" in r.getMessage()]

@@ -368,7 +368,7 @@ def _generate_target(
     # generate's cache would sit beside the pass (at 8k tokens, a fifth of plain generation's
     # peak) and explains nothing: the decomposed output carries none
     for key in CACHE_KEYWORDS:
-        if out.get(key) is not None:
+        if key in out.keys():  # noqa: SIM118 (`key in out`, like out.get, warns for the old name on 5.x)
             out[key] = None
     out["attentions"] = explain(
         model,
