@@ -336,7 +336,7 @@ def _generate_target(
     if own_logits:
         kwargs = {**kwargs, "output_logits": True}
     session.record, session.plain = [], session.plain + 1
-    capture = sweep.Capture(model)  # the layers' inputs: the target-mode pass need not compute them again
+    capture = sweep.Capture(model)  # the layers' outputs: the target-mode pass need not compute them again
     try:
         with capture if simple else contextlib.nullcontext():
             out = original(*args, **kwargs)
@@ -364,7 +364,7 @@ def _generate_target(
             highest = tuple(int(t) for t in reference[:, step].argmax(-1).tolist())
             if highest != chosen:
                 also.append((step, ("token", highest)))
-    replay = capture.inputs(used.shape[1]) if simple else None
+    replay = capture.outputs(used.shape[1]) if simple else None
     # generate's cache would sit beside the pass (at 8k tokens, a fifth of plain generation's
     # peak) and explains nothing: the decomposed output carries none
     for key in CACHE_KEYWORDS:
@@ -381,7 +381,6 @@ def _generate_target(
         replay=replay,
         **options,
     )
-    del replay
     _mark_tokens(out, prompt)
     return out
 

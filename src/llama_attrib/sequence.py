@@ -100,7 +100,7 @@ def explain(
     :func:`llama_attrib.decompose_sequence`). ``scope()``: a block in which the model is wrapped,
     giving its session (target mode's lazy Compositions enter it again later). ``also``: more
     target-mode requests solved with the targets (:meth:`TargetRun.compositions`). ``replay``:
-    the layers' inputs generate computed (:class:`sweep.Capture`), for target mode's first pass."""
+    the layers' outputs generate computed (:class:`sweep.Capture`), for target mode's first pass."""
     if mode == "forward":
         dtype = component_dtype or families.component_dtype(model)
         limit = memory.budget(max_memory, next(model.parameters()).device)
@@ -239,7 +239,6 @@ class TargetRun:
             recorded = sweep.record(
                 self.model, session, Call("capture", self.dtype), lambda: self.inputs.call(self.model), replay
             )
-            del replay
             stock = self.inputs.select(recorded.logits)
             if self.reference is None:
                 self.reference = stock.float()

@@ -54,47 +54,43 @@ def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
 
 
 class Capture:
-    """What enters each decoder layer and the final norm during ``generate``, call by call
-    (per-instance hooks, while the block is open): the hidden states the target-mode pass
-    would otherwise compute again with a stock forward of the whole sequence.
+    """What each decoder layer returns during ``generate``, call by call (per-instance hooks,
+    while the block is open): the hidden states the target-mode pass would otherwise compute
+    again with a stock forward of the whole sequence.
 
-    Each layer's inputs are kept as generate computed them, the prompt in one call and each
-    new token with the cache: they are the real hidden states of what was generated."""
+    They are kept as generate computed them, the prompt in one call and each new token with
+    the cache: the real hidden states of what was generated. Replayable only if each layer
+    returns a tensor that is, as it is, the next layer's (or the final norm's) input."""
 
     def __init__(self, model: nn.Module) -> None:
         base: Any = model.model
-        self.modules: list[nn.Module] = [*base.layers, base.norm]
-        self.pieces: list[list[Tensor]] = [[] for _ in self.modules]
-        # replayable only if each layer returns a tensor that is, as it is, the next one's input
+        self.layers: list[nn.Module] = list(base.layers)
+        self.norm: nn.Module = base.norm
+        self.pieces: list[list[Tensor]] = [[] for _ in self.layers]
         self.usable = True
-        self.previous: Tensor | None = None
+        self.previous: Tensor | None = None  # the last layer output, which the next call must receive
         self.handles: list[Any] = []
 
     def __enter__(self) -> Capture:
         # a hook of the user's on a layer would run again on the replayed output
+        modules = [*self.layers, self.norm]
         hooked = _global_forward_hooks or _global_forward_pre_hooks
-        self.usable = not hooked and not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules)
-        for i, (module, pieces) in enumerate(zip(self.modules, self.pieces, strict=True)):
+        self.usable = not hooked and not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+        for layer, pieces in zip(self.layers, self.pieces, strict=True):
 
-            def on_call(
-                module: nn.Module,
-                args: tuple[Any, ...],
-                kwargs: dict[str, Any],
-                pieces: list[Tensor] = pieces,
-                first: bool = i == 0,
-            ) -> None:
-                x = _hidden(args, kwargs)
-                self.usable = self.usable and (first or x is self.previous)
-                pieces.append(x.detach())
+            def on_output(module: nn.Module, args: Any, output: Any, pieces: list[Tensor] = pieces) -> None:
+                self.previous = output if isinstance(output, Tensor) else None
+                self.usable = self.usable and self.previous is not None
+                if self.previous is not None:
+                    pieces.append(self.previous.detach())
 
-            self.handles.append(module.register_forward_pre_hook(on_call, with_kwargs=True))
-        for layer in self.modules[:-1]:
-            self.handles.append(layer.register_forward_hook(self._output))
+            self.handles.append(layer.register_forward_hook(on_output))
+        for module in modules[1:]:
+            self.handles.append(module.register_forward_pre_hook(self._received, with_kwargs=True))
         return self
 
-    def _output(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.previous = output if isinstance(output, Tensor) else None
-        self.usable = self.usable and self.previous is not None
+    def _received(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.usable = self.usable and _hidden(args, kwargs) is self.previous
 
     def __exit__(self, *exc: object) -> None:
         for handle in self.handles:
@@ -102,12 +98,12 @@ class Capture:
         self.handles.clear()
         self.previous = None
 
-    def inputs(self, length: int) -> list[Tensor] | None:
-        """Each layer's input over the first ``length`` positions, then the final norm's
-        (joined along the sequence, the pieces freed as it goes); None when the calls did not
-        cover them once each in order (no hidden states, a layer with extra outputs)."""
+    def outputs(self, length: int) -> list[Tensor] | None:
+        """Each layer's output over the first ``length`` positions (joined along the sequence,
+        the pieces freed as it goes); None when the calls did not cover them once each in
+        order, or a layer cannot be replayed."""
         if not self.usable or any(sum(p.shape[1] for p in pieces) != length for pieces in self.pieces):
-            self.pieces = [[] for _ in self.modules]
+            self.pieces = [[] for _ in self.layers]
             return None
         out = []
         for i, pieces in enumerate(self.pieces):
@@ -127,10 +123,10 @@ def record(
     """Run ``run()`` (a forward of ``model``) as ``call`` (a capture) without a graph, keeping each
     decoder layer's call and the final norm's input (per-instance hooks, removed afterwards).
 
-    ``replay``: each layer's input and the final norm's, as :class:`Capture` kept them from
-    generate. The layers then return the next one's input instead of computing it (per-instance
-    forward patches, restored afterwards): the pass only builds the layers' call arguments
-    (masks, rotary embeddings) and the logits at the explained positions."""
+    ``replay``: each layer's output, as :class:`Capture` kept it from generate. The layers then
+    return it instead of computing it (per-instance forward patches, restored afterwards): the
+    pass only builds the layers' call arguments (masks, rotary embeddings) and the logits at the
+    explained positions."""
     base: Any = model.model
     layers: list[LayerCall] = []
     final: list[Tensor] = []
@@ -149,7 +145,7 @@ def record(
     patches: list[Patch] = []
     try:
         if replay is not None:
-            for layer, output in zip(base.layers, replay[1:], strict=True):
+            for layer, output in zip(base.layers, replay, strict=True):
                 patches.append(replace_method(layer, "forward", returning(output)))
         with torch.no_grad(), session.running(call):
             run()
@@ -200,7 +196,6 @@ def through(
             share += (g * leaf.detach()).flatten(2).sum(-1)
         grads.append(found[0])
         shares.append(share)
-        del found
     return grads, shares
 
 
