@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import transformers
 from packaging.version import Version
+from torch import Tensor, nn
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 SUPPORTED_RANGE = ">=4.57,<5.40"
@@ -29,3 +31,71 @@ def cache_length(cache: Any, layer_idx: int = 0) -> int:
     if cache is None:
         return 0
     return int(cache.get_seq_length(layer_idx))
+
+
+def uses_attention_interface(attention: Any) -> bool:
+    """Whether an attention module's stock code dispatches through transformers' attention
+    registry (every family in 5.x; in 4.x some, Qwen2-MoE among them, still compute it inline)."""
+    import sys
+
+    return hasattr(sys.modules.get(type(attention).__module__), "ALL_ATTENTION_FUNCTIONS")
+
+
+# A decoder layer's attribute under its other name in 4.x (Mixtral's ``block_sparse_moe``).
+LAYER_ALIASES = {"mlp": "block_sparse_moe"}
+
+
+def layer_attribute(layer: Any, attr: str) -> Any:
+    """A decoder layer's module ``attr``, under either version's name; None if absent."""
+    module = getattr(layer, attr, None)
+    if module is None and attr in LAYER_ALIASES:
+        module = getattr(layer, LAYER_ALIASES[attr], None)
+    return module
+
+
+def drop_cache(out: Any) -> None:
+    """Set a generate output's cache to None under whichever name it has."""
+    for key in CACHE_KEYWORDS:
+        if key in out.keys():  # noqa: SIM118 (`key in out`, like out.get, warns for the old name on 5.x)
+            out[key] = None
+
+
+# -- sparse mixture-of-experts blocks -----------------------------------------------------
+# 4.x writes the routing inside the block (``gate`` an nn.Linear, ``experts`` an nn.ModuleList
+# of MLPs) and returns ``(hidden states, router logits)``; 5.x has a router module returning
+# ``(logits, weights, experts)``, the experts fused into 3-D ``gate_up_proj`` / ``down_proj``,
+# and returns the hidden states alone.
+
+
+def moe_route(block: Any, real: Tensor) -> tuple[Tensor, Tensor]:
+    """The stock router's choice for ``real [N, hidden]``: ``(weights [N, k], experts [N, k])``."""
+    gate = block.gate
+    if isinstance(gate, nn.Linear):
+        probs = torch.softmax(gate(real).float(), dim=-1)
+        weights, chosen = torch.topk(probs, int(block.top_k), dim=-1)
+        if getattr(block, "norm_topk_prob", True):  # Mixtral always renormalises
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights.to(real.dtype), chosen
+    _, weights, chosen = gate(real)
+    return weights, chosen
+
+
+def moe_experts(block: Any, names: tuple[str, str, str]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Each expert's ``(gate, up, down)`` weights; ``names``: the 4.x expert MLP's attributes."""
+    experts = block.experts
+    if isinstance(experts, nn.ModuleList):
+        mlps: list[Any] = list(experts)
+        return [tuple(getattr(e, n).weight.detach() for n in names) for e in mlps]  # type: ignore[misc]
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    half = gate_up.shape[1] // 2
+    return [(gate_up[e, :half], gate_up[e, half:], down[e]) for e in range(gate_up.shape[0])]
+
+
+def moe_activation(block: Any) -> Any:
+    experts = block.experts
+    return experts[0].act_fn if isinstance(experts, nn.ModuleList) else experts.act_fn
+
+
+def moe_returns_router_logits(block: Any) -> bool:
+    """Whether the block returns ``(hidden states, router logits)`` (4.x)."""
+    return isinstance(getattr(block, "experts", None), nn.ModuleList)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import _offload, families, memory, rules
+from . import families, memory, rules
 from .api import _scope_of
 from .errors import DecompositionError, UnsupportedOptionError, require
 from .session import Call, FlowRecord, Session, tolerance
@@ -230,7 +230,7 @@ def _run(
     budget = memory.budget(max_memory, next(model.parameters()).device)
     refusal = "flow runs forward mode: shorten the sequence or raise max_memory"
     per_chunk, _ = memory.forward_chunks(model, 1, length, length, dtype, budget, refusal)
-    layers: Any = model.model.layers  # type: ignore[union-attr]
+    layers = session.family.layers(model)
     out: list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]]]] = []
     logits: Tensor | None = None
     for c0 in range(0, length, per_chunk):
@@ -291,25 +291,25 @@ def _assemble(
     position: int,
     labels: list[str],
 ) -> Flow:
-    weight = _offload.weight(model.get_submodule("lm_head")).float()
+    weight = family.head_weight(model).float()
     if target is None:
         target = int(logits.argmax())
     if isinstance(target, tuple):
         row, logit = weight[target[0]] - weight[target[1]], float(logits[target[0]] - logits[target[1]])
     else:
         row, logit = weight[int(target)], float(logits[int(target)])
-    base: Any = model.model  # type: ignore[union-attr]
     first = chunks[0][0]
-    read = row.to(first.norm[id(base.norm)].device) * first.norm[id(base.norm)][0].float()  # [hidden]
+    final_norm = first.norm[id(family.final_norm(model))]
+    read = row.to(final_norm.device) * final_norm[0].float()  # [hidden]
+    block_scale = family.residual_scale(model)
     scores_parts, embedding_parts, stream_parts = [], [], []
     bias = None
     stream_bias = None
     for record, streams in chunks:
         per_layer, bias_layers = [], []
-        for layer in base.layers:
-            attention = layer.self_attn
-            mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")  # noqa: B009
-            v_attn, v_mlp = read, read
+        for layer in family.layers(model):
+            attention, mlp = family.block(layer, families.ATTENTION), family.block(layer, families.MLP)
+            v_attn, v_mlp = read * block_scale, read * block_scale
             if "attention" in family.post_norms:
                 v_attn = read * record.norm[id(getattr(layer, family.post_norms["attention"]))][0].float()
             if "mlp" in family.post_norms:
@@ -317,7 +317,7 @@ def _assemble(
             w_o = family.attention.out.weight(attention).float()  # [hidden, heads*hd]
             u = w_o.T.to(v_attn) @ v_attn  # [heads*hd]
             mixed, mixed_bias = record.attention[id(attention)]
-            hd = int(attention.head_dim)
+            hd = family.head_dim(attention)
             heads = (mixed[:, 0].float().reshape(mixed.shape[0], -1, hd) * u.view(-1, hd)).sum(
                 -1
             )  # [C, heads]

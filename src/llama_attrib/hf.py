@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _offload, families, memory, sweep
+from . import _compat, families, memory, sweep
 from ._compat import CACHE_KEYWORDS, cache_length
 from .composition import LogitComposition
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
@@ -148,9 +148,9 @@ def _attach(session: Session, call: Call, model: nn.Module, out: Any, mask: Any 
     if hidden.shape[1] == 1:
         hidden, logits, capped = hidden[:, 0], logits[0], capped[0]
         res = None if res is None else res[0]
-    weight = _offload.weight(model.get_submodule("lm_head"))
+    weight = session.family.head_weight(model)
     composition = LogitComposition(hidden, weight.detach(), logits, residual=res)
-    if families.final_softcap(model) is not None:
+    if session.family.final_softcap(model) is not None:
         composition.capped = capped
     out["attentions"] = composition
     if session.steps is not None:
@@ -332,11 +332,12 @@ def _generate_target(
     # generate's own raw logits are the stock logits the decomposition is checked against
     # (before a final soft-cap they are not: then target mode runs one plain forward instead).
     wanted_logits = kwargs.get("output_logits")
-    own_logits = simple and families.final_softcap(model) is None  # one row per sequence, each step
+    own_logits = simple and session.family.final_softcap(model) is None  # one row per sequence, each step
     if own_logits:
         kwargs = {**kwargs, "output_logits": True}
     session.record, session.plain = [], session.plain + 1
-    capture = sweep.Capture(model)  # the layers' outputs: the target-mode pass need not compute them again
+    # the layers' outputs: the target-mode pass need not compute them again
+    capture = sweep.Capture(model, session.family)
     try:
         with capture if simple else contextlib.nullcontext():
             out = original(*args, **kwargs)
@@ -367,9 +368,7 @@ def _generate_target(
     replay = capture.outputs(used.shape[1]) if simple else None
     # generate's cache would sit beside the pass (at 8k tokens, a fifth of plain generation's
     # peak) and explains nothing: the decomposed output carries none
-    for key in CACHE_KEYWORDS:
-        if key in out.keys():  # noqa: SIM118 (`key in out`, like out.get, warns for the old name on 5.x)
-            out[key] = None
+    _compat.drop_cache(out)
     out["attentions"] = explain(
         model,
         scope,

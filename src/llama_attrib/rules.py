@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _offload
+from . import _compat, _offload
 from .errors import DecompositionError
 
 # Keep one chunk's intermediate tensors (e.g. the MLP's [chunk, batch, seq, intermediate])
@@ -304,41 +304,61 @@ class GatedMLP:
 
 
 Expert = tuple[Tensor, Tensor, Tensor]  # one expert's gate, up and down weights
+SHARED = -1  # the key of a shared expert's factor (Qwen2-MoE), beside the routed experts'
 
 
 @dataclass(frozen=True)
 class SparseMoE:
-    """``sum_e w_e * down_e(act(gate_e(x)) * up_e(x))`` over the experts the router chose.
+    """``sum_e w_e * down_e(act(gate_e(x)) * up_e(x))`` over the experts the router chose,
+    plus, where the block has one, a shared expert ``sigmoid(g(x)) * down(act(gate(x)) * up(x))``.
 
-    The routing weights ``w_e`` (zero for an expert not chosen at a position) and each
-    expert's gate are frozen factors; ``route(block, real [N, d])`` returns the stock
-    router's ``(weights [N, k], experts [N, k])`` and ``experts(block)`` each expert's weights.
+    The routing weights ``w_e`` (zero for an expert not chosen at a position), the shared
+    expert's sigmoid gate and each expert's ``act(gate(x))`` are frozen factors. The block is
+    read through :mod:`llama_attrib._compat` (its layout differs between transformers versions);
+    ``expert_names``: a 4.x expert MLP's gate, up and down attributes; ``shared`` /
+    ``shared_gate``: the shared expert MLP and its gate's attributes, if any.
     """
 
-    route: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]
-    experts: Callable[[nn.Module], list[Expert]]
-    act: Callable[[nn.Module], Callable[[Tensor], Tensor]]
-    returns_router_logits: Callable[[nn.Module], bool] = lambda module: False
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    shared: str | None = None
+    shared_gate: str | None = None
+
+    def experts(self, module: nn.Module) -> list[Expert]:
+        return _compat.moe_experts(module, self.expert_names)
+
+    def _shared(self, module: nn.Module) -> tuple[nn.Module, GatedMLP] | None:
+        if self.shared is None:
+            return None
+        rule = GatedMLP(Proj("gate_proj"), Proj("up_proj"), Proj("down_proj"))
+        return module.get_submodule(self.shared), rule
 
     @torch.no_grad()
     def factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> dict[int, Tensor]:
         """Per expert used anywhere: ``w_e * act(gate_e(real))``, ``[B, q, intermediate]``."""
         batch, q, d = real.shape
-        weights, chosen = self.route(module, real.reshape(-1, d))
-        act = self.act(module)
+        weights, chosen = _compat.moe_route(module, real.reshape(-1, d))
+        act = _compat.moe_activation(module)
         out = {}
         for e, (gate, _, _) in enumerate(self.experts(module)):
             w = (weights * (chosen == e)).sum(-1).view(batch, q, 1)
             if bool((w != 0).any()):
                 out[e] = (act(F.linear(real, gate.to(real))) * w.to(real)).to(dtype)
+        if (shared := self._shared(module)) is not None:
+            mlp, rule = shared
+            gate = torch.sigmoid(Proj(str(self.shared_gate)).affine(module, real))
+            out[SHARED] = (rule.factors(mlp, real, dtype) * gate.to(dtype)).to(dtype)
         return out
 
     def apply(self, module: nn.Module, gates: dict[int, Tensor], x: Tensor, t0: int = 0) -> Tensor:
         experts = self.experts(module)
         total: Tensor | None = None
         for e, gate in gates.items():
-            _, up, down = experts[e]
-            part = F.linear(scale(F.linear(x, up.to(x)), gate, t0), down.to(x))
+            if e == SHARED:
+                mlp, rule = self._shared(module)  # type: ignore[misc]
+                part = rule.apply(mlp, gate, x, t0)
+            else:
+                _, up, down = experts[e]
+                part = F.linear(scale(F.linear(x, up.to(x)), gate, t0), down.to(x))
             total = part if total is None else total + part
         return x * 0 if total is None else total
 
@@ -347,6 +367,9 @@ class SparseMoE:
 
     def width(self, module: nn.Module) -> int:
         return 2 * int(self.experts(module)[0][1].shape[0])
+
+    def returns_router_logits(self, module: nn.Module) -> bool:
+        return _compat.moe_returns_router_logits(module)
 
 
 @dataclass(frozen=True)
@@ -408,7 +431,7 @@ class Scores:
         softcap: float | None,
     ) -> Scores:
         if scaling is None:
-            scaling = float(module.head_dim) ** -0.5  # type: ignore[arg-type]
+            scaling = float(query.shape[-1]) ** -0.5  # the attention functions' default
         return Scores(query, key, mask, float(scaling), softcap)
 
     @property
@@ -483,6 +506,7 @@ def _value_heads(values: Tensor, hd: int) -> Tensor:
 def attention(
     rule: Attention,
     module: nn.Module,
+    hd: int,
     probs: Tensor,
     comps: Tensor,
     residual: Tensor | None,
@@ -491,14 +515,14 @@ def attention(
     layout: Layout | None = None,
     record: tuple[int, Callable[[Tensor, Tensor | None], None]] | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Forward mode: the components (and bias share) of the attention's output.
+    """Forward mode: the components (and bias share) of the attention's output (``hd``: the
+    size of one head).
 
     ``record``: ``(position, callback)``, a flow recorder given every head's mixed values
     (before the output projection) at that query position: components ``[C, B, heads*hd]``
     and bias share."""
     c, batch, q, _ = comps.shape
     kv, groups = probs.shape[1], probs.shape[2]
-    hd = int(module.head_dim)  # type: ignore[arg-type]
     heads = kv * groups * hd
     probs = probs.to(comps.dtype)
     values = _positionwise(lambda part, _: rule.value.linear(module, part), comps, offset, kv * hd, layout)
@@ -630,18 +654,19 @@ def frozen_mix(scores: Scores, values: Tensor, t0: int = 0, t1: int | None = Non
 def attention_graph(
     rule: Attention,
     module: nn.Module,
+    hd: int,
     scores: Scores,
     x: Tensor,
     bias: Callable[[Tensor], Tensor],
     keep_from: int = 0,
 ) -> Tensor:
-    """Target mode: the same map on the differentiable input ``x [B, q, hidden]``.
+    """Target mode: the same map on the differentiable input ``x [B, q, hidden]`` (``hd``: the
+    size of one head).
 
     ``bias(b)`` turns a bias into a tensor the pass can differentiate against (its share).
     Outputs at query positions before ``keep_from`` are computed without a graph (in the
     last layer they reach no explained logit): the backward then skips them.
     """
-    hd = int(module.head_dim)  # type: ignore[arg-type]
     values = rule.value.linear(module, x)
     b_v = rule.value.bias(module)
     if b_v is not None:

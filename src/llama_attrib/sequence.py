@@ -26,7 +26,7 @@ import pydec
 import torch
 from torch import Tensor, nn
 
-from . import _offload, families, memory, sweep
+from . import families, memory, sweep
 from .composition import Contributions, LazyComposition, LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
 from .rules import Layout
@@ -162,7 +162,8 @@ class TargetRun:
         self.reference: Tensor | None = None  # the stock logits, once computed
         # generate's own hidden states, for the first pass only (a later one records its own)
         self.replay: list[Tensor] | None = None
-        self.weight: Tensor = _offload.weight(model.get_submodule("lm_head"))
+        self.family = families.family_of(model)
+        self.weight: Tensor = self.family.head_weight(model)
 
     @staticmethod
     def of(
@@ -230,7 +231,7 @@ class TargetRun:
         n = len(requests)
         per_chunk, per_sweep = self.chunks(n)
         probabilities = self.layout(n)[1]
-        layers = len(self.model.model.layers)  # type: ignore[union-attr, arg-type]
+        layers = len(self.family.layers(self.model))
         sweeps = math.ceil(n / per_sweep)
         results: list[Tensor] = []
         with torch.inference_mode(False), self.scope() as session:
@@ -244,7 +245,7 @@ class TargetRun:
                 self.reference = stock.float()
             if self.logits is None:
                 self.logits = stock.to(self.dtype)
-            norm: Any = self.model.model.norm  # type: ignore[union-attr]
+            norm = self.family.final_norm(self.model)
             first = self.inputs.first
 
             def head(x: Tensor) -> Tensor:
@@ -577,7 +578,7 @@ def _forward_mode(
         raise DecompositionError(
             f"components do not add up to the final hidden state (relative error {err:.2e} > {tol:.0e})"
         )
-    weight = _offload.weight(model.get_submodule("lm_head"))
+    weight = session.family.head_weight(model)
     out_steps = []
     for k, position in enumerate(inputs.positions):
         count = total if members is not None else position + 1

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import families, rules
+from . import _compat, families, rules
 from ._attention import ATTENTION_NAME, PROBE, Probe, register_attention
 from ._compat import cache_length, find_cache
 from .errors import DecompositionError
@@ -90,6 +90,7 @@ class Session:
 
     def __init__(self, model: nn.Module, family: families.Family) -> None:
         self.family = family
+        self.logit_scale = family.logit_scale(model)
         self.dtype = families.component_dtype(model)
         self.patches: list[Patch] = []
         self.forced = 0  # depth of enclosing ``decompose()`` blocks
@@ -170,9 +171,9 @@ class Session:
             families.MLP: self._mlp,
             families.LM_HEAD: self._lm_head,
         }
-        last_layer: Any = model.model.layers[-1]  # type: ignore[union-attr, index]
+        last_layer = self.family.layers(model)[-1]
         self.last_layer = {
-            id(m) for role, m in _layer_roles(last_layer, self.family) if role != families.NORM
+            id(m) for _, role, m in self.family.layer_modules(last_layer) if role != families.NORM
         }
         register_attention()
         try:
@@ -187,6 +188,11 @@ class Session:
     def restore(self) -> None:
         restore_all(self.patches)
         self.clear_caches()
+
+    def _logits(self, head_output: Tensor) -> Tensor:
+        """The logits the LM head's output becomes (before any soft-cap): a family's
+        ``logits_scaling`` is applied to what the call keeps, not to what the model receives."""
+        return head_output if self.logit_scale == 1.0 else head_output * self.logit_scale
 
     def _embedding(self, module: nn.Module, original: Forward) -> Forward:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -215,7 +221,7 @@ class Session:
         return forward
 
     def _mlp(self, module: nn.Module, original: Forward) -> Forward:
-        rule: Any = self.family.mlp  # GatedMLP or SparseMoE: the same interface
+        rule: Any = self.family.mlp_rule(module)  # GatedMLP or SparseMoE: the same interface
 
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
             if (call := self._current("target")) is not None:
@@ -224,7 +230,7 @@ class Session:
                 out = _split_at(keep, x, lambda part, t0: rule.apply(module, gate, part, t0))
                 bias = rule.bias(module, gate)
                 out = out if bias is None else out + call.bias_leaf(bias.to(out))
-                if isinstance(rule, rules.SparseMoE) and rule.returns_router_logits(module):
+                if _compat.moe_returns_router_logits(module):
                     return out, None
                 return out
             if (call := self._current("forward")) is None:
@@ -247,7 +253,7 @@ class Session:
                     comps_out[:, :, t].clone(),
                     None if res is None else res[:, t].clone(),
                 )
-            if isinstance(stock, tuple):  # transformers 4.x MoE blocks return (hidden, router logits)
+            if _compat.moe_returns_router_logits(module):  # (hidden, router logits)
                 return (DecomposedTensor.wrap(stock[0], comps_out, res), *stock[1:])
             return DecomposedTensor.wrap(stock, comps_out, res)
 
@@ -255,6 +261,7 @@ class Session:
 
     def _attention(self, module: nn.Module, original: Forward) -> Forward:
         rule = self.family.attention
+        head_dim = self.family.head_dim(module)
 
         def stock(args: tuple[Any, ...], kwargs: dict[str, Any], skip: bool) -> Any:
             """The stock forward through llama_attrib's attention function: the probabilities'
@@ -290,7 +297,7 @@ class Session:
                 if call.probabilities is not None:
                     block, kept = call.probabilities
                     scores = replace(scores, block=block, keep=kept)
-                return rules.attention_graph(rule, module, scores, x, call.bias_leaf, keep), None
+                return rules.attention_graph(rule, module, head_dim, scores, x, call.bias_leaf, keep), None
             if (call := self._current("forward")) is None:
                 return original(*args, **kwargs)
             real, comps, residual = split(argument(args, kwargs, "hidden_states", 0))
@@ -299,7 +306,16 @@ class Session:
             (out, weights), scores = stock(args, kwargs, skip=False)
             record = None if call.flow is None else call.flow.recorder(module)
             comps_out, res = rules.attention(
-                rule, module, scores.rows(), comps, residual, cache, call.offset, call.layout, record
+                rule,
+                module,
+                head_dim,
+                scores.rows(),
+                comps,
+                residual,
+                cache,
+                call.offset,
+                call.layout,
+                record,
             )
             return DecomposedTensor.wrap(out, comps_out, res), weights
 
@@ -311,12 +327,14 @@ class Session:
             if call is None:
                 return original(x, *args, **kwargs)
             if call.mode == "capture":
-                call.logits = original(x, *args, **kwargs)  # the stock logits before any soft-cap
-                return call.logits
+                out = original(x, *args, **kwargs)
+                call.logits = self._logits(out)  # the stock logits before any soft-cap
+                return out
             real, comps, residual = split(x)
-            call.logits = original(real, *args, **kwargs)
+            out = original(real, *args, **kwargs)
+            call.logits = self._logits(out)
             call.head = (real, comps, residual)
-            return call.logits
+            return out
 
         return forward
 
@@ -335,15 +353,6 @@ def _split_at(keep: int, x: Tensor, apply: Callable[[Tensor, int], Tensor]) -> T
     pieces = (x[:, keep:] if keep else x).split(rules.ROWS, dim=1)
     parts.extend(apply(piece, keep + i * rules.ROWS) for i, piece in enumerate(pieces))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
-def _layer_roles(layer: nn.Module, family: families.Family) -> list[tuple[str, nn.Module]]:
-    found = []
-    for attr, role in family.layer_roles.items():
-        module = getattr(layer, attr, None) or getattr(layer, families.ALTERNATIVES.get(attr, ""), None)
-        if module is not None:
-            found.append((role, module))
-    return found
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

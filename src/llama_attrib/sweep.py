@@ -8,7 +8,8 @@ layer runs again from its recorded input with a graph (its frozen factors recomp
 same real input), and one batched backward takes every target through it at once. A layer's
 graph is the only one alive, and its attention probabilities are never held for more than one
 block of queries unless they are small (:func:`rules.frozen_mix`). The rules are the module
-forwards of target mode (:class:`Call`); nothing here knows a family.
+forwards of target mode (:class:`Call`); the family only says where the layers and the final
+norm are.
 
 The contribution of position ``i`` is ``grad_i . h_i`` at the first layer's input: every map
 before it (the embedding, Gemma's scaling) is linear per position, so this equals the
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .errors import DecompositionError
+from .families import Family
 from .patching import Patch, replace_method, restore_all
 from .session import Call, Session, argument, replace_hidden
 
@@ -62,10 +64,9 @@ class Capture:
     the cache: the real hidden states of what was generated. Replayable only if each layer
     returns a tensor that is, as it is, the next layer's (or the final norm's) input."""
 
-    def __init__(self, model: nn.Module) -> None:
-        base: Any = model.model
-        self.layers: list[nn.Module] = list(base.layers)
-        self.norm: nn.Module = base.norm
+    def __init__(self, model: nn.Module, family: Family) -> None:
+        self.layers = family.layers(model)
+        self.norm = family.final_norm(model)
         self.pieces: list[list[Tensor]] = [[] for _ in self.layers]
         self.usable = True
         self.previous: Tensor | None = None  # the last layer output, which the next call must receive
@@ -127,7 +128,7 @@ def record(
     return it instead of computing it (per-instance forward patches, restored afterwards): the
     pass only builds the layers' call arguments (masks, rotary embeddings) and the logits at the
     explained positions."""
-    base: Any = model.model
+    stock_layers, norm = session.family.layers(model), session.family.final_norm(model)
     layers: list[LayerCall] = []
     final: list[Tensor] = []
 
@@ -140,12 +141,12 @@ def record(
     def returning(output: Tensor) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         return lambda original: lambda *args, **kwargs: output
 
-    handles = [layer.register_forward_pre_hook(on_layer, with_kwargs=True) for layer in base.layers]
-    handles.append(base.norm.register_forward_pre_hook(on_norm, with_kwargs=True))
+    handles = [layer.register_forward_pre_hook(on_layer, with_kwargs=True) for layer in stock_layers]
+    handles.append(norm.register_forward_pre_hook(on_norm, with_kwargs=True))
     patches: list[Patch] = []
     try:
         if replay is not None:
-            for layer, output in zip(base.layers, replay, strict=True):
+            for layer, output in zip(stock_layers, replay, strict=True):
                 patches.append(replace_method(layer, "forward", returning(output)))
         with torch.no_grad(), session.running(call):
             run()
@@ -153,9 +154,9 @@ def record(
         restore_all(patches)
         for handle in handles:
             handle.remove()
-    if len(layers) != len(base.layers) or len(final) != 1 or call.logits is None:
+    if len(layers) != len(stock_layers) or len(final) != 1 or call.logits is None:
         raise DecompositionError(
-            f"the target-mode pass ran {len(layers)} of {len(base.layers)} decoder layers and the final "
+            f"the target-mode pass ran {len(layers)} of {len(stock_layers)} decoder layers and the final "
             f"norm {len(final)} time(s): the model's forward does not call its layers once each"
         )
     return Recorded(layers, final[0], call.logits)

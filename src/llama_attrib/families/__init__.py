@@ -1,8 +1,13 @@
-"""Per-architecture maps: which module plays which role, and what a family refuses.
+"""Per-architecture maps: where a model's modules are, which role each plays, and what a
+family refuses.
 
-A family names its modules by role (embedding, norm, attention, mlp, lm_head) and the
-exact stock classes it accepts. :func:`check` lists *every* problem before anything is
-touched, so a refusal never leaves a half-patched model.
+A family owns its model's topology (:class:`Topology`: the paths to the base model, its
+layers, embedding, final norm and LM head) and names the modules of a decoder layer by
+role (embedding, norm, attention, mlp, lm_head), with the exact stock classes it accepts and
+the rule each gets. Nothing outside this package names a module of the model: the engines
+ask the family (:meth:`Family.layers`, :meth:`Family.block`, :meth:`Family.head_weight`...).
+:func:`check` lists *every* problem before anything is touched, so a refusal never leaves a
+half-patched model.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .. import rules
+from .. import _compat, _offload, rules
 from .._offload import offloading_hook
 from ..errors import UnsupportedModelError, UnsupportedOptionError
 
@@ -29,12 +34,32 @@ STANDARD_LAYER = {
 
 
 @dataclass(frozen=True)
+class Topology:
+    """Where the modules of a causal LM are, as attribute paths: ``base`` from the model,
+    ``layers``, ``embedding`` and ``final_norm`` from the base, ``lm_head`` from the model."""
+
+    base: str = "model"
+    layers: str = "layers"
+    embedding: str = "embed_tokens"
+    final_norm: str = "norm"
+    lm_head: str = "lm_head"
+
+
+MLPRule = rules.GatedMLP | rules.SparseMoE
+
+
+@dataclass(frozen=True)
 class Family:
     """A declarative map of one architecture: which module plays which role, and how.
 
     ``classes``: role -> the stock class names accepted (anything else is refused);
+    ``topology``: where the layers, embedding, final norm and LM head are;
     ``layer_roles``: decoder-layer attribute -> role, in the order the layer uses them;
     ``attention`` / ``mlp``: the rules' maps (which projection is the value, the gate...);
+    ``mlps``: MLP class name -> its rule, where a family mixes kinds of MLP (dense layers
+    between sparse ones); ``logits_scaling``: the config attribute the LM head's output is
+    divided by (Granite), which the components then are too; ``residual_multiplier``: the
+    config attribute each block's output is multiplied by before the residual add (Granite);
     ``norm_offset``: 1 for norms that scale by ``1 + weight``; ``inner``: classes allowed
     inside the attention and MLP besides ``nn.Linear`` (q/k norms, routers);
     ``checks``: what the family refuses beyond the common checks; ``notes``: what it needed.
@@ -43,13 +68,17 @@ class Family:
     name: str
     model_classes: tuple[str, ...]
     classes: dict[str, tuple[str, ...]]
+    topology: Topology = field(default_factory=Topology)
     layer_roles: dict[str, str] = field(default_factory=lambda: dict(STANDARD_LAYER))
     attention: rules.Attention = field(default_factory=rules.Attention)
-    mlp: rules.GatedMLP | rules.SparseMoE = field(
+    mlp: MLPRule = field(
         default_factory=lambda: rules.GatedMLP(
             rules.Proj("gate_proj"), rules.Proj("up_proj"), rules.Proj("down_proj")
         )
     )
+    mlps: dict[str, MLPRule] = field(default_factory=dict)
+    logits_scaling: str | None = None
+    residual_multiplier: str | None = None
     norm_offset: float = 0.0
     # role -> the decoder-layer norm applied to that block's output before the residual add
     # (OLMo 2 and Gemma's post-norms; Llama's ``post_attention_layernorm`` is a pre-norm)
@@ -57,6 +86,71 @@ class Family:
     inner: tuple[str, ...] = ()
     checks: Callable[[nn.Module], list[str]] | None = None
     notes: str = ""
+
+    # -- the topology: every module the engines touch, found here and nowhere else --------
+    def base(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.topology.base)
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        layers: Any = self.base(model).get_submodule(self.topology.layers)
+        return list(layers)
+
+    def embedding(self, model: nn.Module) -> nn.Module:
+        return self.base(model).get_submodule(self.topology.embedding)
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return self.base(model).get_submodule(self.topology.final_norm)
+
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        return model.get_submodule(self.topology.lm_head)
+
+    def layer_modules(self, layer: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+        """``(attribute, role, module)`` of a decoder layer, in :attr:`layer_roles`' order."""
+        for attr, role in self.layer_roles.items():
+            module = _compat.layer_attribute(layer, attr)
+            if module is None:
+                raise UnsupportedModelError([f"{type(layer).__name__} has no {attr!r} ({self.name} family)"])
+            yield attr, role, module
+
+    def block(self, layer: nn.Module, role: str) -> nn.Module:
+        """A decoder layer's attention or MLP (``role``: :data:`ATTENTION` or :data:`MLP`)."""
+        for _, found, module in self.layer_modules(layer):
+            if found == role:
+                return module
+        raise UnsupportedModelError([f"{type(layer).__name__} has no {role} ({self.name} family)"])
+
+    def mlp_rule(self, module: nn.Module) -> MLPRule:
+        """The rule of one MLP module: by its class where the family mixes kinds."""
+        return self.mlps.get(type(module).__name__, self.mlp)
+
+    def head_dim(self, attention: nn.Module) -> int:
+        """The size of one attention head of an attention module."""
+        return int(attention.head_dim)  # type: ignore[arg-type]
+
+    # -- the logits ------------------------------------------------------------------------
+    def logit_scale(self, model: nn.Module) -> float:
+        """What the LM head's output is multiplied by before it is a logit (1 but for a
+        ``logits_scaling`` family): a linear map, so the components get it too."""
+        if self.logits_scaling is None:
+            return 1.0
+        return 1.0 / float(getattr(model.config, self.logits_scaling))
+
+    def head_weight(self, model: nn.Module) -> Tensor:
+        """The LM head's weight as the logits see it (with :meth:`logit_scale`)."""
+        weight = _offload.weight(self.lm_head(model))
+        scale = self.logit_scale(model)
+        return weight if scale == 1.0 else weight * scale
+
+    def residual_scale(self, model: nn.Module) -> float:
+        """What each block's output is multiplied by before it joins the residual stream."""
+        if self.residual_multiplier is None:
+            return 1.0
+        return float(getattr(model.config, self.residual_multiplier))
+
+    def final_softcap(self, model: nn.Module) -> float | None:
+        """The final-logit soft-cap (Gemma): components sum to the logit before it."""
+        value = getattr(model.config, "final_logit_softcapping", None)
+        return float(value) if value else None
 
 
 def standard(prefix: str, **kwargs: Any) -> Family:
@@ -73,8 +167,6 @@ def standard(prefix: str, **kwargs: Any) -> Family:
 
 
 FAMILIES: dict[str, Family] = {}
-# A layer attribute's name in the other supported transformers version.
-ALTERNATIVES = {"mlp": "block_sparse_moe"}
 
 
 def register_family(family: Family) -> Family:
@@ -99,20 +191,12 @@ def family_of(model: nn.Module) -> Family:
 
 def roles(model: nn.Module, family: Family) -> Iterator[tuple[str, nn.Module]]:
     """Every module to patch, with its role: embedding, the layers' modules, norm, head."""
-    base: Any = model.model
-    yield EMBEDDING, base.embed_tokens
-    for layer in base.layers:
-        for attr, role in family.layer_roles.items():
-            module = getattr(layer, attr, None)
-            if module is None and attr in ALTERNATIVES:
-                module = getattr(layer, ALTERNATIVES[attr], None)
-            if module is None:
-                raise UnsupportedModelError(
-                    [f"{type(layer).__name__} has no {attr!r} ({family.name} family)"]
-                )
+    yield EMBEDDING, family.embedding(model)
+    for layer in family.layers(model):
+        for _, role, module in family.layer_modules(layer):
             yield role, module
-    yield NORM, base.norm
-    yield LM_HEAD, model.get_submodule("lm_head")
+    yield NORM, family.final_norm(model)
+    yield LM_HEAD, family.lm_head(model)
 
 
 def check(model: nn.Module) -> Family:
@@ -147,12 +231,23 @@ def _config_problems(model: nn.Module) -> list[str]:
 def _module_problems(model: nn.Module, family: Family) -> list[str]:
     problems = list(family.checks(model)) if family.checks else []
     names = {id(m): n for n, m in model.named_modules()}
+    inline = False  # an attention computed inline, reported once
     for role, module in roles(model, family):
         where = names.get(id(module), "?")
         expected = family.classes.get(role, ())
         if role != LM_HEAD and type(module).__name__ not in expected:
             problems.append(
                 f"{where}: expected the stock {' or '.join(expected)}, found {type(module).__name__}"
+            )
+            continue
+        if role == ATTENTION and not _compat.uses_attention_interface(module):
+            if inline:
+                continue
+            inline = True
+            problems.append(
+                f"{where}: {type(module).__name__} computes its attention inline in transformers "
+                f"{_compat.TRANSFORMERS_VERSION}, not through the attention interface llama_attrib reads "
+                "the probabilities from: upgrade transformers to 5.x"
             )
             continue
         inner = [("", module)] if role == LM_HEAD else []
@@ -188,12 +283,6 @@ def component_dtype(model: nn.Module) -> torch.dtype:
     """Components accumulate in float32 when the model runs in half precision."""
     dtype = next(model.parameters()).dtype
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def final_softcap(model: nn.Module) -> float | None:
-    """The final-logit soft-cap (Gemma): components sum to the logit before it."""
-    value = getattr(model.config, "final_logit_softcapping", None)  # type: ignore[union-attr]
-    return float(value) if value else None
 
 
 def check_length(model: nn.Module, length: int) -> None:
