@@ -165,6 +165,11 @@ def tiny_tokenizer(kind: str = "bytelevel") -> Any:
     return tokenizer
 
 
+# modules whose output is a frozen factor's input or the factor itself: q/k, activations, routers
+DETACHED = ("q_proj", "k_proj", "act_fn", "activation_fn", "mlp.gate", "block_sparse_moe.gate")
+DETACHED += ("shared_expert_gate",)  # Qwen2-MoE's shared expert's sigmoid gate
+
+
 def _detach_output(module: nn.Module, args: Any, out: Any) -> Any:
     if isinstance(out, tuple):
         return tuple(o.detach() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
@@ -194,9 +199,7 @@ def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         kind = type(module).__name__
         if kind.endswith("RMSNorm") and not name.endswith(("q_norm", "k_norm")):
             handles.append(module.register_forward_hook(_frozen_norm))
-        elif name.endswith(
-            ("q_proj", "k_proj", "act_fn", "activation_fn", "mlp.gate", "block_sparse_moe.gate")
-        ):
+        elif name.endswith(DETACHED):
             handles.append(module.register_forward_hook(_detach_output))
         elif name.endswith("qkv_proj"):
             q_and_k = (
@@ -230,14 +233,18 @@ def gradient_x_input(
     Gradient x input of the logit with the frozen factors detached by forward hooks that know
     no formula: norm outputs become ``x * (out / x).detach()``; the q and k projections'
     outputs (Phi-3: the fused q/k rows), the MLP activation's output and the router's output
-    are detached. With q and k detached the attention probabilities are constants; everything
+    are detached (a shared expert's sigmoid gate too). With q and k detached the attention
+    probabilities are constants; everything
     else stays live. Gradient x input over the input embeddings gives each token's component;
     the logit minus their sum is what belongs to no token (the biases' share).
     """
     with frozen_factors(model) as head_out:
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
-        logit = head_out[-1][row, position, token].float()
+        out = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        # the logit as the model returns it; with a final soft-cap, the LM head's output before it
+        capped = getattr(model.config, "final_logit_softcapping", None)
+        logits = head_out[-1] if capped else out.logits
+        logit = logits[row, position, token].float()
         (grad,) = torch.autograd.grad(logit, embeds)
     components = (grad.float() * embeds.float()).sum(-1)[row].detach()
     value = float(logit.detach())

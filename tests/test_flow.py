@@ -48,7 +48,11 @@ def direct_logit_attribution(model: nn.Module, name: str, ids: torch.Tensor, tok
     finally:
         for h in hooks:
             h.remove()
-    read = model.lm_head.weight[token].detach().float() * seen["final"]
+    # Granite (from its modeling code): each block's output joins the residual stream times
+    # residual_multiplier, and the LM head's output is divided by logits_scaling
+    multiplier = float(getattr(model.config, "residual_multiplier", 1.0))
+    logit_scale = 1.0 / float(getattr(model.config, "logits_scaling", 1.0))
+    read = model.lm_head.weight[token].detach().float() * seen["final"] * logit_scale * multiplier
     parts = []
     for i, layer in enumerate(base.layers):
         attention = layer.self_attn
@@ -62,7 +66,7 @@ def direct_logit_attribution(model: nn.Module, name: str, ids: torch.Tensor, tok
             for h in range(z.numel() // hd)
         ]
         parts.append([*heads, float(seen[f"mlp{i}"] @ v_mlp)])
-    return {"parts": torch.tensor(parts), "logit": float(seen["logits"][token])}
+    return {"parts": torch.tensor(parts), "logit": float(seen["logits"][token]) * logit_scale}
 
 
 @pytest.mark.parametrize("name", ["llama", *FAMILIES])

@@ -296,7 +296,7 @@ def check_length(model: nn.Module, length: int) -> None:
 
 
 def _load_builtin() -> None:
-    from . import gemma, llama, mistral, mixtral, olmo2, phi3, qwen  # noqa: F401
+    from . import gemma, granite, llama, mistral, mixtral, olmo2, phi3, qwen, qwen_moe, smollm3  # noqa: F401
 
 
 _load_builtin()
