@@ -187,30 +187,68 @@ def _frozen_norm(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tenso
     return x.to(out.dtype) * ratio
 
 
+def _frozen_layer_norm(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    # LayerNorm's centring kept, its scale (out - bias) / (x - mean) frozen, its bias added
+    x = args[0]
+    centred = x - x.mean(-1, keepdim=True)
+    bias = 0.0 if module.bias is None else module.bias.detach()
+    safe = torch.where(centred == 0, torch.full_like(centred, 1e-20), centred).detach()
+    return centred * ((out - bias) / safe).detach() + bias
+
+
+def _frozen_ratio(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    # an activation without a gate: act(z) = z * (act(z) / z), the ratio frozen
+    x = args[0]
+    safe = torch.where(x == 0, torch.full_like(x, 1e-20), x).detach()
+    return x * (out / safe).detach()
+
+
+def _detach_queries_and_keys(heads: int, per_head: int, interleaved: bool) -> Any:
+    """A fused qkv projection's hook: the query and key outputs detached, the values live.
+    ``interleaved``: per head, its query, key and value (GPT-NeoX); else all queries, then all
+    keys, then all values (GPT-2, Phi-3)."""
+
+    def hook(m: nn.Module, a: Any, out: torch.Tensor) -> torch.Tensor:
+        if interleaved:
+            view = out.view(*out.shape[:-1], heads, 3 * per_head)
+            live = view[..., 2 * per_head :]
+            return torch.cat([view[..., : 2 * per_head].detach(), live], -1).view(out.shape)
+        n = out.shape[-1] - heads * per_head
+        return torch.cat([out[..., :n].detach(), out[..., n:]], -1)
+
+    return hook
+
+
 @contextmanager
 def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Forward hooks on the stock model that know no formula: norm outputs become
-    ``x * (out / x).detach()``; the q and k projections' outputs (Phi-3: the fused q/k rows),
-    the MLP activation's output and the router's output are detached. Yields the list the LM
-    head's outputs are appended to."""
+    """Forward hooks on the stock model that know no formula: RMSNorm outputs become
+    ``x * (out / x).detach()`` and LayerNorm outputs ``c * ((out - b) / c).detach() + b``
+    (``c`` the centred input, ``b`` the bias); a gate-less MLP activation's output becomes
+    ``z * (act(z) / z).detach()``; the q and k projections' outputs (a fused projection's
+    q/k rows), a gated MLP activation's output and the router's output are detached. Yields
+    the list the LM head's outputs are appended to."""
     handles = []
     head_out: list[torch.Tensor] = []
+    config = model.config
     for name, module in model.named_modules():
         kind = type(module).__name__
         if kind.endswith("RMSNorm") and not name.endswith(("q_norm", "k_norm")):
             handles.append(module.register_forward_hook(_frozen_norm))
+        elif kind == "LayerNorm":
+            handles.append(module.register_forward_hook(_frozen_layer_norm))
+        elif name.endswith("mlp.act"):  # GPT-2 and GPT-NeoX name a gate-less activation so
+            handles.append(module.register_forward_hook(_frozen_ratio))
+        elif name.endswith(("query_key_value", "attn.c_attn")):
+            heads = config.num_attention_heads
+            hook = _detach_queries_and_keys(heads, config.hidden_size // heads, name.endswith("key_value"))
+            handles.append(module.register_forward_hook(hook))
         elif name.endswith(DETACHED):
             handles.append(module.register_forward_hook(_detach_output))
-        elif name.endswith("qkv_proj"):
-            q_and_k = (
-                model.config.num_attention_heads + model.config.num_key_value_heads
-            ) * model.config.head_dim
-
-            def split(m: nn.Module, a: Any, out: torch.Tensor, n: int = q_and_k) -> torch.Tensor:
-                return torch.cat([out[..., :n].detach(), out[..., n:]], -1)
-
-            handles.append(module.register_forward_hook(split))
-    handles.append(model.lm_head.register_forward_hook(lambda m, a, out: head_out.append(out)))
+        elif name.endswith("qkv_proj"):  # Phi-3: queries, keys, then values of the kv heads
+            kv = config.num_key_value_heads
+            handles.append(module.register_forward_hook(_detach_queries_and_keys(kv, config.head_dim, False)))
+    head = model.get_output_embeddings()
+    handles.append(head.register_forward_hook(lambda m, a, out: head_out.append(out)))
     try:
         yield head_out
     finally:
@@ -238,14 +276,29 @@ def gradient_x_input(
     else stays live. Gradient x input over the input embeddings gives each token's component;
     the logit minus their sum is what belongs to no token (the biases' share).
     """
+    positions: list[torch.Tensor] = []  # learned position embeddings (GPT-2), as leaves
+
+    def position_leaf(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        positions.append(out.detach().requires_grad_(True))
+        return positions[-1]
+
+    learned = [m for n, m in model.named_modules() if n.endswith(".wpe")]
     with frozen_factors(model) as head_out:
+        handles = [m.register_forward_hook(position_leaf) for m in learned]
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-        out = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        try:
+            out = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
         # the logit as the model returns it; with a final soft-cap, the LM head's output before it
         capped = getattr(model.config, "final_logit_softcapping", None)
         logits = head_out[-1] if capped else out.logits
         logit = logits[row, position, token].float()
-        (grad,) = torch.autograd.grad(logit, embeds)
-    components = (grad.float() * embeds.float()).sum(-1)[row].detach()
+        grads = torch.autograd.grad(logit, [embeds, *positions])
+    components = (grads[0].float() * embeds.float()).sum(-1)[row].detach()
+    for leaf, grad in zip(positions, grads[1:], strict=True):  # a position's embedding is its token's
+        per_position = (grad.float() * leaf.float()).sum(-1)
+        components = components + per_position[min(row, per_position.shape[0] - 1)].detach()
     value = float(logit.detach())
     return components, value - float(components.sum()), value

@@ -62,12 +62,16 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "logits_scaling": 4.0,
     },
     "smollm3": {"no_rope_layers": [1, 0]},  # layer 1 without rope
+    # parallel residual, rotary on a quarter of each head, LayerNorms, GELU, biases
+    "gpt_neox": {"num_key_value_heads": 4, "rotary_pct": 0.25, "use_parallel_residual": True},
+    # learned positions, Conv1D, LayerNorms, GELU (tanh), biases
+    "gpt2": {"num_key_value_heads": 4, "n_inner": 64},
 }
 GEN = {"max_new_tokens": 4, "do_sample": False, "return_dict_in_generate": True}
 
 
 def family_model(name: str, attn: str = "eager") -> nn.Module:
-    config = AutoConfig.for_model(name, **BASE, **FAMILIES[name])
+    config = AutoConfig.for_model(name, **{**BASE, **FAMILIES[name]})
     config._attn_implementation = attn
     torch.manual_seed(len(name))
     model = AutoModelForCausalLM.from_config(config)

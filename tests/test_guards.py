@@ -16,12 +16,12 @@ from llama_attrib.errors import GeneratedTokenWarning
 
 def _drifting_norm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Break one rule: the norms' frozen factor 1% off, as a wrong rule for a new family would be."""
-    real = rules.norm_factor
+    real = rules.RMSNorm.factor
 
     def drifted(*args, **kwargs):  # type: ignore[no-untyped-def]
         return real(*args, **kwargs) * 1.01
 
-    monkeypatch.setattr(rules, "norm_factor", drifted)
+    monkeypatch.setattr(rules.RMSNorm, "factor", drifted)
 
 
 def test_forward_mode_guard_fires_when_components_drift(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""llama_attrib: exact per-token decomposition of a stock Hugging Face LlamaForCausalLM.
+"""llama_attrib: exact per-token decomposition of a stock Hugging Face causal LM (docs/families.md).
 
 >>> model = llama_attrib.wrap(model)
 >>> out = model.generate(ids, decompose=True, use_cache=True,

@@ -12,14 +12,18 @@ from torch import Tensor, nn
 TRANSFORMERS_VERSION = Version(transformers.__version__)
 SUPPORTED_RANGE = ">=4.57,<5.40"
 
+# Whether every attention passes its ``scaling`` to the attention function (4.x GPT-2 does
+# not: its eager function applies scale_attn_by_inverse_layer_idx itself, SDPA ignores it).
+ATTENTION_SCALING_PASSED = Version("5.0") <= TRANSFORMERS_VERSION
+
 # transformers renamed the cache keyword from ``past_key_values`` to ``cache`` in 5.24
 # (the old name is still accepted, with a FutureWarning, until 5.40).
 CACHE_KEYWORDS = ("cache", "past_key_values")
 
 
-def find_cache(kwargs: dict[str, Any]) -> Any:
-    """The cache object passed under either of its names, or None."""
-    for key in CACHE_KEYWORDS:
+def find_cache(kwargs: dict[str, Any], keywords: tuple[str, ...] = CACHE_KEYWORDS) -> Any:
+    """The cache object passed under any of its names, or None."""
+    for key in keywords:
         value = kwargs.get(key)
         if value is not None:
             return value
@@ -41,15 +45,16 @@ def uses_attention_interface(attention: Any) -> bool:
     return hasattr(sys.modules.get(type(attention).__module__), "ALL_ATTENTION_FUNCTIONS")
 
 
-# A decoder layer's attribute under its other name in 4.x (Mixtral's ``block_sparse_moe``).
-LAYER_ALIASES = {"mlp": "block_sparse_moe"}
+# A module's name in 4.x where 5.x renamed it: Mixtral's ``block_sparse_moe``, GPT-NeoX's
+# ``embed_out`` (the LM head).
+RENAMED = {"mlp": "block_sparse_moe", "lm_head": "embed_out"}
 
 
-def layer_attribute(layer: Any, attr: str) -> Any:
-    """A decoder layer's module ``attr``, under either version's name; None if absent."""
-    module = getattr(layer, attr, None)
-    if module is None and attr in LAYER_ALIASES:
-        module = getattr(layer, LAYER_ALIASES[attr], None)
+def attribute(owner: Any, attr: str) -> Any:
+    """``owner``'s module ``attr``, under either version's name; None if absent."""
+    module = getattr(owner, attr, None)
+    if module is None and attr in RENAMED:
+        module = getattr(owner, RENAMED[attr], None)
     return module
 
 

@@ -40,7 +40,8 @@ class Flow:
     belongs to no token (zero without biases); ``stream [layers + 1, sources]``: the residual
     stream at ``position`` before the first layer and after each layer, read through the final
     norm and head (how each token's contribution builds up); ``logit``: the real logit (before
-    a final soft-cap), which ``scores.sum() + embedding.sum() + bias.sum()`` equals.
+    a final soft-cap), which ``scores.sum() + embedding.sum() + bias.sum() + final_bias``
+    equals; ``final_bias``: the final norm's bias read by the head (a LayerNorm's; else 0).
     """
 
     scores: Tensor
@@ -52,6 +53,7 @@ class Flow:
     target: Any
     position: int
     labels: list[str] = field(default_factory=list)
+    final_bias: float = 0.0
 
     @property
     def layers(self) -> int:
@@ -113,10 +115,11 @@ class Flow:
         return out
 
     def table(self, k: int = 10) -> str:
-        total = float(self.scores.sum() + self.embedding.sum() + self.bias.sum())
+        bias = float(self.bias.sum()) + self.final_bias
+        total = float(self.scores.sum() + self.embedding.sum()) + bias
         lines = [
             f"logit {self.logit:.4f} = paths {float(self.scores.sum()):.4f} + embeddings "
-            f"{float(self.embedding.sum()):.4f} + bias {float(self.bias.sum()):.4f} ({total:.4f})",
+            f"{float(self.embedding.sum()):.4f} + bias {bias:.4f} ({total:.4f})",
             f"{'source':>16}  {'layer':>5}  {'part':>7}  {'score':>9}",
         ]
         for source, layer, part, score in self.top_paths(k):
@@ -299,8 +302,13 @@ def _assemble(
     else:
         row, logit = weight[int(target)], float(logits[int(target)])
     first = chunks[0][0]
-    final_norm = first.norm[id(family.final_norm(model))]
-    read = row.to(final_norm.device) * final_norm[0].float()  # [hidden]
+    final_norm = family.final_norm(model)
+    factor = first.norm[id(final_norm)][0].float()
+    read = rules.norm_read(family.norm, factor, row.to(factor.device))  # [hidden]
+    final_bias = family.norm.bias(final_norm)
+    final_bias_share = (
+        0.0 if final_bias is None else float(row.to(factor.device) @ final_bias.float().to(factor))
+    )
     block_scale = family.residual_scale(model)
     scores_parts, embedding_parts, stream_parts = [], [], []
     bias = None
@@ -311,9 +319,11 @@ def _assemble(
             attention, mlp = family.block(layer, families.ATTENTION), family.block(layer, families.MLP)
             v_attn, v_mlp = read * block_scale, read * block_scale
             if "attention" in family.post_norms:
-                v_attn = read * record.norm[id(getattr(layer, family.post_norms["attention"]))][0].float()
+                post = record.norm[id(getattr(layer, family.post_norms["attention"]))][0].float()
+                v_attn = rules.norm_read(family.norm, post, read)
             if "mlp" in family.post_norms:
-                v_mlp = read * record.norm[id(getattr(layer, family.post_norms["mlp"]))][0].float()
+                post = record.norm[id(getattr(layer, family.post_norms["mlp"]))][0].float()
+                v_mlp = rules.norm_read(family.norm, post, read)
             w_o = family.attention.out.weight(attention).float()  # [hidden, heads*hd]
             u = w_o.T.to(v_attn) @ v_attn  # [heads*hd]
             mixed, mixed_bias = record.attention[id(attention)]
@@ -346,8 +356,10 @@ def _assemble(
     scores = torch.cat(scores_parts).cpu()
     embedding = torch.cat(embedding_parts).cpu()
     stream = torch.cat(stream_parts, 1).cpu()
-    result = Flow(scores, embedding, bias.cpu(), stream, stream_bias, logit, target, position, labels)
-    total = float(scores.sum() + embedding.sum() + result.bias.sum())
+    result = Flow(
+        scores, embedding, bias.cpu(), stream, stream_bias, logit, target, position, labels, final_bias_share
+    )
+    total = float(scores.sum() + embedding.sum() + result.bias.sum()) + final_bias_share
     scale = float(logits.float().abs().max())
     # the guard of the per-token decomposition; for a half-precision logit, the model's rounding
     if not abs(total - logit) <= tolerance(logits.dtype) * scale + 1e-6:

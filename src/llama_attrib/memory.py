@@ -57,7 +57,11 @@ class Shape:
             hidden=int(config.hidden_size),
             heads=heads,
             kv_dim=kv * head_dim,
-            intermediate=int(config.intermediate_size),
+            intermediate=int(
+                getattr(config, "intermediate_size", None)
+                or getattr(config, "n_inner", None)  # GPT-2; None there means 4 x hidden
+                or 4 * int(config.hidden_size)
+            ),
             vocab=int(config.vocab_size),
         )
 

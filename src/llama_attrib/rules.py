@@ -220,16 +220,21 @@ def _additive_mask(
 @dataclass(frozen=True)
 class Proj:
     """A linear map of a module, as a family names it: the ``nn.Linear`` at ``attr``, or
-    some of its output rows (``rows(owner)``: a fused projection such as Phi-3's qkv)."""
+    some of its output rows (``rows(owner)``: a slice or an index tensor, for a fused
+    projection such as Phi-3's qkv or GPT-NeoX's per-head interleaved one). ``transposed``:
+    the weight is stored ``[in, out]`` (GPT-2's ``Conv1D``)."""
 
     attr: str
-    rows: Callable[[nn.Module], slice] | None = None
+    rows: Callable[[nn.Module], slice | Tensor] | None = None
+    transposed: bool = False
 
     def of(self, owner: nn.Module) -> nn.Module:
         return owner.get_submodule(self.attr)
 
     def weight(self, owner: nn.Module) -> Tensor:
+        """``[out, in]``, as ``F.linear`` takes it."""
         w = _offload.weight(self.of(owner))
+        w = w.T if self.transposed else w
         return w if self.rows is None else w[self.rows(owner)]
 
     def bias(self, owner: nn.Module) -> Tensor | None:
@@ -257,13 +262,62 @@ def _eps(module: nn.Module) -> float:
     raise DecompositionError(f"{type(module).__name__} has no epsilon (variance_epsilon or eps)")
 
 
-@torch.no_grad()
-def norm_factor(module: nn.Module, real: Tensor, dtype: torch.dtype, offset: float = 0.0) -> Tensor:
-    """RMSNorm as ``x * factor``: ``factor = (offset + weight) / rms(real)``, ``[B, q, hidden]``.
-    ``offset`` is 1 for the norms that scale by ``1 + weight`` (Gemma)."""
-    variance = real.to(torch.float32).pow(2).mean(-1, keepdim=True)
-    weight = _offload.weight(module).to(device=real.device, dtype=torch.float32) + offset
-    return (torch.rsqrt(variance + _eps(module)) * weight).to(dtype)
+@dataclass(frozen=True)
+class RMSNorm:
+    """``x * (offset + weight) / rms(x)``, the scale frozen: ``x * factor``. ``offset`` is 1
+    for the norms that scale by ``1 + weight`` (Gemma)."""
+
+    offset: float = 0.0
+
+    @torch.no_grad()
+    def factor(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[B, q, hidden]``: ``(offset + weight) / rms(real)``."""
+        variance = real.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        weight = _offload.weight(module).to(device=real.device, dtype=torch.float32) + self.offset
+        return (torch.rsqrt(variance + _eps(module)) * weight).to(dtype)
+
+    def apply(self, factor: Tensor, x: Tensor, t0: int = 0) -> Tensor:
+        return scale(x, factor, t0)
+
+    def bias(self, module: nn.Module) -> Tensor | None:
+        return None
+
+
+@dataclass(frozen=True)
+class LayerNorm:
+    """``(x - mean(x)) * weight / std(x) + bias``: the centring is linear (each component is
+    centred), the scale ``weight / std(real)`` is the frozen factor, the bias a bias share."""
+
+    @torch.no_grad()
+    def factor(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[B, q, hidden]``: ``weight / sqrt(var(real) + eps)``."""
+        variance = real.to(torch.float32).var(-1, unbiased=False, keepdim=True)
+        weight = getattr(module, "weight", None)
+        inverse = torch.rsqrt(variance + _eps(module))
+        if weight is None:
+            return inverse.expand(real.shape).to(dtype)
+        return (inverse * _offload.weight(module).to(device=real.device, dtype=torch.float32)).to(dtype)
+
+    def apply(self, factor: Tensor, x: Tensor, t0: int = 0) -> Tensor:
+        return scale(x - x.mean(-1, keepdim=True), factor, t0)
+
+    def bias(self, module: nn.Module) -> Tensor | None:
+        b = getattr(module, "bias", None)
+        return b.detach() if isinstance(b, Tensor) else None
+
+    def read(self, factor: Tensor, vector: Tensor) -> Tensor:
+        """The transpose of :meth:`apply` on a read-out ``vector``."""
+        v = vector * factor
+        return v - v.mean(-1, keepdim=True)
+
+
+Norm = RMSNorm | LayerNorm
+
+
+def norm_read(rule: Norm, factor: Tensor, vector: Tensor) -> Tensor:
+    """What a read-out ``vector`` of a norm's output reads of its input (the linear part's
+    transpose): ``vector * factor``, centred for a LayerNorm."""
+    return rule.read(factor, vector) if isinstance(rule, LayerNorm) else vector * factor
 
 
 def scale(x: Tensor, factor: Tensor, t0: int = 0) -> Tensor:
@@ -297,6 +351,43 @@ class GatedMLP:
         out = gate.new_zeros((*gate.shape[:-1], self.down.weight(module).shape[0]))
         if b_up is not None:
             out = out + self.down.linear(module, gate * b_up.to(gate))
+        return out if b_down is None else out + b_down.to(out)
+
+    def width(self, module: nn.Module) -> int:
+        return 2 * int(self.up.weight(module).shape[0])
+
+
+@dataclass(frozen=True)
+class MLP:
+    """``down(act(up(x)))`` without a gate (GPT-2, GPT-NeoX): ``act(z)`` is ``z * (act(z) / z)``
+    with the ratio frozen (for the GELU, exactly ``Phi(z)``); ``up``'s bias reaches the output
+    through the frozen ratio, as the bias share."""
+
+    up: Proj
+    down: Proj
+    act: str = "act"
+
+    @torch.no_grad()
+    def factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> Tensor:
+        act: Callable[[Tensor], Tensor] = getattr(module, self.act)
+        z = self.up.affine(module, real).to(torch.float32)
+        # at z = 0 the ratio is its limit, the activation's slope there (a centred difference)
+        tiny = torch.full_like(z, 1e-4)
+        slope = (act(tiny) - act(-tiny)) / (2 * tiny)
+        ratio = torch.where(z == 0, slope, act(z) / torch.where(z == 0, tiny, z))
+        return ratio.to(dtype)
+
+    def apply(self, module: nn.Module, ratio: Tensor, x: Tensor, t0: int = 0) -> Tensor:
+        return self.down.linear(module, scale(self.up.linear(module, x), ratio, t0))
+
+    def bias(self, module: nn.Module, ratio: Tensor) -> Tensor | None:
+        """The output's bias share ``down(ratio * b_up) + b_down`` (None without biases)."""
+        b_up, b_down = self.up.bias(module), self.down.bias(module)
+        if b_up is None and b_down is None:
+            return None
+        out = ratio.new_zeros((*ratio.shape[:-1], self.down.weight(module).shape[0]))
+        if b_up is not None:
+            out = out + self.down.linear(module, ratio * b_up.to(ratio))
         return out if b_down is None else out + b_down.to(out)
 
     def width(self, module: nn.Module) -> int:

@@ -204,19 +204,23 @@ class Session:
         return forward
 
     def _norm(self, module: nn.Module, original: Forward) -> Forward:
-        offset = self.family.norm_offset
+        rule = self.family.norm
+        bias = rule.bias(module)
 
         def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
-            if self._current("target") is not None:
-                return rules.scale(x, rules.norm_factor(module, x.detach(), x.dtype, offset))
+            if (call := self._current("target")) is not None:
+                out = rule.apply(rule.factor(module, x.detach(), x.dtype), x)
+                return out if bias is None else out + call.bias_leaf(bias.to(out).expand_as(out))
             if (call := self._current("forward")) is None:
                 return original(x, *args, **kwargs)
             real, comps, residual = split(x)
-            factor = rules.norm_factor(module, real, comps.dtype, offset)
+            factor = rule.factor(module, real, comps.dtype)
             if call.flow is not None:
                 call.flow.norm[id(module)] = factor[:, call.flow.position].clone()
-            res = None if residual is None else rules.scale(residual, factor)
-            return DecomposedTensor.wrap(original(real, *args, **kwargs), rules.scale(comps, factor), res)
+            res = None if residual is None else rule.apply(factor, residual)
+            if bias is not None:
+                res = bias.to(comps).expand(real.shape) + (0 if res is None else res)
+            return DecomposedTensor.wrap(original(real, *args, **kwargs), rule.apply(factor, comps), res)
 
         return forward
 
@@ -302,7 +306,8 @@ class Session:
                 return original(*args, **kwargs)
             real, comps, residual = split(argument(args, kwargs, "hidden_states", 0))
             args, kwargs = replace_hidden(args, kwargs, real)
-            cache = self.value_cache(int(module.layer_idx), find_cache(kwargs))  # type: ignore[arg-type]
+            found = find_cache(kwargs, self.family.cache_keywords())
+            cache = self.value_cache(int(module.layer_idx), found)  # type: ignore[arg-type]
             (out, weights), scores = stock(args, kwargs, skip=False)
             record = None if call.flow is None else call.flow.recorder(module)
             comps_out, res = rules.attention(

@@ -156,6 +156,18 @@ def _getitem(t: DecomposedTensor, index: Any) -> DecomposedTensor:
     return DecomposedTensor.wrap(t.base[index], t.components[comp_index], residual)
 
 
+@_handles(torch.Tensor.view, torch.Tensor.reshape)
+def _view(t: DecomposedTensor, *shape: Any) -> DecomposedTensor:
+    """A new shape (GPT-2 views the final hidden state as ``(-1, seq, hidden)``): each
+    component and the bias share take the real tensor's new shape."""
+    real = t.base.reshape(*shape) if not shape or not isinstance(shape[0], torch.dtype) else None
+    if real is None:
+        raise DecompositionError("the decomposed hidden state was reinterpreted as another dtype")
+    components = t.components.reshape(t.components.shape[0], *real.shape)
+    residual = None if t.residual is None else t.residual.reshape(real.shape)
+    return DecomposedTensor.wrap(real, components, residual)
+
+
 @_handles(torch.Tensor.to)
 def _to(t: DecomposedTensor, *args: Any, **kwargs: Any) -> DecomposedTensor:
     """Moves follow the real tensor's device; components keep their own precision."""

@@ -35,17 +35,21 @@ STANDARD_LAYER = {
 
 @dataclass(frozen=True)
 class Topology:
-    """Where the modules of a causal LM are, as attribute paths: ``base`` from the model,
-    ``layers``, ``embedding`` and ``final_norm`` from the base, ``lm_head`` from the model."""
+    """Where the modules of a causal LM are, as attribute names: ``base`` on the model;
+    ``layers``, ``embedding``, ``positions`` (learned position embeddings, if any) and
+    ``final_norm`` on the base; ``lm_head`` on the model. ``cache``: the keyword under which a
+    decoder layer hands its attention the cache, where it has its own name."""
 
     base: str = "model"
     layers: str = "layers"
     embedding: str = "embed_tokens"
+    positions: str | None = None
     final_norm: str = "norm"
     lm_head: str = "lm_head"
+    cache: str | None = None
 
 
-MLPRule = rules.GatedMLP | rules.SparseMoE
+MLPRule = rules.GatedMLP | rules.SparseMoE | rules.MLP
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,8 @@ class Family:
     between sparse ones); ``logits_scaling``: the config attribute the LM head's output is
     divided by (Granite), which the components then are too; ``residual_multiplier``: the
     config attribute each block's output is multiplied by before the residual add (Granite);
-    ``norm_offset``: 1 for norms that scale by ``1 + weight``; ``inner``: classes allowed
+    ``norm``: the rule of every norm (:class:`rules.RMSNorm`, with an offset of 1 for norms
+    that scale by ``1 + weight``, or :class:`rules.LayerNorm`); ``inner``: classes allowed
     inside the attention and MLP besides ``nn.Linear`` (q/k norms, routers);
     ``checks``: what the family refuses beyond the common checks; ``notes``: what it needed.
     """
@@ -79,7 +84,7 @@ class Family:
     mlps: dict[str, MLPRule] = field(default_factory=dict)
     logits_scaling: str | None = None
     residual_multiplier: str | None = None
-    norm_offset: float = 0.0
+    norm: rules.Norm = field(default_factory=rules.RMSNorm)
     # role -> the decoder-layer norm applied to that block's output before the residual add
     # (OLMo 2 and Gemma's post-norms; Llama's ``post_attention_layernorm`` is a pre-norm)
     post_norms: dict[str, str] = field(default_factory=dict)
@@ -88,29 +93,44 @@ class Family:
     notes: str = ""
 
     # -- the topology: every module the engines touch, found here and nowhere else --------
+    def _find(self, owner: nn.Module, attr: str) -> Any:
+        module = _compat.attribute(owner, attr)
+        if module is None:
+            raise UnsupportedModelError([f"{type(owner).__name__} has no {attr!r} ({self.name} family)"])
+        return module
+
     def base(self, model: nn.Module) -> nn.Module:
-        return model.get_submodule(self.topology.base)
+        return self._find(model, self.topology.base)  # type: ignore[no-any-return]
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
-        layers: Any = self.base(model).get_submodule(self.topology.layers)
-        return list(layers)
+        return list(self._find(self.base(model), self.topology.layers))
 
     def embedding(self, model: nn.Module) -> nn.Module:
-        return self.base(model).get_submodule(self.topology.embedding)
+        return self._find(self.base(model), self.topology.embedding)  # type: ignore[no-any-return]
+
+    def embeddings(self, model: nn.Module) -> list[nn.Module]:
+        """The token embedding and, where the model learns them, the position embeddings: a
+        position's embedding belongs to the token at that position."""
+        found = [self.embedding(model)]
+        if self.topology.positions is not None:
+            found.append(self._find(self.base(model), self.topology.positions))
+        return found
 
     def final_norm(self, model: nn.Module) -> nn.Module:
-        return self.base(model).get_submodule(self.topology.final_norm)
+        return self._find(self.base(model), self.topology.final_norm)  # type: ignore[no-any-return]
 
     def lm_head(self, model: nn.Module) -> nn.Module:
-        return model.get_submodule(self.topology.lm_head)
+        return self._find(model, self.topology.lm_head)  # type: ignore[no-any-return]
+
+    def cache_keywords(self) -> tuple[str, ...]:
+        """The keywords a decoder layer may pass its attention the cache under."""
+        own = () if self.topology.cache is None else (self.topology.cache,)
+        return (*own, *_compat.CACHE_KEYWORDS)
 
     def layer_modules(self, layer: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
         """``(attribute, role, module)`` of a decoder layer, in :attr:`layer_roles`' order."""
         for attr, role in self.layer_roles.items():
-            module = _compat.layer_attribute(layer, attr)
-            if module is None:
-                raise UnsupportedModelError([f"{type(layer).__name__} has no {attr!r} ({self.name} family)"])
-            yield attr, role, module
+            yield attr, role, self._find(layer, attr)
 
     def block(self, layer: nn.Module, role: str) -> nn.Module:
         """A decoder layer's attention or MLP (``role``: :data:`ATTENTION` or :data:`MLP`)."""
@@ -125,7 +145,10 @@ class Family:
 
     def head_dim(self, attention: nn.Module) -> int:
         """The size of one attention head of an attention module."""
-        return int(attention.head_dim)  # type: ignore[arg-type]
+        size = getattr(attention, "head_dim", None) or getattr(attention, "head_size", None)
+        if size is None:
+            raise UnsupportedModelError([f"{type(attention).__name__} has no head_dim ({self.name} family)"])
+        return int(size)
 
     # -- the logits ------------------------------------------------------------------------
     def logit_scale(self, model: nn.Module) -> float:
@@ -191,7 +214,8 @@ def family_of(model: nn.Module) -> Family:
 
 def roles(model: nn.Module, family: Family) -> Iterator[tuple[str, nn.Module]]:
     """Every module to patch, with its role: embedding, the layers' modules, norm, head."""
-    yield EMBEDDING, family.embedding(model)
+    for embedding in family.embeddings(model):
+        yield EMBEDDING, embedding
     for layer in family.layers(model):
         for _, role, module in family.layer_modules(layer):
             yield role, module
@@ -296,7 +320,20 @@ def check_length(model: nn.Module, length: int) -> None:
 
 
 def _load_builtin() -> None:
-    from . import gemma, granite, llama, mistral, mixtral, olmo2, phi3, qwen, qwen_moe, smollm3  # noqa: F401
+    from . import (  # noqa: F401
+        gemma,
+        gpt2,
+        gpt_neox,
+        granite,
+        llama,
+        mistral,
+        mixtral,
+        olmo2,
+        phi3,
+        qwen,
+        qwen_moe,
+        smollm3,
+    )
 
 
 _load_builtin()

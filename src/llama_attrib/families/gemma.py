@@ -1,6 +1,7 @@
 """Gemma 2 and Gemma 3 (text): ``(1 + w)`` RMSNorms, scaled embeddings, sandwich norms,
 attention and final-logit soft-capping, sliding windows."""
 
+from .. import rules
 from . import ATTENTION, MLP, NORM, register_family, standard
 
 SANDWICH = {
@@ -22,7 +23,7 @@ GEMMA2 = register_family(
         classes={"embedding": ("Embedding", "Gemma2TextScaledWordEmbedding")},
         layer_roles=SANDWICH,
         post_norms={"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
-        norm_offset=1.0,
+        norm=rules.RMSNorm(offset=1.0),
         notes=NOTES,
     )
 )
@@ -32,7 +33,7 @@ GEMMA3 = register_family(
         classes={"embedding": ("Gemma3TextScaledWordEmbedding",)},
         layer_roles=SANDWICH,
         post_norms={"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"},
-        norm_offset=1.0,
+        norm=rules.RMSNorm(offset=1.0),
         inner=("Gemma3RMSNorm",),
         notes=NOTES + "; q/k norms inside the probabilities",
     )
