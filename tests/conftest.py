@@ -263,6 +263,7 @@ def gradient_x_input(
     row: int = 0,
     position: int = -1,
     attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float, float]:
     """The independent reference: ``(components [T], bias share, logit)`` of ``token``'s logit
     (before any final soft-cap) at ``position`` of batch row ``row``, on the stock (unwrapped)
@@ -287,7 +288,12 @@ def gradient_x_input(
         handles = [m.register_forward_hook(position_leaf) for m in learned]
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         try:
-            out = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+            out = model(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+            )
         finally:
             for h in handles:
                 h.remove()

@@ -112,6 +112,32 @@ def test_family_matches_the_independent_reference(name: str, mode: str) -> None:
             assert abs(bias) > 1e-3 * scale  # the biases have a share, and it is not a token's
 
 
+@pytest.mark.parametrize("mode", ["target", "forward"])
+@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3_moe", "gemma2", "gpt_neox", "gpt2"])
+def test_a_left_padded_batch_matches_the_reference(name: str, mode: str) -> None:
+    """Each row of a left-padded batch against the independent reference with the same mask and
+    positions: a sliding window over padding, a bias share at pad positions, pad rows through
+    the router, learned positions. The pads' components are exactly zero."""
+    model = family_model(name)
+    ids = torch.cat(
+        [prompt(9, seed=1), torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt(6, seed=2)], 1)]
+    )
+    mask = (torch.arange(9)[None] >= torch.tensor([[0], [3]])).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    (c,) = llama_attrib.decompose_sequence(model, ids, attention_mask=mask, position_ids=positions, mode=mode)
+    for row in (0, 1):
+        token = int(c.logits[row].argmax())
+        components, bias, logit = gradient_x_input(
+            model, ids, token, row=row, attention_mask=mask, position_ids=positions
+        )
+        got = c[row, token]
+        scale = float(c.logits[row].abs().max())
+        assert torch.allclose(got.components, components, atol=1e-5 * scale, rtol=0), (name, mode, row)
+        assert abs(float(got.residual) - bias) <= 1e-5 * scale
+        assert abs(float(got.components.sum() + got.residual) - logit) <= 1e-5 * scale
+    assert torch.equal(c[1, token].components[:3], torch.zeros(3))
+
+
 def test_sliding_window_is_shorter_than_the_prompt() -> None:
     """Mistral's window (4) binds on a 9-token prompt: the probabilities are those of the
     window, so decomposing with a full-attention model would give other numbers."""

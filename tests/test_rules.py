@@ -20,9 +20,9 @@ def test_chunked_and_unchunked_components_agree(monkeypatch: pytest.MonkeyPatch)
         "max_new_tokens": 3,
         "do_sample": False,
     }
-    monkeypatch.setattr(rules, "CHUNK_ELEMENTS", 1 << 40)  # one chunk: no triangle skipping
+    monkeypatch.setattr(rules.linear, "CHUNK_ELEMENTS", 1 << 40)  # one chunk: no triangle skipping
     whole = model.generate(ids, **options)
-    monkeypatch.setattr(rules, "CHUNK_ELEMENTS", 1)  # one component per chunk
+    monkeypatch.setattr(rules.linear, "CHUNK_ELEMENTS", 1)  # one component per chunk
     chunked = model.generate(ids, **options)
     assert torch.equal(whole.sequences, chunked.sequences)
     for a, b in zip(whole["attentions"], chunked["attentions"], strict=True):

@@ -33,9 +33,9 @@ def _all(model: nn.Module, ids: torch.Tensor, prompt_length: int, **kwargs: Any)
 def _uncut(monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole probability matrix of a layer in one block, kept for the backward; the MLP
     over every position at once."""
-    monkeypatch.setattr(rules, "BLOCK_BYTES", 1 << 40)
-    monkeypatch.setattr(rules, "KEEP_BYTES", 1 << 40)
-    monkeypatch.setattr(rules, "ROWS", 1 << 30)
+    monkeypatch.setattr(rules.scores, "BLOCK_BYTES", 1 << 40)
+    monkeypatch.setattr(rules.scores, "KEEP_BYTES", 1 << 40)
+    monkeypatch.setattr(rules.mlp, "ROWS", 1 << 30)
 
 
 def _uncut_reference(
@@ -49,17 +49,17 @@ def _uncut_reference(
 
 
 def _blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rules, "BLOCK_BYTES", 64)  # a row or two of queries per block
-    monkeypatch.setattr(rules, "KEEP_BYTES", 1 << 40)
+    monkeypatch.setattr(rules.scores, "BLOCK_BYTES", 64)  # a row or two of queries per block
+    monkeypatch.setattr(rules.scores, "KEEP_BYTES", 1 << 40)
 
 
 def _recomputed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rules, "BLOCK_BYTES", 256)
-    monkeypatch.setattr(rules, "KEEP_BYTES", 0)  # every block computed again in the backward
+    monkeypatch.setattr(rules.scores, "BLOCK_BYTES", 256)
+    monkeypatch.setattr(rules.scores, "KEEP_BYTES", 0)  # every block computed again in the backward
 
 
 def _pieces(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rules, "ROWS", 4)  # the MLP over 4 positions at a time
+    monkeypatch.setattr(rules.mlp, "ROWS", 4)  # the MLP over 4 positions at a time
 
 
 def _chunked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,7 +176,7 @@ def test_a_tight_budget_gets_smaller_blocks_not_more_sweeps(monkeypatch: pytest.
     components are those of the uncut computation. Below the smallest blocks' need: refused."""
     model = tiny_model()
     sequences, expected = _uncut_reference(model, monkeypatch)
-    monkeypatch.setattr(rules, "BLOCK_BYTES", 4096)  # a whole layer's probabilities are ~4 KiB
+    monkeypatch.setattr(rules.scores, "BLOCK_BYTES", 4096)  # a whole layer's probabilities are ~4 KiB
     monkeypatch.setattr(rules, "MIN_BLOCK_BYTES", 256)
     length = sequences.shape[1] - 1
     shape, cpu = memory.Shape.of(model), torch.device("cpu")
@@ -276,7 +276,7 @@ def test_the_stock_attention_output_is_the_forward_value(monkeypatch: pytest.Mon
     output as the value of the frozen mix (no probabilities computed until the backward)."""
     model = tiny_model()
     sequences, expected = _uncut_reference(model, monkeypatch)
-    monkeypatch.setattr(rules, "KEEP_BYTES", 0)
+    monkeypatch.setattr(rules.scores, "KEEP_BYTES", 0)
     rows, grad = [0, 0], torch.is_grad_enabled
     original = rules.Scores.rows
 

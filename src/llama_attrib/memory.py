@@ -124,20 +124,20 @@ class TargetSizes:
         # for the backward if it is small enough (else the stock attention's output is the
         # forward's value, and the backward computes them block by block)
         whole = batch * shape.heads * length * length * 4
-        block, keep = probabilities or (rules.block_bytes(device), rules.KEEP_BYTES)
+        block, keep = probabilities or (rules.block_bytes(device), rules.scores.KEEP_BYTES)
         blocks = 3 * min(block, whole) + (whole // 2 if whole // 2 <= keep else 0)
         # per target in a batched backward: its second gradient (out beside in), a gradient or
         # two of the layer's width and one of the values', and one MLP piece's temporaries
         work = (
             tokens * (3 * shape.hidden + shape.kv_dim)
-            + batch * min(length, rules.ROWS) * 2 * shape.intermediate
+            + batch * min(length, rules.mlp.ROWS) * 2 * shape.intermediate
         ) * item
         return TargetSizes(
             # the per-target terms are whole tensors freed as soon as they are used: they add up
             # to the measured growth as counted (the 8-layer shape at 4 to 32 targets per backward)
             graph=int(slack * (inputs + layer + blocks)),
             state=tokens * shape.hidden * item,  # a target's gradient between two layers
-            work=work,  # the MLP's backward runs in pieces of rules.ROWS positions
+            work=work,  # the MLP's backward runs in pieces of rules.mlp.ROWS positions
         )
 
 

@@ -345,7 +345,7 @@ class Session:
 
 
 def _split_at(keep: int, x: Tensor, apply: Callable[[Tensor, int], Tensor]) -> Tensor:
-    """A position-wise rule in target mode, in pieces of :data:`rules.ROWS` positions; with
+    """A position-wise rule in target mode, in pieces of :data:`rules.mlp.ROWS` positions; with
     ``keep``, a graph only from that position (the positions before it get none)."""
     q = x.shape[1]
     keep = keep if 0 < keep < q else 0
@@ -355,8 +355,8 @@ def _split_at(keep: int, x: Tensor, apply: Callable[[Tensor, int], Tensor]) -> T
             parts.append(apply(x[:, :keep].detach(), 0))
     # split, not slices: the backward joins the pieces' gradients once, where each slice's
     # would be a zero-filled whole-length tensor (per target) added to the others
-    pieces = (x[:, keep:] if keep else x).split(rules.ROWS, dim=1)
-    parts.extend(apply(piece, keep + i * rules.ROWS) for i, piece in enumerate(pieces))
+    pieces = (x[:, keep:] if keep else x).split(rules.mlp.ROWS, dim=1)
+    parts.extend(apply(piece, keep + i * rules.mlp.ROWS) for i, piece in enumerate(pieces))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

@@ -189,7 +189,7 @@ def through(
     while cotangents:
         cot = cotangents.pop(0)
         # torch.func.vmap rather than is_grads_batched: the attention's backward has its own
-        # batching rule (rules._Transposed), one matrix product for all the targets
+        # batching rule (rules.kernels._Transposed), one matrix product for all the targets
         found = torch.func.vmap(pull)(cot)
         share = cot.new_zeros(cot.shape[:2])
         del cot

@@ -1,0 +1,45 @@
+"""The decomposition rules: pure maths on components, one module per kind of module.
+
+Frozen factors (norm scales, attention probabilities, an MLP's gate or activation ratio,
+routing weights) are computed from the real hidden state and applied to every component
+alike, so each rule is linear in the components and their sum follows the real computation.
+See :mod:`.linear` for what the rules share. The sizes target mode works in (``scores.BLOCK_BYTES``,
+``scores.KEEP_BYTES``, ``mlp.ROWS``, ``linear.CHUNK_ELEMENTS``) are read from their modules at run time.
+"""
+
+from . import linear, mlp, scores
+from .attention import Attention, ValueCache, attention, attention_graph
+from .kernels import frozen_mix
+from .linear import Layout, Proj, _positionwise, embedding, scale
+from .mlp import MLP, SHARED, Expert, GatedMLP, SparseMoE
+from .norm import LayerNorm, Norm, RMSNorm, norm_read
+from .scores import MIN_BLOCK_BYTES, Scores, block_bytes, mix
+
+__all__ = [
+    "MIN_BLOCK_BYTES",
+    "MLP",
+    "SHARED",
+    "Attention",
+    "Expert",
+    "GatedMLP",
+    "LayerNorm",
+    "Layout",
+    "Norm",
+    "Proj",
+    "RMSNorm",
+    "Scores",
+    "SparseMoE",
+    "ValueCache",
+    "_positionwise",
+    "attention",
+    "attention_graph",
+    "block_bytes",
+    "embedding",
+    "frozen_mix",
+    "linear",
+    "mix",
+    "mlp",
+    "norm_read",
+    "scale",
+    "scores",
+]

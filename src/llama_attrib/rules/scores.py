@@ -1,0 +1,150 @@
+"""The frozen attention probabilities, computed block by block from what the stock attention
+function received (:class:`Scores`), and the sizes of those blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DecompositionError
+
+# Target mode computes the probabilities of this many bytes (float32) at a time, so a long
+# prompt never holds a layer's ``heads x q x S`` matrix at once.
+BLOCK_BYTES = 32 << 20
+# On an accelerator, blocks this large: there kernel launches, not bytes, bound small blocks
+# (32 MiB is 8 query rows of a 32-head model at 32k tokens, 4096 blocks a layer).
+DEVICE_BLOCK_BYTES = 1 << 30
+# The smallest blocks a tight memory budget gets (memory.target_layouts).
+MIN_BLOCK_BYTES = 1 << 20
+# A layer's probabilities up to this size are kept from the forward for the backward (else
+# computed again there, block by block).
+KEEP_BYTES = 128 << 20
+
+
+def block_bytes(device: torch.device) -> int:
+    """Bytes of probabilities target mode computes at a time on ``device``."""
+    return BLOCK_BYTES if device.type == "cpu" else max(BLOCK_BYTES, DEVICE_BLOCK_BYTES)
+
+
+def _additive_mask(
+    mask: Tensor | None,
+    batch: int,
+    q: int,
+    past: int,
+    device: torch.device,
+    t0: int = 0,
+    t1: int | None = None,
+) -> Tensor:
+    """Rows ``t0:t1`` of the stock mask (None, bool or additive float) as an additive float32
+    ``[B, 1, rows, S]``."""
+    t1 = q if t1 is None else t1
+    s = past + q
+    neg = torch.finfo(torch.float32).min
+    if mask is None:
+        rows = torch.arange(t0, t1, device=device)[:, None] + past
+        allowed = torch.arange(s, device=device)[None, :] <= rows
+        return torch.where(allowed, 0.0, neg)[None, None].expand(batch, 1, t1 - t0, s)
+    if mask.shape[-1] != s or mask.shape[-2] != q:
+        raise DecompositionError(
+            f"attention mask of shape {tuple(mask.shape)} does not match {q} queries over {s} keys"
+        )
+    mask = mask[..., t0:t1, :]
+    if mask.dtype == torch.bool:
+        return torch.where(mask, 0.0, neg)
+    return mask.to(torch.float32).clamp(min=neg)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What the stock attention function received, enough for any rows of the frozen
+    attention probabilities: ``query [B, heads, q, d]`` and ``key [B, kv, S, d]`` (rope and
+    q/k norms applied), the family's mask (sliding window included), scaling and soft-cap.
+    ``block``: bytes of probabilities computed at a time (default :func:`block_bytes`);
+    ``keep``: a layer's probabilities up to this size are kept for the backward (default
+    :data:`KEEP_BYTES`). A tight memory budget sets both lower (:class:`session.Call`)."""
+
+    query: Tensor
+    key: Tensor
+    mask: Tensor | None
+    scaling: float
+    softcap: float | None
+    block: int | None = None
+    keep: int | None = None
+    mixed: Tensor | None = None  # the stock attention's output [B, q, heads * hd], if it ran
+
+    @staticmethod
+    def of(
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        mask: Tensor | None,
+        scaling: float | None,
+        softcap: float | None,
+    ) -> Scores:
+        if scaling is None:
+            scaling = float(query.shape[-1]) ** -0.5  # the attention functions' default
+        return Scores(query, key, mask, float(scaling), softcap)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """``(batch, kv heads, groups, queries, keys)``."""
+        batch, heads, q, _ = self.query.shape
+        kv, s = self.key.shape[1], self.key.shape[2]
+        return batch, kv, heads // kv, q, s
+
+    def rows(self, t0: int = 0, t1: int | None = None, keys: int | None = None) -> Tensor:
+        """``[B, kv, groups, t1 - t0, keys]`` float32 probabilities of queries ``t0:t1`` over
+        the first ``keys`` keys (default all; see :meth:`extent`)."""
+        batch, kv, groups, q, s = self.shape
+        t1 = q if t1 is None else t1
+        k1 = s if keys is None else keys
+        rows, d = t1 - t0, self.query.shape[-1]
+        query = self.query[:, :, t0:t1].to(torch.float32)
+        if self.softcap is None:
+            query = query * self.scaling  # on the queries: rows x d multiplications, not rows x keys
+        query = query.reshape(batch, kv, groups * rows, d)
+        scores = (query @ self.key[:, :, :k1].to(torch.float32).transpose(-1, -2)).view(
+            batch, kv, groups, rows, k1
+        )
+        if self.softcap is not None:
+            scores = torch.tanh(scores * (self.scaling / self.softcap)) * self.softcap
+        neg = torch.finfo(torch.float32).min
+        if self.mask is None:
+            # causal: of these rows' keys, only the last ``rows`` can be masked
+            first = s - q + t0
+            if first < k1:
+                seen = torch.ones((rows, k1 - first), dtype=torch.bool, device=scores.device).tril()
+                scores[..., first:].masked_fill_(~seen, neg)
+        else:
+            mask = _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)[..., :k1]
+            scores += mask[:, :, None]
+        return torch.softmax(scores, dim=-1)
+
+    def extent(self, t0: int, t1: int) -> int:
+        """How many keys queries ``t0:t1`` see: the keys after the last one any of them sees
+        get probability exactly zero (a causal mask), so :meth:`rows` may leave them out."""
+        batch, _, _, q, s = self.shape
+        if self.mask is None:
+            return s - q + t1
+        mask = _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)
+        seen = (mask > torch.finfo(torch.float32).min / 2).flatten(0, -2).any(0)
+        return int(seen.nonzero().max()) + 1 if bool(seen.any()) else s
+
+    def blocks(self, t0: int, t1: int) -> list[tuple[int, int, int]]:
+        """Queries ``t0:t1`` in blocks of about :func:`block_bytes` of probabilities:
+        ``(first, end, keys seen)`` each."""
+        batch, kv, groups, _, s = self.shape
+        size = block_bytes(self.query.device) if self.block is None else self.block
+        rows = max(1, size // (4 * batch * kv * groups * s))
+        return [(a, min(t1, a + rows), self.extent(a, min(t1, a + rows))) for a in range(t0, t1, rows)]
+
+
+def mix(probs: Tensor, values: Tensor) -> Tensor:
+    """``probs [B, kv, g, rows, S]`` times ``values [..., B, kv, S, hd]`` -> ``[..., B, rows, heads*hd]``."""
+    b, kv, g, rows, s = probs.shape
+    out = torch.matmul(probs.reshape(b, kv, g * rows, s), values)  # [..., B, kv, g*rows, hd]
+    lead, hd = out.shape[:-4], out.shape[-1]
+    out = out.view(*lead, b, kv, g, rows, hd).movedim(-2, -4)  # [..., B, rows, kv, g, hd]
+    return out.reshape(*lead, b, rows, kv * g * hd)
