@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import llama_attrib
 from llama_attrib import hf, sequence
-from llama_attrib.session import completeness_error
+from llama_attrib.checks import completeness_error
 
 worst = {"forward": 0.0, "target": 0.0}
 

@@ -99,7 +99,7 @@ def test_exception_inside_a_decomposed_forward_leaves_a_usable_model() -> None:
     ids = prompt(6)
     with pytest.raises(IndexError):
         model(torch.tensor([[1, 500]]), decompose=True)  # token id out of the vocabulary
-    assert model.__dict__["_llama_attrib_session"].call is None
+    assert model.__dict__["_llama_attrib_session"].active is None
     assert torch.allclose(
         model(ids, decompose=True)["attentions"].recovery, model(ids).logits[0, -1], atol=1e-5
     )
@@ -273,3 +273,39 @@ def test_two_models_in_two_threads_decompose_independently() -> None:
         for k, (x, y) in enumerate(zip(a["attentions"], b["attentions"], strict=True)):  # type: ignore[index]
             token = int(a.sequences[0, 9 + k])
             assert torch.allclose(x[token].components, y[token].components, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["target", "forward"])
+def test_two_threads_share_one_wrapped_model(mode: str) -> None:
+    """A notebook widget or a small server calls one wrapped model from several threads: the
+    calls are served one at a time, each as it would be alone, and a plain call from another
+    thread meanwhile stays plain."""
+    import threading
+
+    model = llama_attrib.wrap(tiny_model(2))
+    prompts = [prompt(7, seed=s) for s in range(4)]
+    options = {"decompose": mode, "return_dict_in_generate": True, "max_new_tokens": 3, "do_sample": False}
+    alone = [model.generate(ids, **options) for ids in prompts]
+    plain = model(prompts[0]).logits
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            results[i] = model.generate(prompts[i], **options) if i < 4 else model(prompts[0]).logits
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, single in enumerate(alone):
+        assert torch.equal(results[i].sequences, single.sequences)
+        for a, b in zip(results[i]["attentions"], single["attentions"], strict=True):
+            token = int(a.token)
+            assert torch.equal(a[token].components, b[token].components)
+    for i in (4, 5):
+        assert torch.equal(results[i], plain)  # not decomposed, and not disturbed

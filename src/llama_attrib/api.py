@@ -103,7 +103,9 @@ def _scope_of(model: nn.Module) -> Any:
     @contextmanager
     def scope() -> Iterator[Session]:
         with decompose(model):
-            yield model.__dict__[_SENTINEL]
+            session: Session = model.__dict__[_SENTINEL]
+            with session.lock:  # one call at a time, as in the adapters
+                yield session
 
     return scope
 

@@ -27,8 +27,10 @@ from torch import Tensor, nn
 
 from . import families, memory, rules
 from .api import _scope_of
+from .checks import tolerance
 from .errors import DecompositionError, UnsupportedOptionError, require
-from .session import Call, FlowRecord, Session, tolerance
+from .passes import FlowRecord, ForwardPass
+from .session import Session
 
 
 @dataclass
@@ -250,19 +252,19 @@ def _run(
         hooks += [
             layer.register_forward_hook(lambda m, a, output, keep=keep: keep(output)) for layer in layers
         ]
-        call = Call("forward", dtype, layout=rules.Layout.of(rows), flow=record)
+        active = ForwardPass(dtype, layout=rules.Layout.of(rows), flow=record)
         kwargs: dict[str, Any] = {"use_cache": False, "decompose": False, "logits_to_keep": 1}
         if mask is not None:
             kwargs["attention_mask"] = mask
         try:
-            with torch.no_grad(), session.running(call):
+            with torch.no_grad(), session.running(active):
                 model(input_ids=ids, **kwargs)
         finally:
             for h in hooks:
                 h.remove()
-        if call.logits is None or len(streams) != len(layers) + 1:
+        if active.logits is None or len(streams) != len(layers) + 1:
             raise DecompositionError("the flow pass did not reach every layer and the LM head")
-        logits = call.logits[0, -1]
+        logits = active.logits[0, -1]
         out.append((record, streams))
     assert logits is not None
     return out, logits

@@ -1,8 +1,8 @@
 """The Hugging Face side: the replacement ``forward`` and ``generate`` of a wrapped model.
 
 They read generate's and forward's options, refuse what cannot be decomposed, and hand the
-work to the engines: forward mode runs inside the model's own forward (a :class:`Call` of
-mode ``"forward"``), target mode decomposes the finished sequence afterwards
+work to the engines: forward mode runs inside the model's own forward (a
+:class:`~llama_attrib.passes.ForwardPass`), target mode decomposes the finished sequence afterwards
 (:func:`llama_attrib.sequence.explain`). ``scope()`` is the lifecycle's block in which the
 model is wrapped; this module never imports the public API.
 """
@@ -19,10 +19,12 @@ from torch import nn
 
 from . import _compat, families, memory, sweep
 from ._compat import CACHE_KEYWORDS, cache_length
+from .checks import completeness_error, tolerance
 from .composition import LogitComposition
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
+from .passes import ForwardPass
 from .sequence import MODES, Inputs, Scope, explain
-from .session import Call, Forward, Session, completeness_error, tolerance
+from .session import Collecting, Forward, Recording, Session
 from .stream import strip
 
 
@@ -30,8 +32,13 @@ def forward_adapter(session: Session, model: nn.Module, original: Forward, scope
     signature = inspect.signature(original)
 
     def forward(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
-        if session.record is not None and decompose is None:
-            _record(session, signature, args, kwargs)
+        with session.lock:  # one call at a time: a decomposing call changes how the model runs
+            return run(*args, decompose=decompose, **kwargs)
+
+    def run(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
+        generation = session.generation
+        if isinstance(generation, Recording) and decompose is None:
+            _record(generation, signature, args, kwargs)
         if not session.wants(decompose):
             return original(*args, **kwargs)
         mode = _mode(decompose, "forward")
@@ -42,13 +49,15 @@ def forward_adapter(session: Session, model: nn.Module, original: Forward, scope
             return _target_forward(model, original, bound, options, scope)
         _set_option(bound, signature, "output_attentions", False)
         cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
-        if session.steps is None:  # a single forward (inside generate, generate checked)
+        expected = generation.expected_length if isinstance(generation, Collecting) else 0
+        if not isinstance(generation, Collecting):  # a single forward (inside generate, generate checked)
             batch, length = options["input_ids"].shape
             families.check_length(model, cache_length(cache) + length)
             _check_fits(model, cache_length(cache) + length, batch, "forward", None, session.dtype)
-        with session.running(Call("forward", session.dtype, offset=cache_length(cache))) as call:
+        active = ForwardPass(session.dtype, offset=cache_length(cache), expected_length=expected)
+        with session.running(active):
             out = original(*bound.args, **bound.kwargs)
-        return _attach(session, call, model, out, options.get("attention_mask"))
+        return _attach(session, active, model, out, options.get("attention_mask"))
 
     return forward
 
@@ -79,11 +88,10 @@ def _mode(decompose: bool | str | None, default: str) -> str:
     raise UnsupportedOptionError(f"decompose must be True, False or one of {MODES}, not {decompose!r}")
 
 
-def _record(session: Session, signature: inspect.Signature, args: Any, kwargs: dict[str, Any]) -> None:
+def _record(generation: Recording, signature: inspect.Signature, args: Any, kwargs: dict[str, Any]) -> None:
     """Keep the attention mask and position ids generate passes (target-mode generation)."""
-    assert session.record is not None
     options = _options(signature.bind(*args, **kwargs), signature)
-    session.record.append((options.get("attention_mask"), options.get("position_ids")))
+    generation.inputs.append((options.get("attention_mask"), options.get("position_ids")))
 
 
 def _target_forward(
@@ -106,9 +114,9 @@ def _target_forward(
     return out
 
 
-def _attach(session: Session, call: Call, model: nn.Module, out: Any, mask: Any = None) -> Any:
+def _attach(session: Session, active: ForwardPass, model: nn.Module, out: Any, mask: Any = None) -> Any:
     """Put the last position's LogitComposition in ``out["attentions"]``."""
-    head = call.head
+    head = active.head
     if head is None:
         raise DecompositionError("the decomposed forward never reached the LM head")
     real, comps, residual = head
@@ -120,14 +128,14 @@ def _attach(session: Session, call: Call, model: nn.Module, out: Any, mask: Any 
         valid = mask[:, mask.shape[-1] - real.shape[1] :].bool().to(real.device)
         checked_real, checked = real[valid], checked[:, valid]
     if not bool(torch.isfinite(checked_real).all()):
-        session.clear_caches()
+        session.caches.clear()
         raise DecompositionError(
             "the model's own hidden state is not finite (NaN or inf) on this input: the model "
             "overflows by itself (float16 often does; try bfloat16 or float32), not llama_attrib"
         )
     err = completeness_error(checked_real, checked)
     if not err <= tol:
-        session.clear_caches()
+        session.caches.clear()
         raise DecompositionError(
             f"components do not add up to the final hidden state (relative error {err:.2e} > "
             f"{tol:.0e}); an operation outside llama_attrib's rules changed the hidden state"
@@ -135,7 +143,7 @@ def _attach(session: Session, call: Call, model: nn.Module, out: Any, mask: Any 
     for key in ("hidden_states", "last_hidden_state"):
         if out.get(key) is not None:
             out[key] = strip(out[key])
-    stock = call.logits if call.logits is not None else out["logits"]
+    stock = active.logits if active.logits is not None else out["logits"]
     res = None if residual is None else residual[:, -1].detach()
     hidden, logits, capped = comps[:, :, -1].detach(), stock[:, -1], out["logits"][:, -1]
     last = _last_real(mask, comps.shape[2])
@@ -153,8 +161,8 @@ def _attach(session: Session, call: Call, model: nn.Module, out: Any, mask: Any 
     if session.family.final_softcap(model) is not None:
         composition.capped = capped
     out["attentions"] = composition
-    if session.steps is not None:
-        session.steps.append(composition)
+    if isinstance(session.generation, Collecting):
+        session.generation.steps.append(composition)
     return out
 
 
@@ -234,6 +242,10 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
     generation_config = getattr(getattr(original, "__self__", None), "generation_config", None)
 
     def generate(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
+        with session.lock:  # one call at a time: a decomposing call changes how the model runs
+            return run(*args, decompose=decompose, **kwargs)
+
+    def run(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
         if not session.wants(decompose):
             return original(*args, **kwargs)
         mode = _mode(decompose, "target")
@@ -243,7 +255,7 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
                 "out['attentions']: call with return_dict_in_generate=True"
             )
         kwargs = {**kwargs, "return_dict_in_generate": True, "output_attentions": False}
-        if session.steps is not None or session.record is not None:
+        if session.generation is not None:
             raise DecompositionError("a decomposed generate was called from inside another one")
         options = {k: kwargs.pop(k) for k in _SEQUENCE_OPTIONS if k in kwargs}
         families.check_length(model, _expected_length(generation_config, args, kwargs))
@@ -275,14 +287,13 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
         if expected:
             batch = int(_prompt_ids(args, kwargs).shape[0])
             _check_fits(model, expected, batch, "generate", options.get("max_memory"), session.dtype)
-        session.steps = []
-        session.expected_length = expected
+        generation = session.generation = Collecting(expected)
         try:
             out = original(*args, **kwargs)
         finally:
-            steps, session.steps, session.expected_length = session.steps, None, 0
-            session.clear_caches()
-        out["attentions"] = tuple(steps)
+            session.generation = None
+            session.caches.clear()
+        out["attentions"] = tuple(generation.steps)
         _mark_tokens(out, int(_prompt_ids(args, kwargs).shape[-1]))
         return out
 
@@ -335,14 +346,15 @@ def _generate_target(
     own_logits = simple and session.family.final_softcap(model) is None  # one row per sequence, each step
     if own_logits:
         kwargs = {**kwargs, "output_logits": True}
-    session.record, session.plain = [], session.plain + 1
+    generation = session.generation = Recording()
     # the layers' outputs: the target-mode pass need not compute them again
     capture = sweep.Capture(model, session.family)
     try:
         with capture if simple else contextlib.nullcontext():
             out = original(*args, **kwargs)
     finally:
-        record, session.record, session.plain = session.record, None, session.plain - 1
+        session.generation = None
+    record = generation.inputs
     reference = torch.stack(out.logits, 1) if own_logits and out.get("logits") is not None else None
     if own_logits and not wanted_logits:
         out["logits"] = None

@@ -27,10 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from . import families, memory, sweep
+from .checks import completeness_error, tolerance
 from .composition import Contributions, LazyComposition, LogitComposition
 from .errors import DecompositionError, UnsupportedOptionError
+from .passes import CapturePass, ForwardPass, TargetPass
 from .rules import Layout
-from .session import Call, Session, completeness_error, tolerance
+from .session import Session
 
 MODES = ("target", "forward")
 
@@ -196,8 +198,8 @@ class TargetRun:
     def head_row(self, token: int) -> Tensor:
         return self.weight[token].detach().to(self.dtype)
 
-    def _call(self, probabilities: tuple[int, int] | None) -> Call:
-        return Call("target", self.dtype, keep_from=self.inputs.first, probabilities=probabilities)
+    def _pass(self, probabilities: tuple[int, int] | None) -> TargetPass:
+        return TargetPass(self.dtype, keep_from=self.inputs.first, probabilities=probabilities)
 
     def stock_logits(self) -> Tensor:
         """The stock model's own logits at the explained positions (before a final soft-cap),
@@ -238,7 +240,7 @@ class TargetRun:
             # the stock forward, whose hidden states the layers' frozen factors are computed from
             replay, self.replay = self.replay, None
             recorded = sweep.record(
-                self.model, session, Call("capture", self.dtype), lambda: self.inputs.call(self.model), replay
+                self.model, session, CapturePass(self.dtype), lambda: self.inputs.call(self.model), replay
             )
             stock = self.inputs.select(recorded.logits)
             if self.reference is None:
@@ -266,7 +268,7 @@ class TargetRun:
                 grads, shares = sweep.pull_back(
                     session,
                     recorded,
-                    lambda: self._call(probabilities),
+                    lambda: self._pass(probabilities),
                     head,
                     list(cot.split(per_chunk)),
                     bar.update,
@@ -554,17 +556,18 @@ def _forward_mode(
         for c0 in range(0, total, per_chunk):
             c1 = min(total, c0 + per_chunk)
             rows = torch.eye(length, dtype=dtype)[c0:c1] if members is None else members[c0:c1]
-            with session.running(Call("forward", dtype, layout=Layout.of(rows.to(dtype)))) as call:
+            active = ForwardPass(dtype, layout=Layout.of(rows.to(dtype)))
+            with session.running(active):
                 inputs.call(model)
-            head = call.head
+            head = active.head
             if head is None:
                 raise DecompositionError("the decomposed forward never reached the LM head")
             part_real, part, part_residual = head
             if hidden is None:
                 hidden = part.new_zeros((total, batch, steps, part.shape[-1]))
                 real = inputs.select(part_real)
-                assert call.logits is not None
-                logits = inputs.select(call.logits).detach()
+                assert active.logits is not None
+                logits = inputs.select(active.logits).detach()
                 if part_residual is not None:
                     residual = inputs.select(part_residual)
             hidden[c0:c1] = inputs.select(part, dim=1)

@@ -8,8 +8,8 @@ layer runs again from its recorded input with a graph (its frozen factors recomp
 same real input), and one batched backward takes every target through it at once. A layer's
 graph is the only one alive, and its attention probabilities are never held for more than one
 block of queries unless they are small (:func:`rules.frozen_mix`). The rules are the module
-forwards of target mode (:class:`Call`); the family only says where the layers and the final
-norm are.
+forwards of target mode (:class:`~llama_attrib.passes.TargetPass`); the family only says where
+the layers and the final norm are.
 
 The contribution of position ``i`` is ``grad_i . h_i`` at the first layer's input: every map
 before it (the embedding, Gemma's scaling) is linear per position, so this equals the
@@ -28,8 +28,9 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 
 from .errors import DecompositionError
 from .families import Family
+from .passes import CapturePass, TargetPass, argument, replace_hidden
 from .patching import Patch, replace_method, restore_all
-from .session import Call, Session, argument, replace_hidden
+from .session import Session
 
 LayerCall = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
 
@@ -117,11 +118,11 @@ class Capture:
 def record(
     model: nn.Module,
     session: Session,
-    call: Call,
+    capture: CapturePass,
     run: Callable[[], Any],
     replay: list[Tensor] | None = None,
 ) -> Recorded:
-    """Run ``run()`` (a forward of ``model``) as ``call`` (a capture) without a graph, keeping each
+    """Run ``run()`` (a forward of ``model``) under ``capture`` without a graph, keeping each
     decoder layer's call and the final norm's input (per-instance hooks, removed afterwards).
 
     ``replay``: each layer's output, as :class:`Capture` kept it from generate. The layers then
@@ -148,23 +149,23 @@ def record(
         if replay is not None:
             for layer, output in zip(stock_layers, replay, strict=True):
                 patches.append(replace_method(layer, "forward", returning(output)))
-        with torch.no_grad(), session.running(call):
+        with torch.no_grad(), session.running(capture):
             run()
     finally:
         restore_all(patches)
         for handle in handles:
             handle.remove()
-    if len(layers) != len(stock_layers) or len(final) != 1 or call.logits is None:
+    if len(layers) != len(stock_layers) or len(final) != 1 or capture.logits is None:
         raise DecompositionError(
             f"the target-mode pass ran {len(layers)} of {len(stock_layers)} decoder layers and the final "
             f"norm {len(final)} time(s): the model's forward does not call its layers once each"
         )
-    return Recorded(layers, final[0], call.logits)
+    return Recorded(layers, final[0], capture.logits)
 
 
 def through(
     session: Session,
-    call: Callable[[], Call],
+    make_pass: Callable[[], TargetPass],
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
     cotangents: list[Tensor],
@@ -173,11 +174,11 @@ def through(
     with a graph, as target mode): ``(gradients [n, *x.shape], bias shares [n, B])``. The list
     ``cotangents`` is emptied as it goes: a chunk's cotangent is freed once its gradient exists,
     so a sweep holds one gradient per target and one chunk's second one, not two per target."""
-    running = call()
-    x = x.detach().to(running.dtype).requires_grad_(True)
-    with torch.enable_grad(), session.running(running):
+    active = make_pass()
+    x = x.detach().to(active.dtype).requires_grad_(True)
+    with torch.enable_grad(), session.running(active):
         y = fn(x)
-    leaves = running.bias_leaves
+    leaves = active.bias_leaves
     grads, shares = [], []
     inputs = [x, *leaves]
 
@@ -203,14 +204,14 @@ def through(
 def pull_back(
     session: Session,
     recorded: Recorded,
-    call: Callable[[], Call],
+    make_pass: Callable[[], TargetPass],
     head: Callable[[Tensor], Tensor],
     cotangents: list[Tensor],
     tick: Callable[[], None] = lambda: None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Cotangent chunks ``[n, B, K, hidden]`` at the LM head's input (``head(final hidden)``)
     -> gradients ``[n, B, T, hidden]`` at the first layer's input, and bias shares ``[n, B]``."""
-    grads, shares = through(session, call, head, recorded.final, cotangents)
+    grads, shares = through(session, make_pass, head, recorded.final, cotangents)
     tick()
     for module, args, kwargs in reversed(recorded.layers):
 
@@ -220,7 +221,7 @@ def pull_back(
             y: Tensor = out[0] if isinstance(out, tuple) else out
             return y
 
-        grads, more = through(session, call, layer, _hidden(args, kwargs), grads)
+        grads, more = through(session, make_pass, layer, _hidden(args, kwargs), grads)
         shares = [s + m for s, m in zip(shares, more, strict=True)]
         tick()
     return grads, shares

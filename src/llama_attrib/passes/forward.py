@@ -1,0 +1,173 @@
+"""Forward mode: every leaf module carries the components beside the real hidden state
+(:class:`llama_attrib.stream.DecomposedTensor`), through the stock layers' own code."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import _compat, rules
+from ..errors import DecompositionError
+from ..stream import DecomposedTensor, split
+from .base import Args, Kwargs, Pass, argument, replace_hidden, stock_attention
+
+
+@dataclass
+class FlowRecord:
+    """One position: each block's output there, before it joins the residual stream
+    (attention: every head's mixed values before the output projection), and the norms'
+    frozen factors there. Keyed by ``id(module)``; values ``(components, bias share)``."""
+
+    position: int
+    attention: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    mlp: dict[int, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    norm: dict[int, Tensor] = field(default_factory=dict)
+
+    def recorder(self, module: nn.Module) -> tuple[int, Callable[[Tensor, Tensor | None], None]]:
+        """``(position, record)`` for :func:`rules.attention`."""
+
+        def record(comps: Tensor, residual: Tensor | None) -> None:
+            self.attention[id(module)] = (comps, residual)
+
+        return self.position, record
+
+
+class ValueCaches:
+    """The decomposed values of a wrapped model's cached positions, one
+    :class:`rules.ValueCache` per layer, each tied to the transformers cache it mirrors."""
+
+    def __init__(self) -> None:
+        self._caches: dict[int, rules.ValueCache] = {}
+        self._owners: dict[int, weakref.ref[Any]] = {}
+
+    def clear(self) -> None:
+        self._caches.clear()
+        self._owners.clear()
+
+    def of(self, layer_idx: int, cache: Any, offset: int, expected_length: int) -> rules.ValueCache | None:
+        """This layer's decomposed cache, checked against the transformers cache it mirrors
+        (``offset``: the positions the call began with)."""
+        if cache is None:
+            return None
+        past = _compat.cache_length(cache, layer_idx)
+        if past != offset:
+            raise DecompositionError(
+                f"layer {layer_idx}'s cache holds {past} positions, the call began with "
+                f"{offset}: caches that differ per layer are not supported"
+            )
+        if past == 0:
+            self._caches[layer_idx] = rules.ValueCache(expected_length)
+            self._owners[layer_idx] = weakref.ref(cache)
+        entry = self._caches.get(layer_idx)
+        owner = self._owners.get(layer_idx)
+        if entry is None or owner is None or owner() is not cache or entry.length != past:
+            raise DecompositionError(
+                f"the cache passed in holds {past} positions that were not decomposed by this "
+                "model's decomposed calls; decompose from an empty cache (or none), e.g. "
+                "generate with decompose=True from the start"
+            )
+        return entry
+
+
+class ForwardPass(Pass):
+    """Components beside the real hidden state, from the embedding to the LM head.
+
+    ``offset``: positions already in the cache; ``layout``: which positions each component
+    holds (a finished sequence, or chunks of it); ``flow``: what each block adds at one
+    position, recorded for :func:`llama_attrib.flow`. Collects the LM head's input
+    (``head``: real, components, bias share) and its logits."""
+
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        offset: int = 0,
+        layout: rules.Layout | None = None,
+        flow: FlowRecord | None = None,
+        expected_length: int = 0,
+    ) -> None:
+        super().__init__(dtype)
+        self.offset = offset
+        self.layout = layout
+        self.flow = flow
+        self.expected_length = expected_length  # a generation's final length, to size caches
+        self.head: tuple[Tensor, Tensor, Tensor | None] | None = None
+
+    def begin(self, session: Any) -> None:
+        super().begin(session)
+        if self.offset == 0:
+            session.caches.clear()
+
+    def failed(self) -> None:
+        self.session.caches.clear()  # they may be half written
+
+    def embedding(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
+        out = original(*args, **kwargs)
+        return DecomposedTensor.wrap(out, rules.embedding(out, self.offset, self.dtype, self.layout))
+
+    def norm(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
+        rule = self.session.family.norm
+        real, comps, residual = split(args[0])
+        factor = rule.factor(module, real, comps.dtype)
+        if self.flow is not None:
+            self.flow.norm[id(module)] = factor[:, self.flow.position].clone()
+        res = None if residual is None else rule.apply(factor, residual)
+        bias = rule.bias(module)
+        if bias is not None:
+            res = bias.to(comps).expand(real.shape) + (0 if res is None else res)
+        stock = original(real, *args[1:], **kwargs)
+        return DecomposedTensor.wrap(stock, rule.apply(factor, comps), res)
+
+    def attention(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
+        family = self.session.family
+        real, comps, residual = split(argument(args, kwargs, "hidden_states", 0))
+        args, kwargs = replace_hidden(args, kwargs, real)
+        found = _compat.find_cache(kwargs, family.cache_keywords())
+        layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
+        cache = self.session.caches.of(layer_idx, found, self.offset, self.expected_length)
+        (out, weights), scores = stock_attention(module, original, args, kwargs, skip=False)
+        record = None if self.flow is None else self.flow.recorder(module)
+        head_dim = family.head_dim(module)
+        comps_out, res = rules.attention(
+            family.attention, module, head_dim, scores.rows(), comps, residual, cache, self.offset,
+            self.layout, record,
+        )  # fmt: skip
+        return DecomposedTensor.wrap(out, comps_out, res), weights
+
+    def mlp(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
+        rule: Any = self.session.family.mlp_rule(module)  # GatedMLP, MLP or SparseMoE: one interface
+        real, comps, residual = split(args[0])
+        stock = original(real, *args[1:], **kwargs)
+        gate = rule.factors(module, real, comps.dtype)
+        comps_out = rules._positionwise(
+            lambda part, t0: rule.apply(module, gate, part, t0),
+            comps,
+            self.offset,
+            rule.width(module),
+            self.layout,
+        )
+        res = None if residual is None else rule.apply(module, gate, residual)
+        bias = rule.bias(module, gate)
+        if bias is not None:
+            res = bias if res is None else res + bias
+        if self.flow is not None:
+            t = self.flow.position
+            # copies: a view would keep the whole [C, B, q, hidden] output alive
+            self.flow.mlp[id(module)] = (
+                comps_out[:, :, t].clone(),
+                None if res is None else res[:, t].clone(),
+            )
+        if _compat.moe_returns_router_logits(module):  # (hidden, router logits)
+            return (DecomposedTensor.wrap(stock[0], comps_out, res), *stock[1:])
+        return DecomposedTensor.wrap(stock, comps_out, res)
+
+    def lm_head(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
+        real, comps, residual = split(args[0])
+        out = original(real, *args[1:], **kwargs)
+        self.keep_logits(out)
+        self.head = (real, comps, residual)
+        return out
