@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import llama_attrib
-from llama_attrib import hf, sequence
+from llama_attrib import engines, hf
 from llama_attrib.checks import completeness_error
 
 worst = {"forward": 0.0, "target": 0.0}
@@ -31,11 +31,11 @@ def forward_probe(real: torch.Tensor, comps: torch.Tensor) -> float:
 
 
 hf.completeness_error = forward_probe  # type: ignore[assignment]
-sequence.completeness_error = forward_probe  # type: ignore[assignment]
-check = sequence.TargetComposition.check
+engines.forward.completeness_error = forward_probe  # type: ignore[attr-defined]
+check = engines.TargetComposition.check
 
 
-def target_probe(self: sequence.TargetComposition) -> None:
+def target_probe(self: engines.TargetComposition) -> None:
     logits = self._run.stock_logits()[:, self._step]
     for (row, what), comps in self._known.items():
         value = logits[row, what[0]] - logits[row, what[1]] if isinstance(what, tuple) else logits[row, what]
@@ -44,7 +44,7 @@ def target_probe(self: sequence.TargetComposition) -> None:
     check(self)
 
 
-sequence.TargetComposition.check = target_probe  # type: ignore[method-assign]
+engines.TargetComposition.check = target_probe  # type: ignore[method-assign]
 
 
 def main() -> None:

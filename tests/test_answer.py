@@ -12,7 +12,7 @@ from torch import nn
 
 import llama_attrib
 from conftest import prompt, tiny_model
-from llama_attrib import UnsupportedOptionError, sequence
+from llama_attrib import UnsupportedOptionError, engines
 from test_families import family_model
 
 NEW = 5
@@ -80,13 +80,13 @@ def test_one_target_whatever_the_answer_length(monkeypatch: pytest.MonkeyPatch) 
     ids = prompt(8)
     sequences = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     seen: list[int] = []
-    solve = sequence.TargetRun.solve
+    solve = engines.TargetRun.solve
 
-    def counting(self: sequence.TargetRun, requests: Any) -> torch.Tensor:
+    def counting(self: engines.TargetRun, requests: Any) -> torch.Tensor:
         seen.append(len(requests))
         return solve(self, requests)
 
-    monkeypatch.setattr(sequence.TargetRun, "solve", counting)
+    monkeypatch.setattr(engines.TargetRun, "solve", counting)
     llama_attrib.decompose_answer(model, sequences, 8)
     assert seen == [1]
 

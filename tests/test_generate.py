@@ -9,7 +9,7 @@ import torch
 
 import llama_attrib
 from conftest import prompt, tiny_model
-from llama_attrib import sequence
+from llama_attrib import engines
 
 GEN = {"return_dict_in_generate": True, "output_attentions": True, "max_new_tokens": 8}
 
@@ -99,9 +99,9 @@ def test_seed_loop_after_a_logits_processor_costs_no_second_pass(monkeypatch: py
     plain = model.generate(ids, **options)
     llama_attrib.wrap(model)
     solves = []
-    solve = sequence.TargetRun.solve
+    solve = engines.TargetRun.solve
     monkeypatch.setattr(
-        sequence.TargetRun,
+        engines.TargetRun,
         "solve",
         lambda run, requests: solves.append(len(requests)) or solve(run, requests),
     )

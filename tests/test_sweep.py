@@ -14,7 +14,7 @@ from torch import nn
 
 import llama_attrib
 from conftest import prompt, tiny_model
-from llama_attrib import memory, rules, sequence
+from llama_attrib import engines, memory, rules
 from test_families import family_model
 
 STEPS = 4
@@ -64,7 +64,7 @@ def _pieces(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _chunked(monkeypatch: pytest.MonkeyPatch) -> None:
     # one target per batched backward, three per sweep (several sweeps over the layers)
-    monkeypatch.setattr(sequence.TargetRun, "chunks", lambda self, n: (1, 3))
+    monkeypatch.setattr(engines.TargetRun, "chunks", lambda self, n: (1, 3))
 
 
 WAYS: dict[str, Callable[[pytest.MonkeyPatch], None]] = {
@@ -188,18 +188,18 @@ def test_a_tight_budget_gets_smaller_blocks_not_more_sweeps(monkeypatch: pytest.
     assert default.chunks(STEPS, budget, lean=False)[1] < STEPS  # the default needs two sweeps
     seen: dict[int, set[tuple[int | None, int | None]]] = {}  # targets in a solve -> blocks seen
     solving = [0]
-    blocks, solve = rules.Scores.blocks, sequence.TargetRun.solve
+    blocks, solve = rules.Scores.blocks, engines.TargetRun.solve
 
     def spy_blocks(self: rules.Scores, t0: int, t1: int) -> list[tuple[int, int, int]]:
         seen.setdefault(solving[0], set()).add((self.block, self.keep))
         return blocks(self, t0, t1)
 
-    def spy_solve(self: sequence.TargetRun, requests: Any) -> torch.Tensor:
+    def spy_solve(self: engines.TargetRun, requests: Any) -> torch.Tensor:
         solving[0] = len(requests)
         return solve(self, requests)
 
     monkeypatch.setattr(rules.Scores, "blocks", spy_blocks)
-    monkeypatch.setattr(sequence.TargetRun, "solve", spy_solve)
+    monkeypatch.setattr(engines.TargetRun, "solve", spy_solve)
     got = _all(model, sequences, 11, max_memory=budget)
     # the steps' targets together: the smallest blocks, nothing kept; one more token (token 5
     # of a step) alone: the largest blocks that fit it

@@ -13,6 +13,7 @@
 from .api import decompose, decompose_answer, decompose_sequence, is_wrapped, unwrap, wrap
 from .attribution import attribute
 from .composition import LogitComposition
+from .engines import TargetComposition
 from .errors import (
     DecompositionError,
     LlamaAttribError,
@@ -24,7 +25,6 @@ from .flow import Flow, flow
 from .memory import MemoryBudgetError
 from .memory import estimate as estimate_memory
 from .result import Attribution, Contributor
-from .sequence import TargetComposition
 
 __version__ = "0.1.0"
 

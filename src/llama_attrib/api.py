@@ -18,10 +18,7 @@ from torch import Tensor, nn
 
 from . import families
 from .composition import Contributions
-from .errors import UnsupportedOptionError
-from .hf import forward_adapter, generate_adapter
-from .patching import replace_method
-from .sequence import (
+from .engines import (
     MODES,
     Groups,
     Inputs,
@@ -31,6 +28,9 @@ from .sequence import (
     explain,
     group_members,
 )
+from .errors import UnsupportedOptionError
+from .hf import forward_adapter, generate_adapter
+from .patching import replace_method
 from .session import Session
 
 _SENTINEL = "_llama_attrib_session"

@@ -3,7 +3,7 @@
 They read generate's and forward's options, refuse what cannot be decomposed, and hand the
 work to the engines: forward mode runs inside the model's own forward (a
 :class:`~llama_attrib.passes.ForwardPass`), target mode decomposes the finished sequence afterwards
-(:func:`llama_attrib.sequence.explain`). ``scope()`` is the lifecycle's block in which the
+(:func:`llama_attrib.engines.explain`). ``scope()`` is the lifecycle's block in which the
 model is wrapped; this module never imports the public API.
 """
 
@@ -21,9 +21,9 @@ from . import _compat, families, memory, sweep
 from ._compat import CACHE_KEYWORDS, cache_length
 from .checks import completeness_error, tolerance
 from .composition import LogitComposition
+from .engines import MODES, Inputs, Scope, explain
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from .passes import ForwardPass
-from .sequence import MODES, Inputs, Scope, explain
 from .session import Collecting, Forward, Recording, Session
 from .stream import strip
 

@@ -1,0 +1,71 @@
+"""The engines: decompose a finished sequence in one pass, every step's decomposition at once.
+
+Two modes give the same numbers (tested to 1e-5 in float32): target mode (:mod:`.target`,
+the default: memory does not grow with the number of components) and forward mode
+(:mod:`.forward`: the whole decomposed hidden state). Both accept component groups: one
+component per named span of positions (:func:`.inputs.group_members`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pydec
+import torch
+from torch import Tensor, nn
+
+from .. import families, memory
+from .forward import forward_mode
+from .inputs import MODES, Groups, Inputs, Scope, _as_batch, _resolve_targets, group_members
+from .lazy import TargetComposition
+from .target import TargetRun
+
+__all__ = [
+    "MODES",
+    "Groups",
+    "Inputs",
+    "Scope",
+    "TargetComposition",
+    "TargetRun",
+    "_as_batch",
+    "_resolve_targets",
+    "explain",
+    "group_members",
+]
+
+
+def explain(
+    model: nn.Module,
+    scope: Scope,
+    inputs: Inputs,
+    *,
+    mode: str = "target",
+    targets: list[Any] | None = None,
+    members: Tensor | None = None,
+    names: tuple[str, ...] | None = None,
+    component_dtype: torch.dtype | None = None,
+    max_memory: int | str | None = None,
+    progress: bool | None = None,
+    reference: Tensor | None = None,
+    also: Sequence[tuple[int, Any]] = (),
+    replay: list[Tensor] | None = None,
+) -> tuple[pydec.Composition, ...]:
+    """The per-step Compositions of one teacher-forced pass (see
+    :func:`llama_attrib.decompose_sequence`). ``scope()``: a block in which the model is wrapped,
+    giving its session (target mode's lazy Compositions enter it again later). ``also``: more
+    target-mode requests solved with the targets (:meth:`TargetRun.compositions`). ``replay``:
+    the layers' outputs generate computed (:class:`sweep.Capture`), for target mode's first pass."""
+    if mode == "forward":
+        dtype = component_dtype or families.component_dtype(model)
+        limit = memory.budget(max_memory, next(model.parameters()).device)
+        with scope() as session:
+            return forward_mode(model, session, inputs, members, names, dtype, limit, progress)
+    run = TargetRun.of(model, scope, inputs, members, names, component_dtype, max_memory, progress)
+    if reference is not None:
+        # generate's own logits: what it chose each token from (a full forward can break a
+        # near tie the other way), and what the components are checked against
+        run.reference = reference.float()
+        run.logits = reference.to(run.dtype)
+    run.replay = replay
+    return run.compositions(targets, also)

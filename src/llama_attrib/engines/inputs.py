@@ -1,0 +1,150 @@
+"""What a decomposition is asked: the teacher-forced inputs and the explained positions
+(:class:`Inputs`), the targets of each step, component groups, and a progress bar."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UnsupportedOptionError
+from ..session import Session
+
+MODES = ("target", "forward")
+
+Span = tuple[int, int]
+Groups = Mapping[str, Span | Sequence[Span]] | Sequence[Span] | Tensor
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A teacher-forced pass: ids ``[B, T]``, mask, position ids, and the positions explained."""
+
+    ids: Tensor
+    mask: Tensor | None
+    position_ids: Tensor | None
+    positions: list[int]
+    last: Tensor | None = None  # right padding: each row's last real position (one step)
+
+    @property
+    def first(self) -> int:
+        """The first position explained (the last layer's outputs before it are not read)."""
+        return self.positions[0] if self.last is None else int(self.last.min())
+
+    def call(self, model: nn.Module) -> Any:
+        kwargs: dict[str, Any] = {"use_cache": False, "decompose": False}
+        kwargs["logits_to_keep"] = self.ids.shape[1] - self.first
+        if self.mask is not None:
+            kwargs["attention_mask"] = self.mask
+        if self.position_ids is not None:
+            kwargs["position_ids"] = self.position_ids
+        return model(input_ids=self.ids, **kwargs)
+
+    @property
+    def kept(self) -> Tensor:
+        """Index of each explained position among the logits kept."""
+        return torch.tensor(self.positions) - self.positions[0]
+
+    def select(self, t: Tensor, dim: int = 0) -> Tensor:
+        """``t[..., B, T_kept, ...]`` (batch at ``dim``) -> the explained positions ``[..., B, K, ...]``."""
+        if self.last is None:
+            return t.index_select(dim + 1, self.kept.to(t.device))
+        index = (self.last - int(self.last.min())).to(t.device)
+        rows = torch.arange(t.shape[dim], device=t.device)
+        moved = t.movedim((dim, dim + 1), (0, 1))[rows, index]  # [B, ...]
+        return moved.unsqueeze(1).movedim((0, 1), (dim, dim + 1))
+
+
+Scope = Callable[[], AbstractContextManager[Session]]
+
+
+def _as_batch(value: Any, name: str) -> Tensor:
+    t = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    if t.dim() == 1:
+        t = t[None]
+    if t.dim() != 2:
+        raise UnsupportedOptionError(f"{name} must be [T] or [batch, T], got shape {tuple(t.shape)}")
+    return t
+
+
+def _per_step(value: Any, steps: int, batch: int, what: str) -> list[tuple[int, ...]]:
+    """A token id, one per step, or ``[batch, steps]`` ids -> per step, one id per row."""
+    t = torch.as_tensor(value)
+    if t.dim() == 0:
+        return [(int(t),) * batch] * steps
+    if t.dim() == 1:
+        if t.shape[0] != steps:
+            raise UnsupportedOptionError(f"{what}: {t.shape[0]} ids for {steps} steps")
+        return [(int(v),) * batch for v in t.tolist()]
+    if tuple(t.shape) != (batch, steps):
+        raise UnsupportedOptionError(f"{what}: shape {tuple(t.shape)}, expected ({batch}, {steps})")
+    return [tuple(int(v) for v in t[:, k].tolist()) for k in range(steps)]
+
+
+def _resolve_targets(targets: Any, next_tokens: Tensor | None, steps: int, batch: int) -> list[Any] | None:
+    """Per step: ``("token", ids per row)``, ``("contrast", a per row, b per row)`` or None."""
+    if targets is None:
+        if next_tokens is None:
+            return None
+        return [("token", ids) for ids in _per_step(next_tokens, steps, batch, "targets")]
+    if isinstance(targets, tuple) and len(targets) == 2:
+        a = _per_step(targets[0], steps, batch, "targets[0]")
+        b = _per_step(targets[1], steps, batch, "targets[1]")
+        return [("contrast", x, y) for x, y in zip(a, b, strict=True)]
+    return [("token", ids) for ids in _per_step(targets, steps, batch, "targets")]
+
+
+def group_members(groups: Groups, length: int) -> tuple[Tensor, tuple[str, ...]]:
+    """``[G, length]`` 0/1 membership and the groups' names (``"other"`` for the rest)."""
+    if isinstance(groups, Tensor):
+        ids = groups.long().flatten()
+        if ids.shape[0] != length:
+            raise UnsupportedOptionError(f"groups has {ids.shape[0]} entries for {length} positions")
+        labels = sorted(set(ids.tolist()))
+        members = torch.stack([(ids == g).float() for g in labels])
+        return members, tuple(str(g) for g in labels)
+    named: list[tuple[str, list[Span]]] = []
+    if isinstance(groups, Mapping):
+        for name, spans in groups.items():
+            many = spans if spans and isinstance(spans[0], (tuple, list)) else [spans]
+            named.append((str(name), [(int(s), int(e)) for s, e in many]))  # type: ignore[misc, arg-type]
+    else:
+        named = [(str(i), [(int(s), int(e))]) for i, (s, e) in enumerate(groups)]
+    members = torch.zeros((len(named), length))
+    for g, (name, spans) in enumerate(named):
+        for start, end in spans:
+            if not 0 <= start < end <= length:
+                raise UnsupportedOptionError(
+                    f"group {name!r}: span ({start}, {end}) is not inside the {length} positions"
+                )
+            members[g, start:end] = 1.0
+    if bool((members.sum(0) > 1).any()):
+        raise UnsupportedOptionError("groups overlap: each position may belong to one group only")
+    names = [n for n, _ in named]
+    rest = members.sum(0) == 0
+    if bool(rest.any()):
+        members = torch.cat([members, rest.float()[None]])
+        names.append("other")
+    return members, tuple(names)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(progress: bool | None, total: int, unit: str, work: int) -> Any:
+    """A tqdm bar on stderr when asked, or (``None``) when the run is large enough to wait for."""
+    show = progress if progress is not None else (total > 1 and work > 200_000)
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, desc="llama_attrib", leave=False)

@@ -1,0 +1,182 @@
+"""Target mode's Compositions: one step's logits as components, each token's computed on
+demand by its run (:class:`.target.TargetRun`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pydec
+import torch
+from torch import Tensor
+
+from ..composition import Contributions, LazyComposition
+from ..errors import DecompositionError
+
+if TYPE_CHECKING:
+    from .target import TargetRun
+
+
+class TargetComposition(LazyComposition):
+    """One step's logits ``[*batch, vocab]`` as components, computed per target on demand.
+
+    ``c[token].components`` (``c[row, token]`` for a batch) costs nothing for the step's
+    target (computed with every other step's in one batched backward) and one more pass for
+    any other token. ``c.recovery`` is the step's real logits, which the components of any
+    token add up to (checked for the target). ``c.hidden`` and ``c.components`` (the whole
+    vocabulary) are exact too but cost one backward per hidden dimension: use forward mode
+    (``mode="forward"``) when you need them for many steps.
+    """
+
+    def __init__(self, run: TargetRun, step: int) -> None:
+        self._run = run
+        self._step = step
+        self._known: dict[tuple[int, Any], Tensor] = {}  # (row, token or (a, b)) -> [C]
+        self._hidden: Tensor | None = None
+        self.target: pydec.Composition | None = None
+        self.target_key: Any = None
+        self.names = run.names
+
+    def _materialise(self) -> Tensor:
+        weight = self._run.weight.detach().to(device=self.hidden.device, dtype=self.dtype)
+        return torch.matmul(self.hidden, weight.T)
+
+    @property
+    def _squeeze(self) -> bool:
+        return self._run.batch == 1
+
+    @property
+    def logits(self) -> Tensor:
+        """The real logits of this step, ``[*batch, vocab]``."""
+        assert self._run.logits is not None
+        logits = self._run.logits[:, self._step]
+        return logits[0] if self._squeeze else logits
+
+    @property
+    def recovery(self) -> Tensor:
+        """What the components add up to: the step's real logits."""
+        return self.logits
+
+    @property
+    def shape(self) -> torch.Size:
+        vocab = int(self._run.weight.shape[0])
+        return torch.Size((vocab,) if self._squeeze else (self._run.batch, vocab))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._run.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._run.weight.device
+
+    def numc(self) -> int:
+        return self._run.components(self._step)
+
+    @property
+    def hidden(self) -> Tensor:
+        """The decomposed final hidden state ``[C, *batch, hidden]``: one backward per dimension."""
+        if self._hidden is None:
+            d = int(self._run.weight.shape[1])
+            eye = torch.eye(d, dtype=self.dtype, device=self.device)
+            requests = [(self._step, ("vector", eye[j].expand(self._run.batch, d))) for j in range(d)]
+            solved = self._run.solve(requests)[..., : self.numc()]  # [d, B, C] (bias share left out)
+            hidden = solved.permute(2, 1, 0)
+            self._hidden = hidden[:, 0] if self._squeeze else hidden
+        return self._hidden
+
+    def _remember(self, key: Any, contributions: Tensor) -> None:
+        """Store ``contributions [B, C_all + 1]`` (the bias share last) of a per-row key."""
+        for row in range(self._run.batch):
+            self._known[(row, _what(key, row))] = _keep(contributions[row], self.numc())
+
+    def _lookup(self, key: Any, row: int = 0) -> pydec.Composition:
+        return self._composition(self._known[(row, _what(key, row))])
+
+    def _composition(self, components: Tensor) -> pydec.Composition:
+        return Contributions.of(components[:-1], components[-1])
+
+    def _get(self, row: int, what: Any) -> Tensor:
+        found = self._known.get((row, what))
+        if found is None:
+            batch = self._run.batch
+            if isinstance(what, tuple):
+                vector = self._run.head_row(what[0]) - self._run.head_row(what[1])
+            else:
+                vector = self._run.head_row(what)
+            cot = vector.new_zeros((batch, vector.shape[0]))
+            cot[row] = vector
+            found = _keep(self._run.solve([(self._step, ("vector", cot))])[0, row], self.numc())
+            self._known[(row, what)] = found
+        return found
+
+    def __getitem__(self, indices: Any) -> pydec.Composition:
+        """``c[token]`` (or ``c[row, token]``) from a backward pass, not the full tensor."""
+        parsed = None if pydec.is_c_accessing_enabled() else _parse_index(indices, self._squeeze)
+        if parsed is not None and (parsed in self._known or self._full is None):
+            return self._composition(self._get(*parsed))
+        return super().__getitem__(indices)
+
+    def contrast(self, a: int, b: int, row: int = 0) -> pydec.Composition:
+        """Components of ``logit_a - logit_b`` (one pass if not computed yet)."""
+        return self._composition(self._get(row, (int(a), int(b))))
+
+    def check(self) -> None:
+        """The target's components and bias share add up to the stock model's own logit (a
+        plain forward, not the decomposition's pass), else :class:`DecompositionError`."""
+        logits = self._run.stock_logits()[:, self._step]
+        tol = self._run.tolerance
+        for (row, what), comps in self._known.items():
+            value = _logit(logits[row], what)
+            if not bool(torch.isfinite(logits[row]).all()):
+                raise DecompositionError(
+                    f"step {self._step}: the model's own logits are not finite (NaN or inf): the model "
+                    "itself overflows on this input (try float32 or bfloat16 instead of float16)"
+                )
+            scale = float(logits[row].abs().max().clamp(min=1e-30))
+            total = float(comps.sum())
+            err = abs(total - float(value)) / scale
+            if not err <= tol:
+                raise DecompositionError(
+                    f"step {self._step}: contributions and bias share add up to {total:.6g}, the model's "
+                    f"logit is {float(value):.6g} (relative error {err:.2e} > {tol:.0e}); an operation "
+                    "outside llama_attrib's rules changed the hidden state"
+                )
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return (
+            f"TargetComposition(size={tuple(self.shape)}, components={self.numc()}, "
+            f"dtype={self.dtype}, step={self._step})"
+        )
+
+
+def _what(key: Any, row: int) -> Any:
+    """Row ``row``'s part of a ``("token", ...)`` or ``("contrast", ...)`` key: a token id, or
+    the pair ``(a, b)``."""
+    return key[1][row] if key[0] == "token" else (key[1][row], key[2][row])
+
+
+def _logit(logits: Tensor, what: Any) -> Tensor:
+    """The logit of token ``what`` in ``logits [vocab]``, or ``logit_a - logit_b`` for a pair."""
+    return logits[what[0]] - logits[what[1]] if isinstance(what, tuple) else logits[what]
+
+
+def _keep(contributions: Tensor, count: int) -> Tensor:
+    """The first ``count`` components and the bias share (the last column)."""
+    return torch.cat([contributions[:count], contributions[-1:]])
+
+
+def _parse_index(indices: Any, squeeze: bool) -> tuple[int, int] | None:
+    """``(row, token)`` from ``c[token]`` / ``c[row, token]`` with integer indices, else None."""
+    if not isinstance(indices, tuple):
+        indices = (indices,)
+    wanted = 1 if squeeze else 2
+    if len(indices) != wanted:
+        return None
+    values = []
+    for i in indices:
+        if isinstance(i, Tensor) and i.dim() == 0 and not i.is_floating_point():
+            i = int(i)
+        if not isinstance(i, int) or isinstance(i, bool):
+            return None
+        values.append(i)
+    return (0, values[0]) if squeeze else (values[0], values[1])

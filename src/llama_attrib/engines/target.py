@@ -1,0 +1,255 @@
+"""Target mode over a finished sequence: a stock forward, then the chosen target logits of
+every step pulled back through one layer at a time in batched backwards (:mod:`..sweep`).
+The contribution of position ``i`` is ``grad_i . h_i`` at the first layer's input. Memory
+does not grow with the number of components; other tokens' contributions are computed on
+demand (one more pass each time, batched per request)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import families, memory, sweep
+from ..checks import tolerance
+from ..errors import DecompositionError, UnsupportedOptionError
+from ..passes import CapturePass, TargetPass
+from .inputs import Inputs, Scope, _progress
+from .lazy import TargetComposition, _logit, _what
+
+
+class TargetRun:
+    """The frozen-factor pass of one sequence, and batched backward passes through it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scope: Scope,
+        inputs: Inputs,
+        members: Tensor | None,
+        names: tuple[str, ...] | None,
+        dtype: torch.dtype,
+        budget: int,
+        progress: bool | None,
+        lean: bool = False,
+    ) -> None:
+        self.model = model
+        self.scope = scope
+        self.inputs = inputs
+        self.members = members
+        self.names = names
+        self.dtype = dtype
+        self.budget = budget
+        self.lean = lean
+        self.progress = progress
+        self.model_dtype = next(model.parameters()).dtype
+        batch, length = inputs.ids.shape
+        layouts = memory.target_layouts(
+            memory.Shape.of(model), batch, length, dtype, inputs.ids.device, self.model_dtype
+        )
+        # the probability blocks each fit the budget with one target at least, largest first
+        self.layouts = [(s, p) for s, p in layouts if s.graph + s.per_request <= budget]
+        if not self.layouts:
+            smallest = layouts[-1][0]
+            raise memory.MemoryBudgetError(
+                f"target mode over {batch} x {length} tokens needs about "
+                f"{memory.fmt(smallest.graph + smallest.per_request)} for one target; the budget is "
+                f"{memory.fmt(budget)}. Shorten the sequence, decompose fewer rows at once, or raise "
+                "max_memory"
+            )
+        self.logits: Tensor | None = None
+        self.reference: Tensor | None = None  # the stock logits, once computed
+        # generate's own hidden states, for the first pass only (a later one records its own)
+        self.replay: list[Tensor] | None = None
+        self.family = families.family_of(model)
+        self.weight: Tensor = self.family.head_weight(model)
+
+    @staticmethod
+    def of(
+        model: nn.Module,
+        scope: Scope,
+        inputs: Inputs,
+        members: Tensor | None,
+        names: tuple[str, ...] | None,
+        component_dtype: torch.dtype | None,
+        max_memory: int | str | None,
+        progress: bool | None,
+    ) -> TargetRun:
+        """A run with the default component dtype and the budget of ``max_memory``."""
+        dtype = component_dtype or families.component_dtype(model)
+        limit = memory.budget(max_memory, next(model.parameters()).device)
+        lean = max_memory is None
+        return TargetRun(model, scope, inputs, members, names, dtype, limit, progress, lean=lean)
+
+    @property
+    def batch(self) -> int:
+        return int(self.inputs.ids.shape[0])
+
+    @property
+    def tolerance(self) -> float:
+        """How far a sum of components may be from the stock logit it explains: a
+        half-precision model's own logit carries its rounding, whatever the components' dtype."""
+        half = self.model_dtype in (torch.float16, torch.bfloat16)
+        return tolerance(self.model_dtype if half else self.dtype)
+
+    def head_row(self, token: int) -> Tensor:
+        return self.weight[token].detach().to(self.dtype)
+
+    def _pass(self, probabilities: tuple[int, int] | None) -> TargetPass:
+        return TargetPass(self.dtype, keep_from=self.inputs.first, probabilities=probabilities)
+
+    def stock_logits(self) -> Tensor:
+        """The stock model's own logits at the explained positions (before a final soft-cap),
+        which the components and residual are checked against: generate's, or those of the
+        stock forward the first :meth:`solve` records."""
+        assert self.reference is not None, "the stock logits are known once a pass has run"
+        return self.reference
+
+    def layout(self, n: int) -> tuple[memory.TargetSizes, tuple[int, int] | None]:
+        """The sizes and probability blocks for ``n`` targets: the default blocks, unless
+        smaller ones (none kept for the backward) leave room for the targets in fewer sweeps
+        over the layers. Each sweep runs every layer again; smaller blocks cost little."""
+
+        def sweeps(sizes: memory.TargetSizes) -> int:
+            return math.ceil(n / sizes.chunks(n, self.budget, self.lean)[1])
+
+        return min(self.layouts, key=lambda layout: sweeps(layout[0]))  # the first, of equals
+
+    def chunks(self, n: int) -> tuple[int, int]:
+        """``(targets per batched backward, targets per sweep)`` (:meth:`memory.TargetSizes.chunks`)."""
+        return self.layout(n)[0].chunks(n, self.budget, self.lean)
+
+    def solve(self, requests: Sequence[tuple[int, Any] | list[tuple[int, Any]]]) -> Tensor:
+        """Contributions ``[N, B, C + 1]`` for each ``(step, target key)`` request: one per
+        component, then the bias share (pydec's residual: what belongs to no token). A request
+        that is a list of such pairs is their sum, pulled back as one target.
+
+        Keys: ``("token", ids per row)``, ``("contrast", a per row, b per row)``,
+        ``("vector", [B, hidden])`` or ``None`` (each row's argmax token at that step).
+        """
+        n = len(requests)
+        per_chunk, per_sweep = self.chunks(n)
+        probabilities = self.layout(n)[1]
+        layers = len(self.family.layers(self.model))
+        sweeps = math.ceil(n / per_sweep)
+        results: list[Tensor] = []
+        with torch.inference_mode(False), self.scope() as session:
+            # the stock forward, whose hidden states the layers' frozen factors are computed from
+            replay, self.replay = self.replay, None
+            recorded = sweep.record(
+                self.model, session, CapturePass(self.dtype), lambda: self.inputs.call(self.model), replay
+            )
+            stock = self.inputs.select(recorded.logits)
+            if self.reference is None:
+                self.reference = stock.float()
+            if self.logits is None:
+                self.logits = stock.to(self.dtype)
+            norm = self.family.final_norm(self.model)
+            first = self.inputs.first
+
+            def head(x: Tensor) -> Tensor:
+                return self.inputs.select(norm(x)[:, first:])
+
+            values = recorded.first_input.detach().to(self.dtype)
+            steps = len(self.inputs.positions)
+            work = n * values.shape[1] * self.batch
+            bar = _progress(self.progress, sweeps * (layers + 1), "layer", work=work)
+            for start in range(0, n, per_sweep):
+                part = requests[start : start + per_sweep]
+                cot = values.new_zeros((len(part), self.batch, steps, values.shape[-1]))
+                for i, request in enumerate(part):
+                    for step, key in request if isinstance(request, list) else [request]:
+                        if not 0 <= step < steps:
+                            raise IndexError(f"step {step} out of range ({steps} steps)")
+                        cot[i, :, step] += self._cotangent(self.resolve(step, key)).to(cot)
+                grads, shares = sweep.pull_back(
+                    session,
+                    recorded,
+                    lambda: self._pass(probabilities),
+                    head,
+                    list(cot.split(per_chunk)),
+                    bar.update,
+                )
+                for g, share in zip(grads, shares, strict=True):
+                    contributions = (g * values).sum(-1)  # [n, B, T]
+                    if self.members is not None:
+                        contributions = contributions @ self.members.to(contributions).T
+                    results.append(torch.cat([contributions, share[..., None]], -1).detach())
+            bar.close()
+        return torch.cat(results)
+
+    def components(self, step: int) -> int:
+        """How many components step ``step`` has: its position + 1, or the number of groups."""
+        if self.members is not None:
+            return int(self.members.shape[0])
+        return self.inputs.positions[step] + 1
+
+    def compositions(
+        self, targets: list[Any] | None, also: Sequence[tuple[int, Any]] = ()
+    ) -> tuple[TargetComposition, ...]:
+        """One Composition per step, its target (default each row's argmax) solved; ``also``:
+        more ``(step, key)`` requests solved in the same pass and remembered by their steps."""
+        steps = len(self.inputs.positions)
+        wanted = targets if targets is not None else [None] * steps
+        solved = self.solve([*enumerate(wanted), *also])
+        out = []
+        for step, (target, contributions) in enumerate(zip(wanted, solved[:steps], strict=True)):
+            c = TargetComposition(self, step)
+            key = self.resolve(step, target)
+            c._remember(key, contributions)
+            c.target = c._lookup(key)
+            c.target_key = key
+            out.append(c)
+        for (step, key), contributions in zip(also, solved[steps:], strict=True):
+            out[step]._remember(self.resolve(step, key), contributions)
+        for c in out:
+            c.check()
+        return tuple(out)
+
+    def answer(self, targets: list[Any] | None) -> Tensor:
+        """Contributions ``[B, C_all + 1]`` to the sum over steps of each step's target logit
+        (``targets``, default each row's argmax), pulled back as one target: the sum over steps
+        of what :meth:`compositions` gives (a step's components beyond its position are zero),
+        at the cost of one target. Checked against the sum of the stock model's logits."""
+        steps = len(self.inputs.positions)
+        wanted = targets if targets is not None else [None] * steps
+        keys = [self.resolve(step, key) for step, key in enumerate(wanted)]
+        if any(key[0] not in ("token", "contrast") for key in keys):
+            raise UnsupportedOptionError("an answer's targets are token ids or (a, b) pairs")
+        out: Tensor = self.solve([list(enumerate(wanted))])[0]
+        logits = self.stock_logits()
+        for row in range(self.batch):
+            value = sum(float(_logit(logits[row, step], _what(key, row))) for step, key in enumerate(keys))
+            scale = sum(float(logits[row, step].abs().max()) for step in range(len(keys)))
+            total = float(out[row].sum())
+            if not abs(total - value) <= self.tolerance * max(scale, 1e-30):
+                raise DecompositionError(
+                    f"row {row}: contributions and bias share add up to {total:.6g}, the sum of the "
+                    f"model's logits is {value:.6g}; an operation outside llama_attrib's rules changed "
+                    "the hidden state"
+                )
+        return out
+
+    def resolve(self, step: int, key: Any) -> Any:
+        """``None`` -> ``("token", each row's argmax at that step)``; other keys unchanged."""
+        if key is not None:
+            return key
+        assert self.logits is not None, "logits are known once the pass has run"
+        return ("token", tuple(int(t) for t in self.logits[:, step].argmax(-1).tolist()))
+
+    def _cotangent(self, key: Any) -> Tensor:
+        """``[B, hidden]``: each row's head-weight row (or difference of two) for ``key``."""
+        kind = key[0]
+        if kind == "token":
+            return torch.stack([self.head_row(t) for t in key[1]])
+        if kind == "contrast":
+            return torch.stack(
+                [self.head_row(a) - self.head_row(b) for a, b in zip(key[1], key[2], strict=True)]
+            )
+        if kind == "vector":
+            vector: Tensor = key[1]
+            return vector
+        raise ValueError(f"unknown target {key!r}")
