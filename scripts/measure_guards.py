@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import llama_attrib
-from llama_attrib import engines, hf
+from llama_attrib import adapters, engines
 from llama_attrib.checks import completeness_error
 
 worst = {"forward": 0.0, "target": 0.0}
@@ -30,7 +30,7 @@ def forward_probe(real: torch.Tensor, comps: torch.Tensor) -> float:
     return err
 
 
-hf.completeness_error = forward_probe  # type: ignore[assignment]
+adapters.forward.completeness_error = forward_probe  # type: ignore[attr-defined]
 engines.forward.completeness_error = forward_probe  # type: ignore[attr-defined]
 check = engines.TargetComposition.check
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import families
+from .adapters import forward_adapter, generate_adapter
 from .composition import Contributions
 from .engines import (
     MODES,
@@ -28,8 +29,8 @@ from .engines import (
     explain,
     group_members,
 )
+from .engines.inputs import last_real, positions_from_mask
 from .errors import UnsupportedOptionError
-from .hf import forward_adapter, generate_adapter
 from .patching import replace_method
 from .session import Session
 
@@ -227,12 +228,11 @@ def _prepare(
             f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: they must match"
         )
     if position_ids is None and mask is not None:
-        position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        position_ids = positions_from_mask(mask)
     last = None
     if prompt_length is None or prompt_length >= length:
         positions, next_tokens, used = [length - 1], None, length
-        if mask is not None and not bool(mask[:, -1].all()):  # right padding: last real tokens
-            last = length - 1 - mask.flip(-1).long().argmax(-1)
+        last = last_real(mask, length)  # right padding: each row's last real token
     else:
         if prompt_length < 1:
             raise UnsupportedOptionError("prompt_length must be at least 1")

@@ -148,3 +148,17 @@ def _progress(progress: bool | None, total: int, unit: str, work: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit=unit, desc="llama_attrib", leave=False)
+
+
+def last_real(mask: Any, length: int) -> Tensor | None:
+    """Each row's last attended position, when a 2D mask right-pads some row; else None."""
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.shape[-1] != length:
+        return None
+    if bool(mask[:, -1].all()):
+        return None
+    return length - 1 - mask.flip(-1).long().argmax(-1)
+
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """The position ids a (left-)padded mask implies: real tokens count from 0, pads get 1."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)

@@ -1,211 +1,23 @@
-"""The Hugging Face side: the replacement ``forward`` and ``generate`` of a wrapped model.
-
-They read generate's and forward's options, refuse what cannot be decomposed, and hand the
-work to the engines: forward mode runs inside the model's own forward (a
-:class:`~llama_attrib.passes.ForwardPass`), target mode decomposes the finished sequence afterwards
-(:func:`llama_attrib.engines.explain`). ``scope()`` is the lifecycle's block in which the
-model is wrapped; this module never imports the public API.
-"""
+"""The replacement ``generate`` of a wrapped model: target mode generates plainly (recording
+the masks and positions it used, :class:`~llama_attrib.session.Recording`) and then decomposes
+the finished sequences in one pass; forward mode decomposes each of generate's forwards as it
+runs (:class:`~llama_attrib.session.Collecting`)."""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import _compat, families, memory, sweep
-from ._compat import CACHE_KEYWORDS, cache_length
-from .checks import completeness_error, tolerance
-from .composition import LogitComposition
-from .engines import MODES, Inputs, Scope, explain
-from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
-from .passes import ForwardPass
-from .session import Collecting, Forward, Recording, Session
-from .stream import strip
-
-
-def forward_adapter(session: Session, model: nn.Module, original: Forward, scope: Scope) -> Forward:
-    signature = inspect.signature(original)
-
-    def forward(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
-        with session.lock:  # one call at a time: a decomposing call changes how the model runs
-            return run(*args, decompose=decompose, **kwargs)
-
-    def run(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
-        generation = session.generation
-        if isinstance(generation, Recording) and decompose is None:
-            _record(generation, signature, args, kwargs)
-        if not session.wants(decompose):
-            return original(*args, **kwargs)
-        mode = _mode(decompose, "forward")
-        bound = signature.bind(*args, **kwargs)
-        options = _options(bound, signature)
-        _check_forward_options(options)
-        if mode == "target":
-            return _target_forward(model, original, bound, options, scope)
-        _set_option(bound, signature, "output_attentions", False)
-        cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
-        expected = generation.expected_length if isinstance(generation, Collecting) else 0
-        if not isinstance(generation, Collecting):  # a single forward (inside generate, generate checked)
-            batch, length = options["input_ids"].shape
-            families.check_length(model, cache_length(cache) + length)
-            _check_fits(model, cache_length(cache) + length, batch, "forward", None, session.dtype)
-        active = ForwardPass(session.dtype, offset=cache_length(cache), expected_length=expected)
-        with session.running(active):
-            out = original(*bound.args, **bound.kwargs)
-        return _attach(session, active, model, out, options.get("attention_mask"))
-
-    return forward
-
-
-def _check_fits(
-    model: nn.Module, length: int, batch: int, mode: str, max_memory: Any, dtype: torch.dtype
-) -> None:
-    """Forward mode keeps every component at once: refuse, before starting, what cannot fit."""
-    device = next(model.parameters()).device
-    needed = memory.estimate(model, length, batch=batch, mode=mode, dtype=dtype)
-    limit = memory.budget(max_memory, device)
-    if needed > limit:
-        raise memory.MemoryBudgetError(
-            f"forward-mode decomposition of {batch} x {length} tokens needs about "
-            f"{memory.fmt(needed)}; the budget is {memory.fmt(limit)} (max_memory, default 80% of "
-            "the free memory). Use decompose=True (target mode: memory does not grow with the "
-            "number of components), or llama_attrib.decompose_sequence(..., mode='forward'), "
-            "which processes components in chunks that fit"
-        )
-
-
-def _mode(decompose: bool | str | None, default: str) -> str:
-    """``True``/``None`` -> the call's default mode; a string must name a mode."""
-    if decompose is True or decompose is None:
-        return default
-    if decompose in MODES:
-        return str(decompose)
-    raise UnsupportedOptionError(f"decompose must be True, False or one of {MODES}, not {decompose!r}")
-
-
-def _record(generation: Recording, signature: inspect.Signature, args: Any, kwargs: dict[str, Any]) -> None:
-    """Keep the attention mask and position ids generate passes (target-mode generation)."""
-    options = _options(signature.bind(*args, **kwargs), signature)
-    generation.inputs.append((options.get("attention_mask"), options.get("position_ids")))
-
-
-def _target_forward(
-    model: nn.Module, original: Forward, bound: inspect.BoundArguments, options: dict[str, Any], scope: Scope
-) -> Any:
-    """A forward with ``decompose="target"``: the real output, then the last position's target."""
-    cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
-    if cache_length(cache):
-        raise UnsupportedOptionError(
-            'decompose="target" decomposes a whole sequence: call it without a filled cache, or use '
-            "decompose=True (forward mode) to continue a cached decomposition"
-        )
-    out = original(*bound.args, **bound.kwargs)
-    ids = options["input_ids"]
-    mask = options.get("attention_mask")
-    last = _last_real(mask, int(ids.shape[-1]))
-    inputs = Inputs(ids, mask, options.get("position_ids"), [int(ids.shape[-1]) - 1], last)
-    (composition,) = explain(model, scope, inputs, mode="target")
-    out["attentions"] = composition
-    return out
-
-
-def _attach(session: Session, active: ForwardPass, model: nn.Module, out: Any, mask: Any = None) -> Any:
-    """Put the last position's LogitComposition in ``out["attentions"]``."""
-    head = active.head
-    if head is None:
-        raise DecompositionError("the decomposed forward never reached the LM head")
-    real, comps, residual = head
-    tol = tolerance(real.dtype)
-    checked_real, checked = real, comps if residual is None else torch.cat([comps, residual[None]])
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= real.shape[1]:
-        # Padding positions attend to nothing real (their outputs are whatever the attention
-        # kernel makes of a fully masked row) and feed no other position: not checked.
-        valid = mask[:, mask.shape[-1] - real.shape[1] :].bool().to(real.device)
-        checked_real, checked = real[valid], checked[:, valid]
-    if not bool(torch.isfinite(checked_real).all()):
-        session.caches.clear()
-        raise DecompositionError(
-            "the model's own hidden state is not finite (NaN or inf) on this input: the model "
-            "overflows by itself (float16 often does; try bfloat16 or float32), not llama_attrib"
-        )
-    err = completeness_error(checked_real, checked)
-    if not err <= tol:
-        session.caches.clear()
-        raise DecompositionError(
-            f"components do not add up to the final hidden state (relative error {err:.2e} > "
-            f"{tol:.0e}); an operation outside llama_attrib's rules changed the hidden state"
-        )
-    for key in ("hidden_states", "last_hidden_state"):
-        if out.get(key) is not None:
-            out[key] = strip(out[key])
-    stock = active.logits if active.logits is not None else out["logits"]
-    res = None if residual is None else residual[:, -1].detach()
-    hidden, logits, capped = comps[:, :, -1].detach(), stock[:, -1], out["logits"][:, -1]
-    last = _last_real(mask, comps.shape[2])
-    if last is not None and stock.shape[1] == comps.shape[2]:
-        # Right padding: each row's composition is at its last real token, not at a pad.
-        rows = torch.arange(comps.shape[1], device=comps.device)
-        at = last.to(comps.device)
-        hidden, logits, capped = comps[:, rows, at].detach(), stock[rows, last], out["logits"][rows, last]
-        res = None if residual is None else residual[rows, at].detach()
-    if hidden.shape[1] == 1:
-        hidden, logits, capped = hidden[:, 0], logits[0], capped[0]
-        res = None if res is None else res[0]
-    weight = session.family.head_weight(model)
-    composition = LogitComposition(hidden, weight.detach(), logits, residual=res)
-    if session.family.final_softcap(model) is not None:
-        composition.capped = capped
-    out["attentions"] = composition
-    if isinstance(session.generation, Collecting):
-        session.generation.steps.append(composition)
-    return out
-
-
-def _last_real(mask: Any, length: int) -> torch.Tensor | None:
-    """Each row's last attended position, when a 2D mask right-pads some row; else None."""
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[-1] != length:
-        return None
-    if bool(mask[:, -1].all()):
-        return None
-    return length - 1 - mask.flip(-1).long().argmax(-1)
-
-
-def _options(bound: inspect.BoundArguments, signature: inspect.Signature) -> dict[str, Any]:
-    """All arguments of a bound call, with the ``**kwargs`` ones flattened in."""
-    options = dict(bound.arguments)
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            options.update(options.pop(name, {}))
-    return options
-
-
-def _set_option(bound: inspect.BoundArguments, signature: inspect.Signature, key: str, value: Any) -> None:
-    if key in signature.parameters:
-        bound.arguments[key] = value
-        return
-    for name, param in signature.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            bound.arguments.setdefault(name, {})[key] = value
-
-
-def _check_forward_options(options: dict[str, Any]) -> None:
-    if options.get("inputs_embeds") is not None:
-        raise UnsupportedOptionError(
-            "decompose=True needs input_ids: with inputs_embeds there are no tokens to attribute to"
-        )
-    if options.get("input_ids") is None:
-        raise UnsupportedOptionError("decompose=True needs input_ids")
-    if options.get("return_dict") is False:
-        raise UnsupportedOptionError(
-            "decompose=True returns the decomposition in the output's 'attentions': "
-            "call without return_dict=False"
-        )
-
+from .. import _compat, families, sweep
+from ..engines import Inputs, Scope, explain
+from ..engines.inputs import positions_from_mask
+from ..errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
+from ..session import Collecting, Forward, Recording, Session
+from .options import _check_fits, _mode, _prompt_ids
 
 # Options of a target-mode generate that are llama_attrib's, not generate's.
 _SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress")
@@ -423,11 +235,4 @@ def _recorded_inputs(
             return mask, position_ids[source]
     if mask is None:
         return None, None  # one call per token was not made (static cache, assisted decoding)
-    return mask, (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
-def _prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
-    if not isinstance(ids, torch.Tensor):
-        raise UnsupportedOptionError("decompose=True needs the prompt's input_ids as a tensor")
-    return ids
+    return mask, positions_from_mask(mask)
