@@ -242,7 +242,7 @@ def test_the_estimate_is_what_the_run_plans_and_fits_its_own_budget(generated: t
     sizes = memory.TargetSizes.of(memory.Shape.of(model), 1, length, torch.float32)
     estimate = estimate_memory(model, length, steps=n)
     assert estimate == sizes.peak(n) == sizes.graph + n * sizes.state + sizes.chunks(n)[0] * sizes.work
-    assert sizes.chunks(n, estimate, lean=False) == sizes.chunks(n)
+    assert sizes.chunks(n, estimate, unbudgeted=False) == sizes.chunks(n)
     steps = decompose_sequence(model, sequences, 10, max_memory=estimate)
     for k, (c, ref) in enumerate(zip(steps, reference, strict=True)):
         token = int(sequences[0, 10 + k])

@@ -105,7 +105,7 @@ def test_left_padded_batch_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_probability_rows_equal_the_whole_matrix() -> None:
-    """Scores.rows over a block and the keys it sees equals that part of the whole matrix,
+    """FrozenProbabilities.rows over a block and the keys it sees equals that part of the whole matrix,
     and the keys left out have probability exactly zero."""
     torch.manual_seed(0)
     query, key = torch.randn(2, 4, 13, 8), torch.randn(2, 2, 13, 8)
@@ -113,7 +113,7 @@ def test_probability_rows_equal_the_whole_matrix() -> None:
         if mask is not None:
             mask = mask & torch.ones(13, 13, dtype=torch.bool).tril()
             mask[..., 0] = True
-        scores = rules.Scores(query, key, mask, 0.35, None)
+        scores = rules.FrozenProbabilities(query, key, mask, 0.35, None)
         whole = scores.rows()
         for a, b, k in [(0, 3, scores.extent(0, 3)), (5, 9, scores.extent(5, 9)), (12, 13, 13)]:
             assert torch.allclose(scores.rows(a, b, k), whole[..., a:b, :k], atol=1e-6)
@@ -143,7 +143,7 @@ def test_blocks_of_probabilities_are_larger_on_an_accelerator() -> None:
     for device, rows in (("cpu", 8), ("meta", 256)):
         query = torch.empty(1, 32, 32768, 4, device=device)
         key = torch.empty(1, 8, 32768, 4, device=device)
-        blocks = rules.Scores(query, key, None, 0.5, None).blocks(0, 32768)
+        blocks = rules.FrozenProbabilities(query, key, None, 0.5, None).blocks(0, 32768)
         assert [b - a for a, b, _ in blocks] == [rows] * (32768 // rows)
         assert [k for _, b, k in blocks] == [b for _, b, _ in blocks]  # causal: keys up to the row
 
@@ -185,12 +185,12 @@ def test_a_tight_budget_gets_smaller_blocks_not_more_sweeps(monkeypatch: pytest.
     default, small = layouts[0][0], layouts[-1][0]
     assert small.graph < default.graph
     budget = small.graph + STEPS * small.state + small.work  # all targets in one sweep, if small
-    assert default.chunks(STEPS, budget, lean=False)[1] < STEPS  # the default needs two sweeps
+    assert default.chunks(STEPS, budget, unbudgeted=False)[1] < STEPS  # the default needs two sweeps
     seen: dict[int, set[tuple[int | None, int | None]]] = {}  # targets in a solve -> blocks seen
     solving = [0]
-    blocks, solve = rules.Scores.blocks, engines.TargetRun.solve
+    blocks, solve = rules.FrozenProbabilities.blocks, engines.TargetRun.solve
 
-    def spy_blocks(self: rules.Scores, t0: int, t1: int) -> list[tuple[int, int, int]]:
+    def spy_blocks(self: rules.FrozenProbabilities, t0: int, t1: int) -> list[tuple[int, int, int]]:
         seen.setdefault(solving[0], set()).add((self.block, self.keep))
         return blocks(self, t0, t1)
 
@@ -198,7 +198,7 @@ def test_a_tight_budget_gets_smaller_blocks_not_more_sweeps(monkeypatch: pytest.
         solving[0] = len(requests)
         return solve(self, requests)
 
-    monkeypatch.setattr(rules.Scores, "blocks", spy_blocks)
+    monkeypatch.setattr(rules.FrozenProbabilities, "blocks", spy_blocks)
     monkeypatch.setattr(engines.TargetRun, "solve", spy_solve)
     got = _all(model, sequences, 11, max_memory=budget)
     # the steps' targets together: the smallest blocks, nothing kept; one more token (token 5
@@ -278,13 +278,13 @@ def test_the_stock_attention_output_is_the_forward_value(monkeypatch: pytest.Mon
     sequences, expected = _uncut_reference(model, monkeypatch)
     monkeypatch.setattr(rules.scores, "KEEP_BYTES", 0)
     rows, grad = [0, 0], torch.is_grad_enabled
-    original = rules.Scores.rows
+    original = rules.FrozenProbabilities.rows
 
-    def counted(self: rules.Scores, *args: Any) -> torch.Tensor:
+    def counted(self: rules.FrozenProbabilities, *args: Any) -> torch.Tensor:
         rows[grad()] += 1  # the backward computes with grad mode off
         return original(self, *args)
 
-    monkeypatch.setattr(rules.Scores, "rows", counted)
+    monkeypatch.setattr(rules.FrozenProbabilities, "rows", counted)
     got = _all(model, sequences, 11)
     assert rows[1] == 0 and rows[0] > 0
     scale = max(float(e.abs().max()) for e in expected)

@@ -309,3 +309,26 @@ def test_two_threads_share_one_wrapped_model(mode: str) -> None:
             assert torch.equal(a[token].components, b[token].components)
     for i in (4, 5):
         assert torch.equal(results[i], plain)  # not decomposed, and not disturbed
+
+
+def test_the_models_config_is_never_changed_while_decomposing() -> None:
+    """Only the wrapped attention module's own view of the config names llama_attrib's
+    function, and only while its probe runs: the model's config (shared with anything else
+    that holds it) keeps its implementation throughout."""
+    model = llama_attrib.wrap(tiny_model(2))
+    attention = model.model.layers[1].self_attn
+    seen: list[tuple[str, str]] = []
+
+    def during(module: nn.Module, args: Any) -> None:  # inside the attention's own forward
+        seen.append((model.config._attn_implementation, attention.config._attn_implementation))
+
+    handle = attention.q_proj.register_forward_pre_hook(during)
+    try:
+        model(prompt(5), decompose="forward")
+        model(prompt(5))
+    finally:
+        handle.remove()
+    assert seen == [("sdpa", "llama_attrib"), ("sdpa", "sdpa")]
+    assert attention.config._attn_implementation == "sdpa"
+    llama_attrib.unwrap(model)
+    assert attention.config is model.config

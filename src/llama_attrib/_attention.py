@@ -1,12 +1,14 @@
 """llama_attrib's attention function, registered in transformers' ``AttentionInterface``.
 
 A wrapped attention module, while it decomposes, runs its own stock forward (projections,
-rope, q/k norms, cache update) with ``config._attn_implementation`` set to this function's
-name for the length of the call. The function receives exactly what the model's chosen
-implementation would (queries and keys after every family quirk, the family's mask with its
-sliding window, ``scaling``, ``softcap``), records what the frozen attention probabilities
-are computed from, and calls that implementation for the real output. Only the registry gains a name; no class
-or function of transformers is changed.
+rope, q/k norms, cache update) and reads, for the length of the call, this function's name as
+its attention implementation: its ``config`` is, on that instance only, a view of the model's
+config (:class:`ConfigView`) that answers so while its probe runs, and the model's own value
+otherwise; the model's config itself is never changed. The function receives exactly what
+the model's chosen implementation would (queries and keys after every family quirk, the
+family's mask with its sliding window, ``scaling``, ``softcap``), records what the frozen
+attention probabilities are computed from, and calls that implementation for the real
+output. Only the registry gains a name; no class or function of transformers is changed.
 """
 
 from __future__ import annotations
@@ -26,10 +28,32 @@ class Probe:
     """What one attention call records, and how it runs."""
 
     def __init__(self) -> None:
+        self.running = False  # a decomposing call is in the module's forward
         self.original: str = "sdpa"  # the model's own implementation, for the real output
         self.skip = False  # target mode: only the probabilities' inputs are needed
-        self.scores: rules.Scores | None = None
+        self.scores: rules.FrozenProbabilities | None = None
         self.output: Tensor | None = None  # the implementation's output [B, q, heads, hd]
+
+
+class ConfigView:
+    """A wrapped attention module's ``config``: the model's config, read and written through,
+    except that its attention implementation is llama_attrib's function while the module's
+    probe runs."""
+
+    def __init__(self, config: Any, probe: Probe) -> None:
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "_probe", probe)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("_attn_implementation", "_attn_implementation_internal") and self._probe.running:
+            return ATTENTION_NAME
+        return getattr(self._config, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._config, name, value)
+
+    def __repr__(self) -> str:
+        return repr(self._config)
 
 
 def _implementation(module: nn.Module, name: str) -> Any:
@@ -50,7 +74,7 @@ def attention_function(
 ) -> tuple[Tensor, Tensor | None]:
     probe: Probe = module.__dict__[PROBE]
     scaling, softcap = kwargs.get("scaling"), kwargs.get("softcap")
-    probe.scores = rules.Scores.of(module, query, key, attention_mask, scaling, softcap)
+    probe.scores = rules.FrozenProbabilities.of(module, query, key, attention_mask, scaling, softcap)
     if probe.skip:
         batch, heads, q, _ = query.shape
         return value.new_zeros((batch, q, heads, value.shape[-1])), None

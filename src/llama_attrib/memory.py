@@ -81,23 +81,23 @@ class TargetSizes:
     def per_request(self) -> int:
         return self.state + self.work
 
-    def chunks(self, n: int, budget: int | None = None, lean: bool = True) -> tuple[int, int]:
+    def chunks(self, n: int, budget: int | None = None, unbudgeted: bool = True) -> tuple[int, int]:
         """``(targets per batched backward, targets per sweep)`` for ``n`` targets within
         ``budget`` bytes (None: no limit). Each target keeps its gradient for a whole sweep;
-        a batched backward's working memory grows with the targets it takes. ``lean`` (no
+        a batched backward's working memory grows with the targets it takes. ``unbudgeted`` (no
         explicit budget): keep that working memory within the pass's own size, but at least 4
         targets per backward, since each one computes the attention probabilities again."""
         free = (1 << 62) if budget is None else budget - self.graph
         per_chunk = max(1, min(n, free // self.per_request))
-        if lean:
+        if unbudgeted:
             per_chunk = min(per_chunk, max(4, max(self.graph, LEAN_BYTES) // self.work))
         per_chunk = math.ceil(n / math.ceil(n / per_chunk))  # even: 8 targets by 7 -> 4 + 4, not 7 + 1
         per_sweep = max(per_chunk, (free - per_chunk * self.work) // self.state)
         return per_chunk, min(n, per_sweep)
 
-    def peak(self, n: int, budget: int | None = None, lean: bool = True) -> int:
+    def peak(self, n: int, budget: int | None = None, unbudgeted: bool = True) -> int:
         """Bytes at the peak of a run of ``n`` targets chunked as :meth:`chunks` says."""
-        per_chunk, per_sweep = self.chunks(n, budget, lean)
+        per_chunk, per_sweep = self.chunks(n, budget, unbudgeted)
         return self.graph + per_sweep * self.state + per_chunk * self.work
 
     @staticmethod

@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from . import families
-from ._attention import PROBE, Probe, register_attention
+from ._attention import PROBE, ConfigView, Probe, register_attention
 from .errors import DecompositionError
 from .families import Family
 from .passes import Pass, ValueCaches
@@ -97,7 +97,11 @@ class Session:
             for role, module in families.roles(model, self.family):
                 self.patches.append(replace_method(module, "forward", self._leaf(role, module)))
                 if role == families.ATTENTION:
-                    self.patches.append(replace_value(module, PROBE, Probe()))
+                    probe = Probe()
+                    self.patches.append(replace_value(module, PROBE, probe))
+                    # the module's own view of the config: its attention implementation is
+                    # llama_attrib's function while the probe runs (the model's config is untouched)
+                    self.patches.append(replace_value(module, "config", ConfigView(module.config, probe)))
         except BaseException:
             restore_all(self.patches)
             raise

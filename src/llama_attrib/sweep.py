@@ -163,7 +163,7 @@ def record(
     return Recorded(layers, final[0], capture.logits)
 
 
-def through(
+def through_one(
     session: Session,
     make_pass: Callable[[], TargetPass],
     fn: Callable[[Tensor], Tensor],
@@ -211,7 +211,7 @@ def pull_back(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Cotangent chunks ``[n, B, K, hidden]`` at the LM head's input (``head(final hidden)``)
     -> gradients ``[n, B, T, hidden]`` at the first layer's input, and bias shares ``[n, B]``."""
-    grads, shares = through(session, make_pass, head, recorded.final, cotangents)
+    grads, shares = through_one(session, make_pass, head, recorded.final, cotangents)
     tick()
     for module, args, kwargs in reversed(recorded.layers):
 
@@ -221,7 +221,7 @@ def pull_back(
             y: Tensor = out[0] if isinstance(out, tuple) else out
             return y
 
-        grads, more = through(session, make_pass, layer, _hidden(args, kwargs), grads)
+        grads, more = through_one(session, make_pass, layer, _hidden(args, kwargs), grads)
         shares = [s + m for s, m in zip(shares, more, strict=True)]
         tick()
     return grads, shares

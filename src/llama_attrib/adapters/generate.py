@@ -115,7 +115,7 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
 def _mark_tokens(out: Any, prompt: int) -> None:
     """Give each step's Composition the token generate actually produced (``c.token``: an int,
     or one per row), and say once when it is not the argmax of the logits the step explains
-    (a logits processor, ``repetition_penalty`` or sampling chose it): then the seed's
+    (a logits processor, ``repetition_penalty`` or sampling chose it): then the documented
     ``c[c.recovery.argmax(0)]`` explains another token than the one in the text."""
     sequences = out.sequences
     differs = []
@@ -149,7 +149,7 @@ def _generate_target(
     """Plain generation (recording the masks and positions it used), then one target-mode pass.
 
     ``greedy``: where a logits processor (``min_new_tokens``, ``repetition_penalty``, ...) made
-    generate choose another token than the highest logit, the seed's loop
+    generate choose another token than the highest logit, the documented loop
     (``c[c.recovery.argmax(0)]``) asks for the highest one: it is solved in the same pass, at
     the cost of one more target instead of one more pass."""
     # generate's own raw logits are the stock logits the decomposition is checked against
@@ -183,12 +183,12 @@ def _generate_target(
     targets = [("token", tuple(int(t) for t in sequences[:, prompt + k].tolist())) for k in range(steps)]
     if reference is not None and reference.shape[:2] != (used.shape[0], steps):
         reference = None
-    also = []
+    extra = []
     if greedy and reference is not None:
         for step, (_, chosen) in enumerate(targets):
             highest = tuple(int(t) for t in reference[:, step].argmax(-1).tolist())
             if highest != chosen:
-                also.append((step, ("token", highest)))
+                extra.append((step, ("token", highest)))
     replay = capture.outputs(used.shape[1]) if simple else None
     # generate's cache would sit beside the pass (at 8k tokens, a fifth of plain generation's
     # peak) and explains nothing: the decomposed output carries none
@@ -200,7 +200,7 @@ def _generate_target(
         mode="target",
         targets=targets,
         reference=reference,
-        also=also,
+        extra=extra,
         replay=replay,
         **options,
     )

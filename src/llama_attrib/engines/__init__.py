@@ -48,12 +48,12 @@ def explain(
     max_memory: int | str | None = None,
     progress: bool | None = None,
     reference: Tensor | None = None,
-    also: Sequence[tuple[int, Any]] = (),
+    extra: Sequence[tuple[int, Any]] = (),
     replay: list[Tensor] | None = None,
 ) -> tuple[pydec.Composition, ...]:
     """The per-step Compositions of one teacher-forced pass (see
     :func:`llama_attrib.decompose_sequence`). ``scope()``: a block in which the model is wrapped,
-    giving its session (target mode's lazy Compositions enter it again later). ``also``: more
+    giving its session (target mode's lazy Compositions enter it again later). ``extra``: more
     target-mode requests solved with the targets (:meth:`TargetRun.compositions`). ``replay``:
     the layers' outputs generate computed (:class:`sweep.Capture`), for target mode's first pass."""
     if mode == "forward":
@@ -68,4 +68,4 @@ def explain(
         run.reference = reference.float()
         run.logits = reference.to(run.dtype)
     run.replay = replay
-    return run.compositions(targets, also)
+    return run.compositions(targets, extra)

@@ -70,7 +70,7 @@ class TargetComposition(LazyComposition):
         return self._run.weight.device
 
     def numc(self) -> int:
-        return self._run.components(self._step)
+        return self._run.component_count(self._step)
 
     @property
     def hidden(self) -> Tensor:

@@ -34,7 +34,7 @@ class TargetRun:
         dtype: torch.dtype,
         budget: int,
         progress: bool | None,
-        lean: bool = False,
+        unbudgeted: bool = False,
     ) -> None:
         self.model = model
         self.scope = scope
@@ -43,7 +43,7 @@ class TargetRun:
         self.names = names
         self.dtype = dtype
         self.budget = budget
-        self.lean = lean
+        self.unbudgeted = unbudgeted
         self.progress = progress
         self.model_dtype = next(model.parameters()).dtype
         batch, length = inputs.ids.shape
@@ -81,8 +81,8 @@ class TargetRun:
         """A run with the default component dtype and the budget of ``max_memory``."""
         dtype = component_dtype or families.component_dtype(model)
         limit = memory.budget(max_memory, next(model.parameters()).device)
-        lean = max_memory is None
-        return TargetRun(model, scope, inputs, members, names, dtype, limit, progress, lean=lean)
+        unbudgeted = max_memory is None
+        return TargetRun(model, scope, inputs, members, names, dtype, limit, progress, unbudgeted=unbudgeted)
 
     @property
     def batch(self) -> int:
@@ -108,19 +108,19 @@ class TargetRun:
         assert self.reference is not None, "the stock logits are known once a pass has run"
         return self.reference
 
-    def layout(self, n: int) -> tuple[memory.TargetSizes, tuple[int, int] | None]:
+    def plan(self, n: int) -> tuple[memory.TargetSizes, tuple[int, int] | None]:
         """The sizes and probability blocks for ``n`` targets: the default blocks, unless
         smaller ones (none kept for the backward) leave room for the targets in fewer sweeps
         over the layers. Each sweep runs every layer again; smaller blocks cost little."""
 
         def sweeps(sizes: memory.TargetSizes) -> int:
-            return math.ceil(n / sizes.chunks(n, self.budget, self.lean)[1])
+            return math.ceil(n / sizes.chunks(n, self.budget, self.unbudgeted)[1])
 
         return min(self.layouts, key=lambda layout: sweeps(layout[0]))  # the first, of equals
 
     def chunks(self, n: int) -> tuple[int, int]:
         """``(targets per batched backward, targets per sweep)`` (:meth:`memory.TargetSizes.chunks`)."""
-        return self.layout(n)[0].chunks(n, self.budget, self.lean)
+        return self.plan(n)[0].chunks(n, self.budget, self.unbudgeted)
 
     def solve(self, requests: Sequence[tuple[int, Any] | list[tuple[int, Any]]]) -> Tensor:
         """Contributions ``[N, B, C + 1]`` for each ``(step, target key)`` request: one per
@@ -132,7 +132,7 @@ class TargetRun:
         """
         n = len(requests)
         per_chunk, per_sweep = self.chunks(n)
-        probabilities = self.layout(n)[1]
+        probabilities = self.plan(n)[1]
         layers = len(self.family.layers(self.model))
         sweeps = math.ceil(n / per_sweep)
         results: list[Tensor] = []
@@ -181,20 +181,20 @@ class TargetRun:
             bar.close()
         return torch.cat(results)
 
-    def components(self, step: int) -> int:
+    def component_count(self, step: int) -> int:
         """How many components step ``step`` has: its position + 1, or the number of groups."""
         if self.members is not None:
             return int(self.members.shape[0])
         return self.inputs.positions[step] + 1
 
     def compositions(
-        self, targets: list[Any] | None, also: Sequence[tuple[int, Any]] = ()
+        self, targets: list[Any] | None, extra: Sequence[tuple[int, Any]] = ()
     ) -> tuple[TargetComposition, ...]:
         """One Composition per step, its target (default each row's argmax) solved; ``also``:
         more ``(step, key)`` requests solved in the same pass and remembered by their steps."""
         steps = len(self.inputs.positions)
         wanted = targets if targets is not None else [None] * steps
-        solved = self.solve([*enumerate(wanted), *also])
+        solved = self.solve([*enumerate(wanted), *extra])
         out = []
         for step, (target, contributions) in enumerate(zip(wanted, solved[:steps], strict=True)):
             c = TargetComposition(self, step)
@@ -203,7 +203,7 @@ class TargetRun:
             c.target = c._lookup(key)
             c.target_key = key
             out.append(c)
-        for (step, key), contributions in zip(also, solved[steps:], strict=True):
+        for (step, key), contributions in zip(extra, solved[steps:], strict=True):
             out[step]._remember(self.resolve(step, key), contributions)
         for c in out:
             c.check()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .._attention import ATTENTION_NAME, PROBE, Probe
+from .._attention import PROBE, Probe
 from ..errors import DecompositionError
 
 if TYPE_CHECKING:
@@ -80,18 +80,17 @@ def dtype_of(module: nn.Module) -> torch.dtype:
 def stock_attention(module: nn.Module, original: Any, args: Args, kwargs: Kwargs, skip: bool) -> Any:
     """The stock attention forward through llama_attrib's attention function, which records
     what the frozen probabilities are computed from (the queries and keys the family's own
-    code made): ``(the stock output, rules.Scores)``. ``skip``: the function returns zeros
+    code made): ``(the stock output, rules.FrozenProbabilities)``. ``skip``: the function returns zeros
     instead of running the model's implementation (only the probabilities' inputs needed)."""
     probe: Probe = module.__dict__[PROBE]
     probe.skip, probe.scores = skip, None
     config: Any = module.config
-    previous = config._attn_implementation_internal
-    probe.original = previous
-    config._attn_implementation_internal = ATTENTION_NAME
+    probe.original = config._attn_implementation  # the model's own (read before running)
+    probe.running = True  # the module's config view now names llama_attrib's function
     try:
         out = original(*args, **kwargs)
     finally:
-        config._attn_implementation_internal = previous
+        probe.running = False
     scores, probe.scores = probe.scores, None  # the probe keeps nothing after the call
     output, probe.output = probe.output, None
     if scores is None:

@@ -13,7 +13,7 @@ from .kernels import frozen_mix
 from .linear import Layout, Proj, _positionwise, embedding, scale
 from .mlp import MLP, SHARED, Expert, GatedMLP, SparseMoE
 from .norm import LayerNorm, Norm, RMSNorm, norm_read
-from .scores import MIN_BLOCK_BYTES, Scores, block_bytes, mix
+from .scores import MIN_BLOCK_BYTES, FrozenProbabilities, block_bytes, mix
 
 __all__ = [
     "MIN_BLOCK_BYTES",
@@ -21,13 +21,13 @@ __all__ = [
     "SHARED",
     "Attention",
     "Expert",
+    "FrozenProbabilities",
     "GatedMLP",
     "LayerNorm",
     "Layout",
     "Norm",
     "Proj",
     "RMSNorm",
-    "Scores",
     "SparseMoE",
     "ValueCache",
     "_positionwise",

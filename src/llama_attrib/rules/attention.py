@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from ..errors import DecompositionError
 from .kernels import frozen_mix
 from .linear import Layout, Proj, _causal_chunks, _first, _positionwise
-from .scores import Scores, mix
+from .scores import FrozenProbabilities, mix
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def attention_graph(
     rule: Attention,
     module: nn.Module,
     hd: int,
-    scores: Scores,
+    scores: FrozenProbabilities,
     x: Tensor,
     bias: Callable[[Tensor], Tensor],
     keep_from: int = 0,

@@ -10,16 +10,16 @@ import torch
 from torch import Tensor
 
 from . import scores as _sizes
-from .scores import Scores, mix
+from .scores import FrozenProbabilities, mix
 
 
 class _FrozenMix(torch.autograd.Function):
     """``mix(probabilities, values)`` for queries ``t0:t1``, the probabilities frozen: computed
     block by block from the queries and keys in the forward and, unless they are small enough
-    to keep (:attr:`Scores.keep`), again in the backward (as flash attention does)."""
+    to keep (:attr:`FrozenProbabilities.keep`), again in the backward (as flash attention does)."""
 
     @staticmethod
-    def forward(ctx: Any, values: Tensor, scores: Scores, t0: int, t1: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, values: Tensor, scores: FrozenProbabilities, t0: int, t1: int) -> Tensor:  # type: ignore[override]
         blocks = scores.blocks(t0, t1)
         limit = _sizes.KEEP_BYTES if scores.keep is None else scores.keep
         batch, kv, groups, _, _ = scores.shape
@@ -70,10 +70,14 @@ class _Transposed(torch.autograd.Function):
 
 
 def _transposed(
-    grad: Tensor, scores: Scores, blocks: list[tuple[int, int, int]], length: int, kept: list[Tensor] | None
+    grad: Tensor,
+    scores: FrozenProbabilities,
+    blocks: list[tuple[int, int, int]],
+    length: int,
+    kept: list[Tensor] | None,
 ) -> Tensor:
     """``grad [B, t1 - t0, heads * hd, n]`` (``n`` cotangents) for the queries of ``blocks``
-    (:meth:`Scores.blocks`, from ``t0`` to ``t1``) -> ``[B, kv, length, hd, n]``."""
+    (:meth:`FrozenProbabilities.blocks`, from ``t0`` to ``t1``) -> ``[B, kv, length, hd, n]``."""
     batch, kv, groups, _, _ = scores.shape
     t0, t1 = blocks[0][0], blocks[-1][1]
     n = grad.shape[-1]
@@ -88,7 +92,7 @@ def _transposed(
     return total.view(batch, kv, length, hd, n)
 
 
-def frozen_mix(scores: Scores, values: Tensor, t0: int = 0, t1: int | None = None) -> Tensor:
+def frozen_mix(scores: FrozenProbabilities, values: Tensor, t0: int = 0, t1: int | None = None) -> Tensor:
     """``[B, t1 - t0, heads * hd]``: queries ``t0:t1`` mixing ``values [B, kv, S, hd]`` with
     the frozen probabilities, which are never held for more than one block of queries."""
     t1 = scores.shape[3] if t1 is None else t1

@@ -17,8 +17,31 @@ from .linear import Proj, scale
 ROWS = 1024
 
 
+class _ScaledMLP:
+    """The linear part of an MLP whose nonlinearity is a frozen factor: ``down(factor * up(x))``."""
+
+    up: Proj
+    down: Proj
+
+    def apply(self, module: nn.Module, factor: Tensor, x: Tensor, t0: int = 0) -> Tensor:
+        return self.down.linear(module, scale(self.up.linear(module, x), factor, t0))
+
+    def bias(self, module: nn.Module, factor: Tensor) -> Tensor | None:
+        """The output's bias share ``down(factor * b_up) + b_down`` (None without biases)."""
+        b_up, b_down = self.up.bias(module), self.down.bias(module)
+        if b_up is None and b_down is None:
+            return None
+        out = factor.new_zeros((*factor.shape[:-1], self.down.weight(module).shape[0]))
+        if b_up is not None:
+            out = out + self.down.linear(module, factor * b_up.to(factor))
+        return out if b_down is None else out + b_down.to(out)
+
+    def width(self, module: nn.Module) -> int:
+        return 2 * int(self.up.weight(module).shape[0])
+
+
 @dataclass(frozen=True)
-class GatedMLP:
+class GatedMLP(_ScaledMLP):
     """``down(act(gate(x)) * up(x))`` with the gate ``act(gate(x))`` frozen."""
 
     gate: Proj
@@ -31,25 +54,9 @@ class GatedMLP:
         act: Callable[[Tensor], Tensor] = getattr(module, self.act)
         return act(self.gate.affine(module, real)).to(dtype)
 
-    def apply(self, module: nn.Module, gate: Tensor, x: Tensor, t0: int = 0) -> Tensor:
-        return self.down.linear(module, scale(self.up.linear(module, x), gate, t0))
-
-    def bias(self, module: nn.Module, gate: Tensor) -> Tensor | None:
-        """The output's bias share ``down(gate * b_up) + b_down`` (None without biases)."""
-        b_up, b_down = self.up.bias(module), self.down.bias(module)
-        if b_up is None and b_down is None:
-            return None
-        out = gate.new_zeros((*gate.shape[:-1], self.down.weight(module).shape[0]))
-        if b_up is not None:
-            out = out + self.down.linear(module, gate * b_up.to(gate))
-        return out if b_down is None else out + b_down.to(out)
-
-    def width(self, module: nn.Module) -> int:
-        return 2 * int(self.up.weight(module).shape[0])
-
 
 @dataclass(frozen=True)
-class MLP:
+class MLP(_ScaledMLP):
     """``down(act(up(x)))`` without a gate (GPT-2, GPT-NeoX): ``act(z)`` is ``z * (act(z) / z)``
     with the ratio frozen (for the GELU, exactly ``Phi(z)``); ``up``'s bias reaches the output
     through the frozen ratio, as the bias share."""
@@ -67,22 +74,6 @@ class MLP:
         slope = (act(tiny) - act(-tiny)) / (2 * tiny)
         ratio = torch.where(z == 0, slope, act(z) / torch.where(z == 0, tiny, z))
         return ratio.to(dtype)
-
-    def apply(self, module: nn.Module, ratio: Tensor, x: Tensor, t0: int = 0) -> Tensor:
-        return self.down.linear(module, scale(self.up.linear(module, x), ratio, t0))
-
-    def bias(self, module: nn.Module, ratio: Tensor) -> Tensor | None:
-        """The output's bias share ``down(ratio * b_up) + b_down`` (None without biases)."""
-        b_up, b_down = self.up.bias(module), self.down.bias(module)
-        if b_up is None and b_down is None:
-            return None
-        out = ratio.new_zeros((*ratio.shape[:-1], self.down.weight(module).shape[0]))
-        if b_up is not None:
-            out = out + self.down.linear(module, ratio * b_up.to(ratio))
-        return out if b_down is None else out + b_down.to(out)
-
-    def width(self, module: nn.Module) -> int:
-        return 2 * int(self.up.weight(module).shape[0])
 
 
 Expert = tuple[Tensor, Tensor, Tensor]  # one expert's gate, up and down weights

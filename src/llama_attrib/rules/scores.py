@@ -1,5 +1,5 @@
 """The frozen attention probabilities, computed block by block from what the stock attention
-function received (:class:`Scores`), and the sizes of those blocks."""
+function received (:class:`FrozenProbabilities`), and the sizes of those blocks."""
 
 from __future__ import annotations
 
@@ -57,13 +57,13 @@ def _additive_mask(
 
 
 @dataclass(frozen=True)
-class Scores:
+class FrozenProbabilities:
     """What the stock attention function received, enough for any rows of the frozen
     attention probabilities: ``query [B, heads, q, d]`` and ``key [B, kv, S, d]`` (rope and
     q/k norms applied), the family's mask (sliding window included), scaling and soft-cap.
     ``block``: bytes of probabilities computed at a time (default :func:`block_bytes`);
     ``keep``: a layer's probabilities up to this size are kept for the backward (default
-    :data:`KEEP_BYTES`). A tight memory budget sets both lower (:class:`session.Call`)."""
+    :data:`KEEP_BYTES`). A tight memory budget sets both lower (:class:`~llama_attrib.passes.TargetPass`)."""
 
     query: Tensor
     key: Tensor
@@ -82,10 +82,10 @@ class Scores:
         mask: Tensor | None,
         scaling: float | None,
         softcap: float | None,
-    ) -> Scores:
+    ) -> FrozenProbabilities:
         if scaling is None:
             scaling = float(query.shape[-1]) ** -0.5  # the attention functions' default
-        return Scores(query, key, mask, float(scaling), softcap)
+        return FrozenProbabilities(query, key, mask, float(scaling), softcap)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:

@@ -1,0 +1,114 @@
+"""Saving and exporting an :class:`~llama_attrib.result.Attribution`: JSON, safetensors (never
+pickle) and a long pandas DataFrame."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import require
+
+if TYPE_CHECKING:
+    from .result import Attribution
+
+FORMAT = "llama_attrib.Attribution/1"
+
+
+def to_dataframe(self: Attribution) -> Any:
+    """A long pandas DataFrame: one row per (step, source) that can contribute.
+
+    Columns: step, generated, generated_id, logit, source (column index), label,
+    positions (token positions), score (in this view's unit).
+    """
+    require("pandas", "viz", "to_dataframe()")
+    import pandas as pd
+
+    rows, scores = [], self.scores
+    for k in range(self.n_generated):
+        for j, label in enumerate(self.sources):
+            if not np.isnan(scores[k, j]):
+                rows.append(
+                    (k, self.generated_tokens[k], self.generated_ids[k], float(self.logits[k]), j, label,
+                     tuple(self.columns[j]), float(scores[k, j]))
+                )  # fmt: skip
+        if self.bias is not None and self.bias[k] != 0:
+            rows.append((k, self.generated_tokens[k], self.generated_ids[k], float(self.logits[k]), -1,
+                         "bias", (), float(self.bias_scores[k])))  # fmt: skip
+    names = ["step", "generated", "generated_id", "logit", "source", "label", "positions", "score"]
+    return pd.DataFrame(rows, columns=names)
+
+
+def to_dict(self: Attribution) -> dict[str, Any]:
+    """JSON-ready: the score rows are ragged (step ``k`` holds its ``P + k`` sources)."""
+    p = self.prompt_length
+    return {
+        "format": FORMAT,
+        "tokens": self.tokens,
+        "token_ids": self.token_ids,
+        "pieces": self.pieces,
+        "special": self.special,
+        "prompt_length": p,
+        "token_scores": [[float(x) for x in row[: p + k]] for k, row in enumerate(self.token_scores)],
+        "logits": [float(x) for x in self.logits],
+        "bias": [float(x) for x in (self.bias if self.bias is not None else [])],
+        "options": self.options,
+        "versions": self.versions,
+        "groups": self.groups,
+        "labels": self.labels,
+        "unit": self.unit,
+        "drop_first": self.drop_first,
+    }
+
+
+def from_dict(cls: type[Attribution], data: Mapping[str, Any]) -> Attribution:
+    if data.get("format") != FORMAT:
+        raise ValueError(f"not a saved Attribution (format {data.get('format')!r}, expected {FORMAT!r})")
+    rows, n = data["token_scores"], len(data["tokens"])
+    scores = np.full((len(rows), max(n - 1, 0)), np.nan, dtype=np.float32)
+    for k, row in enumerate(rows):
+        scores[k, : len(row)] = row
+    fields = {f.name for f in dataclasses.fields(cls)} - {"token_scores"}
+    return cls(token_scores=scores, **{k: data[k] for k in fields if k in data})
+
+
+def save(self: Attribution, path: str | Path) -> Path:
+    """Write to ``.json``, or to ``.safetensors`` (scores as tensors, the rest as JSON
+    metadata). Never pickle."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        meta = self.to_dict()
+        meta.pop("token_scores")
+        meta.pop("logits")
+        meta.pop("bias")
+        assert self.bias is not None
+        tensors = {"token_scores": self.token_scores, "logits": self.logits, "bias": self.bias}
+        save_file(tensors, str(path), metadata={"attribution": json.dumps(meta)})
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
+    else:
+        raise ValueError(f"save: use a .json or .safetensors path, not {path.name!r}")
+    return path
+
+
+def load(cls: type[Attribution], path: str | Path) -> Attribution:
+    """Read what :meth:`save` wrote."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as f:
+            meta = json.loads(f.metadata()["attribution"])
+            scores, logits = f.get_tensor("token_scores"), f.get_tensor("logits")
+            names = set(f.keys())  # safe_open has no __contains__
+            bias = f.get_tensor("bias") if "bias" in names else None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in meta.items() if k in fields}
+        return cls(token_scores=scores, logits=logits, bias=bias, **kept)
+    return cls.from_dict(json.loads(path.read_text()))
