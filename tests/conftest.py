@@ -264,6 +264,7 @@ def gradient_x_input(
     position: int = -1,
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    objective: Any = None,
 ) -> tuple[torch.Tensor, float, float]:
     """The independent reference: ``(components [T], bias share, logit)`` of ``token``'s logit
     (before any final soft-cap) at ``position`` of batch row ``row``, on the stock (unwrapped)
@@ -300,7 +301,9 @@ def gradient_x_input(
         # the logit as the model returns it; with a final soft-cap, the LM head's output before it
         capped = getattr(model.config, "final_logit_softcapping", None)
         logits = head_out[-1] if capped else out.logits
-        logit = logits[row, position, token].float()
+        # ``objective``: what is explained instead of ``token``'s logit, from the logits row
+        row_logits = logits[row, position].float()
+        logit = row_logits[token] if objective is None else objective(row_logits)
         grads = torch.autograd.grad(logit, [embeds, *positions])
     components = (grads[0].float() * embeds.float()).sum(-1)[row].detach()
     for leaf, grad in zip(positions, grads[1:], strict=True):  # a position's embedding is its token's

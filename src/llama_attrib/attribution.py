@@ -14,13 +14,15 @@ import platform
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .api import decompose
+from .api import decompose, decompose_sequence, is_wrapped
+from .composition import Contributions
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from .result import Attribution
 from .tokens import piece_texts
@@ -82,23 +84,41 @@ def attribute(
     chat: bool | None = None,
     mode: bool | str = True,
     progress: bool = False,
+    response: str | None = None,
+    contrast: int | str | None = None,
+    target: str = "logit",
     **generate_kwargs: Any,
 ) -> Attribution:
-    """Generate from ``prompt`` and decompose every generated token's logit.
+    """Generate from ``prompt`` (or take ``response``) and decompose every answer token's logit.
 
     ``prompt``: text, or chat messages ``[{"role": ..., "content": ...}]`` (the tokenizer's
     chat template is applied; ``chat=True`` does it for text too). ``mode`` is passed on as
     ``generate(decompose=mode)``. Greedy by default; any other ``generate`` option
     (``do_sample``, ``temperature``, ``generation_config``, ...) goes through. With
     sampling, the token that was actually sampled is the one explained. One sequence.
+
+    ``response``: explain this text as the answer (teacher-forced after the prompt) instead of
+    a new generation. ``contrast``: a token (id, or text that is one token) whose logit each
+    step's is compared with: each row explains ``logit(token) - logit(contrast)``.
+    ``target="logprob"``: each row explains the token's logit minus the probability-weighted
+    mean logit of its step, ``z_t - sum_j p_j z_j`` with the probabilities frozen: an exact
+    linear target whose rows add up to ``log p_t + H(p)`` (the log-probability the
+    faithfulness metrics measure, plus the step's entropy, which no token owns).
     """
     reserved = sorted(k for k in _RESERVED if k in generate_kwargs)
     if reserved:
         raise UnsupportedOptionError(f"attribute() sets {', '.join(reserved)} itself")
+    if target not in ("logit", "logprob"):
+        raise UnsupportedOptionError(f"target must be 'logit' or 'logprob', not {target!r}")
+    if contrast is not None and target != "logit":
+        raise UnsupportedOptionError("contrast= compares two logits: use it with target='logit'")
     ids = encode(tokenizer, prompt, chat)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     options: dict[str, Any] = {"do_sample": False, "pad_token_id": pad, "use_cache": True, **generate_kwargs}
+    if response is not None or contrast is not None or target != "logit":
+        explained = _Explained(prompt, chat, mode, max_new_tokens, response, contrast, target)
+        return _attribute_sequence(model, tokenizer, ids.to(device), options, explained)
     streamer = _Progress(max_new_tokens) if progress and "streamer" not in options else None
     # attribute() explains the generated token itself, whatever chose it: no warning needed.
     with torch.no_grad(), decompose(model), warnings.catch_warnings():
@@ -119,6 +139,84 @@ def attribute(
     return result
 
 
+@dataclass(frozen=True)
+class _Explained:
+    """What :func:`attribute` was asked to explain, beyond the prompt's ids."""
+
+    prompt: str | Messages
+    chat: bool | None
+    mode: bool | str
+    max_new_tokens: int
+    response: str | None
+    contrast: int | str | None
+    target: str
+
+
+def _attribute_sequence(
+    model: nn.Module, tokenizer: Any, ids: torch.Tensor, options: dict[str, Any], explained: _Explained
+) -> Attribution:
+    """The answer (``response``, or a plain generation), then one pass over the whole sequence
+    for the asked targets (:func:`llama_attrib.decompose_sequence`)."""
+    p = int(ids.shape[1])
+    if explained.response is not None:
+        answer = tokenizer(explained.response, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if answer.shape[1] == 0:
+            raise UnsupportedOptionError("response= is empty: give the text to explain")
+        sequence = torch.cat([ids, answer.to(ids.device)], 1)
+    else:
+        generate: Any = model.generate
+        plain = {"decompose": False} if is_wrapped(model) else {}  # one pass afterwards, not two
+        with torch.no_grad():
+            out = generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=explained.max_new_tokens,
+                **plain,
+                **options,
+            )
+        sequence = out.sequences if hasattr(out, "sequences") else out
+    if sequence.shape[1] <= p:
+        raise DecompositionError("the model generated no token after the prompt")
+    answer_ids = sequence[0, p:]
+    other = None if explained.contrast is None else _token_id(tokenizer, explained.contrast)
+    targets: Any = "logprob" if explained.target == "logprob" else None
+    if other is not None:
+        targets = (answer_ids, other)
+    mode = "forward" if explained.mode == "forward" else "target"
+    steps = decompose_sequence(model, sequence, p, mode=mode, targets=targets)
+    rows = []
+    for k, c in enumerate(steps):
+        token = int(answer_ids[k])
+        z = c.logits.float()
+        if explained.target == "logprob":
+            rows.append((c.logprob(token), float(z[token] - torch.softmax(z, -1) @ z)))
+        elif other is not None:
+            rows.append((_difference(c, token, other), float(z[token] - z[other])))
+        else:
+            rows.append((c[token], float(z[token])))
+    recorded = {"response": explained.response, "contrast": explained.contrast, "target": explained.target}
+    return _assemble(
+        [int(t) for t in sequence[0].tolist()], p, rows, tokenizer, model, explained, options, recorded
+    )
+
+
+def _token_id(tokenizer: Any, token: int | str) -> int:
+    if isinstance(token, int):
+        return token
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise UnsupportedOptionError(f"contrast={token!r} is {len(ids)} tokens: give one token (or its id)")
+    return int(ids[0])
+
+
+def _difference(c: Any, a: int, b: int) -> Any:
+    """The components of ``logit_a - logit_b`` of one step."""
+    if hasattr(c, "contrast"):
+        return c.contrast(a, b)
+    first, second = c[a], c[b]
+    return Contributions.of(first.components - second.components, first.residual - second.residual)
+
+
 def _result(
     out: Any,
     p: int,
@@ -132,25 +230,43 @@ def _result(
 ) -> Attribution:
     steps = out["attentions"]
     sequence = [int(t) for t in out.sequences[0, : p + len(steps)]]
-    scores = np.full((len(steps), max(p + len(steps) - 1, 0)), np.nan, dtype=np.float32)
-    logits = np.zeros(len(steps), dtype=np.float32)
-    bias = np.zeros(len(steps), dtype=np.float32)
-    for k, c in enumerate(steps):
-        token = sequence[p + k]
-        contributions = c[token]
+    rows = [(c[sequence[p + k]], float(c.logits[sequence[p + k]])) for k, c in enumerate(steps)]
+    explained = _Explained(prompt, chat, mode, max_new_tokens, None, None, "logit")
+    return _assemble(sequence, p, rows, tokenizer, model, explained, options, {})
+
+
+def _assemble(
+    sequence: list[int],
+    p: int,
+    rows: list[tuple[Any, float]],
+    tokenizer: Any,
+    model: nn.Module,
+    explained: _Explained,
+    options: dict[str, Any],
+    recorded: dict[str, Any],
+) -> Attribution:
+    """The result of one sequence: ``rows``, each step's contributions and the value they
+    explain (a logit, a difference of two, or the log-probability target)."""
+    sequence = sequence[: p + len(rows)]
+    scores = np.full((len(rows), max(p + len(rows) - 1, 0)), np.nan, dtype=np.float32)
+    logits = np.zeros(len(rows), dtype=np.float32)
+    bias = np.zeros(len(rows), dtype=np.float32)
+    for k, (contributions, value) in enumerate(rows):
         components = contributions.components.detach().float().cpu().numpy()
         bias[k] = float(contributions.residual)
         if components.shape != (p + k,):
             raise DecompositionError(f"step {k}: {components.shape} components, expected ({p + k},)")
         scores[k, : p + k] = components
-        logits[k] = float(c.logits[token])
+        logits[k] = value
     texts, pieces, special = piece_texts(tokenizer, sequence)
-    recorded = {
+    prompt = explained.prompt
+    options_recorded = {
         "prompt": prompt if isinstance(prompt, str) else [dict(m) for m in prompt],
-        "chat": chat,
-        "mode": mode,
-        "max_new_tokens": max_new_tokens,
+        "chat": explained.chat,
+        "mode": explained.mode,
+        "max_new_tokens": explained.max_new_tokens,
         "generate": {k: _jsonable(v) for k, v in options.items() if k != "streamer"},
+        **recorded,
     }
     return Attribution(
         tokens=texts,
@@ -161,7 +277,7 @@ def _result(
         bias=bias,
         pieces=pieces,
         special=special,
-        options=recorded,
+        options=options_recorded,
         versions=_versions(model),
     )
 

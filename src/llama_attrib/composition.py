@@ -15,6 +15,8 @@ import pydec
 import torch
 from torch import Tensor
 
+from .errors import UnsupportedOptionError
+
 
 class Contributions(pydec.Composition):  # type: ignore[misc]
     """One logit's (or a batch row's) components, as ``c[token]`` returns them.
@@ -187,6 +189,26 @@ class LogitComposition(LazyComposition):
         row = self._row(token)
         residual = None if self._bias_hidden is None else torch.matmul(self._bias_hidden[indices[:-1]], row)
         return Contributions.of(torch.matmul(hidden, row), residual)
+
+    def logprob(self, token: int, row: int = 0) -> pydec.Composition:
+        """Components of the log-probability target of ``token``: its logit minus the
+        probability-weighted mean logit, ``z_t - sum_j p_j z_j`` with the probabilities ``p``
+        frozen (an exact linear target; it equals ``log p_t + H(p)``, the log-probability plus
+        the entropy of the distribution)."""
+        if self.capped is not None:
+            raise UnsupportedOptionError(
+                "the log-probability target of a model with a final soft-cap is not linear in the "
+                "hidden state: explain the logit (before the cap) instead"
+            )
+        batched = self._hidden.dim() > 2
+        logits = (self.logits[row] if batched else self.logits).float()
+        p = torch.softmax(logits, -1).to(device=self._hidden.device)
+        weight = self._row(slice(None)).float()
+        vector = (weight[int(token)] - p @ weight).to(self.dtype)
+        hidden = self._hidden[:, row] if batched else self._hidden
+        bias = self._bias_hidden
+        residual = None if bias is None else (bias[row] if batched else bias) @ vector
+        return Contributions.of(hidden @ vector, residual)
 
     def __repr__(self) -> str:  # type: ignore[override]
         return f"LogitComposition(size={tuple(self.shape)}, components={self.numc()}, dtype={self.dtype})"

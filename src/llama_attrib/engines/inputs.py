@@ -86,7 +86,15 @@ def _per_step(value: Any, steps: int, batch: int, what: str) -> list[tuple[int, 
 
 
 def _resolve_targets(targets: Any, next_tokens: Tensor | None, steps: int, batch: int) -> list[Any] | None:
-    """Per step: ``("token", ids per row)``, ``("contrast", a per row, b per row)`` or None."""
+    """Per step: ``("token", ids per row)``, ``("contrast", a per row, b per row)``,
+    ``("logprob", ids per row)`` (``targets="logprob"``: the next token's log-probability
+    target) or None."""
+    if isinstance(targets, str) and targets == "logprob":
+        if next_tokens is None:
+            raise UnsupportedOptionError(
+                "targets='logprob' explains the next token of each step: give prompt_length"
+            )
+        return [("logprob", ids) for ids in _per_step(next_tokens, steps, batch, "targets")]
     if targets is None:
         if next_tokens is None:
             return None

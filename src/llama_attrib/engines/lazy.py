@@ -99,7 +99,9 @@ class TargetComposition(LazyComposition):
         found = self._known.get((row, what))
         if found is None:
             batch = self._run.batch
-            if isinstance(what, tuple):
+            if isinstance(what, tuple) and what[0] == LOGPROB:
+                vector = self._run.centred_row(self._step, row, what[1])
+            elif isinstance(what, tuple):
                 vector = self._run.head_row(what[0]) - self._run.head_row(what[1])
             else:
                 vector = self._run.head_row(what)
@@ -119,6 +121,13 @@ class TargetComposition(LazyComposition):
     def contrast(self, a: int, b: int, row: int = 0) -> pydec.Composition:
         """Components of ``logit_a - logit_b`` (one pass if not computed yet)."""
         return self._composition(self._get(row, (int(a), int(b))))
+
+    def logprob(self, token: int, row: int = 0) -> pydec.Composition:
+        """Components of the log-probability target of ``token``: its logit minus the
+        probability-weighted mean logit, ``z_t - sum_j p_j z_j`` with the probabilities ``p``
+        frozen (an exact linear target; it equals ``log p_t + H(p)``, the log-probability plus
+        the entropy of the step's distribution). One pass if not computed yet."""
+        return self._composition(self._get(row, (LOGPROB, int(token))))
 
     def check(self) -> None:
         """The target's components and bias share add up to the stock model's own logit (a
@@ -149,14 +158,25 @@ class TargetComposition(LazyComposition):
         )
 
 
+LOGPROB = "logprob"
+
+
 def _what(key: Any, row: int) -> Any:
-    """Row ``row``'s part of a ``("token", ...)`` or ``("contrast", ...)`` key: a token id, or
-    the pair ``(a, b)``."""
-    return key[1][row] if key[0] == "token" else (key[1][row], key[2][row])
+    """Row ``row``'s part of a ``("token", ...)``, ``("contrast", ...)`` or ``("logprob", ...)``
+    key: a token id, the pair ``(a, b)``, or ``("logprob", token)``."""
+    if key[0] == "token":
+        return key[1][row]
+    if key[0] == LOGPROB:
+        return (LOGPROB, key[1][row])
+    return (key[1][row], key[2][row])
 
 
 def _logit(logits: Tensor, what: Any) -> Tensor:
-    """The logit of token ``what`` in ``logits [vocab]``, or ``logit_a - logit_b`` for a pair."""
+    """What ``what`` explains in ``logits [vocab]``: a token's logit, ``logit_a - logit_b`` for
+    a pair, or for ``("logprob", t)`` the logit minus the probability-weighted mean logit."""
+    if isinstance(what, tuple) and what[0] == LOGPROB:
+        z = logits.float()
+        return z[what[1]] - torch.softmax(z, -1) @ z
     return logits[what[0]] - logits[what[1]] if isinstance(what, tuple) else logits[what]
 
 

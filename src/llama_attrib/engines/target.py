@@ -18,7 +18,7 @@ from ..checks import tolerance
 from ..errors import DecompositionError, UnsupportedOptionError
 from ..passes import CapturePass, TargetPass
 from .inputs import Inputs, Scope, _progress
-from .lazy import TargetComposition, _logit, _what
+from .lazy import LOGPROB, TargetComposition, _logit, _what
 
 
 class TargetRun:
@@ -164,7 +164,7 @@ class TargetRun:
                     for step, key in request if isinstance(request, list) else [request]:
                         if not 0 <= step < steps:
                             raise IndexError(f"step {step} out of range ({steps} steps)")
-                        cot[i, :, step] += self._cotangent(self.resolve(step, key)).to(cot)
+                        cot[i, :, step] += self._cotangent(step, self.resolve(step, key)).to(cot)
                 grads, shares = sweep.pull_back(
                     session,
                     recorded,
@@ -217,8 +217,8 @@ class TargetRun:
         steps = len(self.inputs.positions)
         wanted = targets if targets is not None else [None] * steps
         keys = [self.resolve(step, key) for step, key in enumerate(wanted)]
-        if any(key[0] not in ("token", "contrast") for key in keys):
-            raise UnsupportedOptionError("an answer's targets are token ids or (a, b) pairs")
+        if any(key[0] not in ("token", "contrast", LOGPROB) for key in keys):
+            raise UnsupportedOptionError("an answer's targets are token ids, (a, b) pairs or 'logprob'")
         out: Tensor = self.solve([list(enumerate(wanted))])[0]
         logits = self.stock_logits()
         for row in range(self.batch):
@@ -240,11 +240,26 @@ class TargetRun:
         assert self.logits is not None, "logits are known once the pass has run"
         return ("token", tuple(int(t) for t in self.logits[:, step].argmax(-1).tolist()))
 
-    def _cotangent(self, key: Any) -> Tensor:
-        """``[B, hidden]``: each row's head-weight row (or difference of two) for ``key``."""
+    def centred_row(self, step: int, row: int, token: int) -> Tensor:
+        """The read-out of the log-probability target: ``token``'s head row minus the rows
+        weighted by the step's probabilities (from the stock logits, frozen)."""
+        if self.family.final_softcap(self.model) is not None:
+            raise UnsupportedOptionError(
+                "the log-probability target of a model with a final soft-cap is not linear in the "
+                "hidden state: explain the logit (before the cap) instead"
+            )
+        p = torch.softmax(self.stock_logits()[row, step].float(), -1)
+        weight = self.weight.detach().to(device=p.device, dtype=torch.float32)
+        return (weight[token] - p @ weight).to(self.dtype)
+
+    def _cotangent(self, step: int, key: Any) -> Tensor:
+        """``[B, hidden]``: each row's head-weight row (or difference of two, or centred row)
+        for ``key`` at ``step``."""
         kind = key[0]
         if kind == "token":
             return torch.stack([self.head_row(t) for t in key[1]])
+        if kind == LOGPROB:
+            return torch.stack([self.centred_row(step, row, t) for row, t in enumerate(key[1])])
         if kind == "contrast":
             return torch.stack(
                 [self.head_row(a) - self.head_row(b) for a, b in zip(key[1], key[2], strict=True)]
