@@ -45,11 +45,13 @@ class Attribution:
     tokens: text piece of every position (prompt + generated), ``"".join(tokens)`` is the
     text. token_ids, pieces (the tokenizer's raw pieces), special: per position.
     prompt_length: ``P``. token_scores: ``[G, P + G - 1]`` float32, logit units, NaN above
-    the causal diagonal. logits: ``[G]`` the real logit of each generated token.
+    the causal diagonal. logits: ``[G]`` what each row explains: the real logit of each
+    generated token (or, from ``attribute(contrast=..., target=...)``, the difference of two
+    logits or the log-probability target).
     options / versions: what produced it. groups / labels: the source columns as lists of
     token positions (``None``: one column per token). unit: ``"logit"`` (raw logit units) or
-    ``"share"`` (each score over the sum of the row's absolute scores, so the absolute
-    shares add up to 1). drop_first: leave out position 0, an attention sink that absorbs
+    ``"share"`` (each score over the sum of the row's absolute scores and the absolute bias
+    share, so the absolute token shares and bias share add up to 1). drop_first: leave out position 0, an attention sink that absorbs
     large contributions (its column becomes NaN and shares are taken over the rest).
     """
 

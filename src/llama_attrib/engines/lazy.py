@@ -52,6 +52,13 @@ class TargetComposition(LazyComposition):
         return logits[0] if self._squeeze else logits
 
     @property
+    def capped(self) -> Tensor | None:
+        """The step's logits after the model's final soft-cap (Gemma 2), which the components
+        do not add up to (they explain the logits before it); None without a soft-cap."""
+        cap = self._run.family.final_softcap(self._run.model)
+        return None if cap is None else torch.tanh(self.logits.float() / cap) * cap
+
+    @property
     def recovery(self) -> Tensor:
         """What the components add up to: the step's real logits."""
         return self.logits
