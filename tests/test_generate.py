@@ -284,3 +284,46 @@ def test_target_generate_logs_no_deprecation_of_its_own() -> None:
     finally:
         library.removeHandler(handler)
     assert not [r.getMessage() for r in records if "deprecated" in r.getMessage()]
+
+
+def test_longrope_across_its_threshold_while_generate_steps_through_it() -> None:
+    """longrope switches factor once the sequence passes original_max_position_embeddings (32):
+    generate computed the early keys with the short factor and the later queries with the long
+    one, which no forward over the whole sequence reproduces. Forward mode follows generate's
+    own computation (its steps add up to generate's logits); target mode, which explains one
+    pass over the whole sequence, refuses and says what to do; decompose_sequence explains the
+    teacher-forced logits, exactly."""
+    from conftest import gradient_x_input
+
+    model = tiny_model(2, rope="longrope")
+    ids = prompt(30)
+    options = {"max_new_tokens": 5, "do_sample": False, "return_dict_in_generate": True}
+    plain = model.generate(ids, **options, output_logits=True)
+    llama_attrib.wrap(model)
+    out = model.generate(ids, decompose="forward", **options)
+    assert torch.equal(out.sequences, plain.sequences)
+    for k, c in enumerate(out["attentions"]):
+        scale = float(plain.logits[k].abs().max())
+        assert torch.allclose(c.recovery, plain.logits[k][0], atol=1e-5 * scale, rtol=0)
+    with torch.no_grad():
+        forced = model(out.sequences[:, :-1], decompose=False).logits[0, 29:]
+    consistent = all(
+        torch.allclose(forced[k], plain.logits[k][0], atol=1e-5 * float(forced[k].abs().max()), rtol=0)
+        for k in range(5)
+    )
+    if consistent:  # this transformers version's cache reproduces the long factor: explained as is
+        target = model.generate(ids, decompose=True, **options)
+        assert torch.equal(target.sequences, plain.sequences)
+    else:
+        with pytest.raises(llama_attrib.DecompositionError, match="longrope crossing"):
+            model.generate(ids, decompose=True, **options)
+    steps = llama_attrib.decompose_sequence(model, out.sequences, 30)
+    llama_attrib.unwrap(model)
+    whole = out.sequences[:, :-1]  # one forward over the sequence: the long factor everywhere
+    for k, c in enumerate(steps):
+        token = int(out.sequences[0, 30 + k])
+        components, _, logit = gradient_x_input(model, whole, token, position=29 + k)
+        assert torch.allclose(
+            c[token].components, components[: 30 + k], atol=1e-5 * abs(logit) + 1e-5, rtol=0
+        )
+        assert torch.equal(components[30 + k :], torch.zeros(4 - k))  # nothing flows backwards

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -14,12 +15,15 @@ from llama_attrib import rules
 from llama_attrib.errors import GeneratedTokenWarning
 
 
-def _drifting_norm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Break one rule: the norms' frozen factor 1% off, as a wrong rule for a new family would be."""
+def _drifting_norm(monkeypatch: pytest.MonkeyPatch, drift: float = 1e-4, only: Any = None) -> None:
+    """Break one rule: the norms' frozen factor off by ``drift`` (10x the float32 tolerance by
+    default, so a guard loosened 100x would not fire), as a wrong rule for a new family would
+    be; ``only``: that norm module alone."""
     real = rules.RMSNorm.factor
 
-    def drifted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        return real(*args, **kwargs) * 1.01
+    def drifted(self, module, *args, **kwargs):  # type: ignore[no-untyped-def]
+        factor = real(self, module, *args, **kwargs)
+        return factor if only is not None and module is not only else factor * (1 + drift)
 
     monkeypatch.setattr(rules.RMSNorm, "factor", drifted)
 
@@ -34,11 +38,22 @@ def test_forward_mode_guard_fires_when_components_drift(monkeypatch: pytest.Monk
 
 
 def test_target_mode_guard_compares_with_the_stock_logits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Target mode's pass is the rules' own; the guard checks it against a plain stock forward,
-    so a rule that drifts cannot produce numbers that add up to the wrong logit."""
+    """Target mode's pass is the rules' own; the guard checks it against the stock logits, so a
+    rule that drifts cannot produce numbers that add up to the wrong logit: the final norm's
+    drift reaches the logit check, a layer's is caught where the layer runs again."""
     model = llama_attrib.wrap(tiny_model(2))
-    _drifting_norm(monkeypatch)
+    _drifting_norm(monkeypatch, only=model.model.norm)
     with pytest.raises(llama_attrib.DecompositionError, match="the model's logit"):
+        model.generate(prompt(9), decompose=True, return_dict_in_generate=True, max_new_tokens=2)
+    monkeypatch.undo()
+    # the answer's check is relative to the summed largest logits of its steps, of which the
+    # drifted target logits are a fraction: a larger drift there
+    _drifting_norm(monkeypatch, drift=1e-3, only=model.model.norm)
+    with pytest.raises(llama_attrib.DecompositionError, match="the model's logits is"):
+        llama_attrib.decompose_answer(model, prompt(12), 9)
+    monkeypatch.undo()
+    _drifting_norm(monkeypatch, only=model.model.layers[0].post_attention_layernorm)
+    with pytest.raises(llama_attrib.DecompositionError, match="another output than the one recorded"):
         model.generate(prompt(9), decompose=True, return_dict_in_generate=True, max_new_tokens=2)
 
 

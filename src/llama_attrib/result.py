@@ -51,8 +51,9 @@ class Attribution:
     options / versions: what produced it. groups / labels: the source columns as lists of
     token positions (``None``: one column per token). unit: ``"logit"`` (raw logit units) or
     ``"share"`` (each score over the sum of the row's absolute scores and the absolute bias
-    share, so the absolute token shares and bias share add up to 1). drop_first: leave out position 0, an attention sink that absorbs
-    large contributions (its column becomes NaN and shares are taken over the rest).
+    share, so the absolute token shares and bias share add up to 1). drop_first: leave out
+    position 0, an attention sink that absorbs large contributions (its column becomes NaN
+    and shares are taken over the rest).
     """
 
     tokens: list[str]

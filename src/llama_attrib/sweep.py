@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from .checks import tolerance
 from .errors import DecompositionError
 from .families import Family
 from .passes import CapturePass, TargetPass, argument, replace_hidden
@@ -169,6 +170,7 @@ def through_one(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
     cotangents: list[Tensor],
+    expected: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Pull each ``[n, *y.shape]`` cotangent chunk back through ``y = fn(x)`` (``fn`` run once
     with a graph, as target mode): ``(gradients [n, *x.shape], bias shares [n, B])``. The list
@@ -178,6 +180,8 @@ def through_one(
     x = x.detach().to(active.dtype).requires_grad_(True)
     with torch.enable_grad(), session.running(active):
         y = fn(x)
+    if expected is not None:
+        _check_replayed(y.detach(), *expected)
     leaves = active.bias_leaves
     grads, shares = [], []
     inputs = [x, *leaves]
@@ -208,12 +212,16 @@ def pull_back(
     head: Callable[[Tensor], Tensor],
     cotangents: list[Tensor],
     tick: Callable[[], None] = lambda: None,
+    mask: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Cotangent chunks ``[n, B, K, hidden]`` at the LM head's input (``head(final hidden)``)
-    -> gradients ``[n, B, T, hidden]`` at the first layer's input, and bias shares ``[n, B]``."""
+    -> gradients ``[n, B, T, hidden]`` at the first layer's input, and bias shares ``[n, B]``.
+    Each layer's output in the pass is checked against the recorded one (at the positions
+    ``mask`` attends to: a pad position's output is whatever a fully masked row gives)."""
     grads, shares = through_one(session, make_pass, head, recorded.final, cotangents)
     tick()
-    for module, args, kwargs in reversed(recorded.layers):
+    outputs = [_hidden(args, kwargs) for _, args, kwargs in recorded.layers[1:]] + [recorded.final]
+    for (module, args, kwargs), output in zip(reversed(recorded.layers), reversed(outputs), strict=True):
 
         def layer(x: Tensor, module: nn.Module = module, args: Any = args, kwargs: Any = kwargs) -> Tensor:
             a, k = replace_hidden(args, kwargs, x)
@@ -221,7 +229,32 @@ def pull_back(
             y: Tensor = out[0] if isinstance(out, tuple) else out
             return y
 
-        grads, more = through_one(session, make_pass, layer, _hidden(args, kwargs), grads)
+        expected = (output, mask)
+        grads, more = through_one(session, make_pass, layer, _hidden(args, kwargs), grads, expected)
         shares = [s + m for s, m in zip(shares, more, strict=True)]
         tick()
     return grads, shares
+
+
+def _check_replayed(output: Tensor, expected: Tensor, mask: Tensor | None) -> None:
+    """A layer run again in the pass gives the output the recorded forward (or generate) gave,
+    else the pass would explain another computation than the one that made the tokens."""
+    if output.shape != expected.shape:
+        return
+    real = expected.to(output)
+    if mask is not None and mask.shape == output.shape[:2]:
+        keep = mask.bool().to(output.device)
+        output, real = output[keep], real[keep]
+    if real.numel() == 0 or not bool(torch.isfinite(real).all()):
+        return  # a non-finite model is reported by the logit check, with its own message
+    scale = float(real.abs().max().clamp(min=1e-30))
+    err = float((output - real).abs().max()) / scale
+    if not err <= tolerance(expected.dtype):
+        raise DecompositionError(
+            f"a decoder layer run again from its recorded input gives another output than the one "
+            f"recorded (relative {err:.1e}). Either this model computes a position differently with "
+            "a cache than without one (a length-dependent rope such as longrope crossing "
+            "original_max_position_embeddings during generate does: use decompose='forward', which "
+            "follows generate's own computation step by step, or llama_attrib.decompose_sequence "
+            "for the teacher-forced logits), or a rule does not reproduce this layer (please report it)"
+        )

@@ -172,6 +172,7 @@ class TargetRun:
                     head,
                     list(cot.split(per_chunk)),
                     bar.update,
+                    self.inputs.mask,
                 )
                 for g, share in zip(grads, shares, strict=True):
                     contributions = (g * values).sum(-1)  # [n, B, T]
