@@ -95,5 +95,13 @@ def test_cli_sentences_and_the_answers_ranking(folder: Path, capsys: pytest.Capt
     for line, (label, score, share) in zip(lines[1:3], ranked, strict=True):
         assert line.split()[0] in ("1", "2") and f"{share:6.1%}".strip() in line and label in line
         assert f"{score:+9.4f}".strip() in line
-    assert abs(ranked[0][1]) >= abs(ranked[1][1]) or ranked[0][1] >= ranked[1][1]
+    # each sentence's score from the token-level scores of its token positions, summed here
+    totals = {
+        label: float(np.nansum(result.token_scores[:, positions].astype(np.float64)))
+        for label, positions in zip(view.sources, view.columns, strict=True)
+    }
+    best = sorted(totals, key=lambda label: -totals[label])[:2]
+    assert [label for label, _, _ in ranked] == best
+    for label, score, _ in ranked:
+        assert abs(score - totals[label]) <= 1e-4 * max(1.0, abs(totals[label]))
     assert view.table().strip() in out
