@@ -41,6 +41,27 @@ def _summed(model: nn.Module, ids: torch.Tensor, p: int, **kwargs: Any) -> Summe
     return components, bias, scale
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "gpt2"])
+def test_the_answer_matches_the_independent_reference(name: str) -> None:
+    """Not against decompose_sequence (the same engine): each step's gradient x input on the
+    stock model (conftest.gradient_x_input), summed over the answer's tokens."""
+    from conftest import gradient_x_input
+
+    model = tiny_model() if name == "llama" else family_model(name)
+    ids = prompt(10)
+    sequences = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    got = llama_attrib.decompose_answer(model, sequences, 10)
+    want = torch.zeros(sequences.shape[1] - 1)
+    bias, value, scale = 0.0, 0.0, 0.0
+    for k in range(NEW):
+        components, share, logit = gradient_x_input(model, sequences[:, : 10 + k], int(sequences[0, 10 + k]))
+        want[: 10 + k] += components
+        bias, value, scale = bias + share, value + logit, scale + abs(logit)
+    assert torch.allclose(got.components, want, atol=1e-5 * scale, rtol=0)
+    assert abs(float(got.residual) - bias) <= 1e-5 * scale
+    assert abs(float(got.recovery) - value) <= 1e-5 * scale
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])
 def test_the_answer_is_the_sum_of_its_steps(name: str) -> None:
     model = tiny_model() if name == "llama" else family_model(name)
