@@ -285,3 +285,16 @@ def test_the_command_on_smollm2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # the saved file prints the same table again
     assert main(["--from", str(out)]) == 0
     assert capsys.readouterr().out.split("\n\n")[1] == printed.split("\n\n")[1]
+
+
+def test_the_replacement_token_falls_back_to_eos() -> None:
+    """Llama 3's tokenizer has neither an unk nor a pad token: the evaluation replaces removed
+    tokens with its EOS token instead of failing, and an asked token must exist."""
+    from conftest import tiny_tokenizer
+    from llama_attrib.evaluation.__main__ import replacement_token
+
+    tokenizer = tiny_tokenizer()
+    assert replacement_token(tokenizer) == ("<unk>", tokenizer.unk_token_id)
+    tokenizer.unk_token, tokenizer.pad_token = None, None
+    assert replacement_token(tokenizer) == ("</s>", tokenizer.eos_token_id)
+    assert replacement_token(tokenizer, "<pad>") == ("<pad>", 0)

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -57,6 +58,18 @@ def _print_saved(paths: Sequence[str], config: Config) -> int:
     return 0
 
 
+def replacement_token(tokenizer: Any, asked: str | None = None) -> tuple[str, int]:
+    """The token a removed token is replaced by, and its id: the one asked for, else the
+    tokenizer's unk, pad or EOS token (Llama 3 has neither unk nor pad)."""
+    for token in (asked, tokenizer.unk_token, tokenizer.pad_token, tokenizer.eos_token):
+        if token:
+            found = tokenizer.convert_tokens_to_ids(token)
+            if found is None or (asked and found == tokenizer.unk_token_id and token != tokenizer.unk_token):
+                raise SystemExit(f"--replacement {token!r} is not a token of this tokenizer")
+            return str(token), int(found)
+    raise SystemExit("this tokenizer has no unk, pad or EOS token: give --replacement TOKEN")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -82,8 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     model, tokenizer = load(args.model)
     model.requires_grad_(False)
-    token = args.replacement or tokenizer.unk_token or tokenizer.pad_token
-    replacement = int(tokenizer.convert_tokens_to_ids(token))
+    token, replacement = replacement_token(tokenizer, args.replacement)
     setup = Setup(replacement=replacement, ig_steps=config.ig_steps, ablation_tokens=config.ablation_tokens)
     prompts = load_prompts(args.prompts)
     if args.categories:
