@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -40,8 +41,6 @@ def cache_length(cache: Any, layer_idx: int = 0) -> int:
 def uses_attention_interface(attention: Any) -> bool:
     """Whether an attention module's stock code dispatches through transformers' attention
     registry (every family in 5.x; in 4.x some, Qwen2-MoE among them, still compute it inline)."""
-    import sys
-
     return hasattr(sys.modules.get(type(attention).__module__), "ALL_ATTENTION_FUNCTIONS")
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .api import decompose, decompose_sequence, is_wrapped
-from .composition import Contributions
+from .composition import LOGPROB, Contributions, target_value
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from .result import Attribution
 from .tokens import piece_texts
@@ -185,15 +185,16 @@ def _attribute_sequence(
     mode = "forward" if explained.mode == "forward" else "target"
     steps = decompose_sequence(model, sequence, p, mode=mode, targets=targets)
     rows = []
+    what: Any  # what each row explains: a token, a pair, or the log-probability target
     for k, c in enumerate(steps):
         token = int(answer_ids[k])
-        z = c.logits.float()
         if explained.target == "logprob":
-            rows.append((c.logprob(token), float(z[token] - torch.softmax(z, -1) @ z)))
+            contributions, what = c.logprob(token), (LOGPROB, token)
         elif other is not None:
-            rows.append((_difference(c, token, other), float(z[token] - z[other])))
+            contributions, what = _difference(c, token, other), (token, other)
         else:
-            rows.append((c[token], float(z[token])))
+            contributions, what = c[token], token
+        rows.append((contributions, float(target_value(c.logits, what))))
     recorded = {"response": explained.response, "contrast": explained.contrast, "target": explained.target}
     return _assemble(
         [int(t) for t in sequence[0].tolist()], p, rows, tokenizer, model, explained, options, recorded

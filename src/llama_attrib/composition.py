@@ -100,6 +100,33 @@ class LazyComposition(pydec.Composition):  # type: ignore[misc]
         return int(self.shape[0])
 
 
+LOGPROB = "logprob"  # the key kind of the log-probability target
+
+
+def logprob_readout(weight: Tensor, logits: Tensor, token: int, softcapped: bool) -> Tensor:
+    """The read-out of ``token``'s log-probability target from the final hidden state: its
+    head row minus the rows weighted by the probabilities of ``logits`` (frozen), float32 on
+    ``weight``'s device. Under a final soft-cap that target is not linear: refused."""
+    if softcapped:
+        raise UnsupportedOptionError(
+            "the log-probability target of a model with a final soft-cap is not linear in the "
+            "hidden state: explain the logit (before the cap) instead"
+        )
+    p = torch.softmax(logits.float(), -1).to(weight.device)
+    rows = weight.float()
+    return rows[int(token)] - p @ rows
+
+
+def target_value(logits: Tensor, what: Any) -> Tensor:
+    """What a target explains in ``logits [vocab]``: token ``what``'s logit, ``logit_a -
+    logit_b`` for a pair ``(a, b)``, or for ``("logprob", t)`` the logit minus the
+    probability-weighted mean logit."""
+    if isinstance(what, tuple) and what[0] == LOGPROB:
+        z = logits.float()
+        return z[what[1]] - torch.softmax(z, -1) @ z
+    return logits[what[0]] - logits[what[1]] if isinstance(what, tuple) else logits[what]
+
+
 class LogitComposition(LazyComposition):
     """Logits ``[*batch, vocab]`` as components ``[C, *batch, vocab]`` plus pydec's
     ``residual``: the share of no token (every bias's), zero for a bias-free model.
@@ -195,16 +222,10 @@ class LogitComposition(LazyComposition):
         probability-weighted mean logit, ``z_t - sum_j p_j z_j`` with the probabilities ``p``
         frozen (an exact linear target; it equals ``log p_t + H(p)``, the log-probability plus
         the entropy of the distribution)."""
-        if self.capped is not None:
-            raise UnsupportedOptionError(
-                "the log-probability target of a model with a final soft-cap is not linear in the "
-                "hidden state: explain the logit (before the cap) instead"
-            )
         batched = self._hidden.dim() > 2
-        logits = (self.logits[row] if batched else self.logits).float()
-        p = torch.softmax(logits, -1).to(device=self._hidden.device)
-        weight = self._row(slice(None)).float()
-        vector = (weight[int(token)] - p @ weight).to(self.dtype)
+        logits = self.logits[row] if batched else self.logits
+        vector = logprob_readout(self._row(slice(None)), logits, token, self.capped is not None)
+        vector = vector.to(self.dtype)
         hidden = self._hidden[:, row] if batched else self._hidden
         bias = self._bias_hidden
         residual = None if bias is None else (bias[row] if batched else bias) @ vector

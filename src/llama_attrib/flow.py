@@ -306,7 +306,7 @@ def _assemble(
     first = chunks[0][0]
     final_norm = family.final_norm(model)
     factor = first.norm[id(final_norm)][0].float()
-    read = rules.norm_read(family.norm, factor, row.to(factor.device))  # [hidden]
+    read = family.norm.read(factor, row.to(factor.device))  # [hidden]
     final_bias = family.norm.bias(final_norm)
     final_bias_share = (
         0.0 if final_bias is None else float(row.to(factor.device) @ final_bias.float().to(factor))
@@ -322,10 +322,10 @@ def _assemble(
             v_attn, v_mlp = read * block_scale, read * block_scale
             if "attention" in family.post_norms:
                 post = record.norm[id(getattr(layer, family.post_norms["attention"]))][0].float()
-                v_attn = rules.norm_read(family.norm, post, read)
+                v_attn = family.norm.read(post, read)
             if "mlp" in family.post_norms:
                 post = record.norm[id(getattr(layer, family.post_norms["mlp"]))][0].float()
-                v_mlp = rules.norm_read(family.norm, post, read)
+                v_mlp = family.norm.read(post, read)
             w_o = family.attention.out.weight(attention).float()  # [hidden, heads*hd]
             u = w_o.T.to(v_attn) @ v_attn  # [heads*hd]
             mixed, mixed_bias = record.attention[id(attention)]

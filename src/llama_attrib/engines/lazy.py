@@ -9,7 +9,7 @@ import pydec
 import torch
 from torch import Tensor
 
-from ..composition import Contributions, LazyComposition
+from ..composition import LOGPROB, Contributions, LazyComposition, target_value
 from ..errors import DecompositionError
 
 if TYPE_CHECKING:
@@ -142,7 +142,7 @@ class TargetComposition(LazyComposition):
         logits = self._run.stock_logits()[:, self._step]
         tol = self._run.tolerance
         for (row, what), comps in self._known.items():
-            value = _logit(logits[row], what)
+            value = target_value(logits[row], what)
             if not bool(torch.isfinite(logits[row]).all()):
                 raise DecompositionError(
                     f"step {self._step}: the model's own logits are not finite (NaN or inf): the model "
@@ -165,9 +165,6 @@ class TargetComposition(LazyComposition):
         )
 
 
-LOGPROB = "logprob"
-
-
 def _what(key: Any, row: int) -> Any:
     """Row ``row``'s part of a ``("token", ...)``, ``("contrast", ...)`` or ``("logprob", ...)``
     key: a token id, the pair ``(a, b)``, or ``("logprob", token)``."""
@@ -176,15 +173,6 @@ def _what(key: Any, row: int) -> Any:
     if key[0] == LOGPROB:
         return (LOGPROB, key[1][row])
     return (key[1][row], key[2][row])
-
-
-def _logit(logits: Tensor, what: Any) -> Tensor:
-    """What ``what`` explains in ``logits [vocab]``: a token's logit, ``logit_a - logit_b`` for
-    a pair, or for ``("logprob", t)`` the logit minus the probability-weighted mean logit."""
-    if isinstance(what, tuple) and what[0] == LOGPROB:
-        z = logits.float()
-        return z[what[1]] - torch.softmax(z, -1) @ z
-    return logits[what[0]] - logits[what[1]] if isinstance(what, tuple) else logits[what]
 
 
 def _keep(contributions: Tensor, count: int) -> Tensor:

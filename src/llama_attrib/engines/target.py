@@ -15,10 +15,11 @@ from torch import Tensor, nn
 
 from .. import families, memory, sweep
 from ..checks import tolerance
+from ..composition import LOGPROB, logprob_readout, target_value
 from ..errors import DecompositionError, UnsupportedOptionError
 from ..passes import CapturePass, TargetPass
 from .inputs import Inputs, Scope, _progress
-from .lazy import LOGPROB, TargetComposition, _logit, _what
+from .lazy import TargetComposition, _what
 
 
 class TargetRun:
@@ -223,7 +224,9 @@ class TargetRun:
         out: Tensor = self.solve([list(enumerate(wanted))])[0]
         logits = self.stock_logits()
         for row in range(self.batch):
-            value = sum(float(_logit(logits[row, step], _what(key, row))) for step, key in enumerate(keys))
+            value = sum(
+                float(target_value(logits[row, step], _what(key, row))) for step, key in enumerate(keys)
+            )
             scale = sum(float(logits[row, step].abs().max()) for step in range(len(keys)))
             total = float(out[row].sum())
             if not abs(total - value) <= self.tolerance * max(scale, 1e-30):
@@ -244,14 +247,9 @@ class TargetRun:
     def centred_row(self, step: int, row: int, token: int) -> Tensor:
         """The read-out of the log-probability target: ``token``'s head row minus the rows
         weighted by the step's probabilities (from the stock logits, frozen)."""
-        if self.family.final_softcap(self.model) is not None:
-            raise UnsupportedOptionError(
-                "the log-probability target of a model with a final soft-cap is not linear in the "
-                "hidden state: explain the logit (before the cap) instead"
-            )
-        p = torch.softmax(self.stock_logits()[row, step].float(), -1)
-        weight = self.weight.detach().to(device=p.device, dtype=torch.float32)
-        return (weight[token] - p @ weight).to(self.dtype)
+        softcapped = self.family.final_softcap(self.model) is not None
+        logits = self.stock_logits()[row, step]
+        return logprob_readout(self.weight.detach(), logits, token, softcapped).to(self.dtype)
 
     def _cotangent(self, step: int, key: Any) -> Tensor:
         """``[B, hidden]``: each row's head-weight row (or difference of two, or centred row)

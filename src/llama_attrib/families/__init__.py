@@ -265,14 +265,13 @@ def _module_problems(model: nn.Module, family: Family) -> list[str]:
             )
             continue
         if role == ATTENTION and not _compat.uses_attention_interface(module):
-            if inline:
-                continue
+            if not inline:
+                problems.append(
+                    f"{where}: {type(module).__name__} computes its attention inline in transformers "
+                    f"{_compat.TRANSFORMERS_VERSION}, not through the attention interface llama_attrib "
+                    "reads the probabilities from: upgrade transformers to 5.x"
+                )
             inline = True
-            problems.append(
-                f"{where}: {type(module).__name__} computes its attention inline in transformers "
-                f"{_compat.TRANSFORMERS_VERSION}, not through the attention interface llama_attrib reads "
-                "the probabilities from: upgrade transformers to 5.x"
-            )
             continue
         inner = [("", module)] if role == LM_HEAD else []
         if role in (ATTENTION, MLP):

@@ -12,7 +12,7 @@ from .attention import Attention, ValueCache, attention, attention_graph
 from .kernels import frozen_mix
 from .linear import Layout, Proj, _positionwise, embedding, scale
 from .mlp import MLP, SHARED, Expert, GatedMLP, SparseMoE
-from .norm import LayerNorm, Norm, RMSNorm, norm_read
+from .norm import LayerNorm, Norm, RMSNorm
 from .scores import MIN_BLOCK_BYTES, FrozenProbabilities, block_bytes, mix
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "linear",
     "mix",
     "mlp",
-    "norm_read",
     "scale",
     "scores",
 ]

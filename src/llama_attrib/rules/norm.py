@@ -31,6 +31,11 @@ class RMSNorm:
     def bias(self, module: nn.Module) -> Tensor | None:
         return None
 
+    def read(self, factor: Tensor, vector: Tensor) -> Tensor:
+        """What a read-out ``vector`` of the output reads of the input (the transpose of
+        :meth:`apply` at one position)."""
+        return vector * factor
+
 
 @dataclass(frozen=True)
 class LayerNorm:
@@ -55,15 +60,10 @@ class LayerNorm:
         return b.detach() if isinstance(b, Tensor) else None
 
     def read(self, factor: Tensor, vector: Tensor) -> Tensor:
-        """The transpose of :meth:`apply` on a read-out ``vector``."""
+        """What a read-out ``vector`` of the output reads of the input (the transpose of
+        :meth:`apply` at one position: scaled, then centred)."""
         v = vector * factor
         return v - v.mean(-1, keepdim=True)
 
 
 Norm = RMSNorm | LayerNorm
-
-
-def norm_read(rule: Norm, factor: Tensor, vector: Tensor) -> Tensor:
-    """What a read-out ``vector`` of a norm's output reads of its input (the linear part's
-    transpose): ``vector * factor``, centred for a LayerNorm."""
-    return rule.read(factor, vector) if isinstance(rule, LayerNorm) else vector * factor
