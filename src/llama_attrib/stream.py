@@ -160,9 +160,9 @@ def _getitem(t: DecomposedTensor, index: Any) -> DecomposedTensor:
 def _view(t: DecomposedTensor, *shape: Any) -> DecomposedTensor:
     """A new shape (GPT-2 views the final hidden state as ``(-1, seq, hidden)``): each
     component and the bias share take the real tensor's new shape."""
-    real = t.base.reshape(*shape) if not shape or not isinstance(shape[0], torch.dtype) else None
-    if real is None:
+    if shape and isinstance(shape[0], torch.dtype):
         raise DecompositionError("the decomposed hidden state was reinterpreted as another dtype")
+    real = t.base.reshape(*shape)
     components = t.components.reshape(t.components.shape[0], *real.shape)
     residual = None if t.residual is None else t.residual.reshape(real.shape)
     return DecomposedTensor.wrap(real, components, residual)
