@@ -237,15 +237,16 @@ def test_lora_adapters_are_refused_and_merged_ones_decompose() -> None:
     assert torch.allclose(c.recovery, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_quantized_linear_subclasses_are_refused() -> None:
-    class Linear8bitLt(nn.Linear):  # what bitsandbytes' 8-bit layer is: an nn.Linear subclass
+def test_unsupported_quantized_linear_subclasses_are_refused() -> None:
+    class QuantLinear(nn.Linear):  # a quantized layer llama_attrib cannot dequantize (GPTQ's name)
         pass
 
     model = tiny_model(2)
     old = model.model.layers[0].mlp.down_proj
-    model.model.layers[0].mlp.down_proj = Linear8bitLt(old.in_features, old.out_features, bias=False)
-    with pytest.raises(llama_attrib.UnsupportedModelError, match="Linear8bitLt is not a plain"):
+    model.model.layers[0].mlp.down_proj = QuantLinear(old.in_features, old.out_features, bias=False)
+    with pytest.raises(llama_attrib.UnsupportedModelError, match="QuantLinear is not a plain") as refused:
         llama_attrib.wrap(model)
+    assert "bitsandbytes 4-bit/8-bit and torchao weight-only are supported" in str(refused.value)
 
 
 def test_two_models_in_two_threads_decompose_independently() -> None:

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
+from . import quantized
+
 
 def offloading_hook(module: nn.Module) -> object | None:
     """accelerate's hook if it offloads this module's own weights, else None."""
@@ -39,7 +41,10 @@ def loaded(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def weight(module: nn.Module) -> Tensor:
-    """``module.weight``, detached, loaded if accelerate offloads it."""
+    """``module.weight``, detached, loaded if accelerate offloads it; a quantized layer's
+    dequantized weight (:func:`llama_attrib.quantized.dense`)."""
     with loaded(module):
+        if quantized.kind(module) is not None:
+            return quantized.dense(module)
         value: Tensor = module.weight  # type: ignore[assignment]
         return value.detach()

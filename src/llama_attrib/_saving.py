@@ -56,6 +56,7 @@ def to_dict(self: Attribution) -> dict[str, Any]:
         "token_scores": [[float(x) for x in row[: p + k]] for k, row in enumerate(self.token_scores)],
         "logits": [float(x) for x in self.logits],
         "bias": [float(x) for x in (self.bias if self.bias is not None else [])],
+        "rounding": [float(x) for x in (self.rounding if self.rounding is not None else [])],
         "options": self.options,
         "versions": self.versions,
         "groups": self.groups,

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import families
 from .adapters import forward_adapter, generate_adapter
-from .composition import Contributions
+from .composition import SHARES, Contributions
 from .engines import (
     MODES,
     Groups,
@@ -201,11 +201,11 @@ def decompose_answer(
     )
     scope = _scope_of(model)
     run = TargetRun.of(model, scope, inputs, members, names, component_dtype, max_memory, progress)
-    out = run.answer(resolved)  # [B, C + 1]
-    components, residual = out[:, :-1].T, out[:, -1]
+    out = run.answer(resolved)  # [B, C + len(SHARES)]
+    components, shares = out[:, : -len(SHARES)].T, out[:, -len(SHARES) :]
     if out.shape[0] == 1:
-        components, residual = components[:, 0], residual[0]
-    return Contributions.of(components, residual)
+        components, shares = components[:, 0], shares[0]
+    return Contributions.of(components, shares=shares)
 
 
 def _prepare(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .api import decompose, decompose_sequence, is_wrapped
-from .composition import LOGPROB, Contributions, target_value
+from .composition import LOGPROB, SHARES, Contributions, target_value
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from .result import Attribution
 from .tokens import piece_texts
@@ -215,7 +215,10 @@ def _difference(c: Any, a: int, b: int) -> Any:
     if hasattr(c, "contrast"):
         return c.contrast(a, b)
     first, second = c[a], c[b]
-    return Contributions.of(first.components - second.components, first.residual - second.residual)
+    shares = [first.shares[n] - second.shares[n] for n in SHARES] if hasattr(first, "shares") else None
+    if shares is None:
+        return Contributions.of(first.components - second.components, first.residual - second.residual)
+    return Contributions.of(first.components - second.components, shares=torch.stack(shares, -1))
 
 
 def _result(
@@ -252,9 +255,12 @@ def _assemble(
     scores = np.full((len(rows), max(p + len(rows) - 1, 0)), np.nan, dtype=np.float32)
     logits = np.zeros(len(rows), dtype=np.float32)
     bias = np.zeros(len(rows), dtype=np.float32)
+    rounding = np.zeros(len(rows), dtype=np.float32)
     for k, (contributions, value) in enumerate(rows):
         components = contributions.components.detach().float().cpu().numpy()
         bias[k] = float(contributions.residual)
+        shares = getattr(contributions, "shares", None)
+        rounding[k] = 0.0 if shares is None else float(shares["rounding"])
         if components.shape != (p + k,):
             raise DecompositionError(f"step {k}: {components.shape} components, expected ({p + k},)")
         scores[k, : p + k] = components
@@ -276,6 +282,7 @@ def _assemble(
         token_scores=scores,
         logits=logits,
         bias=bias,
+        rounding=rounding,
         pieces=pieces,
         special=special,
         options=options_recorded,

@@ -17,21 +17,38 @@ from torch import Tensor
 
 from .errors import UnsupportedOptionError
 
+# What belongs to no token, by name, in the order target mode's contributions end with them:
+# the biases (of linear maps and LayerNorms), and what quantized kernels round beyond their
+# dequantized linear maps (LLM.int8's activations; zero for an unquantized model).
+SHARES = ("bias", "rounding")
+
 
 class Contributions(pydec.Composition):  # type: ignore[misc]
     """One logit's (or a batch row's) components, as ``c[token]`` returns them.
 
-    A plain ``pydec.Composition`` with a working ``repr`` (pydec 0.3.0's own repr calls
-    ``Tensor.has_names``, which torch 2.13 no longer has).
+    A ``pydec.Composition`` whose ``residual`` (what belongs to no token) is split by name in
+    ``shares`` (:data:`SHARES`: ``"bias"``, ``"rounding"``), with a working ``repr`` (pydec
+    0.3.0's own repr calls ``Tensor.has_names``, which torch 2.13 no longer has).
     """
 
+    shares: dict[str, Tensor]
+
     @staticmethod
-    def of(components: Tensor, residual: Tensor | None = None) -> Contributions:
-        """``residual``: the share of no token (biases), zero by default."""
+    def of(components: Tensor, residual: Tensor | None = None, shares: Tensor | None = None) -> Contributions:
+        """``residual``: the share of no token (biases), zero by default; or ``shares``
+        ``[..., len(SHARES)]``, its parts by name (the residual is their sum)."""
         zero = components.new_zeros(components.shape[1:])
-        return Contributions(
+        if shares is not None:
+            shares = shares.to(components)
+            residual = shares.sum(-1)
+        out = Contributions(
             components, zero if residual is None else residual.to(components).reshape(zero.shape)
         )
+        if shares is None:
+            out.shares = {name: out.residual if name == "bias" else zero for name in SHARES}
+        else:
+            out.shares = {name: shares[..., i].reshape(zero.shape) for i, name in enumerate(SHARES)}
+        return out
 
     def __repr__(self) -> str:  # type: ignore[override]
         comps = self._component_tensor

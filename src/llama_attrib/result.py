@@ -53,7 +53,9 @@ class Attribution:
     ``"share"`` (each score over the sum of the row's absolute scores and the absolute bias
     share, so the absolute token shares and bias share add up to 1). drop_first: leave out
     position 0, an attention sink that absorbs large contributions (its column becomes NaN
-    and shares are taken over the rest).
+    and shares are taken over the rest). bias: ``[G]`` each step's share of no token (the
+    biases, and what quantized kernels round); rounding: ``[G]`` the part of ``bias`` that
+    quantized kernels round (LLM.int8's activations; zero for an unquantized model).
     """
 
     tokens: list[str]
@@ -70,6 +72,7 @@ class Attribution:
     unit: Unit = "logit"
     drop_first: bool = False
     bias: np.ndarray | None = None
+    rounding: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.token_scores = np.asarray(self.token_scores, dtype=np.float32)
@@ -78,6 +81,11 @@ class Attribution:
         self.bias = np.zeros(g, np.float32) if self.bias is None else np.asarray(self.bias, dtype=np.float32)
         if self.bias.shape != (g,):
             raise ValueError(f"bias has shape {self.bias.shape}, expected ({g},): one share per step")
+        self.rounding = (
+            np.zeros(g, np.float32) if self.rounding is None else np.asarray(self.rounding, np.float32)
+        )
+        if self.rounding.shape != (g,):
+            raise ValueError(f"rounding has shape {self.rounding.shape}, expected ({g},)")
         self.pieces = self.pieces or list(self.tokens)
         self.special = self.special or [False] * len(self.tokens)
         g, n = self.n_generated, len(self.tokens)

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from . import families
+from . import families, quantized
 from ._attention import PROBE, ConfigView, Probe, register_attention
 from .errors import DecompositionError
 from .families import Family
@@ -52,6 +52,7 @@ class Session:
     def __init__(self, model: nn.Module, family: Family) -> None:
         self.family = family
         self.dtype = families.component_dtype(model)  # the components' default dtype
+        self.model_dtype = families.model_dtype(model)  # the hidden states' dtype
         self.logit_scale = family.logit_scale(model)
         self.patches: list[Patch] = []
         self.forced = 0  # depth of enclosing ``decompose()`` blocks
@@ -85,6 +86,7 @@ class Session:
             raise
         finally:
             self.active = None
+            quantized.forget()  # the dequantized weights the pass kept
 
     def install(self, model: nn.Module) -> None:
         """Patch every role's forward; on any failure undo what was done."""

@@ -27,10 +27,12 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .checks import completeness_error, tolerance
+from .composition import SHARES
 from .errors import DecompositionError
 from .families import Family
 from .passes import CapturePass, TargetPass, argument, replace_hidden
 from .patching import Patch, replace_method, restore_all
+from .rules.linear import rounding
 from .session import Session
 
 LayerCall = tuple[nn.Module, tuple[Any, ...], dict[str, Any]]
@@ -173,16 +175,18 @@ def through_one(
     expected: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Pull each ``[n, *y.shape]`` cotangent chunk back through ``y = fn(x)`` (``fn`` run once
-    with a graph, as target mode): ``(gradients [n, *x.shape], bias shares [n, B])``. The list
+    with a graph, as target mode): ``(gradients [n, *x.shape], shares [n, B, len(SHARES)])``. The list
     ``cotangents`` is emptied as it goes: a chunk's cotangent is freed once its gradient exists,
     so a sweep holds one gradient per target and one chunk's second one, not two per target."""
     active = make_pass()
     x = x.detach().to(active.dtype).requires_grad_(True)
-    with torch.enable_grad(), session.running(active):
+    with torch.enable_grad(), session.running(active), rounding(active.rounding()):
         y = fn(x)
     if expected is not None:
         _check_replayed(y.detach(), *expected)
-    leaves = active.bias_leaves
+    kinds = [active.bias_leaves, active.rounding_leaves]  # in the order of SHARES
+    leaves = [leaf for kind in kinds for leaf in kind]
+    which = [i for i, kind in enumerate(kinds) for _ in kind]
     grads, shares = [], []
     inputs = [x, *leaves]
 
@@ -196,10 +200,10 @@ def through_one(
         # torch.func.vmap rather than is_grads_batched: the attention's backward has its own
         # batching rule (rules.kernels._Transposed), one matrix product for all the targets
         found = torch.func.vmap(pull)(cot)
-        share = cot.new_zeros(cot.shape[:2])
+        share = cot.new_zeros((*cot.shape[:2], len(SHARES)))
         del cot
-        for g, leaf in zip(found[1:], leaves, strict=True):
-            share += (g * leaf.detach()).flatten(2).sum(-1)
+        for g, leaf, i in zip(found[1:], leaves, which, strict=True):
+            share[..., i] += (g * leaf.detach()).flatten(2).sum(-1)
         grads.append(found[0])
         shares.append(share)
     return grads, shares
@@ -215,7 +219,8 @@ def pull_back(
     mask: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Cotangent chunks ``[n, B, K, hidden]`` at the LM head's input (``head(final hidden)``)
-    -> gradients ``[n, B, T, hidden]`` at the first layer's input, and bias shares ``[n, B]``.
+    -> gradients ``[n, B, T, hidden]`` at the first layer's input, and the shares of no token
+    ``[n, B, len(SHARES)]``.
     Each layer's output in the pass is checked against the recorded one (at the positions
     ``mask`` attends to: a pad position's output is whatever a fully masked row gives)."""
     grads, shares = through_one(session, make_pass, head, recorded.final, cotangents)

@@ -9,7 +9,7 @@ import pydec
 import torch
 from torch import Tensor
 
-from ..composition import LOGPROB, Contributions, LazyComposition, target_value
+from ..composition import LOGPROB, SHARES, Contributions, LazyComposition, target_value
 from ..errors import DecompositionError
 
 if TYPE_CHECKING:
@@ -86,13 +86,14 @@ class TargetComposition(LazyComposition):
             d = int(self._run.weight.shape[1])
             eye = torch.eye(d, dtype=self.dtype, device=self.device)
             requests = [(self._step, ("vector", eye[j].expand(self._run.batch, d))) for j in range(d)]
-            solved = self._run.solve(requests)[..., : self.numc()]  # [d, B, C] (bias share left out)
+            solved = self._run.solve(requests)[..., : self.numc()]  # [d, B, C] (shares left out)
             hidden = solved.permute(2, 1, 0)
             self._hidden = hidden[:, 0] if self._squeeze else hidden
         return self._hidden
 
     def _remember(self, key: Any, contributions: Tensor) -> None:
-        """Store ``contributions [B, C_all + 1]`` (the bias share last) of a per-row key."""
+        """Store ``contributions [B, C_all + len(SHARES)]`` (the shares of no token last) of a
+        per-row key."""
         for row in range(self._run.batch):
             self._known[(row, _what(key, row))] = _keep(contributions[row], self.numc())
 
@@ -100,7 +101,7 @@ class TargetComposition(LazyComposition):
         return self._composition(self._known[(row, _what(key, row))])
 
     def _composition(self, components: Tensor) -> pydec.Composition:
-        return Contributions.of(components[:-1], components[-1])
+        return Contributions.of(components[: -len(SHARES)], shares=components[-len(SHARES) :])
 
     def _get(self, row: int, what: Any) -> Tensor:
         found = self._known.get((row, what))
@@ -153,9 +154,9 @@ class TargetComposition(LazyComposition):
             err = abs(total - float(value)) / scale
             if not err <= tol:
                 raise DecompositionError(
-                    f"step {self._step}: contributions and bias share add up to {total:.6g}, the model's "
-                    f"logit is {float(value):.6g} (relative error {err:.2e} > {tol:.0e}); an operation "
-                    "outside llama_attrib's rules changed the hidden state"
+                    f"step {self._step}: contributions and shares of no token add up to {total:.6g}, "
+                    f"the model's logit is {float(value):.6g} (relative error {err:.2e} > {tol:.0e}); "
+                    "an operation outside llama_attrib's rules changed the hidden state"
                 )
 
     def __repr__(self) -> str:  # type: ignore[override]
@@ -176,8 +177,8 @@ def _what(key: Any, row: int) -> Any:
 
 
 def _keep(contributions: Tensor, count: int) -> Tensor:
-    """The first ``count`` components and the bias share (the last column)."""
-    return torch.cat([contributions[:count], contributions[-1:]])
+    """The first ``count`` components and the shares of no token (the last columns)."""
+    return torch.cat([contributions[:count], contributions[-len(SHARES) :]])
 
 
 def _parse_index(indices: Any, squeeze: bool) -> tuple[int, int] | None:

@@ -124,8 +124,9 @@ class TargetRun:
         return self.plan(n)[0].chunks(n, self.budget, self.unbudgeted)
 
     def solve(self, requests: Sequence[tuple[int, Any] | list[tuple[int, Any]]]) -> Tensor:
-        """Contributions ``[N, B, C + 1]`` for each ``(step, target key)`` request: one per
-        component, then the bias share (pydec's residual: what belongs to no token). A request
+        """Contributions ``[N, B, C + len(SHARES)]`` for each ``(step, target key)`` request: one
+        per component, then the shares of no token (:data:`SHARES`: bias, rounding; their sum is
+        pydec's residual). A request
         that is a list of such pairs is their sum, pulled back as one target.
 
         Keys: ``("token", ids per row)``, ``("contrast", a per row, b per row)``,
@@ -179,7 +180,7 @@ class TargetRun:
                     contributions = (g * values).sum(-1)  # [n, B, T]
                     if self.members is not None:
                         contributions = contributions @ self.members.to(contributions).T
-                    results.append(torch.cat([contributions, share[..., None]], -1).detach())
+                    results.append(torch.cat([contributions, share], -1).detach())
             bar.close()
         return torch.cat(results)
 
@@ -212,7 +213,7 @@ class TargetRun:
         return tuple(out)
 
     def answer(self, targets: list[Any] | None) -> Tensor:
-        """Contributions ``[B, C_all + 1]`` to the sum over steps of each step's target logit
+        """Contributions ``[B, C_all + len(SHARES)]`` to the sum over steps of each step's target logit
         (``targets``, default each row's argmax), pulled back as one target: the sum over steps
         of what :meth:`compositions` gives (a step's components beyond its position are zero),
         at the cost of one target. Checked against the sum of the stock model's logits."""
@@ -231,7 +232,7 @@ class TargetRun:
             total = float(out[row].sum())
             if not abs(total - value) <= self.tolerance * max(scale, 1e-30):
                 raise DecompositionError(
-                    f"row {row}: contributions and bias share add up to {total:.6g}, the sum of the "
+                    f"row {row}: contributions and shares of no token add up to {total:.6g}, the sum of the "
                     f"model's logits is {value:.6g}; an operation outside llama_attrib's rules changed "
                     "the hidden state"
                 )

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _compat, _offload, rules
+from .. import _compat, _offload, quantized, rules
 from .._offload import offloading_hook
 from ..errors import UnsupportedModelError, UnsupportedOptionError
 
@@ -278,16 +278,31 @@ def _module_problems(model: nn.Module, family: Family) -> list[str]:
             inner = [(f".{n}", c) for n, c in module.named_children()]
         for suffix, sub in inner:
             has_weights = any(True for _ in sub.parameters())
+            if role != LM_HEAD and quantized.kind(sub) is not None:
+                continue  # decomposed through its dequantized weight (llama_attrib.quantized)
             if type(sub) is nn.Linear or type(sub).__name__ in family.inner + family.classes.get(NORM, ()):
+                for name, nested in sub.named_modules():
+                    if name and quantized.kind(nested) is not None:  # a MoE's experts
+                        problems.append(
+                            f"{where}{suffix}.{name}: quantized experts are not supported: load the "
+                            "experts unquantized (BitsAndBytesConfig(llm_int8_skip_modules=[...]))"
+                        )
+                        break
                 continue
             if has_weights or "lora" in type(sub).__name__.lower() or isinstance(sub, nn.Linear):
                 kind = f"{type(sub).__module__}.{type(sub).__qualname__}"
                 problems.append(
                     f"{where}{suffix}: {kind} is not a plain torch.nn.Linear: merge adapters into the "
-                    "weights first (PEFT/LoRA: model.merge_and_unload()), and load quantized "
-                    "checkpoints unquantized (8-bit/4-bit layers are not exact linear maps of the "
-                    "stored weights)"
+                    "weights first (PEFT/LoRA: model.merge_and_unload()); of quantized layers, "
+                    "bitsandbytes 4-bit/8-bit and torchao weight-only are supported: load the "
+                    "checkpoint with one of those, or unquantized"
                 )
+    quantized_params = {
+        f"{n}.{p}" if n else p
+        for n, m in model.named_modules()
+        if quantized.kind(m) is not None
+        for p, _ in m.named_parameters(recurse=False)
+    }
     for name, param in model.named_parameters():
         owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         if param.device.type == "meta" and offloading_hook(owner) is None:
@@ -296,15 +311,27 @@ def _module_problems(model: nn.Module, family: Family) -> list[str]:
                 "(load the checkpoint, or dispatch it with accelerate's device_map / cpu_offload)"
             )
             break
-        if not param.dtype.is_floating_point:
-            problems.append(f"{name}: dtype {param.dtype} (quantized weights are not supported)")
+        if not param.dtype.is_floating_point and name not in quantized_params:
+            problems.append(
+                f"{name}: dtype {param.dtype} in a layer llama_attrib cannot dequantize (supported: "
+                "bitsandbytes 4-bit/8-bit and torchao weight-only linear layers)"
+            )
             break
     return problems
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the model computes its hidden states in: its first floating-point parameter's
+    (a quantized layer's storage is not)."""
+    for param in model.parameters():
+        if param.dtype.is_floating_point:
+            return param.dtype
+    return torch.float32
+
+
 def component_dtype(model: nn.Module) -> torch.dtype:
     """Components accumulate in float32 when the model runs in half precision."""
-    dtype = next(model.parameters()).dtype
+    dtype = model_dtype(model)
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 

@@ -71,10 +71,13 @@ def replace_hidden(args: Args, kwargs: Kwargs, value: Tensor) -> tuple[Args, Kwa
     return (value, *args[1:]), kwargs
 
 
-def dtype_of(module: nn.Module) -> torch.dtype:
+def dtype_of(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype ``module`` computes in: its first floating-point parameter's (a quantized
+    layer's storage is not one), else ``default``."""
     for p in module.parameters():
-        return p.dtype
-    return torch.float32
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return default
 
 
 def stock_attention(module: nn.Module, original: Any, args: Args, kwargs: Kwargs, skip: bool) -> Any:

@@ -1,6 +1,7 @@
 """Target mode: one decoder layer (or the final norm) at a time, as a differentiable pass
 whose frozen factors come from the real hidden state it is given (:mod:`llama_attrib.sweep`).
-Every bias enters as a leaf, so the backward gives its share."""
+Every bias enters as a leaf, so the backward gives its share; so does what a quantized layer's
+kernel rounds (:mod:`llama_attrib.quantized`), in its own share."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ class TargetPass(Pass):
     ``keep_from``: the first explained position (the last layer's outputs before it reach no
     explained logit, so they get no graph); ``probabilities``: ``(bytes computed at a time,
     bytes kept for the backward)`` of attention probabilities, where a memory budget needs
-    them smaller than the defaults. Collects every bias as a leaf (``bias_leaves``)."""
+    them smaller than the defaults. Collects every bias as a leaf (``bias_leaves``), and what
+    quantized kernels round (``rounding_leaves``)."""
 
     def __init__(
         self, dtype: torch.dtype, keep_from: int = 0, probabilities: tuple[int, int] | None = None
@@ -30,12 +32,19 @@ class TargetPass(Pass):
         self.keep_from = keep_from
         self.probabilities = probabilities
         self.bias_leaves: list[Tensor] = []
+        self.rounding_leaves: list[Tensor] = []
 
     def bias_leaf(self, bias: Tensor) -> Tensor:
         """A bias as a leaf of the pass, so the backward gives its share."""
-        leaf = bias.detach().clone().requires_grad_(True)
-        self.bias_leaves.append(leaf)
-        return leaf
+        return _leaf(bias, self.bias_leaves)
+
+    def rounding_leaf(self, difference: Tensor) -> Tensor:
+        """What a quantized kernel rounds, as a leaf of the pass (the rounding share)."""
+        return _leaf(difference, self.rounding_leaves)
+
+    def rounding(self) -> rules.linear.Rounding:
+        """The account quantized layers add what they round to, while the pass runs."""
+        return rules.linear.Rounding(self.session.model_dtype, self.rounding_leaf)
 
     def _keep(self, module: nn.Module) -> int:
         return self.keep_from if id(module) in self.session.last_layer else 0
@@ -50,12 +59,13 @@ class TargetPass(Pass):
     def attention(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         family = self.session.family
         x = argument(args, kwargs, "hidden_states", 0)
-        args, kwargs = replace_hidden(args, kwargs, x.detach().to(dtype_of(module)))
+        real = dtype_of(module, self.session.model_dtype)
+        args, kwargs = replace_hidden(args, kwargs, x.detach().to(real))
         with torch.no_grad():
             # the real mix of the values is the forward's value of the frozen one (no
             # probabilities computed), unless they are small enough to keep for the backward
             # or the model computes in another dtype than the components
-            _, scores = stock_attention(module, original, args, kwargs, skip=self.dtype != dtype_of(module))
+            _, scores = stock_attention(module, original, args, kwargs, skip=self.dtype != real)
         if self.probabilities is not None:
             block, kept = self.probabilities
             scores = replace(scores, block=block, keep=kept)
@@ -68,13 +78,23 @@ class TargetPass(Pass):
     def mlp(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         rule: Any = self.session.family.mlp_rule(module)
         x = args[0]
-        gate = rule.factors(module, x.detach().to(dtype_of(module)), x.dtype)
+        real = dtype_of(module, self.session.model_dtype)
+        gate = rule.factors(module, x.detach().to(real), x.dtype)
         out = split_at(self._keep(module), x, lambda part, t0: rule.apply(module, gate, part, t0))
         bias = rule.bias(module, gate)
         out = out if bias is None else out + self.bias_leaf(bias.to(out))
         if _compat.moe_returns_router_logits(module):
             return out, None
         return out
+
+
+def _leaf(value: Tensor, leaves: list[Tensor]) -> Tensor:
+    """``value`` as a new leaf that requires grad (a constant without a graph)."""
+    if not torch.is_grad_enabled():
+        return value.detach()
+    leaf = value.detach().clone().requires_grad_(True)
+    leaves.append(leaf)
+    return leaf
 
 
 def split_at(keep: int, x: Tensor, apply: Callable[[Tensor, int], Tensor]) -> Tensor:

@@ -10,7 +10,7 @@ See :mod:`.linear` for what the rules share. The sizes target mode works in (``s
 from . import linear, mlp, scores
 from .attention import Attention, ValueCache, attention, attention_graph
 from .kernels import frozen_mix
-from .linear import Layout, Proj, _positionwise, embedding, scale
+from .linear import Layout, Proj, Rounding, _positionwise, embedding, rounding, scale
 from .mlp import MLP, SHARED, Expert, GatedMLP, SparseMoE
 from .norm import LayerNorm, Norm, RMSNorm
 from .scores import MIN_BLOCK_BYTES, FrozenProbabilities, block_bytes, mix
@@ -28,6 +28,7 @@ __all__ = [
     "Norm",
     "Proj",
     "RMSNorm",
+    "Rounding",
     "SparseMoE",
     "ValueCache",
     "_positionwise",
@@ -39,6 +40,7 @@ __all__ = [
     "linear",
     "mix",
     "mlp",
+    "rounding",
     "scale",
     "scores",
 ]

@@ -14,15 +14,17 @@ token: they go to the bias share (``residual``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import _offload
-from ..errors import DecompositionError
+from .. import _offload, quantized
+from ..errors import DecompositionError, UnsupportedOptionError
 
 # Keep one chunk's intermediate tensors (e.g. the MLP's [chunk, batch, seq, intermediate])
 # under this many elements, so memory follows the largest tensor kept, not C times it.
@@ -125,6 +127,30 @@ def embedding(real: Tensor, offset: int, dtype: torch.dtype, layout: Layout | No
     return comps
 
 
+@dataclass(frozen=True)
+class Rounding:
+    """Target mode's account of what a quantized layer's kernel rounds (:mod:`..quantized`):
+    ``leaf(difference)`` adds the difference between the stock layer's output and its
+    dequantized map, both on the real input (run in ``dtype``, the model's), as a leaf of the
+    pass, so the backward gives it its own share."""
+
+    dtype: torch.dtype
+    leaf: Callable[[Tensor], Tensor]
+
+
+_ROUNDING: ContextVar[Rounding | None] = ContextVar("rounding", default=None)
+
+
+@contextmanager
+def rounding(account: Rounding) -> Iterator[None]:
+    """Quantized layers add what their kernel rounds through ``account`` for the block."""
+    token = _ROUNDING.set(account)
+    try:
+        yield
+    finally:
+        _ROUNDING.reset(token)
+
+
 # -- the rules: one per module kind, for both modes ---------------------------------------
 #
 # A rule has two halves. Its *frozen factors* are computed from the real input (norm scales,
@@ -151,8 +177,10 @@ class Proj:
 
     def weight(self, owner: nn.Module) -> Tensor:
         """``[out, in]``, as ``F.linear`` takes it."""
-        w = _offload.weight(self.of(owner))
-        w = w.T if self.transposed else w
+        module = self.of(owner)
+        w = _offload.weight(module)
+        # a quantized Conv1D is a linear layer: bitsandbytes stores it [out, in]
+        w = w.T if self.transposed and quantized.kind(module) is None else w
         return w if self.rows is None else w[self.rows(owner)]
 
     def bias(self, owner: nn.Module) -> Tensor | None:
@@ -163,11 +191,35 @@ class Proj:
         return b if self.rows is None else b[self.rows(owner)]
 
     def linear(self, owner: nn.Module, x: Tensor) -> Tensor:
-        """The bias-free map, in ``x``'s precision and on its device."""
-        return F.linear(x, self.weight(owner).to(device=x.device, dtype=x.dtype))
+        """The bias-free map, in ``x``'s precision and on its device. A quantized layer's is
+        its dequantized weight's; in target mode, what its kernel rounds is added as a leaf of
+        the pass (:func:`rounding`, measured on ``x``, which holds the real input there)."""
+        y = F.linear(x, self.weight(owner).to(device=x.device, dtype=x.dtype))
+        module = self.of(owner)
+        if quantized.kind(module) is None:
+            return y
+        account = _ROUNDING.get()
+        if account is None:
+            if quantized.rounds(module):
+                raise UnsupportedOptionError(
+                    f"{type(module).__name__}: {quantized.rounding_reason(module)}, which forward "
+                    "mode and flow() cannot account for: decompose in target mode (mode='target', "
+                    "generate's decompose=True), which reports that rounding as its own share"
+                )
+            return y
+        with torch.no_grad():
+            stock = self.affine(owner, x.detach().to(account.dtype)).to(y)
+            b = self.bias(owner)
+            difference = stock - y.detach() - (0 if b is None else b.to(y))
+        return y + account.leaf(difference)
 
     def affine(self, owner: nn.Module, x: Tensor) -> Tensor:
-        """The map with its bias, as the stock module computes it (frozen factors)."""
+        """The map with its bias, as the stock module computes it (frozen factors): a
+        quantized layer's own kernel."""
+        module = self.of(owner)
+        if quantized.kind(module) is not None:
+            out: Tensor = module(x)
+            return out if self.rows is None else out[..., self.rows(owner)]
         b = self.bias(owner)
         return F.linear(x, self.weight(owner).to(x), None if b is None else b.to(x))
 
