@@ -131,3 +131,38 @@ def test_decompose_answer_on_cuda(dtype: torch.dtype) -> None:
     if dtype == torch.float32:
         assert torch.allclose(gpu.components.cpu(), cpu.components, atol=1e-4, rtol=1e-4)
     assert not llama_attrib.is_wrapped(model)
+
+
+def test_every_entry_point_takes_cpu_ids_for_a_cuda_model() -> None:
+    """ids made on the CPU (as the README's example makes them) for a model on the GPU:
+    generate, the forward, decompose_sequence, decompose_answer and flow move them."""
+    ids = prompt(9)  # on the CPU
+    model = llama_attrib.wrap(tiny_model(2).to("cuda"))
+    for mode in ("target", "forward"):
+        out = model.generate(ids, decompose=mode, **GEN)
+        assert out.sequences.device.type == "cuda"
+        assert model(ids, decompose=mode)["attentions"].recovery.device.type == "cuda"
+    mask = torch.ones_like(ids)
+    steps = llama_attrib.decompose_sequence(model, ids, prompt_length=5, attention_mask=mask)
+    answer = llama_attrib.decompose_answer(model, ids, prompt_length=5, attention_mask=mask)
+    assert len(steps) == 4 and answer.components.shape == (8,)
+    assert llama_attrib.flow(model, ids).scores.numel() > 0
+
+
+def test_a_4bit_model_on_cuda_adds_up(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    path = tmp_path / "tiny"
+    tiny_model(2).save_pretrained(path)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cuda")
+    ids = prompt(9)
+    plain = model.generate(ids.to("cuda"), max_new_tokens=5, do_sample=False)
+    out = llama_attrib.wrap(model).generate(ids, decompose=True, **GEN)
+    assert torch.equal(out.sequences, plain)
+    for c, scores in zip(out["attentions"], out.scores, strict=True):
+        token = int(scores[0].argmax())
+        parts = c[token]
+        total = parts.components.sum() + parts.residual
+        assert abs(float(total) - float(scores[0, token])) <= 6e-2 * float(scores[0].abs().max())

@@ -227,6 +227,7 @@ def _prepare(
         raise UnsupportedOptionError(
             f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: they must match"
         )
+    ids, mask, position_ids = families.to_input_device(model, ids, mask, position_ids)
     if position_ids is None and mask is not None:
         position_ids = positions_from_mask(mask)
     last = None

@@ -213,6 +213,7 @@ def flow(
         else (attention_mask if attention_mask.dim() == 2 else attention_mask[None])
     )
     mask = None if mask is None else mask[:, : position + 1]
+    ids, mask = families.to_input_device(model, ids, mask)
     families.check_length(model, position + 1)
     with _scope_of(model)() as session:
         family = session.family

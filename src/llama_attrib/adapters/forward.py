@@ -21,7 +21,7 @@ from ..errors import DecompositionError, UnsupportedOptionError
 from ..passes import ForwardPass
 from ..session import Collecting, Forward, Recording, Session
 from ..stream import strip
-from .options import _check_fits, _mode, _options, _set_option
+from .options import _check_fits, _mode, _on_input_device, _options, _set_option
 
 
 def forward_adapter(session: Session, model: nn.Module, original: Forward, scope: Scope) -> Forward:
@@ -38,6 +38,7 @@ def forward_adapter(session: Session, model: nn.Module, original: Forward, scope
         if not session.wants(decompose):
             return original(*args, **kwargs)
         mode = _mode(decompose, "forward")
+        args, kwargs = _on_input_device(model, args, kwargs)
         bound = signature.bind(*args, **kwargs)
         options = _options(bound, signature)
         _check_forward_options(options)

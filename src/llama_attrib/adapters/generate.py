@@ -17,7 +17,7 @@ from ..engines import Inputs, Scope, explain
 from ..engines.inputs import positions_from_mask
 from ..errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from ..session import Collecting, Forward, Recording, Session
-from .options import _check_fits, _mode, _prompt_ids
+from .options import _check_fits, _mode, _on_input_device, _prompt_ids
 
 # Options of a target-mode generate that are llama_attrib's, not generate's.
 _SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress")
@@ -61,6 +61,7 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
         if not session.wants(decompose):
             return original(*args, **kwargs)
         mode = _mode(decompose, "target")
+        args, kwargs = _on_input_device(model, args, kwargs)
         if kwargs.get("return_dict_in_generate") is False:
             raise UnsupportedOptionError(
                 "decompose=True returns one Composition per generated token in "

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import memory
+from .. import families, memory
 from ..engines import MODES
 from ..errors import UnsupportedOptionError
 
@@ -63,3 +63,16 @@ def _prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         raise UnsupportedOptionError("decompose=True needs the prompt's input_ids as a tensor")
     return ids
+
+
+INPUTS = ("input_ids", "inputs", "attention_mask", "position_ids", "inputs_embeds", "cache_position")
+
+
+def _on_input_device(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """``(args, kwargs)`` with the input tensors (the first positional argument, and ids, masks
+    and positions by keyword) on the model's input device, wherever the caller made them."""
+    if args and isinstance(args[0], torch.Tensor):
+        args = (*families.to_input_device(model, args[0]), *args[1:])
+    moved = {k: kwargs[k] for k in INPUTS if isinstance(kwargs.get(k), torch.Tensor)}
+    kwargs = {**kwargs, **dict(zip(moved, families.to_input_device(model, *moved.values()), strict=True))}
+    return args, kwargs

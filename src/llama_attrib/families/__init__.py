@@ -335,6 +335,24 @@ def component_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's input ids go: its input embedding's device (the device accelerate
+    runs it on, when it keeps the weights offloaded)."""
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    hook = getattr(embedding, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    weight: Tensor = embedding.weight
+    return weight.device
+
+
+def to_input_device(model: nn.Module, *tensors: Tensor | None) -> tuple[Any, ...]:
+    """Each tensor (ids, a mask, position ids) moved to :func:`input_device`; None stays."""
+    device = input_device(model)
+    return tuple(t if t is None or t.device == device else t.to(device) for t in tensors)
+
+
 def check_length(model: nn.Module, length: int) -> None:
     """Refuse sequences longer than the positions the model was built for."""
     limit = getattr(model.config, "max_position_embeddings", None)  # type: ignore[union-attr]
