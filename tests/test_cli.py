@@ -5,12 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_model, tiny_tokenizer
-from llama_attrib import Attribution, attribute
+from llama_attrib import Attribution, attribute, quantized
 from llama_attrib.cli import main
 from llama_attrib.models import load
 
@@ -105,3 +107,83 @@ def test_cli_sentences_and_the_answers_ranking(folder: Path, capsys: pytest.Capt
     for label, score, _ in ranked:
         assert abs(score - totals[label]) <= 1e-4 * max(1.0, abs(totals[label]))
     assert view.table().strip() in out
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint in widths bitsandbytes quantizes (blocks of 64; 32 rows at a time)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("wide")
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_load_takes_a_dtype_a_device_and_a_quantization(wide: Path) -> None:
+    model, _ = load(str(wide), dtype="bfloat16", device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.device.type == "cpu"
+    assert next(load(str(wide), dtype=torch.float64)[0].parameters()).dtype == torch.float64
+    with pytest.raises(ValueError, match="float32, bfloat16, float16, float64 or 'auto'"):
+        load(str(wide), dtype="half")
+    with pytest.raises(ValueError, match="device or device_map"):
+        load(str(wide), device="cpu", device_map="auto")
+    pytest.importorskip("bitsandbytes")
+    four, _ = load(str(wide), quantization="4bit", dtype="float32")
+    assert {quantized.kind(m) for m in four.modules()} >= {quantized.BNB_4BIT}
+    assert four.model.layers[0].mlp.up_proj.compute_dtype == torch.float32
+    eight, _ = load(str(wide), quantization="8bit")
+    assert {quantized.kind(m) for m in eight.modules()} >= {quantized.BNB_8BIT}
+
+
+def test_quantization_without_bitsandbytes_names_the_extra(
+    wide: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now fails
+    with pytest.raises(ImportError, match=r"pip install 'llama_attrib\[quantization\]'"):
+        load(str(wide), quantization="4bit")
+
+
+@pytest.mark.parametrize(
+    ("flags", "dtype", "mode"),
+    [
+        (["--dtype", "bfloat16", "--mode", "forward"], "bfloat16", "forward"),
+        (["--dtype", "float32", "--component-dtype", "float64", "--max-memory", "2GiB"], "float32", True),
+        (["--load-in-8bit", "--dtype", "float32", "--device-map", "cpu"], "float32", True),
+        (["--load-in-4bit", "--dtype", "float32", "--device", "cpu"], "float32", True),
+    ],
+)
+def test_cli_loading_and_decomposition_flags(
+    wide: Path, tmp_path: Path, flags: list[str], dtype: str, mode: Any
+) -> None:
+    saved = tmp_path / "r.json"
+    args = [
+        "the cat sat",
+        "--model",
+        str(wide),
+        "--max-new-tokens",
+        "2",
+        "--no-progress",
+        "--json",
+        str(saved),
+    ]
+    assert main([*args, *flags]) == 0
+    result = Attribution.load(saved)
+    assert result.versions["dtype"] == dtype
+    assert result.options["mode"] == mode
+    generate = result.options["generate"]
+    if "--component-dtype" in flags:
+        assert generate["component_dtype"] == "torch.float64" and generate["max_memory"] == "2GiB"
+    if "--load-in-8bit" in flags:  # LLM.int8 rounds the activations: a share of its own
+        assert np.all(result.rounding != 0)
+    elif "--load-in-4bit" not in flags:
+        assert np.all(result.rounding == 0)
+    scale = np.abs(result.logits).max()
+    totals = np.nansum(result.token_scores.astype(np.float64), 1) + result.bias
+    bound = 5e-2 if dtype == "bfloat16" else 1e-5
+    assert np.allclose(totals, result.logits, atol=bound * scale, rtol=0)

@@ -162,3 +162,19 @@ def test_dataset_by_sentence_keeps_groups_and_the_ranking(tmp_path: Path) -> Non
         )
     assert "(rest)" in results["chat"].sources  # the chat template is not a sentence of the message
     assert results["chat"].sources[:3] == ["one fact here.", "another one.", "which"]
+
+
+def test_the_runner_s_loading_and_decomposition_flags(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny"
+    tiny_model().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    prompts, out = write_prompts(tmp_path), tmp_path / "out.jsonl"
+    flags = ["--model", str(folder), "--dtype", "bfloat16", "--device", "cpu", "--mode", "forward"]
+    flags += ["--max-new-tokens", "2", "--rank", "0", "--world", "1", "--no-progress"]
+    assert dataset.main([str(prompts), str(out), *flags]) == 0
+    results = dataset.load_results(out)
+    assert len(results) == len(PROMPTS)
+    for result in results.values():
+        assert result.versions["dtype"] == "bfloat16" and result.options["mode"] == "forward"
+        totals = np.nansum(result.token_scores.astype(np.float64), 1) + result.bias
+        assert np.allclose(totals, result.logits, atol=5e-2 * np.abs(result.logits).max(), rtol=0)

@@ -8,14 +8,14 @@ import sys
 from collections.abc import Sequence
 
 from .attribution import attribute
-from .models import load
+from .models import add_arguments, from_arguments
 from .result import Attribution
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama-attrib", description=__doc__)
     p.add_argument("prompt", help="the prompt (a user message with --chat)")
-    p.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    add_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--top", type=int, default=0, help="show only the N largest contributors per step")
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    model, tokenizer = load(args.model)
+    model, tokenizer, options = from_arguments(args)
     result = attribute(
         model,
         tokenizer,
@@ -52,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         chat=args.chat,
         progress=not args.no_progress,
+        **options,
     )
     if args.json:
         result.save(args.json)  # the full token-level result, whatever the view printed

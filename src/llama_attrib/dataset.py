@@ -33,6 +33,7 @@ from torch import nn
 
 from .attribution import attribute
 from .errors import require
+from .models import add_arguments, from_arguments
 from .result import Attribution
 
 
@@ -224,7 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="llama-attrib-dataset", description=__doc__.split("\n\n")[0])
     p.add_argument("input", help="JSONL of {'id', 'prompt' | 'messages'}")
     p.add_argument("output", help="out.jsonl or out.parquet (parts go to OUTPUT.parts/)")
-    p.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--chat", action="store_true", help="apply the chat template to text prompts")
     p.add_argument(
@@ -237,17 +237,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--world", type=int, help="number of shards (default: from torch.distributed)")
     p.add_argument("--merge", action="store_true", help="only merge finished parts into OUTPUT")
     p.add_argument("--no-progress", action="store_true")
+    add_arguments(p, device="auto")
     args = p.parse_args(argv)
-    from .models import load
 
     rows = read_prompts(args.input)
     if args.merge:
         print(f"wrote {merge(rows, args.output)}", flush=True)
         return 0
     rank, world, dist = _distributed(args.rank, args.world)
-    model, tokenizer = load(args.model)
-    if torch.cuda.is_available():
-        model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}")
+    if args.device == "auto" and not args.device_map and torch.cuda.is_available():
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    model, tokenizer, options = from_arguments(args)
     count = attribute_dataset(
         model,
         tokenizer,
@@ -259,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chat=True if args.chat else None,
         progress=not args.no_progress,
         by=args.by,
+        **options,
     )
     print(f"rank {rank}/{world}: {count} prompts attributed", flush=True)
     if dist is not None:

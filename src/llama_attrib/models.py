@@ -30,10 +30,69 @@ def smollm2_path() -> Path:
     return path
 
 
-def load(model: str | None = None, attn_implementation: str = "sdpa") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` in eval mode, from an HF folder, a ``.gguf`` file or SmolLM2."""
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def dtype_of(value: Any) -> Any:
+    """``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; ``None`` and ``"auto"`` as they are."""
+    import torch
+
+    if value is None or value == "auto" or isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"dtype {value!r}: use one of {', '.join(DTYPES)} or 'auto'")
+    return getattr(torch, DTYPES[value])
+
+
+def device_of(device: str | None) -> str | None:
+    """``"auto"``: the GPU when there is one, else the CPU; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def quantization_config(quantization: Any, dtype: Any = None) -> Any:
+    """``"4bit"`` (NF4, computing in ``dtype``, bfloat16 by default) or ``"8bit"`` (LLM.int8) as
+    a bitsandbytes config; a transformers quantization config as it is; None."""
+    if quantization is None or not isinstance(quantization, str):
+        return quantization
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r}: use '4bit', '8bit' or a transformers config")
+    require("bitsandbytes", "quantization", f"loading a checkpoint in {quantization}")
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+
+
+def load(
+    model: str | None = None,
+    attn_implementation: str = "sdpa",
+    *,
+    dtype: Any = None,
+    device: str | None = None,
+    device_map: Any = None,
+    quantization: Any = None,
+) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` in eval mode, from an HF folder, a ``.gguf`` file or SmolLM2.
+
+    ``dtype``: ``"float32"``, ``"bfloat16"``, ``"float16"``, a ``torch.dtype`` or ``"auto"``
+    (the checkpoint's); default transformers' own. ``device``: where the model goes (``"cpu"``,
+    ``"cuda"``, ``"cuda:1"``, or ``"auto"``: the GPU when there is one); or ``device_map`` (e.g.
+    ``"auto"``, accelerate's placement over the GPUs and the CPU). ``quantization``: ``"4bit"``
+    (bitsandbytes NF4), ``"8bit"`` (LLM.int8) or any transformers quantization config; needs
+    the ``quantization`` extra.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if device is not None and device_map is not None:
+        raise ValueError("give device or device_map, not both")
     path = Path(model) if model else smollm2_path()
     kwargs: dict[str, Any] = {}
     folder = path
@@ -41,6 +100,64 @@ def load(model: str | None = None, attn_implementation: str = "sdpa") -> tuple[A
         require("gguf", "gguf", "loading a .gguf checkpoint")
         folder, kwargs["gguf_file"] = path.parent, path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs)
+    torch_dtype, where = dtype_of(dtype), device_of(device)
+    config = quantization_config(quantization, torch_dtype)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if config is not None:
+        kwargs["quantization_config"] = config
+        # quantized weights are placed while loading: never moved afterwards
+        device_map = device_map if device_map is not None else {"": where or device_of("auto")}
+        where = None
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    lm: Any = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs)
+    if where is not None:
+        lm = lm.to(where)
     lm.config.name_or_path = str(path)  # for a GGUF file, the file rather than its folder
     return lm.eval(), tokenizer
+
+
+def add_arguments(parser: Any, device: str = "auto") -> None:
+    """The loading and decomposition flags the command-line tools share."""
+    parser.add_argument("--model", help="HF folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--dtype", choices=[*DTYPES, "auto"], help="the model's dtype (default: transformers')"
+    )
+    parser.add_argument(
+        "--device",
+        default=device,
+        help=f"cpu, cuda, cuda:N or auto (the GPU if there is one; default {device})",
+    )
+    parser.add_argument("--device-map", help="accelerate's placement instead of --device, e.g. auto")
+    quantized = parser.add_mutually_exclusive_group()
+    quantized.add_argument(
+        "--load-in-4bit", action="store_true", help="bitsandbytes NF4 (extra: quantization)"
+    )
+    quantized.add_argument(
+        "--load-in-8bit", action="store_true", help="bitsandbytes LLM.int8 (extra: quantization)"
+    )
+    parser.add_argument("--mode", choices=["target", "forward"], default="target", help="decomposition mode")
+    parser.add_argument(
+        "--component-dtype",
+        choices=list(DTYPES),
+        help="the components' dtype (default: float32 for half precision)",
+    )
+    parser.add_argument(
+        "--max-memory", help="the decomposition's memory budget, e.g. 20GiB (default: 80%% free)"
+    )
+
+
+def from_arguments(args: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """``(model, tokenizer, decomposition options for attribute())`` from :func:`add_arguments`'s flags."""
+    quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
+    device = None if args.device_map else args.device
+    model, tokenizer = load(
+        args.model, dtype=args.dtype, device=device, device_map=args.device_map, quantization=quantization
+    )
+    options: dict[str, Any] = {"mode": True if args.mode == "target" else args.mode}
+    if args.component_dtype:
+        options["component_dtype"] = dtype_of(args.component_dtype)
+    if args.max_memory:
+        options["max_memory"] = args.max_memory
+    return model, tokenizer, options
