@@ -153,7 +153,7 @@ def test_quantization_without_bitsandbytes_names_the_extra(
     ("flags", "dtype", "mode"),
     [
         (["--dtype", "bfloat16", "--mode", "forward"], "bfloat16", "forward"),
-        (["--dtype", "float32", "--component-dtype", "float64", "--max-memory", "2GiB"], "float32", True),
+        (["--component-dtype", "float64", "--max-memory", "2GiB", "--precision", "float32"], "float32", True),
         (["--load-in-8bit", "--dtype", "float32", "--device-map", "cpu"], "float32", True),
         (["--load-in-4bit", "--dtype", "float32", "--device", "cpu"], "float32", True),
     ],
@@ -179,6 +179,7 @@ def test_cli_loading_and_decomposition_flags(
     generate = result.options["generate"]
     if "--component-dtype" in flags:
         assert generate["component_dtype"] == "torch.float64" and generate["max_memory"] == "2GiB"
+        assert generate["precision"] == "float32"
     if "--load-in-8bit" in flags:  # LLM.int8 rounds the activations: a share of its own
         assert np.all(result.rounding != 0)
     elif "--load-in-4bit" not in flags:

@@ -166,3 +166,17 @@ def test_a_4bit_model_on_cuda_adds_up(tmp_path: Path) -> None:
         parts = c[token]
         total = parts.components.sum() + parts.residual
         assert abs(float(total) - float(scores[0, token])) <= 6e-2 * float(scores[0].abs().max())
+
+
+@pytest.mark.parametrize(("dtype", "asked"), [(torch.bfloat16, None), (torch.float32, "tf32")])
+def test_tf32_products_stay_within_their_bound(dtype: torch.dtype, asked: str | None) -> None:
+    """TF32 (the default for a half-precision model on CUDA, asked for a float32 one): the
+    sums within the half-precision bound, the setting put back afterwards."""
+    before = torch.get_float32_matmul_precision()
+    model = llama_attrib.wrap(tiny_model(2, dtype=dtype).to("cuda"))
+    out = model.generate(prompt(9), decompose=True, precision=asked, **GEN)
+    assert torch.get_float32_matmul_precision() == before
+    for c, scores in zip(out["attentions"], out.scores, strict=True):
+        token = int(scores[0].argmax())
+        total = c[token].components.sum() + c[token].residual
+        assert abs(float(total) - float(scores[0, token])) <= 5e-2 * float(scores[0].abs().max())

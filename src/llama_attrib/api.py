@@ -124,6 +124,7 @@ def decompose_sequence(
     component_dtype: torch.dtype | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
+    precision: str | None = None,
 ) -> tuple[pydec.Composition, ...]:
     """Decompose every token after the prompt of a finished sequence, in one pass.
 
@@ -146,6 +147,8 @@ def decompose_sequence(
     model, the model's dtype otherwise). ``max_memory``: a budget in bytes (or ``"8GB"``);
     default 80% of the free memory; work is split into chunks to fit, and a run that cannot
     fit at all raises :class:`~llama_attrib.memory.MemoryBudgetError` before it starts.
+    ``precision``: of target mode's backward products, ``"auto"`` (default), ``"float32"`` or
+    ``"tf32"`` (:mod:`llama_attrib.precision`).
     """
     if mode not in MODES:
         raise UnsupportedOptionError(f"mode must be one of {MODES}, not {mode!r}")
@@ -163,6 +166,7 @@ def decompose_sequence(
         component_dtype=component_dtype,
         max_memory=max_memory,
         progress=progress,
+        precision=precision,
     )
 
 
@@ -178,6 +182,7 @@ def decompose_answer(
     component_dtype: torch.dtype | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
+    precision: str | None = None,
 ) -> pydec.Composition:
     """The answer as a whole: the sum of the logits of every token after the prompt,
     decomposed over the sources in one backward pass, whatever the answer's length.
@@ -200,7 +205,7 @@ def decompose_answer(
         model, input_ids, prompt_length, attention_mask, position_ids, targets, groups
     )
     scope = _scope_of(model)
-    run = TargetRun.of(model, scope, inputs, members, names, component_dtype, max_memory, progress)
+    run = TargetRun.of(model, scope, inputs, members, names, component_dtype, max_memory, progress, precision)
     out = run.answer(resolved)  # [B, C + len(SHARES)]
     components, shares = out[:, : -len(SHARES)].T, out[:, -len(SHARES) :]
     if out.shape[0] == 1:

@@ -6,11 +6,19 @@ import torch
 from torch import Tensor
 
 
-def tolerance(dtype: torch.dtype) -> float:
+def tolerance(dtype: torch.dtype, tf32: bool = False) -> float:
     """How far a sum of components may be from what it explains, relative to the largest
     value: float32 1e-5 (measured 1.7e-6 at most, scripts/measure_guards.py), float64 1e-6,
-    half precision 5e-2 (the model's own rounding)."""
+    half precision 5e-2 (the model's own rounding), and float32 computed with TF32 products
+    (``tf32``) as half precision."""
+    if tf32 and dtype == torch.float32:
+        return 5e-2
     return {torch.float64: 1e-6, torch.float32: 1e-5}.get(dtype, 5e-2)
+
+
+def tf32_products(t: torch.Tensor) -> bool:
+    """Whether float32 products on ``t``'s device run in TF32 now (CUDA, precision not "highest")."""
+    return t.is_cuda and torch.get_float32_matmul_precision() != "highest"
 
 
 def completeness_error(real: Tensor, comps: Tensor) -> float:

@@ -144,6 +144,9 @@ def add_arguments(parser: Any, device: str = "auto") -> None:
         help="the components' dtype (default: float32 for half precision)",
     )
     parser.add_argument(
+        "--precision", choices=["auto", "float32", "tf32"], help="target mode's products (default auto)"
+    )
+    parser.add_argument(
         "--max-memory", help="the decomposition's memory budget, e.g. 20GiB (default: 80%% free)"
     )
 
@@ -160,4 +163,6 @@ def from_arguments(args: Any) -> tuple[Any, Any, dict[str, Any]]:
         options["component_dtype"] = dtype_of(args.component_dtype)
     if args.max_memory:
         options["max_memory"] = args.max_memory
+    if args.precision:
+        options["precision"] = args.precision
     return model, tokenizer, options

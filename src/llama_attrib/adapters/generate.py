@@ -20,7 +20,7 @@ from ..session import Collecting, Forward, Recording, Session
 from .options import _check_fits, _mode, _on_input_device, _prompt_ids
 
 # Options of a target-mode generate that are llama_attrib's, not generate's.
-_SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress")
+_SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress", "precision")
 
 _REFUSED_GENERATION = {
     "num_beams": (lambda v: v is not None and v > 1, "beam search (num_beams > 1)"),

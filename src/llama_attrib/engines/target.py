@@ -18,6 +18,7 @@ from ..checks import tolerance
 from ..composition import LOGPROB, logprob_readout, target_value
 from ..errors import DecompositionError, UnsupportedOptionError
 from ..passes import CapturePass, TargetPass
+from ..precision import products, resolve
 from .inputs import Inputs, Scope, _progress
 from .lazy import TargetComposition, _what
 
@@ -36,6 +37,7 @@ class TargetRun:
         budget: int,
         progress: bool | None,
         unbudgeted: bool = False,
+        precision: str = "float32",
     ) -> None:
         self.model = model
         self.scope = scope
@@ -46,7 +48,8 @@ class TargetRun:
         self.budget = budget
         self.unbudgeted = unbudgeted
         self.progress = progress
-        self.model_dtype = next(model.parameters()).dtype
+        self.precision = precision  # of the backward's products: "float32" or "tf32"
+        self.model_dtype = families.model_dtype(model)
         batch, length = inputs.ids.shape
         layouts = memory.target_layouts(
             memory.Shape.of(model), batch, length, dtype, inputs.ids.device, self.model_dtype
@@ -78,12 +81,27 @@ class TargetRun:
         component_dtype: torch.dtype | None,
         max_memory: int | str | None,
         progress: bool | None,
+        precision: str | None = None,
     ) -> TargetRun:
-        """A run with the default component dtype and the budget of ``max_memory``."""
+        """A run with the default component dtype, the budget of ``max_memory`` and the
+        products' ``precision`` (:mod:`llama_attrib.precision`)."""
         dtype = component_dtype or families.component_dtype(model)
-        limit = memory.budget(max_memory, next(model.parameters()).device)
+        device = families.input_device(model)
+        limit = memory.budget(max_memory, device)
         unbudgeted = max_memory is None
-        return TargetRun(model, scope, inputs, members, names, dtype, limit, progress, unbudgeted=unbudgeted)
+        chosen = resolve(precision, families.model_dtype(model), device)
+        return TargetRun(
+            model,
+            scope,
+            inputs,
+            members,
+            names,
+            dtype,
+            limit,
+            progress,
+            unbudgeted=unbudgeted,
+            precision=chosen,
+        )
 
     @property
     def batch(self) -> int:
@@ -92,8 +110,11 @@ class TargetRun:
     @property
     def tolerance(self) -> float:
         """How far a sum of components may be from the stock logit it explains: a
-        half-precision model's own logit carries its rounding, whatever the components' dtype."""
+        half-precision model's own logit carries its rounding, whatever the components' dtype;
+        TF32 products round like half precision."""
         half = self.model_dtype in (torch.float16, torch.bfloat16)
+        if self.precision == "tf32" and self.inputs.ids.device.type == "cuda":
+            return tolerance(torch.float32, tf32=True)
         return tolerance(self.model_dtype if half else self.dtype)
 
     def head_row(self, token: int) -> Tensor:
@@ -167,15 +188,16 @@ class TargetRun:
                         if not 0 <= step < steps:
                             raise IndexError(f"step {step} out of range ({steps} steps)")
                         cot[i, :, step] += self._cotangent(step, self.resolve(step, key)).to(cot)
-                grads, shares = sweep.pull_back(
-                    session,
-                    recorded,
-                    lambda: self._pass(probabilities),
-                    head,
-                    list(cot.split(per_chunk)),
-                    bar.update,
-                    self.inputs.mask,
-                )
+                with products(self.precision, values.device):  # the sweep's, not the stock forward's
+                    grads, shares = sweep.pull_back(
+                        session,
+                        recorded,
+                        lambda: self._pass(probabilities),
+                        head,
+                        list(cot.split(per_chunk)),
+                        bar.update,
+                        self.inputs.mask,
+                    )
                 for g, share in zip(grads, shares, strict=True):
                     contributions = (g * values).sum(-1)  # [n, B, T]
                     if self.members is not None:
