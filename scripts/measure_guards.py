@@ -114,9 +114,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--half", action="store_true", help="SmolLM2 and a 128k vocabulary, three dtypes")
     parser.add_argument("--document-tokens", type=int, default=1024)
+    parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="with --half")
     args = parser.parse_args()
     if args.half:
-        for dtype in ("float32", "bfloat16", "float16"):
+        for dtype in args.dtypes.split(","):
             case[0] = f"SmolLM2, {dtype}"
             smollm2(dtype, args.document_tokens)
             case[0] = f"128k vocabulary, {dtype}"

@@ -99,6 +99,11 @@ def load(
     if path.suffix == ".gguf":
         require("gguf", "gguf", "loading a .gguf checkpoint")
         folder, kwargs["gguf_file"] = path.parent, path.name
+        if quantization is not None:
+            raise ValueError(
+                f"{path.name} is a GGUF checkpoint, already quantized in its own format: transformers "
+                "cannot quantize it again; load it without quantization, or quantize an HF folder"
+            )
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     torch_dtype, where = dtype_of(dtype), device_of(device)
     config = quantization_config(quantization, torch_dtype)
