@@ -29,8 +29,15 @@ VARIANTS = ("float32", "4-bit NF4, float32 path", "4-bit NF4, CPU kernel", "8-bi
 def folder() -> Path:
     path = Path(tempfile.gettempdir()) / "llama_attrib_smollm2_hf"
     if not (path / "config.json").exists():
-        model, tokenizer = load(dtype="float32")
-        model.save_pretrained(path)
+        from transformers import AutoModelForCausalLM
+
+        model, tokenizer = load(dtype="float32")  # GGUF, dequantized on loading
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # its weights are plain float32 tensors now
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(model.state_dict())
+        plain.save_pretrained(path)
         tokenizer.save_pretrained(path)
     return path
 

@@ -51,8 +51,24 @@ def test_notebooks_are_listed() -> None:
         "chat_exploration.ipynb",
         "groups_and_targets.ipynb",
         "inside_the_model.ipynb",
+        "large_model.ipynb",
         "quickstart.ipynb",
     ]
+
+
+def test_large_model_recipe_runs_at_small_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 7-8B recipe on SmolLM2 (no LLAMA_ATTRIB_MODEL): it loads in bfloat16 on this
+    machine's device, and the planted fact is the document sentence the answer came from."""
+    monkeypatch.delenv("LLAMA_ATTRIB_MODEL", raising=False)
+    notebook = run("large_model.ipynb", tmp_path)
+    text = "".join(
+        out.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
+    )
+    assert "bfloat16, loaded in" in text and "unwrapped: True" in text
+    answer = re.search(r"tokens, answer '(.*)', ", text)
+    assert answer is not None and "4817" in answer.group(1)
+    first = re.search(r"%\s+[+-][\d.]+\s+(.*)", text.split("tokens, answer")[1])
+    assert first is not None and first.group(1) == "The access code for the archive room is 4817."
 
 
 def test_quickstart(tmp_path: Path) -> None:

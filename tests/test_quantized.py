@@ -244,3 +244,34 @@ def test_attribute_keeps_the_rounding_share_apart(checkpoints: dict[str, Path], 
     assert np.abs(result.rounding).max() <= np.abs(result.bias).max()  # a part of the share of no token
     again = type(result).load(result.save(tmp_path / "result.json"))
     assert np.array_equal(again.rounding, result.rounding)
+
+
+def test_a_kernel_that_rounds_a_sequence_otherwise_than_generate_still_adds_up(tmp_path: Path) -> None:
+    """bitsandbytes' bfloat16 CPU kernel rounds a whole sequence (the sweep's replay) otherwise
+    than generate's one-token calls: the difference is bounded by the half-precision check and
+    goes to the rounding share, so the parts add up to generate's own logits."""
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes runs 4-bit layers in float32 here")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(
+            tmp_path, quantization_config=quantization, dtype=torch.float32
+        )
+    llama_attrib.wrap(model.eval())
+    ids = torch.randint(3, 96, (1, 40), generator=torch.Generator().manual_seed(0))
+    gen = {**GEN, "max_new_tokens": 8, "output_scores": True}
+    out = model.generate(ids, decompose=True, output_attentions=True, use_cache=True, **gen)
+    for c, scores in zip(out["attentions"], out.scores, strict=True):
+        token = int(scores[0].argmax())
+        parts = c[token]
+        total = float(parts.components.sum() + parts.shares["bias"] + parts.shares["rounding"])
+        assert abs(total - float(scores[0, token])) <= 1e-5 * float(scores[0].abs().max())

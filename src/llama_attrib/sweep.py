@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from . import quantized
 from .checks import completeness_error, tf32_products, tolerance
 from .composition import SHARES
 from .errors import DecompositionError
@@ -173,17 +174,31 @@ def through_one(
     x: Tensor,
     cotangents: list[Tensor],
     expected: tuple[Tensor, Tensor | None] | None = None,
+    absorb: bool = False,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Pull each ``[n, *y.shape]`` cotangent chunk back through ``y = fn(x)`` (``fn`` run once
     with a graph, as target mode): ``(gradients [n, *x.shape], shares [n, B, len(SHARES)])``. The list
     ``cotangents`` is emptied as it goes: a chunk's cotangent is freed once its gradient exists,
-    so a sweep holds one gradient per target and one chunk's second one, not two per target."""
+    so a sweep holds one gradient per target and one chunk's second one, not two per target.
+
+    ``absorb`` (a layer with kernels that round, :func:`quantized.rounds`): what the replayed
+    output still differs from the ``expected`` one (a bfloat16 kernel rounds a whole sequence
+    otherwise than generate's token-by-token calls) goes to the rounding share, once the replay
+    check has bounded it by the half-precision tolerance."""
     active = make_pass()
     x = x.detach().to(active.dtype).requires_grad_(True)
     with torch.enable_grad(), session.running(active), rounding(active.rounding()):
         y = fn(x)
+    difference = None
     if expected is not None:
-        _check_replayed(y.detach(), *expected)
+        _check_replayed(y.detach(), *expected, rounded=absorb)
+        if absorb:
+            output, mask = expected
+            difference = output.to(y) - y.detach()
+            keep = torch.isfinite(difference)
+            if mask is not None and mask.shape == y.shape[:2]:
+                keep &= mask.bool().to(y.device)[..., None]
+            difference = torch.where(keep, difference, 0.0)
     kinds = [active.bias_leaves, active.rounding_leaves]  # in the order of SHARES
     leaves = [leaf for kind in kinds for leaf in kind]
     which = [i for i, kind in enumerate(kinds) for _ in kind]
@@ -201,6 +216,8 @@ def through_one(
         # batching rule (rules.kernels._Transposed), one matrix product for all the targets
         found = torch.func.vmap(pull)(cot)
         share = cot.new_zeros((*cot.shape[:2], len(SHARES)))
+        if difference is not None:  # a leaf added to y: its gradient is the cotangent
+            share[..., SHARES.index("rounding")] += (cot * difference).flatten(2).sum(-1)
         del cot
         for g, leaf, i in zip(found[1:], leaves, which, strict=True):
             share[..., i] += (g * leaf.detach()).flatten(2).sum(-1)
@@ -225,6 +242,7 @@ def pull_back(
     ``mask`` attends to: a pad position's output is whatever a fully masked row gives)."""
     grads, shares = through_one(session, make_pass, head, recorded.final, cotangents)
     tick()
+    absorb = any(quantized.rounds(m) for layer, _, _ in recorded.layers for m in layer.modules())
     outputs = [_hidden(args, kwargs) for _, args, kwargs in recorded.layers[1:]] + [recorded.final]
     for (module, args, kwargs), output in zip(reversed(recorded.layers), reversed(outputs), strict=True):
 
@@ -235,13 +253,15 @@ def pull_back(
             return y
 
         expected = (output, mask)
-        grads, more = through_one(session, make_pass, layer, _hidden(args, kwargs), grads, expected)
+        grads, more = through_one(
+            session, make_pass, layer, _hidden(args, kwargs), grads, expected, absorb=absorb
+        )
         shares = [s + m for s, m in zip(shares, more, strict=True)]
         tick()
     return grads, shares
 
 
-def _check_replayed(output: Tensor, expected: Tensor, mask: Tensor | None) -> None:
+def _check_replayed(output: Tensor, expected: Tensor, mask: Tensor | None, rounded: bool = False) -> None:
     """A layer run again in the pass gives the output the recorded forward (or generate) gave,
     else the pass would explain another computation than the one that made the tokens."""
     if output.shape != expected.shape:
@@ -253,7 +273,7 @@ def _check_replayed(output: Tensor, expected: Tensor, mask: Tensor | None) -> No
     if not bool(torch.isfinite(real).all()):
         return  # a non-finite model is reported by the logit check, with its own message
     err = completeness_error(real, output[None])  # one "component": the output itself
-    if not err <= tolerance(expected.dtype, tf32_products(output)):
+    if not err <= tolerance(expected.dtype, rounded or tf32_products(output)):
         raise DecompositionError(
             f"a decoder layer run again from its recorded input gives another output than the one "
             f"recorded (relative {err:.1e}). Either this model computes a position differently with "

@@ -114,7 +114,7 @@ class TargetRun:
         TF32 products round like half precision."""
         half = self.model_dtype in (torch.float16, torch.bfloat16)
         if self.precision == "tf32" and self.inputs.ids.device.type == "cuda":
-            return tolerance(torch.float32, tf32=True)
+            return tolerance(torch.float32, rounded=True)
         return tolerance(self.model_dtype if half else self.dtype)
 
     def head_row(self, token: int) -> Tensor:
