@@ -275,3 +275,19 @@ def test_a_kernel_that_rounds_a_sequence_otherwise_than_generate_still_adds_up(t
         parts = c[token]
         total = float(parts.components.sum() + parts.shares["bias"] + parts.shares["rounding"])
         assert abs(total - float(scores[0, token])) <= 1e-5 * float(scores[0].abs().max())
+
+
+def test_a_quantized_lm_head_is_refused_where_its_kernel_rounds(checkpoints: dict[str, Path]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["nothing"]
+        )
+        model = AutoModelForCausalLM.from_pretrained(checkpoints["llama"], quantization_config=config)
+    head = model.get_output_embeddings()
+    assert quantized.kind(head) == quantized.BNB_4BIT
+    if not quantized.rounds(head):
+        pytest.skip("this CPU runs bitsandbytes' 4-bit layers in float32: the head is a linear map")
+    with pytest.raises(llama_attrib.UnsupportedModelError, match=r"LM head.*load it unquantized"):
+        llama_attrib.wrap(model)
+    assert not llama_attrib.is_wrapped(model)

@@ -278,7 +278,14 @@ def _module_problems(model: nn.Module, family: Family) -> list[str]:
             inner = [(f".{n}", c) for n, c in module.named_children()]
         for suffix, sub in inner:
             has_weights = any(True for _ in sub.parameters())
-            if role != LM_HEAD and quantized.kind(sub) is not None:
+            if role == LM_HEAD and quantized.rounds(sub):
+                problems.append(
+                    f"{where}: the LM head is {quantized.kind(sub)}, whose kernel rounds the logits "
+                    "themselves: load it unquantized (transformers' bitsandbytes loading skips "
+                    "lm_head unless llm_int8_skip_modules says otherwise)"
+                )
+                continue
+            if quantized.kind(sub) is not None:
                 continue  # decomposed through its dequantized weight (llama_attrib.quantized)
             if type(sub) is nn.Linear or type(sub).__name__ in family.inner + family.classes.get(NORM, ()):
                 for name, nested in sub.named_modules():
