@@ -106,7 +106,8 @@ def test_reserved_options_are_refused(tokenizer: Any) -> None:
     with pytest.raises(llama_attrib.UnsupportedOptionError, match="output_attentions"):
         attribute(tiny_model(), tokenizer, PROMPT, output_attentions=False)
     with pytest.raises(TypeError, match="chat messages"):
-        attribute(tiny_model(), tokenizer, [PROMPT, PROMPT])  # type: ignore[list-item]
+        attribute(tiny_model(), tokenizer, [1, 2])  # type: ignore[list-item]  # not prompts
+    assert len(attribute(tiny_model(), tokenizer, [PROMPT, PROMPT], 2)) == 2  # several prompts
 
 
 def test_progress_bar_goes_to_stderr(tokenizer: Any, capsys: pytest.CaptureFixture[str]) -> None:

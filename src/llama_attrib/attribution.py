@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import families
+from .adapters.generate import SEQUENCE_OPTIONS
 from .api import decompose, decompose_sequence, is_wrapped
 from .composition import LOGPROB, SHARES, Contributions, target_value
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
@@ -44,7 +46,9 @@ def encode(tokenizer: Any, prompt: str | Messages, chat: bool | None = None) -> 
     """Prompt ids ``[1, P]``: plain text as is (with the tokenizer's BOS), or chat messages
     (or text with ``chat=True``, as one user message) through the chat template."""
     if not isinstance(prompt, str) and not all(isinstance(m, Mapping) for m in prompt):
-        raise TypeError("prompt: a string, or chat messages [{'role': ..., 'content': ...}] (one sequence)")
+        raise TypeError(
+            "prompt: a string, chat messages [{'role': ..., 'content': ...}], or a list of either"
+        )
     if isinstance(prompt, str) and not chat:
         ids: torch.Tensor = tokenizer(prompt, return_tensors="pt")["input_ids"]
         return ids
@@ -78,7 +82,7 @@ class _Progress:
 def attribute(
     model: nn.Module,
     tokenizer: Any,
-    prompt: str | Messages,
+    prompt: str | Messages | Sequence[str | Messages],
     max_new_tokens: int = 8,
     *,
     chat: bool | None = None,
@@ -87,8 +91,9 @@ def attribute(
     response: str | None = None,
     contrast: int | str | None = None,
     target: str = "logit",
+    batch_size: int = 8,
     **generate_kwargs: Any,
-) -> Attribution:
+) -> Any:
     """Generate from ``prompt`` (or take ``response``) and decompose every answer token's logit.
 
     ``prompt``: text, or chat messages ``[{"role": ..., "content": ...}]`` (the tokenizer's
@@ -104,7 +109,19 @@ def attribute(
     mean logit of its step, ``z_t - sum_j p_j z_j`` with the probabilities frozen: an exact
     linear target whose rows add up to ``log p_t + H(p)`` (the log-probability the
     faithfulness metrics measure, plus the step's entropy, which no token owns).
+
+    Several prompts: a list of texts or of chats gives a list of Attributions, each equal to
+    its prompt's own (tested to 1e-5); ``batch_size`` prompts are generated and decomposed
+    together (left-padded; a row stops at its end-of-sequence token as it would alone).
+    With ``response``, ``contrast`` or ``target`` they are explained one at a time.
     """
+    if _several(prompt):
+        how: dict[str, Any] = {"chat": chat, "mode": mode, "progress": progress, "response": response}
+        how |= {"contrast": contrast, "target": target}
+        return _attribute_several(
+            model, tokenizer, list(prompt), max_new_tokens, batch_size, how, generate_kwargs
+        )
+    one: Any = prompt  # one text or one chat
     reserved = sorted(k for k in _RESERVED if k in generate_kwargs)
     if reserved:
         raise UnsupportedOptionError(f"attribute() sets {', '.join(reserved)} itself")
@@ -112,12 +129,12 @@ def attribute(
         raise UnsupportedOptionError(f"target must be 'logit' or 'logprob', not {target!r}")
     if contrast is not None and target != "logit":
         raise UnsupportedOptionError("contrast= compares two logits: use it with target='logit'")
-    ids = encode(tokenizer, prompt, chat)
-    device = next(model.parameters()).device
+    ids = encode(tokenizer, one, chat)
+    device = families.input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     options: dict[str, Any] = {"do_sample": False, "pad_token_id": pad, "use_cache": True, **generate_kwargs}
     if response is not None or contrast is not None or target != "logit":
-        explained = _Explained(prompt, chat, mode, max_new_tokens, response, contrast, target)
+        explained = _Explained(one, chat, mode, max_new_tokens, response, contrast, target)
         return _attribute_sequence(model, tokenizer, ids.to(device), options, explained)
     streamer = _Progress(max_new_tokens) if progress and "streamer" not in options else None
     # attribute() explains the generated token itself, whatever chose it: no warning needed.
@@ -134,9 +151,101 @@ def attribute(
             **({"streamer": streamer} if streamer else {}),
             **options,
         )
-    result = _result(out, ids.shape[1], tokenizer, model, prompt, chat, mode, max_new_tokens, options)
+    result = _result(out, ids.shape[1], tokenizer, model, one, chat, mode, max_new_tokens, options)
     result._model = model  # type: ignore[attr-defined]  # for result.flow(step); not saved or compared
     return result
+
+
+def _several(prompt: Any) -> bool:
+    """A list of prompts (texts or chats), not one text or one chat (a list of messages)."""
+    if isinstance(prompt, str | Mapping) or not isinstance(prompt, Sequence) or not prompt:
+        return False
+    return all(
+        isinstance(p, str) or (isinstance(p, Sequence) and all(isinstance(m, Mapping) for m in p))
+        for p in prompt
+    )
+
+
+def _attribute_several(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[Any],
+    max_new_tokens: int,
+    batch_size: int,
+    how: dict[str, Any],
+    generate_kwargs: dict[str, Any],
+) -> list[Attribution]:
+    """:func:`attribute` of each prompt: generated and decomposed ``batch_size`` at a time."""
+    if batch_size < 1:
+        raise UnsupportedOptionError(f"batch_size must be at least 1, not {batch_size}")
+    single = how["response"] is not None or how["contrast"] is not None or how["target"] != "logit"
+    if single or batch_size == 1:
+        return [attribute(model, tokenizer, p, max_new_tokens, **how, **generate_kwargs) for p in prompts]
+    reserved = sorted(k for k in (*_RESERVED, "streamer") if k in generate_kwargs)
+    if reserved:
+        raise UnsupportedOptionError(f"attribute() sets {', '.join(reserved)} itself")
+    from tqdm.auto import tqdm
+
+    device = families.input_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    options: dict[str, Any] = {"do_sample": False, "pad_token_id": pad, "use_cache": True, **generate_kwargs}
+    stops = _eos_ids(model, options)
+    results: list[Attribution] = []
+    bar = tqdm(
+        total=len(prompts), unit="prompt", desc="decomposing", disable=not how["progress"], file=sys.stderr
+    )
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        encoded = [encode(tokenizer, p, how["chat"])[0] for p in chunk]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, e in enumerate(encoded):  # left padding, as generation needs
+            ids[r, width - len(e) :], mask[r, width - len(e) :] = e, 1
+        with torch.no_grad(), decompose(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore", GeneratedTokenWarning)
+            generate: Any = model.generate
+            out = generate(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                decompose=how["mode"],
+                return_dict_in_generate=True,
+                output_attentions=True,
+                max_new_tokens=max_new_tokens,
+                **options,
+            )
+        steps = out["attentions"]
+        for r, (prompt, e) in enumerate(zip(chunk, encoded, strict=True)):
+            generated = [int(t) for t in out.sequences[r, width : width + len(steps)]]
+            n = next((k + 1 for k, t in enumerate(generated) if t in stops), len(generated))
+            rows = []
+            for k in range(n):
+                c, token = steps[k], generated[k]
+                parts = c[token] if len(chunk) == 1 else c[r, token]
+                logit = c.logits[token] if len(chunk) == 1 else c.logits[r, token]
+                kept = parts.components[width - len(e) :]  # the pad positions' are exactly zero
+                shares = getattr(parts, "shares", {"bias": parts.residual})
+                stacked = torch.stack([shares.get(name, parts.residual * 0) for name in SHARES], -1)
+                rows.append((Contributions.of(kept, shares=stacked), float(logit)))
+            explained = _Explained(prompt, how["chat"], how["mode"], max_new_tokens, None, None, "logit")
+            sequence = [int(t) for t in e] + generated[:n]
+            result = _assemble(sequence, len(e), rows, tokenizer, model, explained, options, {})
+            result._model = model  # type: ignore[attr-defined]
+            results.append(result)
+            bar.update(1)
+    bar.close()
+    return results
+
+
+def _eos_ids(model: nn.Module, options: dict[str, Any]) -> set[int]:
+    """The tokens that end a row's generation."""
+    eos = options.get("eos_token_id")
+    if eos is None:
+        config = options.get("generation_config") or getattr(model, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return {int(t) for t in (eos if isinstance(eos, list | tuple) else [eos])}
 
 
 @dataclass(frozen=True)
@@ -166,13 +275,14 @@ def _attribute_sequence(
     else:
         generate: Any = model.generate
         plain = {"decompose": False} if is_wrapped(model) else {}  # one pass afterwards, not two
+        generation = {k: v for k, v in options.items() if k not in SEQUENCE_OPTIONS}
         with torch.no_grad():
             out = generate(
                 ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=explained.max_new_tokens,
                 **plain,
-                **options,
+                **generation,
             )
         sequence = out.sequences if hasattr(out, "sequences") else out
     if sequence.shape[1] <= p:
@@ -183,7 +293,8 @@ def _attribute_sequence(
     if other is not None:
         targets = (answer_ids, other)
     mode = "forward" if explained.mode == "forward" else "target"
-    steps = decompose_sequence(model, sequence, p, mode=mode, targets=targets)
+    sequence_options = {k: options[k] for k in SEQUENCE_OPTIONS if k in options}
+    steps = decompose_sequence(model, sequence, p, mode=mode, targets=targets, **sequence_options)
     rows = []
     what: Any  # what each row explains: a token, a pair, or the log-probability target
     for k, c in enumerate(steps):

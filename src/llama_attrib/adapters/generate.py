@@ -20,7 +20,8 @@ from ..session import Collecting, Forward, Recording, Session
 from .options import _check_fits, _mode, _on_input_device, _prompt_ids
 
 # Options of a target-mode generate that are llama_attrib's, not generate's.
-_SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress", "precision")
+# the decomposition's options, taken out of generate's (the rest goes to generate)
+SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress", "precision")
 
 _REFUSED_GENERATION = {
     "num_beams": (lambda v: v is not None and v > 1, "beam search (num_beams > 1)"),
@@ -70,7 +71,7 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
         kwargs = {**kwargs, "return_dict_in_generate": True, "output_attentions": False}
         if session.generation is not None:
             raise DecompositionError("a decomposed generate was called from inside another one")
-        options = {k: kwargs.pop(k) for k in _SEQUENCE_OPTIONS if k in kwargs}
+        options = {k: kwargs.pop(k) for k in SEQUENCE_OPTIONS if k in kwargs}
         families.check_length(model, _expected_length(generation_config, args, kwargs))
         if mode == "target":
             # one row of generate's logits per returned sequence and step: no beams, no drafts
