@@ -35,12 +35,38 @@ def test_sentences_keep_every_score_and_rank_the_answer() -> None:
     assert result.tokens[view.columns[2][0]] == "<s>"  # the BOS token is no sentence's
     # grouping moves scores between columns, never loses one: each row still sums to the logit
     assert np.allclose(np.nansum(view.scores, 1), result.logits, atol=1e-4)
-    ranking = view.ranking()
-    assert [r[1] for r in ranking] == sorted((r[1] for r in ranking), reverse=True)
-    assert np.isclose(sum(abs(r[2]) for r in ranking), 1.0)
-    totals = np.nansum(view.scores, 0)
-    assert ranking[0][1] == pytest.approx(float(totals.max()), rel=1e-6)
-    assert view.ranking(steps=[0], k=1)[0][1] == pytest.approx(float(np.nanmax(view.scores[0])), rel=1e-6)
+    # independently of the views: each sentence's token positions found in the text, its score
+    # summed from the token-level scores in Python, and the sentences sorted by that score
+    ends = np.cumsum([len(t) for t in result.tokens])
+    starts = ends - np.array([len(t) for t in result.tokens])
+    sentences = ["the cat sat on the mat.", "the dog sat on the rug."]
+    spans = {label: (text.index(label), text.index(label) + len(label)) for label in sentences}
+    offset = len(result.tokens[0])  # the BOS token's text comes first
+
+    def inside(i: int, a: int, b: int) -> bool:
+        return i < result.prompt_length and starts[i] >= a + offset and ends[i] <= b + offset
+
+    expected = {
+        label: sum(
+            float(result.token_scores[k, i])
+            for k in range(result.n_generated)
+            for i in range(result.prompt_length)
+            if inside(i, a, b)
+        )
+        for label, (a, b) in spans.items()
+    }
+    ranking = {label: score for label, score, _ in view.ranking()}
+    for label, score in expected.items():
+        assert ranking[label] == pytest.approx(score, rel=1e-5, abs=1e-5)
+    ordered = [label for label, _, _ in view.ranking() if label in expected]
+    assert ordered == sorted(expected, key=lambda label: -expected[label])
+    shares = [share for _, _, share in view.ranking()]
+    assert sum(abs(x) for x in shares) == pytest.approx(1.0)
+    # one step: each sentence's score at step 0 alone
+    step0 = {label: score for label, score, _ in view.ranking(steps=[0])}
+    for label, (a, b) in spans.items():
+        alone = sum(float(result.token_scores[0, i]) for i in range(result.prompt_length) if inside(i, a, b))
+        assert step0[label] == pytest.approx(alone, rel=1e-5, abs=1e-5)
     # a span of the answer: the steps whose tokens it overlaps
     p = result.prompt_length
     start = len("".join(result.tokens[: p + 1]))
