@@ -143,14 +143,107 @@ def test_flow_of_a_contrast_and_a_position() -> None:
     assert contrast.scores.shape[0] == 7  # sources up to the position
     assert torch.allclose(contrast.scores, first.scores - second.scores, atol=1e-5)
     assert abs(contrast.logit - (first.logit - second.logit)) <= 1e-5
+    # position 6 of 12 tokens is the last position of the first 7: the reference there
+    reference = direct_logit_attribution(model, "llama", ids[:, :7], a)
+    scale = abs(reference["logit"]) + 1.0
+    assert abs(first.logit - reference["logit"]) <= 1e-5 * scale
+    assert torch.allclose(first.scores.sum(0) + first.bias, reference["parts"], atol=1e-5 * scale, rtol=0)
 
 
-def test_chunked_flow_equals_one_pass() -> None:
+def per_source_and_head(
+    model: nn.Module, ids: torch.Tensor, token: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[sources, layers, heads + 1]`` from the stock Llama, one block at a time: gradient x
+    input over the embeddings of what one head (or the MLP) of one layer writes at the last
+    position, read by the logit (the final norm's factor frozen, from the real final hidden
+    state), with conftest's frozen factors. Independent of flow's forward pass: every
+    (layer, head) is its own backward."""
+    layers = list(model.model.layers)
+    heads = model.config.num_attention_heads
+    hd = model.config.hidden_size // heads
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep(key: str, which: int) -> Any:
+        def hook(module: nn.Module, args: Any, out: Any) -> None:
+            kept[key] = (args[0] if which == 0 else out)[0, -1]
+
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.self_attn.o_proj.register_forward_hook(keep(f"z{i}", 0)))
+        hooks.append(layer.mlp.register_forward_hook(keep(f"m{i}", 1)))
+    real = final_hidden(model, ids, mask).float()
+    norm = model.model.norm
+    factor = torch.rsqrt(real.pow(2).mean() + norm.variance_epsilon) * norm.weight.detach().float()
+    read = factor * model.lm_head.weight[token].detach().float()
+    scores = torch.zeros(ids.shape[1], len(layers), heads + 1)
+    try:
+        with frozen_factors(model):
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+            model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+            for i, layer in enumerate(layers):
+                w_o = layer.self_attn.o_proj.weight
+                z = kept[f"z{i}"]
+                blocks = [w_o[:, h * hd : (h + 1) * hd] @ z[h * hd : (h + 1) * hd] for h in range(heads)]
+                for h, block in enumerate([*blocks, kept[f"m{i}"]]):
+                    (grad,) = torch.autograd.grad(block.float() @ read, embeds, retain_graph=True)
+                    scores[:, i, h] = (grad[0].float() * embeds[0].float()).sum(-1).detach()
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return scores
+
+
+def final_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The real hidden state entering the final norm at the last position."""
+    seen: list[torch.Tensor] = []
+    handle = model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0][0, -1].detach()))
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+    return seen[-1]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_flow_splits_each_source_over_heads_as_an_independent_reference(masked: bool) -> None:
+    """The joint source x layer x head split, against a backward per (layer, head), with and
+    without an attention mask (two positions masked out: their columns are zero)."""
+    model = tiny_model(2)
+    ids = prompt(9)
+    mask = None
+    if masked:
+        mask = torch.ones_like(ids)
+        mask[0, 3:5] = 0
+    result = llama_attrib.flow(model, ids, attention_mask=mask)
+    token = int(result.target)
+    reference = per_source_and_head(model, ids, token, mask)
+    scale = abs(result.logit) + 1.0
+    assert torch.allclose(result.scores, reference, atol=1e-5 * scale, rtol=0)
+    if masked:
+        assert torch.equal(result.scores[3:5], torch.zeros_like(result.scores[3:5]))
+
+
+def test_chunked_flow_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     """A small memory budget splits the sources into chunks: same numbers."""
+    from llama_attrib import memory
+
     model = tiny_model(2)
     ids = prompt(20)
     whole = llama_attrib.flow(model, ids)
+    sizes: list[int] = []
+    chunks = memory.forward_chunks
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        found = chunks(*args, **kwargs)
+        sizes.append(found[0])
+        return found
+
+    monkeypatch.setattr(memory, "forward_chunks", spy)
     chunked = llama_attrib.flow(model, ids, max_memory=200_000)
+    assert sizes and sizes[0] < 20  # the 20 sources went in more than one chunk
     assert torch.allclose(whole.scores, chunked.scores, atol=1e-6)
     assert torch.allclose(whole.stream, chunked.stream, atol=1e-6)
 

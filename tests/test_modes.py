@@ -3,6 +3,8 @@ bounded memory, half precision."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -133,7 +135,9 @@ def test_groups_from_ids_and_bad_groups(generated: tuple) -> None:
 
 
 @pytest.mark.parametrize("mode", ["target", "forward"])
-def test_small_budget_chunks_the_work_and_gives_the_same_numbers(generated: tuple, mode: str) -> None:
+def test_small_budget_chunks_the_work_and_gives_the_same_numbers(
+    generated: tuple, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sequences, reference = generated
     model = tiny_model(2)
     length = sequences.shape[1] - 1
@@ -141,7 +145,31 @@ def test_small_budget_chunks_the_work_and_gives_the_same_numbers(generated: tupl
         budget = 3 * estimate_memory(model, length, mode="forward", components=1)
     else:  # the graph plus 2 cotangents per backward: 3 backward passes for 6 steps
         budget = estimate_memory(model, length, mode="target", steps=2)
-    steps = decompose_sequence(model, sequences, 10, mode=mode, max_memory=budget)
+    from llama_attrib import sweep
+
+    passes: list[int] = []  # forward: one model pass per chunk of components
+    handle = model.model.norm.register_forward_pre_hook(lambda m, a: passes.append(1))
+    chunks: list[int] = []  # target: cotangent chunks pulled back through the head
+    through = sweep.through_one
+
+    def spy(
+        session: Any, make_pass: Any, fn: Any, x: Any, cotangents: list[Any], *args: Any, **kw: Any
+    ) -> Any:
+        chunks.append(len(cotangents))
+        return through(session, make_pass, fn, x, cotangents, *args, **kw)
+
+    monkeypatch.setattr(sweep, "through_one", spy)
+    try:
+        steps = decompose_sequence(model, sequences, 10, mode=mode, max_memory=budget)
+        for c in steps:  # target mode solves on first use
+            c[int(c.recovery.argmax())]
+    finally:
+        handle.remove()
+    if mode == "forward":
+        assert len(passes) >= 5  # 15 components, 3 at a time
+    else:  # the head's call of each sweep: its cotangent chunks are the backward passes
+        backwards = sum(chunks[:: len(model.model.layers) + 1])
+        assert backwards >= 3  # 6 steps, 2 per backward
     for k, (c, ref) in enumerate(zip(steps, reference, strict=True)):
         token = int(sequences[0, 10 + k])
         assert torch.allclose(c[token].components, ref[token].components, **TOL)
