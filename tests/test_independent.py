@@ -62,9 +62,13 @@ def test_padded_rows_equal_gradient_x_input(side: str, mode: str) -> None:
         assert torch.allclose(got, components, atol=1e-5 * scale, rtol=0), row
 
 
-# Largest gap measured between half-precision components (float32 accumulation) and the
-# reference on the same half weights computed in float32, relative to the largest logit.
-HALF = {torch.float16: 5e-3, torch.bfloat16: 4e-2}
+# The gap between half-precision components (float32 accumulation) and the reference on the
+# same half weights computed in float32, relative to the largest logit: measured at most
+# 1.2e-3 (float16) and 4.5e-3 (bfloat16) over both modes and every step; bounded at about
+# twice that. What remains is the half-precision rounding of the frozen factors themselves
+# (the model's probabilities and norm scales are computed in its own dtype, the reference's
+# in float32), not a rule: a wrong rule moves components by the size of a component.
+HALF = {torch.float16: 2.5e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.mark.parametrize("mode", ["target", "forward"])
