@@ -282,5 +282,9 @@ def test_flow_of_a_half_precision_model(dtype: torch.dtype) -> None:
     full = llama_attrib.flow(tiny_model(2, dtype=dtype).float(), ids, target=half.target)
     scale = abs(full.logit) + 1.0
     total = float(half.scores.sum() + half.embedding.sum() + half.bias.sum())
-    assert abs(total - half.logit) <= 5e-2 * scale
-    assert torch.allclose(half.scores, full.scores, atol=5e-2 * scale)
+    # measured over 5 prompts, relative to |logit| + 1: the sum within 1.0e-3 (float16) and
+    # 5.2e-3 (bfloat16), each path within 1.5e-3 and 9.3e-3 of the float32 split; bounded at
+    # about twice that
+    bound = {torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    assert abs(total - half.logit) <= bound * scale
+    assert torch.allclose(half.scores, full.scores, atol=bound * scale, rtol=0)
