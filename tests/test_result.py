@@ -265,3 +265,20 @@ def test_constructor_checks_shapes(result: Attribution) -> None:
         result.normalize("percent")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="source positions"):
         result.grouped([[0, 99]])
+
+
+def test_find_compares_whitespace_loosely_where_the_tokenizer_changed_it() -> None:
+    tokens = ["<s>", "the", "  cat", "\n", " sat", " on", " it"]
+    result = Attribution(
+        tokens=tokens, token_ids=list(range(7)), prompt_length=6,
+        token_scores=np.zeros((1, 6), np.float32), logits=np.zeros(1, np.float32),
+    )  # fmt: skip
+    text = result.text  # "<s>the  cat\n sat on it"
+    assert result.find("cat") == (text.index("cat"), text.index("cat") + 3)  # verbatim first
+    start, end = result.find("the cat sat")  # the document as the user wrote it
+    assert text[start:end] == "the  cat\n sat"
+    assert result.find("sat  on\n") == (text.index("sat"), text.index(" it"))  # ends stripped, runs any
+    with pytest.raises(ValueError, match="by='token'"):
+        result.find("the dog")
+    with pytest.raises(ValueError, match="fewer than 2"):
+        result.find("cat", occurrence=1)

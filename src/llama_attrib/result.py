@@ -215,13 +215,26 @@ class Attribution:
         return dataclasses.replace(self, groups=None, labels=None)
 
     def find(self, text: str, occurrence: int = 0) -> tuple[int, int]:
-        """Character span ``(start, end)`` of the ``occurrence``-th ``text`` in :attr:`text`."""
-        start = -1
-        for _ in range(occurrence + 1):
-            start = self.text.find(text, start + 1)
-            if start < 0:
-                raise ValueError(f"{text!r} occurs fewer than {occurrence + 1} times in the text")
-        return start, start + len(text)
+        """Character span ``(start, end)`` of the ``occurrence``-th ``text`` in :attr:`text`.
+
+        Where the tokenizer does not give the text back verbatim, whitespace is compared
+        loosely (a run of spaces, tabs and newlines matches any other run): the span is then
+        that of the decoded text. Otherwise :class:`ValueError` says what to do."""
+        for haystack, needle, where in (_exact(self.text, text), _loose(self.text, text)):
+            start, found = -1, 0
+            while found <= occurrence:
+                start = haystack.find(needle, start + 1) if needle else -1
+                if start < 0:
+                    break
+                found += 1
+            if start >= 0:
+                return where[start], where[start + len(needle) - 1] + 1
+        raise ValueError(
+            f"{text[:60]!r} occurs fewer than {occurrence + 1} times in the text, even with "
+            "whitespace compared loosely: the tokenizer does not give it back verbatim (it "
+            "normalizes it, or lacks some of its characters). Find a shorter piece of it, or "
+            "give token positions: spans(..., by='token')"
+        )
 
     def message(self, text: str) -> tuple[int, int] | None:
         """The character span of a prompt message ``text`` (for :meth:`sentences`'s ``within``),
@@ -447,3 +460,22 @@ class Attribution:
 
 
 __all__ = ["Attribution", "Contributor"]
+
+
+def _exact(text: str, needle: str) -> tuple[str, str, list[int]]:
+    return text, needle, list(range(len(text)))
+
+
+def _loose(text: str, needle: str) -> tuple[str, str, list[int]]:
+    """``text`` and ``needle`` with every whitespace run made one space (``needle`` stripped),
+    and where each character of the loose text is in ``text``."""
+    loose: list[str] = []
+    where: list[int] = []
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            if loose and loose[-1] == " ":
+                continue
+            ch = " "
+        loose.append(ch)
+        where.append(i)
+    return "".join(loose), " ".join(needle.split()), where
