@@ -57,6 +57,16 @@ def test_target_mode_guard_compares_with_the_stock_logits(monkeypatch: pytest.Mo
         model.generate(prompt(9), decompose=True, return_dict_in_generate=True, max_new_tokens=2)
 
 
+def test_flow_guard_fires_when_its_paths_drift(monkeypatch: pytest.MonkeyPatch) -> None:
+    """flow() runs its own forward pass: its paths are checked against the stock logit."""
+    model = tiny_model(2)
+    llama_attrib.flow(model, prompt(9))  # correct code passes
+    _drifting_norm(monkeypatch)
+    with pytest.raises(llama_attrib.DecompositionError, match="paths add up to"):
+        llama_attrib.flow(model, prompt(9))
+    assert not llama_attrib.is_wrapped(model)
+
+
 @pytest.mark.parametrize("mode", ["target", "forward"])
 def test_a_nan_logit_gets_its_own_error(mode: str) -> None:
     model = tiny_model(2)
