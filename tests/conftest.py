@@ -97,6 +97,20 @@ def tiny_model(
     return model.to(dtype).eval()
 
 
+def quantizable_checkpoint(path: Path, hidden: int = 64) -> Path:
+    """A random Llama saved to ``path`` (with the tiny tokenizer) in widths bitsandbytes
+    quantizes: blocks of 64, and 32 rows at a time in its CPU layout."""
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+        eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def prompt(length: int = 7, batch: int = 1, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 96, (batch, length), generator=g)

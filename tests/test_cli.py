@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import quantizable_checkpoint, tiny_model, tiny_tokenizer
 from llama_attrib import Attribution, attribute, quantized
 from llama_attrib.cli import main
 from llama_attrib.models import load
@@ -111,18 +111,8 @@ def test_cli_sentences_and_the_answers_ranking(folder: Path, capsys: pytest.Capt
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny checkpoint in widths bitsandbytes quantizes (blocks of 64; 32 rows at a time)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("wide")
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    """A tiny checkpoint in widths bitsandbytes quantizes."""
+    return quantizable_checkpoint(tmp_path_factory.mktemp("wide"))
 
 
 def test_load_takes_a_dtype_a_device_and_a_quantization(wide: Path) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import llama_attrib
-from conftest import gradient_x_input, prompt
+from conftest import gradient_x_input, prompt, quantizable_checkpoint
 from llama_attrib import quantized
 
 bnb = pytest.importorskip("bitsandbytes", reason="the quantization extra: pip install -e '.[quantization]'")
@@ -252,14 +252,9 @@ def test_a_kernel_that_rounds_a_sequence_otherwise_than_generate_still_adds_up(t
     goes to the rounding share, so the parts add up to generate's own logits."""
     if not bnb.functional.has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes runs 4-bit layers in float32 here")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    quantizable_checkpoint(tmp_path, hidden=256)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
