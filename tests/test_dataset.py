@@ -178,3 +178,14 @@ def test_the_runner_s_loading_and_decomposition_flags(tmp_path: Path) -> None:
         assert result.versions["dtype"] == "bfloat16" and result.options["mode"] == "forward"
         totals = np.nansum(result.token_scores.astype(np.float64), 1) + result.bias
         assert np.allclose(totals, result.logits, atol=5e-2 * np.abs(result.logits).max(), rtol=0)
+
+
+def test_batches_of_rows_equal_single_attributions(tmp_path: Path) -> None:
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    rows = dataset.read_prompts(write_prompts(tmp_path))
+    out = tmp_path / "out.jsonl"
+    assert dataset.attribute_dataset(model, tokenizer, rows, out, max_new_tokens=4, batch_size=2) == 5
+    dataset.merge(rows, out)
+    results = dataset.load_results(out)
+    for key, want in expected(model, tokenizer, rows).items():
+        same(results[key], want)

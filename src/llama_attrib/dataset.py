@@ -105,13 +105,16 @@ def attribute_dataset(
     chat: bool | None = None,
     progress: bool = False,
     by: str = "token",
+    batch_size: int = 1,
     **generate_kwargs: Any,
 ) -> int:
     """Attribute this rank's share of ``rows``, appending to its part file; returns rows done now.
 
     ``by``: ``"sentence"`` or ``"paragraph"`` groups the sources by the sentences of the prompt
     (of the last user message of a chat) and adds ``"ranking"`` to each record: the sources of
-    the whole answer, largest first (``label``, ``score``, ``share``)."""
+    the whole answer, largest first (``label``, ``score``, ``share``). ``batch_size``: prompts
+    generated and decomposed together (:func:`attribute`); each row is written once its batch
+    is done, so an interruption loses at most one batch."""
     folder = parts_folder(output)
     folder.mkdir(parents=True, exist_ok=True)
     done = set(finished(output))
@@ -119,15 +122,30 @@ def attribute_dataset(
     bar = _bar(progress, len(mine))
     count = 0
     with open(folder / f"rank-{rank}.jsonl", "a", encoding="utf-8") as f:
-        for row in mine:
-            prompt = row.get("messages", row.get("prompt"))
-            result = attribute(model, tokenizer, prompt, max_new_tokens, chat=chat, **generate_kwargs)
-            record = {"id": row["id"], **_sources(result, prompt, by)}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            count += 1
-            bar.update(1)
+        for start in range(0, len(mine), max(1, batch_size)):
+            batch = mine[start : start + max(1, batch_size)]
+            prompts = [row.get("messages", row.get("prompt")) for row in batch]
+            if len(batch) == 1:
+                results = [
+                    attribute(model, tokenizer, prompts[0], max_new_tokens, chat=chat, **generate_kwargs)
+                ]
+            else:
+                results = attribute(
+                    model,
+                    tokenizer,
+                    prompts,
+                    max_new_tokens,
+                    chat=chat,
+                    batch_size=len(batch),
+                    **generate_kwargs,
+                )
+            for row, prompt, result in zip(batch, prompts, results, strict=True):
+                record = {"id": row["id"], **_sources(result, prompt, by)}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                count += 1
+                bar.update(1)
     bar.close()
     return count
 
@@ -237,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--world", type=int, help="number of shards (default: from torch.distributed)")
     p.add_argument("--merge", action="store_true", help="only merge finished parts into OUTPUT")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts generated and decomposed together")
     add_arguments(p, device="auto")
     args = p.parse_args(argv)
 
@@ -259,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chat=True if args.chat else None,
         progress=not args.no_progress,
         by=args.by,
+        batch_size=args.batch_size,
         **options,
     )
     print(f"rank {rank}/{world}: {count} prompts attributed", flush=True)
