@@ -24,7 +24,7 @@ from torch import nn
 from . import families
 from .adapters.generate import SEQUENCE_OPTIONS
 from .api import decompose, decompose_sequence, is_wrapped
-from .composition import LOGPROB, SHARES, Contributions, target_value
+from .composition import LOGPROB, Contributions, target_value
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from .result import Attribution
 from .tokens import piece_texts
@@ -122,35 +122,18 @@ def attribute(
             model, tokenizer, list(prompt), max_new_tokens, batch_size, how, generate_kwargs
         )
     one: Any = prompt  # one text or one chat
-    reserved = sorted(k for k in _RESERVED if k in generate_kwargs)
-    if reserved:
-        raise UnsupportedOptionError(f"attribute() sets {', '.join(reserved)} itself")
     if target not in ("logit", "logprob"):
         raise UnsupportedOptionError(f"target must be 'logit' or 'logprob', not {target!r}")
     if contrast is not None and target != "logit":
         raise UnsupportedOptionError("contrast= compares two logits: use it with target='logit'")
     ids = encode(tokenizer, one, chat)
-    device = families.input_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    options: dict[str, Any] = {"do_sample": False, "pad_token_id": pad, "use_cache": True, **generate_kwargs}
+    options = _generate_options(tokenizer, generate_kwargs)
     if response is not None or contrast is not None or target != "logit":
         explained = _Explained(one, chat, mode, max_new_tokens, response, contrast, target)
-        return _attribute_sequence(model, tokenizer, ids.to(device), options, explained)
+        return _attribute_sequence(model, tokenizer, ids.to(families.input_device(model)), options, explained)
     streamer = _Progress(max_new_tokens) if progress and "streamer" not in options else None
-    # attribute() explains the generated token itself, whatever chose it: no warning needed.
-    with torch.no_grad(), decompose(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore", GeneratedTokenWarning)
-        generate: Any = model.generate  # the wrapped one: look it up inside the block
-        out = generate(
-            ids.to(device),
-            attention_mask=torch.ones_like(ids).to(device),
-            decompose=mode,
-            return_dict_in_generate=True,
-            output_attentions=True,
-            max_new_tokens=max_new_tokens,
-            **({"streamer": streamer} if streamer else {}),
-            **options,
-        )
+    extra = {"streamer": streamer} if streamer else {}
+    out = _generate(model, ids, torch.ones_like(ids), mode, max_new_tokens, {**options, **extra})
     result = _result(out, ids.shape[1], tokenizer, model, one, chat, mode, max_new_tokens, options)
     result._model = model  # type: ignore[attr-defined]  # for result.flow(step); not saved or compared
     return result
@@ -181,14 +164,10 @@ def _attribute_several(
     single = how["response"] is not None or how["contrast"] is not None or how["target"] != "logit"
     if single or batch_size == 1:
         return [attribute(model, tokenizer, p, max_new_tokens, **how, **generate_kwargs) for p in prompts]
-    reserved = sorted(k for k in (*_RESERVED, "streamer") if k in generate_kwargs)
-    if reserved:
-        raise UnsupportedOptionError(f"attribute() sets {', '.join(reserved)} itself")
     from tqdm.auto import tqdm
 
-    device = families.input_device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    options: dict[str, Any] = {"do_sample": False, "pad_token_id": pad, "use_cache": True, **generate_kwargs}
+    options = _generate_options(tokenizer, generate_kwargs, also=("streamer",))  # one row at a time
+    pad = options["pad_token_id"]
     stops = _eos_ids(model, options)
     results: list[Attribution] = []
     bar = tqdm(
@@ -202,18 +181,7 @@ def _attribute_several(
         mask = torch.zeros_like(ids)
         for r, e in enumerate(encoded):  # left padding, as generation needs
             ids[r, width - len(e) :], mask[r, width - len(e) :] = e, 1
-        with torch.no_grad(), decompose(model), warnings.catch_warnings():
-            warnings.simplefilter("ignore", GeneratedTokenWarning)
-            generate: Any = model.generate
-            out = generate(
-                ids.to(device),
-                attention_mask=mask.to(device),
-                decompose=how["mode"],
-                return_dict_in_generate=True,
-                output_attentions=True,
-                max_new_tokens=max_new_tokens,
-                **options,
-            )
+        out = _generate(model, ids, mask, how["mode"], max_new_tokens, options)
         steps = out["attentions"]
         for r, (prompt, e) in enumerate(zip(chunk, encoded, strict=True)):
             generated = [int(t) for t in out.sequences[r, width : width + len(steps)]]
@@ -224,9 +192,7 @@ def _attribute_several(
                 parts = c[token] if len(chunk) == 1 else c[r, token]
                 logit = c.logits[token] if len(chunk) == 1 else c.logits[r, token]
                 kept = parts.components[width - len(e) :]  # the pad positions' are exactly zero
-                shares = getattr(parts, "shares", {"bias": parts.residual})
-                stacked = torch.stack([shares.get(name, parts.residual * 0) for name in SHARES], -1)
-                rows.append((Contributions.of(kept, shares=stacked), float(logit)))
+                rows.append((Contributions.of(kept, shares=Contributions.shares_of(parts)), float(logit)))
             explained = _Explained(prompt, how["chat"], how["mode"], max_new_tokens, None, None, "logit")
             sequence = [int(t) for t in e] + generated[:n]
             result = _assemble(sequence, len(e), rows, tokenizer, model, explained, options, {})
@@ -235,6 +201,43 @@ def _attribute_several(
             bar.update(1)
     bar.close()
     return results
+
+
+def _generate_options(
+    tokenizer: Any, generate_kwargs: dict[str, Any], also: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``generate``'s options: greedy, with the cache and a pad token, then the caller's (none of
+    those :func:`attribute` sets itself, nor ``also``)."""
+    reserved = sorted(k for k in (*_RESERVED, *also) if k in generate_kwargs)
+    if reserved:
+        raise UnsupportedOptionError(f"attribute() sets {', '.join(reserved)} itself")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"do_sample": False, "pad_token_id": pad, "use_cache": True, **generate_kwargs}
+
+
+def _generate(
+    model: nn.Module,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    mode: bool | str,
+    max_new_tokens: int,
+    options: Any,
+) -> Any:
+    """A decomposing generate of ``ids`` on the model's device (wrapped for the call)."""
+    device = families.input_device(model)
+    # attribute() explains the generated token itself, whatever chose it: no warning needed.
+    with torch.no_grad(), decompose(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore", GeneratedTokenWarning)
+        generate: Any = model.generate  # the wrapped one: look it up inside the block
+        return generate(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            decompose=mode,
+            return_dict_in_generate=True,
+            output_attentions=True,
+            max_new_tokens=max_new_tokens,
+            **options,
+        )
 
 
 def _eos_ids(model: nn.Module, options: dict[str, Any]) -> set[int]:
@@ -326,10 +329,8 @@ def _difference(c: Any, a: int, b: int) -> Any:
     if hasattr(c, "contrast"):
         return c.contrast(a, b)
     first, second = c[a], c[b]
-    shares = [first.shares[n] - second.shares[n] for n in SHARES] if hasattr(first, "shares") else None
-    if shares is None:
-        return Contributions.of(first.components - second.components, first.residual - second.residual)
-    return Contributions.of(first.components - second.components, shares=torch.stack(shares, -1))
+    shares = Contributions.shares_of(first) - Contributions.shares_of(second)
+    return Contributions.of(first.components - second.components, shares=shares)
 
 
 def _result(

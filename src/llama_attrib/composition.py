@@ -50,6 +50,15 @@ class Contributions(pydec.Composition):  # type: ignore[misc]
             out.shares = {name: shares[..., i].reshape(zero.shape) for i, name in enumerate(SHARES)}
         return out
 
+    @staticmethod
+    def shares_of(c: pydec.Composition) -> Tensor:
+        """``[..., len(SHARES)]``: a Composition's shares of no token; a plain pydec
+        Composition's residual is its bias share."""
+        found = getattr(c, "shares", None)
+        if found is None:
+            found = {name: c.residual if name == "bias" else torch.zeros_like(c.residual) for name in SHARES}
+        return torch.stack([found[name] for name in SHARES], -1)
+
     def __repr__(self) -> str:  # type: ignore[override]
         comps = self._component_tensor
         return f"Contributions(components={comps.tolist() if comps.numel() <= 16 else tuple(comps.shape)})"
