@@ -327,13 +327,13 @@ def _module_problems(model: nn.Module, family: Family) -> list[str]:
     return problems
 
 
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype the model computes its hidden states in: its first floating-point parameter's
-    (a quantized layer's storage is not)."""
+def model_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype a model (or one of its modules) computes in: its first floating-point
+    parameter's (a quantized layer's storage is not one), else ``default``."""
     for param in model.parameters():
         if param.dtype.is_floating_point:
             return param.dtype
-    return torch.float32
+    return default
 
 
 def component_dtype(model: nn.Module) -> torch.dtype:

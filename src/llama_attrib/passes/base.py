@@ -71,15 +71,6 @@ def replace_hidden(args: Args, kwargs: Kwargs, value: Tensor) -> tuple[Args, Kwa
     return (value, *args[1:]), kwargs
 
 
-def dtype_of(module: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
-    """The dtype ``module`` computes in: its first floating-point parameter's (a quantized
-    layer's storage is not one), else ``default``."""
-    for p in module.parameters():
-        if p.dtype.is_floating_point:
-            return p.dtype
-    return default
-
-
 def stock_attention(module: nn.Module, original: Any, args: Args, kwargs: Kwargs, skip: bool) -> Any:
     """The stock attention forward through llama_attrib's attention function, which records
     what the frozen probabilities are computed from (the queries and keys the family's own

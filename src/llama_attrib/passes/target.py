@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _compat, rules
-from .base import Args, Kwargs, Pass, argument, dtype_of, replace_hidden, stock_attention
+from ..families import model_dtype
+from .base import Args, Kwargs, Pass, argument, replace_hidden, stock_attention
 
 
 class TargetPass(Pass):
@@ -59,7 +60,7 @@ class TargetPass(Pass):
     def attention(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         family = self.session.family
         x = argument(args, kwargs, "hidden_states", 0)
-        real = dtype_of(module, self.session.model_dtype)
+        real = model_dtype(module, self.session.model_dtype)
         args, kwargs = replace_hidden(args, kwargs, x.detach().to(real))
         with torch.no_grad():
             # the real mix of the values is the forward's value of the frozen one (no
@@ -78,7 +79,7 @@ class TargetPass(Pass):
     def mlp(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         rule: Any = self.session.family.mlp_rule(module)
         x = args[0]
-        real = dtype_of(module, self.session.model_dtype)
+        real = model_dtype(module, self.session.model_dtype)
         gate = rule.factors(module, x.detach().to(real), x.dtype)
         out = split_at(self._keep(module), x, lambda part, t0: rule.apply(module, gate, part, t0))
         bias = rule.bias(module, gate)
