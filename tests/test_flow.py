@@ -25,7 +25,9 @@ LAYOUTS = {
 LLAMA_LAYOUT = ("model", "layers", "self_attn", "o_proj")
 
 
-def direct_logit_attribution(model: nn.Module, name: str, ids: torch.Tensor, token: int) -> dict[str, Any]:
+def direct_logit_attribution(
+    model: nn.Module, name: str, ids: torch.Tensor, token: int, mask: torch.Tensor | None = None
+) -> dict[str, Any]:
     """Each head's and MLP's direct contribution to ``token``'s logit at the last position,
     from the stock model: the output projection's input split by head (its bias shared
     evenly over the heads), the MLP output, the post-norm ratios out/in at that position, and
@@ -64,7 +66,7 @@ def direct_logit_attribution(model: nn.Module, name: str, ids: torch.Tensor, tok
     hooks.append(final_norm.register_forward_pre_hook(final_leaf))
     try:
         with frozen_factors(model) as head_out:
-            logits = model(ids, use_cache=False).logits
+            logits = model(ids, attention_mask=mask, use_cache=False).logits
             # the logit before a final soft-cap (Gemma 2), as flow explains it
             logit = (head_out[-1] if getattr(model.config, "final_logit_softcapping", None) else logits)[
                 0, -1, token
@@ -100,7 +102,12 @@ def direct_logit_attribution(model: nn.Module, name: str, ids: torch.Tensor, tok
             for h in range(heads)
         ]
         parts.append([*per_head, float(seen[f"mlp{i}"] @ v_mlp)])
-    return {"parts": torch.tensor(parts), "logit": float(logit.detach()), "final_bias": final_bias}
+    return {
+        "parts": torch.tensor(parts),
+        "logit": float(logit.detach()),
+        "final_bias": final_bias,
+        "read": read,
+    }
 
 
 @pytest.mark.parametrize("name", ["llama", *FAMILIES])
@@ -155,9 +162,9 @@ def per_source_and_head(
 ) -> torch.Tensor:
     """``[sources, layers, heads + 1]`` from the stock Llama, one block at a time: gradient x
     input over the embeddings of what one head (or the MLP) of one layer writes at the last
-    position, read by the logit (the final norm's factor frozen, from the real final hidden
-    state), with conftest's frozen factors. Independent of flow's forward pass: every
-    (layer, head) is its own backward."""
+    position, read by the logit (the final norm's factor frozen: the read vector of
+    :func:`direct_logit_attribution`), with conftest's frozen factors. Independent of flow's
+    forward pass: every (layer, head) is its own backward."""
     layers = list(model.model.layers)
     heads = model.config.num_attention_heads
     hd = model.config.hidden_size // heads
@@ -169,14 +176,11 @@ def per_source_and_head(
 
         return hook
 
+    read = direct_logit_attribution(model, "llama", ids, token, mask)["read"]  # the final norm frozen
     hooks = []
     for i, layer in enumerate(layers):
         hooks.append(layer.self_attn.o_proj.register_forward_hook(keep(f"z{i}", 0)))
         hooks.append(layer.mlp.register_forward_hook(keep(f"m{i}", 1)))
-    real = final_hidden(model, ids, mask).float()
-    norm = model.model.norm
-    factor = torch.rsqrt(real.pow(2).mean() + norm.variance_epsilon) * norm.weight.detach().float()
-    read = factor * model.lm_head.weight[token].detach().float()
     scores = torch.zeros(ids.shape[1], len(layers), heads + 1)
     try:
         with frozen_factors(model):
@@ -193,18 +197,6 @@ def per_source_and_head(
         for handle in hooks:
             handle.remove()
     return scores
-
-
-def final_hidden(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The real hidden state entering the final norm at the last position."""
-    seen: list[torch.Tensor] = []
-    handle = model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0][0, -1].detach()))
-    try:
-        with torch.no_grad():
-            model(ids, attention_mask=mask, use_cache=False)
-    finally:
-        handle.remove()
-    return seen[-1]
 
 
 @pytest.mark.parametrize("masked", [False, True])
