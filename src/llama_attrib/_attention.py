@@ -33,6 +33,10 @@ class Probe:
         self.skip = False  # target mode: only the probabilities' inputs are needed
         self.scores: rules.FrozenProbabilities | None = None
         self.output: Tensor | None = None  # the implementation's output [B, q, heads, hd]
+        # target mode under a rule set that credits queries and keys: (rules, the unassigned
+        # leaf, bytes of probabilities at a time); the function then differentiates by the rules
+        self.credit: tuple[Any, Tensor, int | None] | None = None
+        self.called = False
 
 
 class ConfigView:
@@ -74,6 +78,11 @@ def attention_function(
 ) -> tuple[Tensor, Tensor | None]:
     probe: Probe = module.__dict__[PROBE]
     scaling, softcap = kwargs.get("scaling"), kwargs.get("softcap")
+    probe.called = True
+    if probe.credit is not None:
+        ruleset, unassigned, block = probe.credit
+        spec = rules.lrp.Spec(attention_mask, scaling, softcap, ruleset, block)
+        return rules.lrp.attend(query, key, value, unassigned, spec), None
     probe.scores = rules.FrozenProbabilities.of(module, query, key, attention_mask, scaling, softcap)
     if probe.skip:
         batch, heads, q, _ = query.shape

@@ -57,6 +57,7 @@ def to_dict(self: Attribution) -> dict[str, Any]:
         "logits": [float(x) for x in self.logits],
         "bias": [float(x) for x in (self.bias if self.bias is not None else [])],
         "rounding": [float(x) for x in (self.rounding if self.rounding is not None else [])],
+        "unassigned": [float(x) for x in (self.unassigned if self.unassigned is not None else [])],
         "options": self.options,
         "versions": self.versions,
         "groups": self.groups,

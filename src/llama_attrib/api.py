@@ -32,6 +32,7 @@ from .engines import (
 from .engines.inputs import last_real, positions_from_mask
 from .errors import UnsupportedOptionError
 from .patching import replace_method
+from .rules.sets import RuleSet, rule_set
 from .session import Session
 
 _SENTINEL = "_llama_attrib_session"
@@ -42,17 +43,26 @@ def is_wrapped(model: nn.Module) -> bool:
     return _SENTINEL in model.__dict__
 
 
-def wrap(model: nn.Module) -> nn.Module:
+def wrap(model: nn.Module, rules: str | RuleSet | None = None) -> nn.Module:
     """Make ``model`` decomposable, in place, and return it.
+
+    ``rules``: the rule set of every decomposition that names none (``"exact"``, the default,
+    or ``"attnlrp"``: :mod:`llama_attrib.rules.sets`); on a wrapped model it replaces the one
+    it had.
 
     Checks everything first (architecture, stock module classes, biases, attention
     implementation, training mode) and raises ``UnsupportedModelError`` listing every
     problem before anything is touched. Wrapping a model that is already wrapped returns it
     unchanged: patches never stack, and one ``unwrap`` undoes it.
     """
+    chosen = None if rules is None else rule_set(rules)
     if is_wrapped(model):
+        if chosen is not None:
+            model.__dict__[_SENTINEL].rules = chosen
         return model
     session = Session(model, families.check(model))
+    if chosen is not None:
+        session.rules = chosen
     session.install(model)
     try:
         scope = _scope_of(model)
@@ -79,19 +89,25 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def decompose(model: nn.Module) -> Iterator[nn.Module]:
+def decompose(model: nn.Module, rules: str | RuleSet | None = None) -> Iterator[nn.Module]:
     """Decompose every forward and generate inside the block, without extra arguments.
 
     Wraps the model on entry if needed and unwraps it on exit (also on an exception); a
-    model that was already wrapped stays wrapped. Blocks nest.
+    model that was already wrapped stays wrapped. Blocks nest. ``rules``: the rule set inside
+    the block (default: the model's, ``"exact"`` unless :func:`wrap` chose another).
     """
+    chosen = None if rules is None else rule_set(rules)
     wrapped_here = not is_wrapped(model)
     wrap(model)
     session: Session = model.__dict__[_SENTINEL]
     session.forced += 1
+    before = session.rules
+    if chosen is not None:
+        session.rules = chosen
     try:
         yield model
     finally:
+        session.rules = before
         session.forced -= 1
         if wrapped_here and model.__dict__.get(_SENTINEL) is session:
             unwrap(model)
@@ -125,6 +141,7 @@ def decompose_sequence(
     max_memory: int | str | None = None,
     progress: bool | None = None,
     precision: str | None = None,
+    rules: str | RuleSet | None = None,
 ) -> tuple[pydec.Composition, ...]:
     """Decompose every token after the prompt of a finished sequence, in one pass.
 
@@ -148,7 +165,9 @@ def decompose_sequence(
     default 80% of the free memory; work is split into chunks to fit, and a run that cannot
     fit at all raises :class:`~llama_attrib.memory.MemoryBudgetError` before it starts.
     ``precision``: of target mode's backward products, ``"auto"`` (default), ``"float32"`` or
-    ``"tf32"`` (:mod:`llama_attrib.precision`).
+    ``"tf32"`` (:mod:`llama_attrib.precision`). ``rules``: the rule set, ``"exact"`` (default,
+    or the wrapped model's) or ``"attnlrp"`` (target mode only; :mod:`llama_attrib.rules.sets`);
+    what its softmax passes to no token is the ``unassigned`` share.
     """
     if mode not in MODES:
         raise UnsupportedOptionError(f"mode must be one of {MODES}, not {mode!r}")
@@ -167,6 +186,7 @@ def decompose_sequence(
         max_memory=max_memory,
         progress=progress,
         precision=precision,
+        rules=rules_of(model, rules),
     )
 
 
@@ -183,6 +203,7 @@ def decompose_answer(
     max_memory: int | str | None = None,
     progress: bool | None = None,
     precision: str | None = None,
+    rules: str | RuleSet | None = None,
 ) -> pydec.Composition:
     """The answer as a whole: the sum of the logits of every token after the prompt,
     decomposed over the sources in one backward pass, whatever the answer's length.
@@ -205,12 +226,31 @@ def decompose_answer(
         model, input_ids, prompt_length, attention_mask, position_ids, targets, groups
     )
     scope = _scope_of(model)
-    run = TargetRun.of(model, scope, inputs, members, names, component_dtype, max_memory, progress, precision)
+    run = TargetRun.of(
+        model,
+        scope,
+        inputs,
+        members,
+        names,
+        component_dtype,
+        max_memory,
+        progress,
+        precision,
+        rules_of(model, rules),
+    )
     out = run.answer(resolved)  # [B, C + len(SHARES)]
     components, shares = out[:, : -len(SHARES)].T, out[:, -len(SHARES) :]
     if out.shape[0] == 1:
         components, shares = components[:, 0], shares[0]
     return Contributions.of(components, shares=shares)
+
+
+def rules_of(model: nn.Module, rules: str | RuleSet | None) -> RuleSet:
+    """``rules`` if given, else the wrapped model's rule set, else the exact rules."""
+    if rules is not None:
+        return rule_set(rules)
+    session = model.__dict__.get(_SENTINEL)
+    return session.rules if session is not None else rule_set(None)
 
 
 def _prepare(

@@ -368,11 +368,13 @@ def _assemble(
     logits = np.zeros(len(rows), dtype=np.float32)
     bias = np.zeros(len(rows), dtype=np.float32)
     rounding = np.zeros(len(rows), dtype=np.float32)
+    unassigned = np.zeros(len(rows), dtype=np.float32)
     for k, (contributions, value) in enumerate(rows):
         components = contributions.components.detach().float().cpu().numpy()
         bias[k] = float(contributions.residual)
         shares = getattr(contributions, "shares", None)
         rounding[k] = 0.0 if shares is None else float(shares["rounding"])
+        unassigned[k] = 0.0 if shares is None else float(shares["unassigned"])
         if components.shape != (p + k,):
             raise DecompositionError(f"step {k}: {components.shape} components, expected ({p + k},)")
         scores[k, : p + k] = components
@@ -395,6 +397,7 @@ def _assemble(
         logits=logits,
         bias=bias,
         rounding=rounding,
+        unassigned=unassigned,
         pieces=pieces,
         special=special,
         options=options_recorded,

@@ -18,16 +18,18 @@ from torch import Tensor
 from .errors import UnsupportedOptionError
 
 # What belongs to no token, by name, in the order target mode's contributions end with them:
-# the biases (of linear maps and LayerNorms), and what quantized kernels round beyond their
-# dequantized linear maps (LLM.int8's activations; zero for an unquantized model).
-SHARES = ("bias", "rounding")
+# the biases (of linear maps and LayerNorms), what quantized kernels round beyond their
+# dequantized linear maps (LLM.int8's activations; zero for an unquantized model), and what a
+# rule set that credits queries and keys passes to no input (its softmax's linearisation
+# loses it; zero under the exact rules).
+SHARES = ("bias", "rounding", "unassigned")
 
 
 class Contributions(pydec.Composition):  # type: ignore[misc]
     """One logit's (or a batch row's) components, as ``c[token]`` returns them.
 
     A ``pydec.Composition`` whose ``residual`` (what belongs to no token) is split by name in
-    ``shares`` (:data:`SHARES`: ``"bias"``, ``"rounding"``), with a working ``repr`` (pydec
+    ``shares`` (:data:`SHARES`: ``"bias"``, ``"rounding"``, ``"unassigned"``), with a working ``repr`` (pydec
     0.3.0's own repr calls ``Tensor.has_names``, which torch 2.13 no longer has).
     """
 

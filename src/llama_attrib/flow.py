@@ -30,6 +30,7 @@ from .api import _scope_of
 from .checks import tolerance
 from .errors import DecompositionError, UnsupportedOptionError, require
 from .passes import FlowRecord, ForwardPass
+from .rules.sets import refuse_forward_rules
 from .session import Session
 
 
@@ -192,13 +193,17 @@ def flow(
     attention_mask: Tensor | None = None,
     labels: Sequence[str] | None = None,
     max_memory: int | str | None = None,
+    rules: str | None = None,
 ) -> Flow:
     """Split the logit of ``target`` at ``position`` over source x layer x head/MLP.
 
     ``input_ids``: ``[T]`` or ``[1, T]``; ``target``: a token id, a pair ``(a, b)`` for
     ``logit_a - logit_b``, or None (the argmax at that position). ``labels``: a name per
     source token (e.g. its text). The model may be wrapped or not; it is left as it was.
+    ``rules``: only the exact rules split a logit over heads and layers (their paths are
+    linear once the probabilities are frozen); any other rule set is refused.
     """
+    refuse_forward_rules(rules)
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     if ids.shape[0] != 1:
         raise UnsupportedOptionError(f"flow explains one sequence: input_ids has {ids.shape[0]} rows")

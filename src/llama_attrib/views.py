@@ -39,7 +39,11 @@ def table(result: Attribution, top: int = 0) -> str:
         raw = result.token_scores[k, : result.prompt_length + k]
         assert result.bias is not None
         bias = float(result.bias[k])
+        assert result.unassigned is not None
+        unassigned = float(result.unassigned[k])
         extra = f" + bias {bias:.4f} (no token)" if bias else ""
+        if unassigned:
+            extra += f", of which {unassigned:.4f} unassigned by the rules"
         lines.append(
             f"step {k}: {result.generated_tokens[k]!r}  logit {float(result.logits[k]):.4f} "
             f"= sum of {len(raw)} contributions {float(raw.sum(dtype=np.float64)):.4f}{extra}"

@@ -19,6 +19,7 @@ from ..engines import Inputs, Scope, explain
 from ..engines.inputs import last_real
 from ..errors import DecompositionError, UnsupportedOptionError
 from ..passes import ForwardPass
+from ..rules.sets import RuleSet, refuse_forward_rules
 from ..session import Collecting, Forward, Recording, Session
 from ..stream import strip
 from .options import _check_fits, _mode, _on_input_device, _options, _set_option
@@ -43,7 +44,8 @@ def forward_adapter(session: Session, model: nn.Module, original: Forward, scope
         options = _options(bound, signature)
         _check_forward_options(options)
         if mode == "target":
-            return _target_forward(model, original, bound, options, scope)
+            return _target_forward(model, original, bound, options, scope, session.rules)
+        refuse_forward_rules(session.rules)
         _set_option(bound, signature, "output_attentions", False)
         cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
         expected = generation.expected_length if isinstance(generation, Collecting) else 0
@@ -66,7 +68,12 @@ def _record(generation: Recording, signature: inspect.Signature, args: Any, kwar
 
 
 def _target_forward(
-    model: nn.Module, original: Forward, bound: inspect.BoundArguments, options: dict[str, Any], scope: Scope
+    model: nn.Module,
+    original: Forward,
+    bound: inspect.BoundArguments,
+    options: dict[str, Any],
+    scope: Scope,
+    ruleset: RuleSet,
 ) -> Any:
     """A forward with ``decompose="target"``: the real output, then the last position's target."""
     cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
@@ -80,7 +87,7 @@ def _target_forward(
     mask = options.get("attention_mask")
     last = last_real(mask, int(ids.shape[-1]))
     inputs = Inputs(ids, mask, options.get("position_ids"), [int(ids.shape[-1]) - 1], last)
-    (composition,) = explain(model, scope, inputs, mode="target")
+    (composition,) = explain(model, scope, inputs, mode="target", rules=ruleset)
     out["attentions"] = composition
     return out
 

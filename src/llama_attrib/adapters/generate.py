@@ -16,12 +16,13 @@ from .. import _compat, families, sweep
 from ..engines import Inputs, Scope, explain
 from ..engines.inputs import positions_from_mask
 from ..errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
+from ..rules.sets import refuse_forward_rules, rule_set
 from ..session import Collecting, Forward, Recording, Session
 from .options import _check_fits, _mode, _on_input_device, _prompt_ids
 
 # Options of a target-mode generate that are llama_attrib's, not generate's.
 # the decomposition's options, taken out of generate's (the rest goes to generate)
-SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress", "precision")
+SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress", "precision", "rules")
 
 _REFUSED_GENERATION = {
     "num_beams": (lambda v: v is not None and v > 1, "beam search (num_beams > 1)"),
@@ -72,6 +73,7 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
         if session.generation is not None:
             raise DecompositionError("a decomposed generate was called from inside another one")
         options = {k: kwargs.pop(k) for k in SEQUENCE_OPTIONS if k in kwargs}
+        options["rules"] = rule_set(options.get("rules") or session.rules)
         families.check_length(model, _expected_length(generation_config, args, kwargs))
         if mode == "target":
             # one row of generate's logits per returned sequence and step: no beams, no drafts
@@ -92,6 +94,7 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
                 "decompose=True (target mode decomposes the finished sequences of any decoding "
                 "strategy)"
             )
+        refuse_forward_rules(options.pop("rules"))
         if set(options) - {"max_memory"}:
             raise UnsupportedOptionError(
                 f"{sorted(set(options) - {'max_memory'})} apply to target mode: use decompose=True, or "

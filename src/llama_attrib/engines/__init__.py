@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .. import families, memory
 from ..errors import UnsupportedOptionError
+from ..rules.sets import RuleSet, refuse_forward_rules
 from .forward import forward_mode
 from .inputs import MODES, Groups, Inputs, Scope, _as_batch, _resolve_targets, group_members
 from .lazy import TargetComposition
@@ -52,21 +53,26 @@ def explain(
     extra: Sequence[tuple[int, Any]] = (),
     replay: list[Tensor] | None = None,
     precision: str | None = None,
+    rules: str | RuleSet | None = None,
 ) -> tuple[pydec.Composition, ...]:
     """The per-step Compositions of one teacher-forced pass (see
     :func:`llama_attrib.decompose_sequence`). ``scope()``: a block in which the model is wrapped,
     giving its session (target mode's lazy Compositions enter it again later). ``extra``: more
     target-mode requests solved with the targets (:meth:`TargetRun.compositions`). ``replay``:
     the layers' outputs generate computed (:class:`sweep.Capture`), for target mode's first pass.
-    ``precision``: of target mode's backward products (:mod:`llama_attrib.precision`)."""
+    ``precision``: of target mode's backward products (:mod:`llama_attrib.precision`);
+    ``rules``: the rule set (:mod:`llama_attrib.rules.sets`; forward mode has the exact one only)."""
     if mode == "forward":
+        refuse_forward_rules(rules)
         if precision not in (None, "auto", "float32"):
             raise UnsupportedOptionError(f"precision={precision!r} applies to target mode: use mode='target'")
         dtype = component_dtype or families.component_dtype(model)
         limit = memory.budget(max_memory, next(model.parameters()).device)
         with scope() as session:
             return forward_mode(model, session, inputs, members, names, dtype, limit, progress)
-    run = TargetRun.of(model, scope, inputs, members, names, component_dtype, max_memory, progress, precision)
+    run = TargetRun.of(
+        model, scope, inputs, members, names, component_dtype, max_memory, progress, precision, rules
+    )
     if reference is not None:
         # generate's own logits: what it chose each token from (a full forward can break a
         # near tie the other way), and what the components are checked against

@@ -19,6 +19,7 @@ from ..composition import LOGPROB, logprob_readout, target_value
 from ..errors import DecompositionError, UnsupportedOptionError
 from ..passes import CapturePass, TargetPass
 from ..precision import products, resolve
+from ..rules.sets import EXACT, RuleSet, rule_set
 from .inputs import Inputs, Scope, _progress
 from .lazy import TargetComposition, _what
 
@@ -38,6 +39,7 @@ class TargetRun:
         progress: bool | None,
         unbudgeted: bool = False,
         precision: str = "float32",
+        rules: RuleSet = EXACT,
     ) -> None:
         self.model = model
         self.scope = scope
@@ -49,6 +51,7 @@ class TargetRun:
         self.unbudgeted = unbudgeted
         self.progress = progress
         self.precision = precision  # of the backward's products: "float32" or "tf32"
+        self.rules = rules
         self.model_dtype = families.model_dtype(model)
         batch, length = inputs.ids.shape
         layouts = memory.target_layouts(
@@ -82,9 +85,11 @@ class TargetRun:
         max_memory: int | str | None,
         progress: bool | None,
         precision: str | None = None,
+        rules: str | RuleSet | None = None,
     ) -> TargetRun:
-        """A run with the default component dtype, the budget of ``max_memory`` and the
-        products' ``precision`` (:mod:`llama_attrib.precision`)."""
+        """A run with the default component dtype, the budget of ``max_memory``, the
+        products' ``precision`` (:mod:`llama_attrib.precision`) and the rule set ``rules``
+        (:mod:`llama_attrib.rules.sets`, default ``"exact"``)."""
         dtype = component_dtype or families.component_dtype(model)
         device = families.input_device(model)
         limit = memory.budget(max_memory, device)
@@ -101,6 +106,7 @@ class TargetRun:
             progress,
             unbudgeted=unbudgeted,
             precision=chosen,
+            rules=rule_set(rules),
         )
 
     @property
@@ -121,7 +127,9 @@ class TargetRun:
         return self.weight[token].detach().to(self.dtype)
 
     def _pass(self, probabilities: tuple[int, int] | None) -> TargetPass:
-        return TargetPass(self.dtype, keep_from=self.inputs.first, probabilities=probabilities)
+        return TargetPass(
+            self.dtype, keep_from=self.inputs.first, probabilities=probabilities, rules=self.rules
+        )
 
     def stock_logits(self) -> Tensor:
         """The stock model's own logits at the explained positions (before a final soft-cap),
@@ -146,7 +154,7 @@ class TargetRun:
 
     def solve(self, requests: Sequence[tuple[int, Any] | list[tuple[int, Any]]]) -> Tensor:
         """Contributions ``[N, B, C + len(SHARES)]`` for each ``(step, target key)`` request: one
-        per component, then the shares of no token (:data:`SHARES`: bias, rounding; their sum is
+        per component, then the shares of no token (:data:`SHARES`: bias, rounding, unassigned; their sum is
         pydec's residual). A request
         that is a list of such pairs is their sum, pulled back as one target.
 

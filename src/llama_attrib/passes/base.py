@@ -92,3 +92,23 @@ def stock_attention(module: nn.Module, original: Any, args: Args, kwargs: Kwargs
     if output is not None:
         scores = replace(scores, mixed=output.flatten(2))
     return out, scores
+
+
+def credited_attention(
+    module: nn.Module, original: Any, args: Args, kwargs: Kwargs, credit: tuple[Any, Tensor, int | None]
+) -> Any:
+    """The stock attention forward, with a graph, whose attention function is differentiated
+    by a rule set that credits queries and keys (``credit``: the probe's, see
+    :class:`~llama_attrib._attention.Probe`): what the module returns."""
+    probe: Probe = module.__dict__[PROBE]
+    probe.credit, probe.called = credit, False
+    config: Any = module.config
+    probe.original = config._attn_implementation
+    probe.running = True
+    try:
+        out = original(*args, **kwargs)
+    finally:
+        probe.running, probe.credit = False, None
+    if not probe.called:
+        raise DecompositionError(f"{type(module).__name__} did not call its attention function")
+    return out

@@ -5,16 +5,19 @@ kernel rounds (:mod:`llama_attrib.quantized`), in its own share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import _compat, rules
+from .. import _compat, quantized, rules
+from ..errors import UnsupportedOptionError
 from ..families import model_dtype
-from .base import Args, Kwargs, Pass, argument, replace_hidden, stock_attention
+from ..patching import Patch, replace_method, restore_all
+from .base import Args, Kwargs, Pass, argument, credited_attention, replace_hidden, stock_attention
 
 
 class TargetPass(Pass):
@@ -23,17 +26,24 @@ class TargetPass(Pass):
     ``keep_from``: the first explained position (the last layer's outputs before it reach no
     explained logit, so they get no graph); ``probabilities``: ``(bytes computed at a time,
     bytes kept for the backward)`` of attention probabilities, where a memory budget needs
-    them smaller than the defaults. Collects every bias as a leaf (``bias_leaves``), and what
-    quantized kernels round (``rounding_leaves``)."""
+    them smaller than the defaults; ``rules``: the rule set (:mod:`llama_attrib.rules.sets`).
+    Collects every bias as a leaf (``bias_leaves``), what quantized kernels round
+    (``rounding_leaves``) and what a rule set's softmax passes to no input (``unassigned_leaves``)."""
 
     def __init__(
-        self, dtype: torch.dtype, keep_from: int = 0, probabilities: tuple[int, int] | None = None
+        self,
+        dtype: torch.dtype,
+        keep_from: int = 0,
+        probabilities: tuple[int, int] | None = None,
+        rules: rules.RuleSet = rules.EXACT,
     ) -> None:
         super().__init__(dtype)
         self.keep_from = keep_from
         self.probabilities = probabilities
+        self.rules = rules
         self.bias_leaves: list[Tensor] = []
         self.rounding_leaves: list[Tensor] = []
+        self.unassigned_leaves: list[Tensor] = []
 
     def bias_leaf(self, bias: Tensor) -> Tensor:
         """A bias as a leaf of the pass, so the backward gives its share."""
@@ -60,6 +70,13 @@ class TargetPass(Pass):
     def attention(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         family = self.session.family
         x = argument(args, kwargs, "hidden_states", 0)
+        if not self.rules.frozen_attention:
+            # the family's own code with a graph: its projections, rope and q/k norms are the
+            # queries' and keys' maps; the attention function is differentiated by the rules
+            unassigned = _leaf(x.new_ones((x.shape[0], 1)), self.unassigned_leaves)
+            block = None if self.probabilities is None else self.probabilities[0]
+            with self._inner_rules(module):
+                return credited_attention(module, original, args, kwargs, (self.rules, unassigned, block))
         real = model_dtype(module, self.session.model_dtype)
         args, kwargs = replace_hidden(args, kwargs, x.detach().to(real))
         with torch.no_grad():
@@ -76,10 +93,62 @@ class TargetPass(Pass):
         )
         return graph, None
 
+    @contextmanager
+    def _inner_rules(self, module: nn.Module) -> Iterator[None]:
+        """For the call: the attention's linear maps in the components' dtype with their
+        biases as leaves, its q/k norms with their scales frozen (per-instance patches)."""
+        patches: list[Patch] = []
+        try:
+            for name, child in module.named_children():
+                forward = self._inner_forward(module, name, child)
+                if forward is not None:
+                    patches.append(replace_method(child, "forward", _returning(forward)))
+            yield
+        finally:
+            restore_all(patches)
+
+    def _inner_forward(
+        self, owner: nn.Module, name: str, child: nn.Module
+    ) -> Callable[[Tensor], Tensor] | None:
+        """The forward of ``owner``'s child ``name`` in the pass (None: its own)."""
+        norm = self.session.family.norm
+        if isinstance(child, nn.Linear) or quantized.kind(child) is not None or _is_conv1d(child):
+            proj = rules.Proj(name, transposed=_is_conv1d(child) and quantized.kind(child) is None)
+
+            def linear(x: Tensor) -> Tensor:
+                y = proj.linear(owner, x)
+                b = proj.bias(owner)
+                return y if b is None else y + self.bias_leaf(b.to(y).expand_as(y))
+
+            return linear
+        if type(child).__name__.endswith("RMSNorm") and isinstance(norm, rules.RMSNorm):
+            rule = norm
+
+            def frozen(x: Tensor) -> Tensor:
+                return x * rule.factor(child, x.detach(), x.dtype)
+
+            return frozen
+        if any(True for _ in child.parameters()):
+            raise UnsupportedOptionError(
+                f"rules={self.rules.name!r}: {type(child).__name__} inside {type(owner).__name__} "
+                "has no rule that credits queries and keys; use rules='exact'"
+            )
+        return None
+
     def mlp(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         rule: Any = self.session.family.mlp_rule(module)
         x = args[0]
         real = model_dtype(module, self.session.model_dtype)
+        if self.rules.gate == "uniform" and isinstance(rule, rules.GatedMLP):
+            factors = rule.uniform_factors(module, x.detach().to(real), x.dtype)
+            out = split_at(self._keep(module), x, lambda part, t0: rule.uniform(module, factors, part, t0))
+            bias = rule.uniform_bias(module, factors)
+            return out if bias is None else out + self.bias_leaf(bias.to(out))
+        if self.rules.gate != "frozen" and isinstance(rule, rules.SparseMoE):
+            raise UnsupportedOptionError(
+                f"rules={self.rules.name!r}: the experts of {type(module).__name__} have no rule for "
+                "their gate yet; use rules='exact'"
+            )
         gate = rule.factors(module, x.detach().to(real), x.dtype)
         out = split_at(self._keep(module), x, lambda part, t0: rule.apply(module, gate, part, t0))
         bias = rule.bias(module, gate)
@@ -87,6 +156,14 @@ class TargetPass(Pass):
         if _compat.moe_returns_router_logits(module):
             return out, None
         return out
+
+
+def _returning(forward: Callable[[Tensor], Tensor]) -> Callable[[Any], Callable[[Tensor], Tensor]]:
+    return lambda original: forward
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # GPT-2's linear map, its weight stored [in, out]
 
 
 def _leaf(value: Tensor, leaves: list[Tensor]) -> Tensor:

@@ -7,17 +7,21 @@ See :mod:`.linear` for what the rules share. The sizes target mode works in (``s
 ``scores.KEEP_BYTES``, ``mlp.ROWS``, ``linear.CHUNK_ELEMENTS``) are read from their modules at run time.
 """
 
-from . import linear, mlp, scores
+from . import linear, lrp, mlp, scores, sets
 from .attention import Attention, ValueCache, attention, attention_graph
 from .kernels import frozen_mix
 from .linear import Layout, Proj, Rounding, _positionwise, embedding, rounding, scale
 from .mlp import MLP, SHARED, Expert, GatedMLP, SparseMoE
 from .norm import LayerNorm, Norm, RMSNorm
 from .scores import MIN_BLOCK_BYTES, FrozenProbabilities, block_bytes, mix
+from .sets import ATTNLRP, EXACT, RULE_SETS, RuleSet, rule_set
 
 __all__ = [
+    "ATTNLRP",
+    "EXACT",
     "MIN_BLOCK_BYTES",
     "MLP",
+    "RULE_SETS",
     "SHARED",
     "Attention",
     "Expert",
@@ -29,6 +33,7 @@ __all__ = [
     "Proj",
     "RMSNorm",
     "Rounding",
+    "RuleSet",
     "SparseMoE",
     "ValueCache",
     "_positionwise",
@@ -38,9 +43,12 @@ __all__ = [
     "embedding",
     "frozen_mix",
     "linear",
+    "lrp",
     "mix",
     "mlp",
     "rounding",
+    "rule_set",
     "scale",
     "scores",
+    "sets",
 ]

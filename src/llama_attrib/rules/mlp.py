@@ -40,9 +40,23 @@ class _ScaledMLP:
         return 2 * int(self.up.weight(module).shape[0])
 
 
+def identity_ratio(act: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
+    """``act(z) / z`` in float32 (the identity rule's factor), at ``z = 0`` its limit, the
+    activation's slope there (a centred difference)."""
+    z = z.to(torch.float32)
+    tiny = torch.full_like(z, 1e-4)
+    slope = (act(tiny) - act(-tiny)) / (2 * tiny)
+    return torch.where(z == 0, slope, act(z) / torch.where(z == 0, tiny, z))
+
+
+Uniform = tuple[Tensor, Tensor, Tensor]  # act(gate), act(gate) / gate, up: [B, q, intermediate]
+
+
 @dataclass(frozen=True)
 class GatedMLP(_ScaledMLP):
-    """``down(act(gate(x)) * up(x))`` with the gate ``act(gate(x))`` frozen."""
+    """``down(act(gate(x)) * up(x))``. Exact rules: the gate ``act(gate(x))`` frozen. The
+    uniform rule (:meth:`uniform`): half through ``up`` (the gate frozen), half through the
+    gate (``up`` frozen, the activation by the identity rule)."""
 
     gate: Proj
     up: Proj
@@ -53,6 +67,39 @@ class GatedMLP(_ScaledMLP):
     def factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> Tensor:
         act: Callable[[Tensor], Tensor] = getattr(module, self.act)
         return act(self.gate.affine(module, real)).to(dtype)
+
+    @torch.no_grad()
+    def uniform_factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> Uniform:
+        """The uniform rule's frozen factors: ``act(gate)``, ``act(gate) / gate`` and ``up``
+        (with their biases), from the real input."""
+        act: Callable[[Tensor], Tensor] = getattr(module, self.act)
+        z = self.gate.affine(module, real)
+        up = self.up.affine(module, real)
+        return act(z).to(dtype), identity_ratio(act, z).to(dtype), up.to(dtype)
+
+    def uniform(self, module: nn.Module, factors: Uniform, x: Tensor, t0: int = 0) -> Tensor:
+        """``down((ratio * up) * gate(x) / 2 + act(gate) * up(x) / 2)`` (bias-free maps)."""
+        gated, ratio, up = factors
+        through_gate = scale(self.gate.linear(module, x), ratio * up, t0)
+        through_up = scale(self.up.linear(module, x), gated, t0)
+        return self.down.linear(module, 0.5 * (through_gate + through_up))
+
+    def uniform_bias(self, module: nn.Module, factors: Uniform) -> Tensor | None:
+        """The uniform rule's bias share: the gate's and up's biases through their halves, and
+        down's."""
+        gated, ratio, up = factors
+        b_gate, b_up, b_down = self.gate.bias(module), self.up.bias(module), self.down.bias(module)
+        if b_gate is None and b_up is None and b_down is None:
+            return None
+        out = gated.new_zeros((*gated.shape[:-1], self.down.weight(module).shape[0]))
+        inner = gated.new_zeros(gated.shape)
+        if b_gate is not None:
+            inner = inner + 0.5 * ratio * up * b_gate.to(inner)
+        if b_up is not None:
+            inner = inner + 0.5 * gated * b_up.to(inner)
+        if b_gate is not None or b_up is not None:
+            out = out + self.down.linear(module, inner)
+        return out if b_down is None else out + b_down.to(out)
 
 
 @dataclass(frozen=True)
@@ -68,12 +115,7 @@ class MLP(_ScaledMLP):
     @torch.no_grad()
     def factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> Tensor:
         act: Callable[[Tensor], Tensor] = getattr(module, self.act)
-        z = self.up.affine(module, real).to(torch.float32)
-        # at z = 0 the ratio is its limit, the activation's slope there (a centred difference)
-        tiny = torch.full_like(z, 1e-4)
-        slope = (act(tiny) - act(-tiny)) / (2 * tiny)
-        ratio = torch.where(z == 0, slope, act(z) / torch.where(z == 0, tiny, z))
-        return ratio.to(dtype)
+        return identity_ratio(act, self.up.affine(module, real)).to(dtype)
 
 
 Expert = tuple[Tensor, Tensor, Tensor]  # one expert's gate, up and down weights

@@ -97,6 +97,16 @@ class FrozenProbabilities:
     def rows(self, t0: int = 0, t1: int | None = None, keys: int | None = None) -> Tensor:
         """``[B, kv, groups, t1 - t0, keys]`` float32 probabilities of queries ``t0:t1`` over
         the first ``keys`` keys (default all; see :meth:`extent`)."""
+        return self.scores(t0, t1, keys, keep=False)[2]
+
+    def scores(
+        self, t0: int = 0, t1: int | None = None, keys: int | None = None, keep: bool = True
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(scores, ratio, probabilities)`` of queries ``t0:t1`` over the first ``keys``
+        keys, each ``[B, kv, groups, t1 - t0, keys]`` float32: the scores after scaling and
+        soft-cap, before the mask; with a soft-cap, ``ratio`` = capped / uncapped scores (the
+        identity rule's factor; None without one); the probabilities (mask applied).
+        ``keep=False``: only the probabilities are wanted (the scores are masked in place)."""
         batch, kv, groups, q, s = self.shape
         t1 = q if t1 is None else t1
         k1 = s if keys is None else keys
@@ -108,19 +118,24 @@ class FrozenProbabilities:
         scores = (query @ self.key[:, :, :k1].to(torch.float32).transpose(-1, -2)).view(
             batch, kv, groups, rows, k1
         )
+        ratio = None
         if self.softcap is not None:
-            scores = torch.tanh(scores * (self.scaling / self.softcap)) * self.softcap
+            uncapped = scores * self.scaling
+            scores = torch.tanh(uncapped * (1.0 / self.softcap)) * self.softcap
+            ratio = torch.where(uncapped == 0, 1.0, scores / torch.where(uncapped == 0, 1.0, uncapped))
         neg = torch.finfo(torch.float32).min
         if self.mask is None:
             # causal: of these rows' keys, only the last ``rows`` can be masked
             first = s - q + t0
+            masked = scores
             if first < k1:
                 seen = torch.ones((rows, k1 - first), dtype=torch.bool, device=scores.device).tril()
-                scores[..., first:].masked_fill_(~seen, neg)
+                masked = scores.clone() if keep else scores
+                masked[..., first:].masked_fill_(~seen, neg)
         else:
             mask = _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)[..., :k1]
-            scores += mask[:, :, None]
-        return torch.softmax(scores, dim=-1)
+            masked = scores + mask[:, :, None] if keep else scores.add_(mask[:, :, None])
+        return scores, ratio, torch.softmax(masked, dim=-1)
 
     def extent(self, t0: int, t1: int) -> int:
         """How many keys queries ``t0:t1`` see: the keys after the last one any of them sees
