@@ -270,6 +270,86 @@ def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             h.remove()
 
 
+def _scaled_gradient(factor: float, rows: Any = None) -> Any:
+    """A forward hook: the output unchanged, its gradient times ``factor`` (on the output
+    rows ``rows(out)`` only, a boolean mask of the last dimension, if given)."""
+
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        scaled = out * factor + (out * (1 - factor)).detach()
+        if rows is None:
+            return scaled
+        return torch.where(rows(out).to(out.device), scaled, out)
+
+    return hook
+
+
+def _identity_half(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    # a gated MLP's activation: the identity rule (act(z) = z * (act(z) / z), the ratio frozen),
+    # then half the gradient (the uniform rule on gate x up)
+    live = _frozen_ratio(module, args, out)
+    return live * 0.5 + (live * 0.5).detach()
+
+
+def _fused_rows(config: Any, name: str) -> tuple[Any, Any]:
+    """Masks of a fused projection's query-or-key rows and value rows (GPT-2's c_attn, GPT-NeoX's
+    per-head interleaved query_key_value, Phi-3's qkv_proj)."""
+    heads = config.num_attention_heads
+    if name.endswith("qkv_proj"):
+        hd, kv = config.head_dim, config.num_key_value_heads
+        n = heads * hd + kv * hd
+        return (lambda o: torch.arange(o.shape[-1]) < n), (lambda o: torch.arange(o.shape[-1]) >= n)
+    per_head = config.hidden_size // heads
+    if name.endswith("key_value"):  # per head: its query, key and value
+        value = lambda o: (torch.arange(o.shape[-1]) % (3 * per_head)) >= 2 * per_head  # noqa: E731
+    else:
+        value = lambda o: torch.arange(o.shape[-1]) >= 2 * config.hidden_size  # noqa: E731
+    return (lambda o: ~value(o)), value
+
+
+@contextmanager
+def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The AttnLRP paper's rules as forward hooks on the stock model (eager attention), in the
+    gradient x input form, knowing no formula of the library: every norm's scale frozen (q/k
+    norms too); the q and k projections' gradients times 1/4 and v's times 1/2 (the maps
+    between them and the attention are linear, so this is the uniform rule on q k^T and on
+    probabilities x values, the softmax differentiated as it is); a gated MLP's activation by
+    the identity rule and the products' two sides at half their gradient; a gate-less
+    activation by the identity rule. Yields the list the LM head's outputs are appended to."""
+    handles = []
+    head_out: list[torch.Tensor] = []
+    config = model.config
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if kind.endswith("RMSNorm"):
+            handles.append(module.register_forward_hook(_frozen_norm))
+        elif kind == "LayerNorm":
+            handles.append(module.register_forward_hook(_frozen_layer_norm))
+        elif name.endswith("mlp.act"):
+            handles.append(module.register_forward_hook(_frozen_ratio))
+        elif name.endswith(("query_key_value", "attn.c_attn", "qkv_proj")):
+            qk, v = _fused_rows(config, name)
+            handles.append(module.register_forward_hook(_scaled_gradient(0.25, qk)))
+            handles.append(module.register_forward_hook(_scaled_gradient(0.5, v)))
+        elif name.endswith(("q_proj", "k_proj")):
+            handles.append(module.register_forward_hook(_scaled_gradient(0.25)))
+        elif name.endswith("v_proj"):
+            handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
+        elif name.endswith(("act_fn", "activation_fn")):
+            handles.append(module.register_forward_hook(_identity_half))
+        elif name.endswith("gate_up_proj"):  # Phi-3: the gate's rows, then up's
+            up = lambda o: torch.arange(o.shape[-1]) >= o.shape[-1] // 2  # noqa: E731
+            handles.append(module.register_forward_hook(_scaled_gradient(0.5, up)))
+        elif name.endswith("up_proj"):
+            handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
+    head = model.get_output_embeddings()
+    handles.append(head.register_forward_hook(lambda m, a, out: head_out.append(out)))
+    try:
+        yield head_out
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def gradient_x_input(
     model: nn.Module,
     ids: torch.Tensor,
@@ -279,6 +359,7 @@ def gradient_x_input(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     objective: Any = None,
+    factors: Any = None,
 ) -> tuple[torch.Tensor, float, float]:
     """The independent reference: ``(components [T], bias share, logit)`` of ``token``'s logit
     (before any final soft-cap) at ``position`` of batch row ``row``, on the stock (unwrapped)
@@ -299,7 +380,7 @@ def gradient_x_input(
         return positions[-1]
 
     learned = [m for n, m in model.named_modules() if n.endswith(".wpe")]
-    with frozen_factors(model) as head_out:
+    with (factors or frozen_factors)(model) as head_out:
         handles = [m.register_forward_hook(position_leaf) for m in learned]
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         try:
