@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import rules
@@ -81,7 +82,13 @@ def attention_function(
     probe.called = True
     if probe.credit is not None:
         ruleset, unassigned, block = probe.credit
-        spec = rules.lrp.Spec(attention_mask, scaling, softcap, ruleset, block)
+        # the forward's value is the model's own implementation's (on these queries, keys and
+        # values): the pass then replays the layer as the model computed it
+        with torch.no_grad():
+            real = _implementation(module, probe.original)(
+                module, query.detach(), key.detach(), value.detach(), attention_mask, **kwargs
+            )[0]
+        spec = rules.lrp.Spec(attention_mask, scaling, softcap, ruleset, block, real)
         return rules.lrp.attend(query, key, value, unassigned, spec), None
     probe.scores = rules.FrozenProbabilities.of(module, query, key, attention_mask, scaling, softcap)
     if probe.skip:

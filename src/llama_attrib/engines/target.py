@@ -23,6 +23,8 @@ from ..rules.sets import EXACT, RuleSet, rule_set
 from .inputs import Inputs, Scope, _progress
 from .lazy import TargetComposition, _what
 
+CREDITED_TOLERANCE = 3e-5  # float32, for rule sets that credit queries and keys
+
 
 class TargetRun:
     """The frozen-factor pass of one sequence, and batched backward passes through it."""
@@ -121,7 +123,12 @@ class TargetRun:
         half = self.model_dtype in (torch.float16, torch.bfloat16)
         if self.precision == "tf32" and self.inputs.ids.device.type == "cuda":
             return tolerance(torch.float32, rounded=True)
-        return tolerance(self.model_dtype if half else self.dtype)
+        found = tolerance(self.model_dtype if half else self.dtype)
+        if not self.rules.frozen_attention:
+            # the softmax's Jacobian adds up terms larger than the logit in float32: on SmolLM2's
+            # 600-token prompts up to 1.2e-5 (3e-7 with that kernel in float64; docs/rules.md)
+            found = max(found, CREDITED_TOLERANCE)
+        return found
 
     def head_row(self, token: int) -> Tensor:
         return self.weight[token].detach().to(self.dtype)

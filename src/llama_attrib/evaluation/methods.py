@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..api import decompose_sequence
 from ..errors import require
+from ..rules.sets import RULE_SETS
 from .metrics import drop_first, logprob_fn
 
 Method = Callable[[nn.Module, Tensor, int, "Setup"], list[Tensor]]
@@ -54,18 +55,39 @@ class Setup:
     token_texts: list[str] = field(default_factory=list)  # decoded tokens of ids, for sentences
 
 
-def decomposition(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
+def decomposition(
+    model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup, rules: Any = "exact"
+) -> list[Tensor]:
     """The one place that calls llama_attrib: contributions to each step's target logit.
 
     ``decompose_sequence`` in target mode (one frozen-factor pass and one batched backward
-    for every step); its numbers equal those of ``generate(..., decompose=True)``.
+    for every step) under the rule set ``rules``; its numbers equal those of
+    ``generate(..., decompose=True)``.
     """
-    compositions = decompose_sequence(model, ids, prompt_length, mode="target")
+    compositions = decompose_sequence(model, ids, prompt_length, mode="target", rules=rules)
     return [c[int(ids[prompt_length + k])].components.detach().float() for k, c in enumerate(compositions)]
 
 
 def decomposition_no_first(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
     return [drop_first(s) for s in decomposition(model, ids, prompt_length, setup)]
+
+
+def without_first(method: Method) -> Method:
+    """``method``'s scores with position 0 ranked last (:func:`metrics.drop_first`)."""
+
+    def scored(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
+        return [drop_first(s) for s in method(model, ids, prompt_length, setup)]
+
+    return scored
+
+
+def under(rules: Any) -> Method:
+    """:func:`decomposition` under another rule set."""
+
+    def method(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
+        return decomposition(model, ids, prompt_length, setup, rules)
+
+    return method
 
 
 def per_step(fn: StepMethod) -> Method:
@@ -178,3 +200,10 @@ METHODS: dict[str, Method] = {
 DERIVED: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {
     "decomposition-no-first": ("decomposition", drop_first),
 }
+# every other rule set's decomposition (``decomposition`` is the exact rules'), with and
+# without the first token
+for _name in RULE_SETS:
+    if _name != "exact":
+        METHODS[_name] = under(_name)
+        METHODS[f"{_name}-no-first"] = without_first(under(_name))
+        DERIVED[f"{_name}-no-first"] = (_name, drop_first)

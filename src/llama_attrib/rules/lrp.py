@@ -41,6 +41,7 @@ class Spec:
     softcap: float | None
     rules: RuleSet
     block: int | None = None
+    output: Tensor | None = None  # the model's implementation's output [B, q, heads, hd], if known
 
 
 class _Attend(torch.autograd.Function):
@@ -53,11 +54,13 @@ class _Attend(torch.autograd.Function):
             query.detach(), key.detach(), spec.mask, float(scaling), spec.softcap, block=spec.block
         )
         batch, _, q, _ = query.shape
+        ctx.scores, ctx.value, ctx.spec = scores, value.detach(), spec
+        ctx.dtypes = (query.dtype, key.dtype, value.dtype, unassigned.dtype)
+        if spec.output is not None:
+            return spec.output.to(value.dtype, copy=True)
         v = value.detach().to(torch.float32)
         parts = [mix(scores.rows(a, b, k), v[..., :k, :]) for a, b, k in scores.blocks(0, q)]
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
-        ctx.scores, ctx.value, ctx.spec = scores, value.detach(), spec
-        ctx.dtypes = (query.dtype, key.dtype, value.dtype, unassigned.dtype)
         return out.view(batch, q, query.shape[1], value.shape[-1]).to(value.dtype)
 
     @staticmethod
@@ -89,49 +92,77 @@ def _pull(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``grad [n, B, q, heads, hd]`` (``n`` targets) -> the gradients of query
     ``[n, B, heads, q, d]``, key ``[n, B, kv, S, d]``, value ``[n, B, kv, S, hd]`` and the
-    unassigned leaf ``[n, B, 1]``."""
+    unassigned leaf ``[n, B, 1]``.
+
+    Every product is one batched matrix product per (row, kv head), the targets merged into
+    its rows or columns (never a broadcast, which would copy the probabilities or the keys
+    once per target); ``dP`` becomes ``dz`` in place."""
     rules = spec.rules
     batch, kv, groups, q, s = scores.shape
     n, hd, d = grad.shape[0], value.shape[-1], scores.query.shape[-1]
-    g = grad.to(torch.float32).reshape(n, batch, q, kv, groups, hd).permute(1, 3, 0, 4, 2, 5)
-    query = scores.query.to(torch.float32).reshape(batch, kv, 1, groups, q, d)
+    g = grad.to(torch.float32).reshape(n, batch, q, kv, groups, hd)
+    by_target = g.permute(1, 3, 0, 4, 2, 5).contiguous()  # [B, kv, n, groups, q, hd]: dP's rows
+    by_row = g.permute(1, 3, 4, 2, 0, 5).contiguous()  # [B, kv, groups, q, n, hd]: dv's columns
+    del g
+    query = scores.query.to(torch.float32).reshape(batch, kv, groups, q, d)
     key = scores.key.to(torch.float32)
     v = value.to(torch.float32)
-    dq = g.new_zeros((batch, kv, n, groups, q, d))
-    dk = g.new_zeros((batch, kv, n, s, d))
-    dv = g.new_zeros((batch, kv, n, s, hd))
-    du = g.new_zeros((batch, kv, n))
-    # every target's dP and dz are held for one block: blocks n + 1 times smaller
+    # a row of dz sums to 0 and one of P to 1: dz is the same from values shifted by any vector,
+    # and dq from keys so shifted; shifted by their mean, the products add up terms of smaller
+    # size (float32 rounding), and sum(P * dP) takes the shift's part back
+    v_mean = v.mean(-2, keepdim=True)  # [B, kv, 1, hd]
+    v, k_centred = v - v_mean, key - key.mean(-2, keepdim=True)
+    credited = rules.query or rules.key
+    dq = by_target.new_zeros((batch, kv, n, groups, q, d)) if rules.query else None
+    dk = by_target.new_zeros((batch, kv, n, s, d))
+    dv = by_target.new_zeros((batch, kv, s, n * hd))
+    du = by_target.new_zeros((batch, kv, n), dtype=torch.float64)
+    # every target's dP is held for one block, beside the scores and probabilities
     size = block_bytes(scores.query.device) if scores.block is None else scores.block
-    for a, b, k in replace(scores, block=max(1, size // (n + 1))).blocks(0, q):
+    for a, b, k in replace(scores, block=max(1, size // (n + 2))).blocks(0, q):
         r = b - a
-        z, ratio, p = scores.scores(a, b, k)  # [B, kv, groups, r, k]
-        p = p.unsqueeze(2)  # [B, kv, 1, groups, r, k]
-        gb = g[..., a:b, :]  # [B, kv, n, groups, r, hd]
+        # the scores before the mask only where a row may be fully masked (padding): elsewhere
+        # a masked entry's dz is exactly 0 and its masked score finite
+        z, ratio, p = scores.scores(a, b, k, keep=scores.mask is not None)  # [B, kv, groups, r, k]
         if rules.value:
-            rows = p.reshape(batch, kv, 1, groups * r, k).transpose(-1, -2)
-            dv[..., :k, :] += rules.value * (rows @ gb.reshape(batch, kv, n, groups * r, hd))
-        dp = (gb @ v[:, :, None, None, :k].transpose(-1, -2)) * p  # P * dP
-        kept = dp.sum(-1, keepdim=True)
-        du += (1.0 - rules.value) * kept.sum((-3, -2, -1))
-        if not (rules.query or rules.key):
+            rows = p.reshape(batch, kv, groups * r, k).transpose(-1, -2)
+            dv[:, :, :k] += rules.value * (rows @ by_row[:, :, :, a:b].reshape(batch, kv, groups * r, n * hd))
+        if rules.value == 1.0 and not credited:
             continue
-        dz = dp - p * kept  # the softmax's Jacobian: P * (dP - sum(P * dP))
-        del dp, kept
-        du -= (rules.query + rules.key) * (dz * z.unsqueeze(2)).sum((-3, -2, -1))
+        dz = by_target[:, :, :, :, a:b].reshape(batch, kv, n * groups * r, hd) @ v[:, :, :k].transpose(-1, -2)
+        dz = dz.view(batch, kv, n, groups, r, k).mul_(p.unsqueeze(2))  # P * dP
+        kept = dz.sum(-1, keepdim=True)  # sum(P * dP) per row and target, dP from centred values
+        if rules.value != 1.0:
+            shift = (by_target[:, :, :, :, a:b].sum((3, 4)) * v_mean).sum(-1)  # [B, kv, n]
+            du += (1.0 - rules.value) * (kept.sum((-3, -2, -1)).double() + shift.double())
+        if not credited:
+            continue
+        dz.addcmul_(p.unsqueeze(2), kept, value=-1.0)  # the softmax's Jacobian: P * (dP - sum(P * dP))
+        del kept
+        # sum(dz * z), each row's scores shifted by their largest (dz sums to 0 over a row, so
+        # the sum is the same, without adding up large terms of opposite signs)
+        shifted = (z - z.amax(-1, keepdim=True)).reshape(batch * kv, groups * r * k, 1)
+        flat = dz.view(batch * kv, n, groups * r * k)
+        du -= (rules.query + rules.key) * (flat @ shifted).view(batch, kv, n).double()
         if ratio is not None:
-            dz = dz * ratio.unsqueeze(2)
-        dz = dz * scores.scaling
-        if rules.query:
-            dq[..., a:b, :] = rules.query * (dz @ key[:, :, None, None, :k])
+            dz.mul_(ratio.unsqueeze(2))
+        if dq is not None:
+            keys = k_centred if ratio is None else key  # a soft-capped row of dz sums to no constant
+            part = dz.view(batch, kv, n * groups * r, k) @ keys[:, :, :k]
+            dq[:, :, :, :, a:b] = (rules.query * scores.scaling) * part.view(batch, kv, n, groups, r, d)
         if rules.key:
-            flat = dz.reshape(batch, kv, n, groups * r, k).transpose(-1, -2)
-            dk[..., :k, :] += rules.key * (flat @ query[..., a:b, :].reshape(batch, kv, 1, groups * r, d))
+            mine = query[:, :, :, a:b].reshape(batch, kv, 1, groups * r, d)
+            part = dz.view(batch, kv, n, groups * r, k).transpose(-1, -2) @ mine
+            dk[:, :, :, :k] += (rules.key * scores.scaling) * part
     heads = kv * groups
+    if dq is None:
+        dq_out = grad.new_zeros((n, batch, heads, q, d), dtype=dtypes[0])
+    else:
+        dq_out = dq.permute(2, 0, 1, 3, 4, 5).reshape(n, batch, heads, q, d).to(dtypes[0])
     return (
-        dq.permute(2, 0, 1, 3, 4, 5).reshape(n, batch, heads, q, d).to(dtypes[0]),
+        dq_out,
         dk.permute(2, 0, 1, 3, 4).to(dtypes[1]),
-        dv.permute(2, 0, 1, 3, 4).to(dtypes[2]),
+        dv.view(batch, kv, s, n, hd).permute(3, 0, 1, 2, 4).to(dtypes[2]),
         du.sum(1).T.reshape(n, batch, 1).to(dtypes[3]),
     )
 

@@ -49,7 +49,7 @@ def identity_ratio(act: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     return torch.where(z == 0, slope, act(z) / torch.where(z == 0, tiny, z))
 
 
-Uniform = tuple[Tensor, Tensor, Tensor]  # act(gate), act(gate) / gate, up: [B, q, intermediate]
+Uniform = tuple[Tensor, Tensor]  # the gate's and up's factors under the uniform rule [B, q, intermediate]
 
 
 @dataclass(frozen=True)
@@ -70,34 +70,33 @@ class GatedMLP(_ScaledMLP):
 
     @torch.no_grad()
     def uniform_factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> Uniform:
-        """The uniform rule's frozen factors: ``act(gate)``, ``act(gate) / gate`` and ``up``
-        (with their biases), from the real input."""
+        """The uniform rule's frozen factors, from the real input: ``up * act(gate) / gate / 2``
+        (what the gate's linear map is multiplied by) and ``act(gate) / 2`` (up's)."""
         act: Callable[[Tensor], Tensor] = getattr(module, self.act)
         z = self.gate.affine(module, real)
-        up = self.up.affine(module, real)
-        return act(z).to(dtype), identity_ratio(act, z).to(dtype), up.to(dtype)
+        up = self.up.affine(module, real).to(torch.float32)
+        through_gate = 0.5 * identity_ratio(act, z) * up
+        return through_gate.to(dtype), (0.5 * act(z).to(torch.float32)).to(dtype)
 
     def uniform(self, module: nn.Module, factors: Uniform, x: Tensor, t0: int = 0) -> Tensor:
-        """``down((ratio * up) * gate(x) / 2 + act(gate) * up(x) / 2)`` (bias-free maps)."""
-        gated, ratio, up = factors
-        through_gate = scale(self.gate.linear(module, x), ratio * up, t0)
-        through_up = scale(self.up.linear(module, x), gated, t0)
-        return self.down.linear(module, 0.5 * (through_gate + through_up))
+        """``down(gate(x) * up * act(gate) / gate / 2 + up(x) * act(gate) / 2)`` (bias-free maps):
+        half of the product through each side, the activation by the identity rule."""
+        through_gate, through_up = factors
+        inner = scale(self.gate.linear(module, x), through_gate, t0)
+        return self.down.linear(module, inner + scale(self.up.linear(module, x), through_up, t0))
 
     def uniform_bias(self, module: nn.Module, factors: Uniform) -> Tensor | None:
         """The uniform rule's bias share: the gate's and up's biases through their halves, and
         down's."""
-        gated, ratio, up = factors
+        through_gate, through_up = factors
         b_gate, b_up, b_down = self.gate.bias(module), self.up.bias(module), self.down.bias(module)
         if b_gate is None and b_up is None and b_down is None:
             return None
-        out = gated.new_zeros((*gated.shape[:-1], self.down.weight(module).shape[0]))
-        inner = gated.new_zeros(gated.shape)
-        if b_gate is not None:
-            inner = inner + 0.5 * ratio * up * b_gate.to(inner)
-        if b_up is not None:
-            inner = inner + 0.5 * gated * b_up.to(inner)
+        out = through_gate.new_zeros((*through_gate.shape[:-1], self.down.weight(module).shape[0]))
         if b_gate is not None or b_up is not None:
+            inner = through_gate.new_zeros(through_gate.shape)
+            inner = inner if b_gate is None else inner + through_gate * b_gate.to(inner)
+            inner = inner if b_up is None else inner + through_up * b_up.to(inner)
             out = out + self.down.linear(module, inner)
         return out if b_down is None else out + b_down.to(out)
 
