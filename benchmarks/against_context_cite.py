@@ -24,6 +24,7 @@ every document's figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import re
@@ -228,9 +229,12 @@ def ours(model: Any, tokenizer: Any, context: str, question: str) -> tuple[list[
     return result.generated_ids, scores, seconds
 
 
-def one_pass(model: Any, tokenizer: Any, context: str, question: str) -> tuple[list[int], np.ndarray, float]:
+def one_pass(
+    model: Any, tokenizer: Any, context: str, question: str, rules: str = "exact"
+) -> tuple[list[int], np.ndarray, float]:
     """The same scores as :func:`ours` (each sentence's contributions summed over the response's
-    tokens) from one backward pass: ``decompose_answer`` pulls the summed logits back at once."""
+    tokens) from one backward pass: ``decompose_answer`` pulls the summed logits back at once
+    (under the rule set ``rules``)."""
     ids = torch.tensor([prompt_ids(tokenizer, context, question)])
     p = ids.shape[1]
     start = time.perf_counter()
@@ -238,7 +242,7 @@ def one_pass(model: Any, tokenizer: Any, context: str, question: str) -> tuple[l
         sequence = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False
         )
-    answer = llama_attrib.decompose_answer(model, sequence, p)
+    answer = llama_attrib.decompose_answer(model, sequence, p, rules=rules)
     texts = piece_texts(tokenizer, sequence[0].tolist())[0]
     offset = "".join(texts).find(context)
     components = answer.components.float().numpy()
@@ -267,6 +271,9 @@ def theirs(model: Any, tokenizer: Any, context: str, question: str) -> tuple[lis
 
 
 METHODS = {"llama_attrib": ours, "one_pass": one_pass, "ContextCite": theirs}
+for _rules in llama_attrib.rules.RULE_SETS:  # one_pass under every other rule set: one_pass_attnlrp...
+    if _rules != "exact":
+        METHODS[f"one_pass_{_rules}"] = functools.partial(one_pass, rules=_rules)
 
 
 def table(rows: list[dict[str, Any]], tokenizer: Any) -> str:

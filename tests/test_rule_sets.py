@@ -5,6 +5,7 @@ options everywhere a decomposition is made, and the refusals where the maths doe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def lxt_relevance(
     return torch.load(out)
 
 
-def explained(model: nn.Module, ids: torch.Tensor, ruleset: str | None, p: int = P) -> list[Any]:
+def explained(model: nn.Module, ids: torch.Tensor, ruleset: Any, p: int = P) -> list[Any]:
     """Each step's Contributions to the next token's logit (teacher-forced after ``p`` tokens)."""
     steps = llama_attrib.decompose_sequence(model, ids[0], p, rules=ruleset)
     return [c[int(ids[0, p + k])] for k, c in enumerate(steps)]
@@ -137,7 +138,10 @@ def test_every_rule_set_keeps_an_exact_account(name: str, ruleset: str) -> None:
         assert abs(parts - logit) <= 1e-5 * scale, (name, ruleset, k)
         assert torch.allclose(again[k][token].components, got.components, atol=1e-5 * scale, rtol=0)
         unassigned = abs(float(got.shares["unassigned"]))
-        assert unassigned > 1e-4 if ruleset == "attnlrp" else unassigned == 0.0
+        if ruleset == "exact":
+            assert unassigned == 0.0
+        elif ruleset == "attnlrp":
+            assert unassigned > 1e-4
 
 
 def test_probability_blocks_do_not_change_attnlrp(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,3 +211,18 @@ def test_refusals_leave_the_model_as_it_was() -> None:
         llama_attrib.decompose_sequence(moe, ids[0], P, rules="attnlrp")
     assert not llama_attrib.is_wrapped(moe) and not llama_attrib.is_wrapped(model)
     assert torch.equal(model(ids).logits, before)
+
+
+def test_the_path_rule_set_loses_only_what_its_midpoints_miss() -> None:
+    """attnlrp-path passes the probabilities' share on along the path from uniform attention:
+    what it leaves unassigned is the midpoint rule's error, which shrinks as the steps grow,
+    and is far below AttnLRP's at the real scores alone."""
+    model = family_model("gemma2")  # soft-caps and sliding windows too
+    ids = prompt(9)
+    attnlrp = explained(model, ids, "attnlrp")
+    lost = {}
+    for steps in (1, 4, 32):
+        chosen = dataclasses.replace(rules.sets.PATH, steps=steps)
+        lost[steps] = max(abs(float(c.shares["unassigned"])) for c in explained(model, ids, chosen))  # type: ignore[arg-type]
+    assert lost[32] < lost[4] / 4 < lost[1] / 4, lost
+    assert lost[4] < max(abs(float(c.shares["unassigned"])) for c in attnlrp) / 4

@@ -13,7 +13,7 @@ import torch
 
 from ..models import load
 from .harness import Config, evaluate_prompt, report, summarize
-from .methods import METHODS, Setup
+from .methods import METHODS, Setup, check_lxt
 from .prompts import encode, load_prompts, spread
 
 
@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods: {', '.join(unknown)}")
+    check_lxt(methods)
     config = Config(
         methods=methods,
         steps=args.steps,

@@ -28,6 +28,8 @@ log-probability, as captum's ``LLMAttribution`` does.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -187,6 +189,49 @@ def feature_ablation(model: nn.Module, prefix: Tensor, target: int, setup: Setup
     return scores
 
 
+LXT_INSTALL = (
+    "pip install --no-deps tests/data/lxt/lxt-2.1-py3-none-any.whl (a wheel of LXT's upstream source, "
+    "kept in this repository: its PyPI release 2.1 breaks on transformers 5)"
+)
+LXT_MAPS = {"lxt-attnlrp": "attnLRP", "lxt-cp-lrp": "cp_LRP"}
+
+
+def lxt(name: str) -> StepMethod:
+    """LXT's own AttnLRP or CP-LRP (``name``: a key of :data:`LXT_MAPS`): its patches applied to
+    the model's modeling module (process-wide: LXT changes the family's classes and transformers'
+    attention registry), then embedding x gradient of the target logit, as LXT computes relevance.
+    Run in its own process, with no other gradient method (:func:`check_lxt`)."""
+
+    def method(model: nn.Module, prefix: Tensor, target: int, setup: Setup) -> Tensor:
+        try:
+            import lxt.efficient
+        except ImportError as e:
+            raise ImportError(f"the {name} method needs LXT: {LXT_INSTALL}") from e
+        modeling = sys.modules[type(model).__module__]
+        family = modeling.__name__.rsplit(".", 1)[-1].removeprefix("modeling_")
+        patch_map = getattr(importlib.import_module(f"lxt.efficient.models.{family}"), LXT_MAPS[name])
+        if getattr(modeling, "_llama_attrib_lxt", None) != name:
+            lxt.efficient.monkey_patch(modeling, patch_map=patch_map, verbose=False)
+            modeling._llama_attrib_lxt = name  # type: ignore[attr-defined]
+        return input_x_gradient(model, prefix, target, setup)
+
+    return method
+
+
+def check_lxt(methods: list[str]) -> None:
+    """LXT's patches change the gradients of the whole process: its methods run with the
+    decompositions only (whose numbers use no gradient of the patched code), one LXT map per run."""
+    chosen = [m for m in methods if m in LXT_MAPS]
+    if not chosen:
+        return
+    others = [m for m in methods if m not in LXT_MAPS and m not in DECOMPOSITIONS]
+    if len(chosen) > 1 or others:
+        raise SystemExit(
+            f"{', '.join(chosen)}: LXT patches transformers for the whole process; run one LXT method per "
+            f"process, beside decompositions only (not {', '.join(others) or chosen[1]})"
+        )
+
+
 METHODS: dict[str, Method] = {
     "attention-last": per_step(attention_last),
     "attention-rollout": per_step(attention_rollout),
@@ -207,3 +252,13 @@ for _name in RULE_SETS:
         METHODS[_name] = under(_name)
         METHODS[f"{_name}-no-first"] = without_first(under(_name))
         DERIVED[f"{_name}-no-first"] = (_name, drop_first)
+for _name in LXT_MAPS:
+    METHODS[_name] = per_step(lxt(_name))
+    METHODS[f"{_name}-no-first"] = without_first(per_step(lxt(_name)))
+    DERIVED[f"{_name}-no-first"] = (_name, drop_first)
+DECOMPOSITIONS = {
+    "decomposition",
+    "decomposition-no-first",
+    *RULE_SETS,
+    *(f"{n}-no-first" for n in RULE_SETS),
+}

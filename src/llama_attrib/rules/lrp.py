@@ -117,27 +117,51 @@ def _pull(
     dk = by_target.new_zeros((batch, kv, n, s, d))
     dv = by_target.new_zeros((batch, kv, s, n * hd))
     du = by_target.new_zeros((batch, kv, n), dtype=torch.float64)
-    # every target's dP is held for one block, beside the scores and probabilities
+    path = rules.softmax == "path"
+    # every target's dP (and, along a path, dz) is held for one block, beside the probabilities
     size = block_bytes(scores.query.device) if scores.block is None else scores.block
-    for a, b, k in replace(scores, block=max(1, size // (n + 2))).blocks(0, q):
+    for a, b, k in replace(scores, block=max(1, size // ((2 if path else 1) * n + 3))).blocks(0, q):
         r = b - a
         # the scores before the mask only where a row may be fully masked (padding): elsewhere
         # a masked entry's dz is exactly 0 and its masked score finite
         z, ratio, p = scores.scores(a, b, k, keep=scores.mask is not None)  # [B, kv, groups, r, k]
-        if rules.value:
-            rows = p.reshape(batch, kv, groups * r, k).transpose(-1, -2)
-            dv[:, :, :k] += rules.value * (rows @ by_row[:, :, :, a:b].reshape(batch, kv, groups * r, n * hd))
+        masked = z if scores.mask is None else z + scores.additive(a, b)[..., :k][:, :, None]
+        weights = p
+        if path:  # the values also take what uniform attention would give: P v = U v + (P - U) v
+            visible = (masked > torch.finfo(torch.float32).min / 2).to(torch.float32)
+            uniform = visible / visible.sum(-1, keepdim=True)
+            weights = rules.value * p + (1.0 - rules.value) * uniform
+        elif rules.value:
+            weights = rules.value * p
+        if path or rules.value:
+            rows = weights.reshape(batch, kv, groups * r, k).transpose(-1, -2)
+            dv[:, :, :k] += rows @ by_row[:, :, :, a:b].reshape(batch, kv, groups * r, n * hd)
         if rules.value == 1.0 and not credited:
             continue
-        dz = by_target[:, :, :, :, a:b].reshape(batch, kv, n * groups * r, hd) @ v[:, :, :k].transpose(-1, -2)
-        dz = dz.view(batch, kv, n, groups, r, k).mul_(p.unsqueeze(2))  # P * dP
-        kept = dz.sum(-1, keepdim=True)  # sum(P * dP) per row and target, dP from centred values
-        if rules.value != 1.0:
-            shift = (by_target[:, :, :, :, a:b].sum((3, 4)) * v_mean).sum(-1)  # [B, kv, n]
-            du += (1.0 - rules.value) * (kept.sum((-3, -2, -1)).double() + shift.double())
-        if not credited:
-            continue
-        dz.addcmul_(p.unsqueeze(2), kept, value=-1.0)  # the softmax's Jacobian: P * (dP - sum(P * dP))
+        dp = by_target[:, :, :, :, a:b].reshape(batch, kv, n * groups * r, hd) @ v[:, :, :k].transpose(-1, -2)
+        dp = dp.view(batch, kv, n, groups, r, k)  # from centred values (the shift's part below)
+        if path:
+            # the scores' share is (P - U) dP, along the path alpha z from uniform attention
+            # (alpha 0) to the real one (alpha 1): dz = mean over alpha of the softmax's Jacobian
+            # at alpha z, applied to dP (midpoints); what the midpoints miss is unassigned
+            kept = (dp * (p - uniform).unsqueeze(2)).sum((-3, -2, -1))  # the shift's part cancels
+            du += (1.0 - rules.value) * kept.double()
+            dz = torch.zeros_like(dp)
+            for j in range(rules.steps):
+                at = torch.softmax(masked * ((j + 0.5) / rules.steps), dim=-1).unsqueeze(2)
+                step = dp * at
+                dz += step.addcmul_(at, step.sum(-1, keepdim=True), value=-1.0)
+            dz /= rules.steps
+            del dp, step, at
+        else:
+            dz = dp.mul_(p.unsqueeze(2))  # P * dP
+            kept = dz.sum(-1, keepdim=True)  # sum(P * dP) per row and target
+            if rules.value != 1.0:
+                shift = (by_target[:, :, :, :, a:b].sum((3, 4)) * v_mean).sum(-1)  # [B, kv, n]
+                du += (1.0 - rules.value) * (kept.sum((-3, -2, -1)).double() + shift.double())
+            if not credited:
+                continue
+            dz.addcmul_(p.unsqueeze(2), kept, value=-1.0)  # the softmax's Jacobian: P * (dP - sum(P * dP))
         del kept
         # sum(dz * z), each row's scores shifted by their largest (dz sums to 0 over a row, so
         # the sum is the same, without adding up large terms of opposite signs)

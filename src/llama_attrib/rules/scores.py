@@ -137,6 +137,11 @@ class FrozenProbabilities:
             masked = scores + mask[:, :, None] if keep else scores.add_(mask[:, :, None])
         return scores, ratio, torch.softmax(masked, dim=-1)
 
+    def additive(self, t0: int, t1: int) -> Tensor:
+        """Rows ``t0:t1`` of the mask as an additive float32 ``[B, 1, rows, S]``."""
+        batch, _, _, q, s = self.shape
+        return _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)
+
     def extent(self, t0: int, t1: int) -> int:
         """How many keys queries ``t0:t1`` see: the keys after the last one any of them sees
         get probability exactly zero (a causal mask), so :meth:`rows` may leave them out."""

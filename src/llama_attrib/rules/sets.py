@@ -24,13 +24,18 @@ from ..errors import UnsupportedOptionError
 class RuleSet:
     """``value`` / ``query`` / ``key``: the fraction of the attention output's relevance each
     path is credited with (the gradient of that input multiplied by it); ``gate``: the gated
-    MLP's product, ``"frozen"`` (everything through ``up``) or ``"uniform"`` (half each)."""
+    MLP's product, ``"frozen"`` (everything through ``up``) or ``"uniform"`` (half each);
+    ``softmax``: how the probabilities' share reaches the scores, ``"gradient"`` (gradient x
+    input at the real scores) or ``"path"`` (what uniform attention would give goes to the
+    values, the rest along the path from uniform to real attention, ``steps`` midpoints)."""
 
     name: str
     value: float = 1.0
     query: float = 0.0
     key: float = 0.0
     gate: str = "frozen"
+    softmax: str = "gradient"
+    steps: int = 4
     summary: str = ""
 
     @property
@@ -57,7 +62,17 @@ ATTNLRP = RuleSet(
     gate="uniform",
     summary="AttnLRP (Achtibat et al., ICML 2024): values 1/2, queries and keys 1/4 each, gate x up 1/2 each",
 )
-RULE_SETS = {r.name: r for r in (EXACT, ATTNLRP)}
+PATH = RuleSet(
+    "attnlrp-path",
+    value=0.5,
+    query=0.25,
+    key=0.25,
+    gate="uniform",
+    softmax="path",
+    summary="AttnLRP's shares, the probabilities' half along the path from uniform attention: "
+    "nearly conservative",
+)
+RULE_SETS = {r.name: r for r in (EXACT, ATTNLRP, PATH)}
 
 
 def refuse_forward_rules(rules: str | RuleSet | None) -> None:
