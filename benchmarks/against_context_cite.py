@@ -158,15 +158,29 @@ def answer_source(response: str, question: str, planted: list[str], sources: lis
     return [i for i, s in enumerate(sources) if s == repeated]
 
 
+class _Base:
+    """What the partition needs of context-cite's base class, where that is not installed."""
+
+    def __init__(self, context: str) -> None:
+        self.context = context
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.get_source(i) for i in range(self.num_sources)]  # type: ignore[attr-defined]
+
+
 class Partition:
     """llama_attrib's sentence spans as a ContextCite partitioner (built lazily: the class
     derives from context-cite's base class, an optional dependency)."""
 
     @staticmethod
     def make(context: str) -> Any:
-        from context_cite.context_partitioner import BaseContextPartitioner
+        try:
+            from context_cite.context_partitioner import BaseContextPartitioner
+        except ImportError:  # the peer is not installed: the same sentences for llama_attrib's rows
+            BaseContextPartitioner = _Base
 
-        class _Partition(BaseContextPartitioner):  # type: ignore[misc]
+        class _Partition(BaseContextPartitioner):  # type: ignore[misc,valid-type]
             def __init__(self, context: str) -> None:
                 super().__init__(context)
                 self.spans = text_spans(context, "sentence")

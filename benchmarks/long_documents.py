@@ -1,7 +1,7 @@
 """Long prompts: time and peak memory of ``generate(decompose=True)`` against plain generation.
 
     python benchmarks/long_documents.py [--cases smollm2-4096,smollm2-8000,issue6-2048,smollm2-248]
-                                        [--max-memory 300MB]
+                                        [--max-memory 300MB] [--rules attnlrp]
 
 Each method runs in its own process (peak resident memory of the whole process, model and
 libraries included, sampled every 2 ms; the ratio is the one a user sees); plain generation's
@@ -109,11 +109,13 @@ def one(case: str, method: str) -> dict[str, Any]:
         with torch.inference_mode():
             runs = [measure(lambda: model.generate(ids, **kwargs), device)[:2] for _ in range(2)]
         out["seconds"], peak = min(t for t, _ in runs), max(m for _, m in runs)
-    elif method == "llama_attrib" or method.startswith("max_memory="):
+    elif method == "llama_attrib" or method.startswith(("max_memory=", "rules=")):
         llama_attrib.wrap(model)
         options: dict[str, Any] = {}
         if method == "llama_attrib":
             out["estimate"] = llama_attrib.estimate_memory(model, ids.shape[1] + new - 1, steps=new)
+        elif method.startswith("rules="):  # another rule set (docs/rules.md)
+            options["rules"] = method.split("=", 1)[1]
         else:  # an explicit budget: more, smaller chunks of targets
             options["max_memory"] = method.split("=", 1)[1]
 
@@ -140,6 +142,9 @@ def main() -> None:
     )
     parser.add_argument("--cases", default="smollm2-4096,smollm2-8000,issue6-2048,smollm2-248")
     parser.add_argument("--max-memory", help="also run llama_attrib with this max_memory (say 300MB)")
+    parser.add_argument(
+        "--rules", help="also run llama_attrib under these rule sets (say attnlrp,attnlrp-path)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -154,6 +159,7 @@ def main() -> None:
     for case in args.cases.split(","):
         methods = ["plain", "llama_attrib"] + (["naive"] if case.endswith("-248") else [])
         methods += [f"max_memory={args.max_memory}"] if args.max_memory else []
+        methods += [f"rules={r}" for r in args.rules.split(",")] if args.rules else []
         plain: dict[str, Any] | None = None
         for method in methods:
             done = subprocess.run(

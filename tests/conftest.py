@@ -234,6 +234,19 @@ def _detach_queries_and_keys(heads: int, per_head: int, interleaved: bool) -> An
 
 
 @contextmanager
+def _head_outputs(model: nn.Module, handles: list[Any]) -> Iterator[list[torch.Tensor]]:
+    """The LM head's outputs, appended as it runs; ``handles`` (hooks) removed at the end."""
+    head_out: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    handles.append(head.register_forward_hook(lambda m, a, out: head_out.append(out)))
+    try:
+        yield head_out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Forward hooks on the stock model that know no formula: RMSNorm outputs become
     ``x * (out / x).detach()`` and LayerNorm outputs ``c * ((out - b) / c).detach() + b``
@@ -242,7 +255,6 @@ def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     q/k rows), a gated MLP activation's output and the router's output are detached. Yields
     the list the LM head's outputs are appended to."""
     handles = []
-    head_out: list[torch.Tensor] = []
     config = model.config
     for name, module in model.named_modules():
         kind = type(module).__name__
@@ -261,13 +273,8 @@ def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         elif name.endswith("qkv_proj"):  # Phi-3: queries, keys, then values of the kv heads
             kv = config.num_key_value_heads
             handles.append(module.register_forward_hook(_detach_queries_and_keys(kv, config.head_dim, False)))
-    head = model.get_output_embeddings()
-    handles.append(head.register_forward_hook(lambda m, a, out: head_out.append(out)))
-    try:
+    with _head_outputs(model, handles) as head_out:
         yield head_out
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _scaled_gradient(factor: float, rows: Any = None) -> Any:
@@ -316,7 +323,6 @@ def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     the identity rule and the products' two sides at half their gradient; a gate-less
     activation by the identity rule. Yields the list the LM head's outputs are appended to."""
     handles = []
-    head_out: list[torch.Tensor] = []
     config = model.config
     for name, module in model.named_modules():
         kind = type(module).__name__
@@ -341,13 +347,8 @@ def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handles.append(module.register_forward_hook(_scaled_gradient(0.5, up)))
         elif name.endswith("up_proj"):
             handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
-    head = model.get_output_embeddings()
-    handles.append(head.register_forward_hook(lambda m, a, out: head_out.append(out)))
-    try:
+    with _head_outputs(model, handles) as head_out:
         yield head_out
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def gradient_x_input(

@@ -146,6 +146,7 @@ def test_quantization_without_bitsandbytes_names_the_extra(
         (["--component-dtype", "float64", "--max-memory", "2GiB", "--precision", "float32"], "float32", True),
         (["--load-in-8bit", "--dtype", "float32", "--device-map", "cpu"], "float32", True),
         (["--load-in-4bit", "--dtype", "float32", "--device", "cpu"], "float32", True),
+        (["--rules", "attnlrp"], "float32", True),
     ],
 )
 def test_cli_loading_and_decomposition_flags(
@@ -170,6 +171,10 @@ def test_cli_loading_and_decomposition_flags(
     if "--component-dtype" in flags:
         assert generate["component_dtype"] == "torch.float64" and generate["max_memory"] == "2GiB"
         assert generate["precision"] == "float32"
+    if "--rules" in flags:  # AttnLRP: what its softmax keeps is saved beside the bias share
+        assert generate["rules"] == "attnlrp" and np.all(result.unassigned != 0)
+    else:
+        assert np.all(result.unassigned == 0)
     if "--load-in-8bit" in flags:  # LLM.int8 rounds the activations: a share of its own
         assert np.all(result.rounding != 0)
     elif "--load-in-4bit" not in flags:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +227,34 @@ def test_the_path_rule_set_loses_only_what_its_midpoints_miss() -> None:
         lost[steps] = max(abs(float(c.shares["unassigned"])) for c in explained(model, ids, chosen))  # type: ignore[arg-type]
     assert lost[32] < lost[4] / 4 < lost[1] / 4, lost
     assert lost[4] < max(abs(float(c.shares["unassigned"])) for c in attnlrp) / 4
+
+
+def test_the_evaluation_has_every_rule_set_and_runs_lxt_alone() -> None:
+    from llama_attrib.evaluation.methods import LXT_METHODS, METHODS, check_lxt
+
+    for name in rules.RULE_SETS:
+        if name != "exact":
+            assert name in METHODS and f"{name}-no-first" in METHODS
+    assert not set(LXT_METHODS) & set(METHODS)  # they patch the process: only when asked for
+    check_lxt(["lxt-attnlrp", "lxt-attnlrp-no-first", "attnlrp", "decomposition"])
+    for mixed in (["lxt-attnlrp", "input-x-gradient"], ["lxt-attnlrp", "lxt-cp-lrp"]):
+        with pytest.raises(SystemExit, match="whole process"):
+            check_lxt(mixed)
+
+
+@pytest.mark.slow
+def test_lxt_rows_of_the_evaluation_equal_attnlrp_rows(tmp_path: Path) -> None:
+    """``python -m llama_attrib.evaluation --methods lxt-attnlrp,attnlrp`` (LXT from the wheel):
+    the same rankings, so the same row of figures, on SmolLM2."""
+    out = tmp_path / "r.json"
+    command = [sys.executable, "-m", "llama_attrib.evaluation", "--methods", "lxt-attnlrp,attnlrp"]
+    command += ["--categories", "copying", "--limit", "2", "--steps", "1", "--out", str(out)]
+    wheel = next((Path(__file__).parent / "data" / "lxt").glob("lxt-*.whl"))
+    env = {**os.environ, "PYTHONPATH": str(wheel)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())["table"]
+    assert table["lxt-attnlrp"].keys() == table["attnlrp"].keys()
+    for key, value in table["attnlrp"].items():
+        if key != "seconds":
+            assert table["lxt-attnlrp"][key] == pytest.approx(value, abs=1e-4), key

@@ -13,7 +13,7 @@ import torch
 
 from ..models import load
 from .harness import Config, evaluate_prompt, report, summarize
-from .methods import METHODS, Setup, check_lxt
+from .methods import LXT_METHODS, METHODS, Setup, check_lxt
 from .prompts import encode, load_prompts, spread
 
 
@@ -23,7 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="a JSONL prompt file (default: the shipped prompt set)")
     p.add_argument("--limit", type=int, help="at most N prompts, taken round-robin over categories")
     p.add_argument(
-        "--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS)
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated, from: "
+        + ", ".join([*METHODS, *LXT_METHODS])
+        + " (LXT's: in a run of their own)",
     )
     p.add_argument("--steps", type=int, default=3, help="generated tokens explained per prompt")
     p.add_argument("--long-steps", type=int, default=1, help="generated tokens explained per long prompt")
@@ -73,10 +77,11 @@ def replacement_token(tokenizer: Any, asked: str | None = None) -> tuple[str, in
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m not in LXT_METHODS]
     if unknown:
         raise SystemExit(f"unknown methods: {', '.join(unknown)}")
     check_lxt(methods)
+    METHODS.update({m: LXT_METHODS[m] for m in methods if m in LXT_METHODS})
     config = Config(
         methods=methods,
         steps=args.steps,

@@ -221,10 +221,11 @@ def lxt(name: str) -> StepMethod:
 def check_lxt(methods: list[str]) -> None:
     """LXT's patches change the gradients of the whole process: its methods run with the
     decompositions only (whose numbers use no gradient of the patched code), one LXT map per run."""
-    chosen = [m for m in methods if m in LXT_MAPS]
+    lxt_methods = {*LXT_MAPS, *(f"{m}-no-first" for m in LXT_MAPS)}
+    chosen = sorted({m.removesuffix("-no-first") for m in methods if m in lxt_methods})
     if not chosen:
         return
-    others = [m for m in methods if m not in LXT_MAPS and m not in DECOMPOSITIONS]
+    others = [m for m in methods if m not in lxt_methods and m not in DECOMPOSITIONS]
     if len(chosen) > 1 or others:
         raise SystemExit(
             f"{', '.join(chosen)}: LXT patches transformers for the whole process; run one LXT method per "
@@ -252,9 +253,11 @@ for _name in RULE_SETS:
         METHODS[_name] = under(_name)
         METHODS[f"{_name}-no-first"] = without_first(under(_name))
         DERIVED[f"{_name}-no-first"] = (_name, drop_first)
+# LXT's own rules: not in METHODS (they patch the process), added by the CLI when asked for
+LXT_METHODS: dict[str, Method] = {}
 for _name in LXT_MAPS:
-    METHODS[_name] = per_step(lxt(_name))
-    METHODS[f"{_name}-no-first"] = without_first(per_step(lxt(_name)))
+    LXT_METHODS[_name] = per_step(lxt(_name))
+    LXT_METHODS[f"{_name}-no-first"] = without_first(per_step(lxt(_name)))
     DERIVED[f"{_name}-no-first"] = (_name, drop_first)
 DECOMPOSITIONS = {
     "decomposition",
