@@ -19,7 +19,7 @@ from torch import nn
 
 import llama_attrib
 from conftest import credited_factors, gradient_x_input, prompt
-from llama_attrib import rules
+from llama_attrib import _compat, rules
 from test_families import FAMILIES, GEN, family_model
 
 LXT = Path(__file__).resolve().parent / "lxt_reference.py"
@@ -246,6 +246,8 @@ def test_the_evaluation_has_every_rule_set_and_runs_lxt_alone() -> None:
 def test_lxt_rows_of_the_evaluation_equal_attnlrp_rows(tmp_path: Path) -> None:
     """``python -m llama_attrib.evaluation --methods lxt-attnlrp,attnlrp`` (LXT from the wheel):
     the same rankings, so the same row of figures, on SmolLM2."""
+    if _compat.TRANSFORMERS_VERSION.major < 5:
+        pytest.skip("LXT's upstream package imports a transformers 5 class (tests/data/lxt/README.md)")
     out = tmp_path / "r.json"
     command = [sys.executable, "-m", "llama_attrib.evaluation", "--methods", "lxt-attnlrp,attnlrp"]
     command += ["--categories", "copying", "--limit", "2", "--steps", "1", "--out", str(out)]
