@@ -88,7 +88,7 @@ def attention_function(
             real = _implementation(module, probe.original)(
                 module, query.detach(), key.detach(), value.detach(), attention_mask, **kwargs
             )[0]
-        spec = rules.lrp.Spec(attention_mask, scaling, softcap, ruleset, block, real)
+        spec = rules.lrp.Spec(attention_mask, scaling, softcap, real, ruleset, block)
         return rules.lrp.attend(query, key, value, unassigned, spec), None
     probe.scores = rules.FrozenProbabilities.of(module, query, key, attention_mask, scaling, softcap)
     if probe.skip:

@@ -14,8 +14,9 @@ set's fractions, ``g`` the output's cotangent, ``P`` the probabilities, ``z`` th
 What the output's relevance ``sum(g * out)`` does not pass on to queries, keys and values is
 ``(1 - w_v) sum(P * dP) - (w_q + w_k) sum(dz * z)``, the gradient of an extra input
 (the ``unassigned`` leaf, of value 1), so that every rule set keeps an exact account.
-Probabilities are computed block by block in the forward and again in the backward, as
-flash attention does; under ``vmap`` every target's cotangent shares each block.
+The forward's value is the model's own attention implementation's; the backward computes the
+probabilities block by block, as flash attention does; under ``vmap`` every target's
+cotangent shares each block.
 """
 
 from __future__ import annotations
@@ -26,22 +27,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .scores import FrozenProbabilities, block_bytes, mix
+from .scores import FrozenProbabilities, block_bytes
 from .sets import RuleSet
 
 
 @dataclass(frozen=True)
 class Spec:
     """What one attention call needs besides its tensors: the mask, scaling and soft-cap the
-    family's code gave the attention function, the rule set, and bytes of probabilities
-    computed at a time (None: :func:`block_bytes`)."""
+    family's code gave the attention function, the model's own implementation's output (the
+    forward's value), the rule set, and bytes of probabilities computed at a time (None:
+    :func:`block_bytes`)."""
 
     mask: Tensor | None
     scaling: float | None
     softcap: float | None
+    output: Tensor  # the model's implementation's output [B, q, heads, hd]: the forward's value
     rules: RuleSet
     block: int | None = None
-    output: Tensor | None = None  # the model's implementation's output [B, q, heads, hd], if known
 
 
 class _Attend(torch.autograd.Function):
@@ -53,15 +55,9 @@ class _Attend(torch.autograd.Function):
         scores = FrozenProbabilities(
             query.detach(), key.detach(), spec.mask, float(scaling), spec.softcap, block=spec.block
         )
-        batch, _, q, _ = query.shape
         ctx.scores, ctx.value, ctx.spec = scores, value.detach(), spec
         ctx.dtypes = (query.dtype, key.dtype, value.dtype, unassigned.dtype)
-        if spec.output is not None:
-            return spec.output.to(value.dtype, copy=True)
-        v = value.detach().to(torch.float32)
-        parts = [mix(scores.rows(a, b, k), v[..., :k, :]) for a, b, k in scores.blocks(0, q)]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
-        return out.view(batch, q, query.shape[1], value.shape[-1]).to(value.dtype)
+        return spec.output.to(value.dtype, copy=True)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -124,8 +120,7 @@ def _pull(
         r = b - a
         # the scores before the mask only where a row may be fully masked (padding): elsewhere
         # a masked entry's dz is exactly 0 and its masked score finite
-        z, ratio, p = scores.scores(a, b, k, keep=scores.mask is not None)  # [B, kv, groups, r, k]
-        masked = z if scores.mask is None else z + scores.additive(a, b)[..., :k][:, :, None]
+        z, masked, ratio, p = scores.scores(a, b, k, keep=scores.mask is not None)  # [B, kv, groups, r, k]
         weights = p
         if path:  # the values also take what uniform attention would give: P v = U v + (P - U) v
             visible = (masked > torch.finfo(torch.float32).min / 2).to(torch.float32)

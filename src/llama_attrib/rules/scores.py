@@ -97,15 +97,15 @@ class FrozenProbabilities:
     def rows(self, t0: int = 0, t1: int | None = None, keys: int | None = None) -> Tensor:
         """``[B, kv, groups, t1 - t0, keys]`` float32 probabilities of queries ``t0:t1`` over
         the first ``keys`` keys (default all; see :meth:`extent`)."""
-        return self.scores(t0, t1, keys, keep=False)[2]
+        return self.scores(t0, t1, keys, keep=False)[3]
 
     def scores(
         self, t0: int = 0, t1: int | None = None, keys: int | None = None, keep: bool = True
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """``(scores, ratio, probabilities)`` of queries ``t0:t1`` over the first ``keys``
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+        """``(scores, masked, ratio, probabilities)`` of queries ``t0:t1`` over the first ``keys``
         keys, each ``[B, kv, groups, t1 - t0, keys]`` float32: the scores after scaling and
-        soft-cap, before the mask; with a soft-cap, ``ratio`` = capped / uncapped scores (the
-        identity rule's factor; None without one); the probabilities (mask applied).
+        soft-cap, before the mask and with it; with a soft-cap, ``ratio`` = capped / uncapped
+        scores (the identity rule's factor; None without one); the probabilities (mask applied).
         ``keep=False``: only the probabilities are wanted (the scores are masked in place)."""
         batch, kv, groups, q, s = self.shape
         t1 = q if t1 is None else t1
@@ -135,12 +135,7 @@ class FrozenProbabilities:
         else:
             mask = _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)[..., :k1]
             masked = scores + mask[:, :, None] if keep else scores.add_(mask[:, :, None])
-        return scores, ratio, torch.softmax(masked, dim=-1)
-
-    def additive(self, t0: int, t1: int) -> Tensor:
-        """Rows ``t0:t1`` of the mask as an additive float32 ``[B, 1, rows, S]``."""
-        batch, _, _, q, s = self.shape
-        return _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)
+        return scores, masked, ratio, torch.softmax(masked, dim=-1)
 
     def extent(self, t0: int, t1: int) -> int:
         """How many keys queries ``t0:t1`` see: the keys after the last one any of them sees
