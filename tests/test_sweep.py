@@ -88,15 +88,68 @@ def test_cut_work_equals_the_uncut_computation(name: str, way: str, monkeypatch:
         assert torch.allclose(e, g, atol=1e-5 * scale, rtol=0), (name, way, float((e - g).abs().max()))
 
 
-def test_left_padded_batch_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("way", list(WAYS))
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_cut_work_under_attnlrp_equals_the_uncut_computation(
+    name: str, way: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same under the rule set that credits queries and keys (its own backward kernel,
+    whose blocks reuse one buffer of every target's dP; Gemma 2: soft-caps, sliding windows)."""
+    model = tiny_model() if name == "llama" else family_model(name)
+    sequences = model.generate(prompt(11), max_new_tokens=STEPS, do_sample=False)
+    with monkeypatch.context() as m:
+        _uncut(m)
+        expected = _all(model, sequences, 11, rules="attnlrp")
+    with monkeypatch.context() as m:
+        WAYS[way](m)
+        got = _all(model, sequences, 11, rules="attnlrp")
+    scale = max(float(e.abs().max()) for e in expected)
+    for e, g in zip(expected, got, strict=True):
+        assert torch.allclose(e, g, atol=1e-5 * scale, rtol=0), (name, way, float((e - g).abs().max()))
+
+
+def test_attnlrp_batches_fewer_targets_per_backward_at_long_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule set that credits queries and keys needs about twice the working memory per
+    target: without a budget its targets go through in smaller batches at a long prompt
+    (SmolLM2's shape at 8000 tokens: 2 per backward, where the exact rules take all 8), and
+    runs and estimates plan with those sizes."""
+    smollm2 = memory.Shape(layers=30, hidden=576, heads=9, kv_dim=192, intermediate=1536, vocab=49152)
+    cpu = torch.device("cpu")
+    exact = memory.TargetSizes.of(smollm2, 1, 8008, torch.float32, cpu)
+    credited = memory.TargetSizes.of(smollm2, 1, 8008, torch.float32, cpu, credited=True)
+    assert credited.work == memory.CREDITED_WORK * exact.work and credited.graph == exact.graph
+    assert exact.chunks(8) == (8, 8) and credited.chunks(8) == (2, 8)
+    assert credited.peak(8) < exact.peak(8)
+    short = memory.TargetSizes.of(smollm2, 1, 280, torch.float32, cpu, credited=True)
+    assert short.chunks(32)[0] > 2  # a short prompt's targets still go in larger batches
+    model = tiny_model()
+    shape = memory.Shape.of(model)
+    for name, flag in (("exact", False), ("attnlrp", True)):
+        sizes = memory.TargetSizes.of(shape, 1, 40, torch.float32, cpu, credited=flag)
+        assert llama_attrib.estimate_memory(model, 40, steps=8, rules=name) == sizes.peak(8)
+    planned: list[bool] = []
+    layouts = memory.target_layouts
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        planned.append(kwargs.get("credited", False))
+        return layouts(*args, **kwargs)
+
+    monkeypatch.setattr(memory, "target_layouts", spy)
+    llama_attrib.decompose_sequence(model, prompt(9), 7, rules="attnlrp")
+    llama_attrib.decompose_sequence(model, prompt(9), 7)
+    assert planned == [True, False]
+
+
+@pytest.mark.parametrize("ruleset", ["exact", "attnlrp"])
+def test_left_padded_batch_in_blocks(ruleset: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A padding mask cut into blocks: each row equals that row decomposed alone."""
     model = tiny_model()
     ids = prompt(9, batch=2)
     mask = torch.ones_like(ids)
     ids[1, :3], mask[1, :3] = 0, 0
     _recomputed(monkeypatch)
-    batch = llama_attrib.decompose_sequence(model, ids, 7, attention_mask=mask)
-    alone = llama_attrib.decompose_sequence(model, ids[1:, 3:], 4)
+    batch = llama_attrib.decompose_sequence(model, ids, 7, attention_mask=mask, rules=ruleset)
+    alone = llama_attrib.decompose_sequence(model, ids[1:, 3:], 4, rules=ruleset)
     for c, a in zip(batch, alone, strict=True):
         token = int(a.recovery.argmax())
         got = c[1, token].components[3:]

@@ -19,6 +19,7 @@ from torch import nn
 
 from . import rules
 from .errors import LlamaAttribError
+from .rules.sets import rule_set
 
 LEAN_BYTES = 64 << 20  # target mode's working memory without max_memory, at least
 # What the tensors a pass keeps whatever its targets (TargetSizes.graph) come to in a process's
@@ -29,6 +30,13 @@ SLACK = 1.4
 # benchmarks/gpu.sh (the 7B shape in bfloat16 on an H200 at 512 to 32k tokens: the counted
 # bytes were 0.87-1.18 of the growth of torch.cuda.max_memory_allocated).
 DEVICE_SLACK = 1.1
+# A rule set that credits queries and keys (rules="attnlrp"): a target's working memory in a
+# batched backward against the exact rules' (the gradients of the queries, keys and values, and
+# of the gate's side of the MLP), measured as peak growth per target on SmolLM2 at 2048 tokens
+# (30 MiB against 18); its backward computes four products per target where the exact rules
+# compute one, so batching fewer targets (each batch computes the probabilities again) costs
+# little time: 73.0 s with 2 targets per backward, 74.2 s with 8 (SmolLM2, 2048 + 8).
+CREDITED_WORK = 2
 
 
 class MemoryBudgetError(LlamaAttribError):
@@ -76,6 +84,7 @@ class TargetSizes:
     graph: int
     state: int
     work: int
+    credited: bool = False  # under a rule set that credits queries and keys (CREDITED_WORK)
 
     @property
     def per_request(self) -> int:
@@ -86,11 +95,17 @@ class TargetSizes:
         ``budget`` bytes (None: no limit). Each target keeps its gradient for a whole sweep;
         a batched backward's working memory grows with the targets it takes. ``unbudgeted`` (no
         explicit budget): keep that working memory within the pass's own size, but at least 4
-        targets per backward, since each one computes the attention probabilities again."""
+        targets per backward, since each one computes the attention probabilities again; under
+        a rule set that credits queries and keys, within a quarter of it (or :data:`LEAN_BYTES`)
+        and at least 2 (each target's own products are four times as many there, see
+        :data:`CREDITED_WORK`)."""
         free = (1 << 62) if budget is None else budget - self.graph
         per_chunk = max(1, min(n, free // self.per_request))
         if unbudgeted:
-            per_chunk = min(per_chunk, max(4, max(self.graph, LEAN_BYTES) // self.work))
+            room, least = max(self.graph, LEAN_BYTES), 4
+            if self.credited:
+                room, least = max(self.graph // 4, LEAN_BYTES), 2
+            per_chunk = min(per_chunk, max(least, room // self.work))
         per_chunk = math.ceil(n / math.ceil(n / per_chunk))  # even: 8 targets by 7 -> 4 + 4, not 7 + 1
         per_sweep = max(per_chunk, (free - per_chunk * self.work) // self.state)
         return per_chunk, min(n, per_sweep)
@@ -109,10 +124,12 @@ class TargetSizes:
         device: torch.device | None = None,
         model_dtype: torch.dtype | None = None,
         probabilities: tuple[int, int] | None = None,
+        credited: bool = False,
     ) -> TargetSizes:
         """The sizes of a run with components in ``dtype`` on ``device`` (default the CPU); each
         layer's input is kept as the model computed it, in ``model_dtype`` (default ``dtype``).
-        ``probabilities``: ``(bytes computed at a time, bytes kept)`` if not the defaults."""
+        ``probabilities``: ``(bytes computed at a time, bytes kept)`` if not the defaults;
+        ``credited``: under a rule set that credits queries and keys."""
         device = device or torch.device("cpu")
         item = torch.empty((), dtype=dtype).element_size()
         stored = torch.empty((), dtype=model_dtype or dtype).element_size()
@@ -137,7 +154,8 @@ class TargetSizes:
             # to the measured growth as counted (the 8-layer shape at 4 to 32 targets per backward)
             graph=int(slack * (inputs + layer + blocks)),
             state=tokens * shape.hidden * item,  # a target's gradient between two layers
-            work=work,  # the MLP's backward runs in pieces of rules.mlp.ROWS positions
+            work=work * (CREDITED_WORK if credited else 1),  # the MLP's backward: pieces of rules.mlp.ROWS
+            credited=credited,
         )
 
 
@@ -148,18 +166,23 @@ def target_layouts(
     dtype: torch.dtype,
     device: torch.device,
     model_dtype: torch.dtype,
+    credited: bool = False,
 ) -> list[tuple[TargetSizes, tuple[int, int] | None]]:
     """Target mode's possible sizes, largest first: the default probability blocks, then
     nothing kept for the backward and blocks halved down to :data:`rules.MIN_BLOCK_BYTES`.
-    Each is ``(sizes, probabilities)`` (``None``: the defaults), for a budget to choose from."""
+    Each is ``(sizes, probabilities)`` (``None``: the defaults), for a budget to choose from.
+    ``credited``: under a rule set that credits queries and keys."""
     out: list[tuple[TargetSizes, tuple[int, int] | None]] = [
-        (TargetSizes.of(shape, batch, length, dtype, device, model_dtype), None)
+        (TargetSizes.of(shape, batch, length, dtype, device, model_dtype, credited=credited), None)
     ]
     block = rules.block_bytes(device)
     while True:
         probabilities = (block, 0)
         out.append(
-            (TargetSizes.of(shape, batch, length, dtype, device, model_dtype, probabilities), probabilities)
+            (
+                TargetSizes.of(shape, batch, length, dtype, device, model_dtype, probabilities, credited),
+                probabilities,
+            )
         )
         if block <= rules.MIN_BLOCK_BYTES:
             return out
@@ -204,10 +227,12 @@ def estimate(
     components: int | None = None,
     steps: int = 1,
     dtype: torch.dtype = torch.float32,
+    rules: str | None = None,
 ) -> int:
     """Bytes a decomposition of ``batch`` sequences of ``length`` tokens keeps at its peak.
 
-    ``mode="target"``: ``steps`` targets, chunked as a run without ``max_memory`` chunks them.
+    ``mode="target"``: ``steps`` targets, chunked as a run without ``max_memory`` chunks them,
+    under the rule set ``rules`` (default ``"exact"``).
     ``mode="forward"``: one pass over ``components`` components (default: one per position).
     ``mode="generate"``: forward-mode generation to ``length`` (value caches included).
     """
@@ -215,7 +240,9 @@ def estimate(
     itemsize = torch.empty((), dtype=dtype).element_size()
     if mode == "target":
         weight = next(model.parameters())
-        return TargetSizes.of(shape, batch, length, dtype, weight.device, weight.dtype).peak(steps)
+        credited = not rule_set(rules).frozen_attention
+        sizes = TargetSizes.of(shape, batch, length, dtype, weight.device, weight.dtype, credited=credited)
+        return sizes.peak(steps)
     c = length if components is None else components
     per = forward_component_bytes(shape, batch, length, itemsize)
     if mode == "forward":

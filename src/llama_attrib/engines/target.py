@@ -57,7 +57,13 @@ class TargetRun:
         self.model_dtype = families.model_dtype(model)
         batch, length = inputs.ids.shape
         layouts = memory.target_layouts(
-            memory.Shape.of(model), batch, length, dtype, inputs.ids.device, self.model_dtype
+            memory.Shape.of(model),
+            batch,
+            length,
+            dtype,
+            inputs.ids.device,
+            self.model_dtype,
+            credited=not rules.frozen_attention,
         )
         # the probability blocks each fit the budget with one target at least, largest first
         self.layouts = [(s, p) for s, p in layouts if s.graph + s.per_request <= budget]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import scores as _sizes
-from .scores import FrozenProbabilities, mix
+from .scores import FrozenProbabilities, Scratch, mix
 
 
 class _FrozenMix(torch.autograd.Function):
@@ -84,8 +84,9 @@ def _transposed(
     g = grad.reshape(batch, t1 - t0, kv, groups, -1, n)
     hd = g.shape[4]
     total = grad.new_zeros((batch * kv, length, hd * n))
+    scratch = Scratch(batch * kv * groups * max((b - a) * k for a, b, k in blocks))
     for i, (a, b, k) in enumerate(blocks):
-        p = scores.rows(a, b, k) if kept is None else kept[i]
+        p = scores.rows(a, b, k, scratch) if kept is None else kept[i]
         p = p.to(grad.dtype).reshape(batch * kv, groups * (b - a), k)
         rows = g[:, a - t0 : b - t0].permute(0, 2, 3, 1, 4, 5).reshape(batch * kv, groups * (b - a), hd * n)
         total[:, :k].baddbmm_(p.transpose(-1, -2), rows)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .scores import FrozenProbabilities, block_bytes
+from .scores import FrozenProbabilities, Scratch, block_bytes
 from .sets import RuleSet
 
 
@@ -92,49 +92,60 @@ def _pull(
 
     Every product is one batched matrix product per (row, kv head), the targets merged into
     its rows or columns (never a broadcast, which would copy the probabilities or the keys
-    once per target); ``dP`` becomes ``dz`` in place."""
+    once per target). The products accumulate into the gradients in place, and ``dP`` is
+    written into one buffer that every block reuses, where it becomes ``dz``: on the CPU a
+    fresh tensor of that size costs its page faults each time, about as long as the product
+    that fills it (one layer of SmolLM2's shape at 8000 tokens, 8 targets: 30.4 s with fresh
+    tensors, 14.1 s reusing them, on 2 cores). The cotangent's rows are copied into the
+    layout each product needs one block at a time, never whole per target."""
     rules = spec.rules
     batch, kv, groups, q, s = scores.shape
     n, hd, d = grad.shape[0], value.shape[-1], scores.query.shape[-1]
-    g = grad.to(torch.float32).reshape(n, batch, q, kv, groups, hd)
-    by_target = g.permute(1, 3, 0, 4, 2, 5).contiguous()  # [B, kv, n, groups, q, hd]: dP's rows
-    by_row = g.permute(1, 3, 4, 2, 0, 5).contiguous()  # [B, kv, groups, q, n, hd]: dv's columns
-    del g
+    bk = batch * kv
+    g = grad.to(torch.float32).reshape(n, batch, q, kv, groups, hd)  # each block takes its rows
     query = scores.query.to(torch.float32).reshape(batch, kv, groups, q, d)
-    key = scores.key.to(torch.float32)
-    v = value.to(torch.float32)
+    key = scores.key.to(torch.float32).reshape(bk, s, d)
+    v = value.to(torch.float32).reshape(bk, s, hd)
     # a row of dz sums to 0 and one of P to 1: dz is the same from values shifted by any vector,
     # and dq from keys so shifted; shifted by their mean, the products add up terms of smaller
     # size (float32 rounding), and sum(P * dP) takes the shift's part back
-    v_mean = v.mean(-2, keepdim=True)  # [B, kv, 1, hd]
+    v_mean = v.mean(-2, keepdim=True)  # [B * kv, 1, hd]
     v, k_centred = v - v_mean, key - key.mean(-2, keepdim=True)
     credited = rules.query or rules.key
-    dq = by_target.new_zeros((batch, kv, n, groups, q, d)) if rules.query else None
-    dk = by_target.new_zeros((batch, kv, n, s, d))
-    dv = by_target.new_zeros((batch, kv, s, n * hd))
-    du = by_target.new_zeros((batch, kv, n), dtype=torch.float64)
+    dq = g.new_zeros((n, batch, kv, groups, q, d)) if rules.query else None  # the output's layout
+    dk = g.new_zeros((bk * n, s, d))  # times rules.key * scaling at the end
+    dv = g.new_zeros((bk, s, n * hd))
+    du = g.new_zeros((batch, kv, n), dtype=torch.float64)
     path = rules.softmax == "path"
     # every target's dP (and, along a path, dz) is held for one block, beside the probabilities
     size = block_bytes(scores.query.device) if scores.block is None else scores.block
-    for a, b, k in replace(scores, block=max(1, size // ((2 if path else 1) * n + 3))).blocks(0, q):
+    blocks = replace(scores, block=max(1, size // ((2 if path else 1) * n + 3))).blocks(0, q)
+    most = max((b - a) * k for a, b, k in blocks)
+    scratch = Scratch(bk * groups * most)  # the probabilities', one block at a time
+    buffer = g.new_empty((bk * n * groups * most if credited or rules.value != 1.0 else 0,))
+    for a, b, k in blocks:
         r = b - a
+        rows_g = g[:, :, a:b]  # [n, B, r, kv, groups, hd]
+        by_target = rows_g.permute(1, 3, 0, 4, 2, 5).reshape(bk, n * groups * r, hd)  # dP's rows
         # the scores before the mask only where a row may be fully masked (padding): elsewhere
         # a masked entry's dz is exactly 0 and its masked score finite
-        z, masked, ratio, p = scores.scores(a, b, k, keep=scores.mask is not None)  # [B, kv, groups, r, k]
-        weights = p
+        z, masked, ratio, p = scores.scores(a, b, k, keep=scores.mask is not None, scratch=scratch)
+        weights, share = p, rules.value
         if path:  # the values also take what uniform attention would give: P v = U v + (P - U) v
             visible = (masked > torch.finfo(torch.float32).min / 2).to(torch.float32)
             uniform = visible / visible.sum(-1, keepdim=True)
-            weights = rules.value * p + (1.0 - rules.value) * uniform
-        elif rules.value:
-            weights = rules.value * p
-        if path or rules.value:
-            rows = weights.reshape(batch, kv, groups * r, k).transpose(-1, -2)
-            dv[:, :, :k] += rows @ by_row[:, :, :, a:b].reshape(batch, kv, groups * r, n * hd)
+            weights, share = rules.value * p + (1.0 - rules.value) * uniform, 1.0
+        if share:
+            rows = weights.reshape(bk, groups * r, k).transpose(-1, -2)
+            by_row = rows_g.permute(1, 3, 4, 2, 0, 5).reshape(bk, groups * r, n * hd)  # dv's columns
+            dv[:, :k].baddbmm_(rows, by_row, alpha=share)
         if rules.value == 1.0 and not credited:
             continue
-        dp = by_target[:, :, :, :, a:b].reshape(batch, kv, n * groups * r, hd) @ v[:, :, :k].transpose(-1, -2)
-        dp = dp.view(batch, kv, n, groups, r, k)  # from centred values (the shift's part below)
+        dp = torch.bmm(
+            by_target,
+            v[:, :k].transpose(-1, -2),
+            out=buffer[: bk * n * groups * r * k].view(bk, n * groups * r, k),
+        ).view(batch, kv, n, groups, r, k)  # from centred values (the shift's part below)
         if path:
             # the scores' share is (P - U) dP, along the path alpha z from uniform attention
             # (alpha 0) to the real one (alpha 1): dz = mean over alpha of the softmax's Jacobian
@@ -152,7 +163,9 @@ def _pull(
             dz = dp.mul_(p.unsqueeze(2))  # P * dP
             kept = dz.sum(-1, keepdim=True)  # sum(P * dP) per row and target
             if rules.value != 1.0:
-                shift = (by_target[:, :, :, :, a:b].sum((3, 4)) * v_mean).sum(-1)  # [B, kv, n]
+                shift = (
+                    by_target.view(batch, kv, n, groups * r, hd).sum(3) * v_mean.view(batch, kv, 1, hd)
+                ).sum(-1)
                 du += (1.0 - rules.value) * (kept.sum((-3, -2, -1)).double() + shift.double())
             if not credited:
                 continue
@@ -160,27 +173,31 @@ def _pull(
         del kept
         # sum(dz * z), each row's scores shifted by their largest (dz sums to 0 over a row, so
         # the sum is the same, without adding up large terms of opposite signs)
-        shifted = (z - z.amax(-1, keepdim=True)).reshape(batch * kv, groups * r * k, 1)
-        flat = dz.view(batch * kv, n, groups * r * k)
+        shifted = z.sub_(z.amax(-1, keepdim=True)).reshape(bk, groups * r * k, 1)  # z is not needed after
+        flat = dz.view(bk, n, groups * r * k)
         du -= (rules.query + rules.key) * (flat @ shifted).view(batch, kv, n).double()
         if ratio is not None:
             dz.mul_(ratio.unsqueeze(2))
         if dq is not None:
             keys = k_centred if ratio is None else key  # a soft-capped row of dz sums to no constant
-            part = dz.view(batch, kv, n * groups * r, k) @ keys[:, :, :k]
-            dq[:, :, :, :, a:b] = (rules.query * scores.scaling) * part.view(batch, kv, n, groups, r, d)
+            part = dz.view(bk, n * groups * r, k) @ keys[:, :k]
+            part = part.view(batch, kv, n, groups, r, d).permute(2, 0, 1, 3, 4, 5)
+            dq[:, :, :, :, a:b] = part.mul_(rules.query * scores.scaling)
         if rules.key:
-            mine = query[:, :, :, a:b].reshape(batch, kv, 1, groups * r, d)
-            part = dz.view(batch, kv, n, groups * r, k).transpose(-1, -2) @ mine
-            dk[:, :, :, :k] += (rules.key * scores.scaling) * part
+            mine = query[:, :, :, a:b].reshape(bk, 1, groups * r, d).expand(bk, n, groups * r, d)
+            dk[:, :k].baddbmm_(
+                dz.view(bk * n, groups * r, k).transpose(-1, -2), mine.reshape(bk * n, groups * r, d)
+            )
+        del dz
     heads = kv * groups
     if dq is None:
         dq_out = grad.new_zeros((n, batch, heads, q, d), dtype=dtypes[0])
     else:
-        dq_out = dq.permute(2, 0, 1, 3, 4, 5).reshape(n, batch, heads, q, d).to(dtypes[0])
+        dq_out = dq.view(n, batch, heads, q, d).to(dtypes[0])
+    dk.mul_(rules.key * scores.scaling)
     return (
         dq_out,
-        dk.permute(2, 0, 1, 3, 4).to(dtypes[1]),
+        dk.view(batch, kv, n, s, d).permute(2, 0, 1, 3, 4).to(dtypes[1]),
         dv.view(batch, kv, s, n, hd).permute(3, 0, 1, 2, 4).to(dtypes[2]),
         du.sum(1).T.reshape(n, batch, 1).to(dtypes[3]),
     )

@@ -3,6 +3,7 @@ function received (:class:`FrozenProbabilities`), and the sizes of those blocks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,26 @@ def _additive_mask(
     return mask.to(torch.float32).clamp(min=neg)
 
 
+class Scratch:
+    """Float32 buffers that blocks computed one after another reuse, one per name: on the CPU a
+    fresh tensor of a block's size costs its page faults every time, often as long as the
+    product that fills it (the probabilities' softmax took 4x as long into a new tensor as into
+    a reused one at 8000 keys). Sized once for the largest block (``elements``)."""
+
+    def __init__(self, elements: int) -> None:
+        self.elements = elements
+        self._buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """A tensor of ``shape`` over the buffer ``name`` (its last contents, or garbage)."""
+        size = math.prod(shape)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size or buffer.device != device:
+            buffer = torch.empty((max(size, self.elements),), dtype=torch.float32, device=device)
+            self._buffers[name] = buffer
+        return buffer[:size].view(shape)
+
+
 @dataclass(frozen=True)
 class FrozenProbabilities:
     """What the stock attention function received, enough for any rows of the frozen
@@ -94,30 +115,48 @@ class FrozenProbabilities:
         kv, s = self.key.shape[1], self.key.shape[2]
         return batch, kv, heads // kv, q, s
 
-    def rows(self, t0: int = 0, t1: int | None = None, keys: int | None = None) -> Tensor:
+    def rows(
+        self, t0: int = 0, t1: int | None = None, keys: int | None = None, scratch: Scratch | None = None
+    ) -> Tensor:
         """``[B, kv, groups, t1 - t0, keys]`` float32 probabilities of queries ``t0:t1`` over
-        the first ``keys`` keys (default all; see :meth:`extent`)."""
-        return self.scores(t0, t1, keys, keep=False)[3]
+        the first ``keys`` keys (default all; see :meth:`extent`); in ``scratch``'s buffers if
+        given (valid until its next use)."""
+        return self.scores(t0, t1, keys, keep=False, scratch=scratch)[3]
 
     def scores(
-        self, t0: int = 0, t1: int | None = None, keys: int | None = None, keep: bool = True
+        self,
+        t0: int = 0,
+        t1: int | None = None,
+        keys: int | None = None,
+        keep: bool = True,
+        scratch: Scratch | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         """``(scores, masked, ratio, probabilities)`` of queries ``t0:t1`` over the first ``keys``
         keys, each ``[B, kv, groups, t1 - t0, keys]`` float32: the scores after scaling and
         soft-cap, before the mask and with it; with a soft-cap, ``ratio`` = capped / uncapped
         scores (the identity rule's factor; None without one); the probabilities (mask applied).
-        ``keep=False``: only the probabilities are wanted (the scores are masked in place)."""
+        ``keep=False``: only the probabilities are wanted (the scores are masked in place).
+        ``scratch``: the scores, masked scores and probabilities go to its buffers (valid until
+        its next use) rather than to new tensors."""
         batch, kv, groups, q, s = self.shape
         t1 = q if t1 is None else t1
         k1 = s if keys is None else keys
         rows, d = t1 - t0, self.query.shape[-1]
+        shape = (batch, kv, groups, rows, k1)
+        device = self.query.device
+
+        def fresh(name: str) -> Tensor | None:
+            return None if scratch is None else scratch.take(name, shape, device)
+
         query = self.query[:, :, t0:t1].to(torch.float32)
         if self.softcap is None:
             query = query * self.scaling  # on the queries: rows x d multiplications, not rows x keys
-        query = query.reshape(batch, kv, groups * rows, d)
-        scores = (query @ self.key[:, :, :k1].to(torch.float32).transpose(-1, -2)).view(
-            batch, kv, groups, rows, k1
-        )
+        query = query.reshape(batch * kv, groups * rows, d)
+        key = self.key[:, :, :k1].to(torch.float32).reshape(batch * kv, k1, d).transpose(-1, -2)
+        out = fresh("scores")
+        scores = (
+            query @ key if out is None else torch.bmm(query, key, out=out.view(batch * kv, -1, k1))
+        ).view(shape)
         ratio = None
         if self.softcap is not None:
             uncapped = scores * self.scaling
@@ -130,12 +169,25 @@ class FrozenProbabilities:
             masked = scores
             if first < k1:
                 seen = torch.ones((rows, k1 - first), dtype=torch.bool, device=scores.device).tril()
-                masked = scores.clone() if keep else scores
+                if keep:
+                    out = fresh("masked")
+                    masked = scores.clone() if out is None else out.copy_(scores)
                 masked[..., first:].masked_fill_(~seen, neg)
         else:
             mask = _additive_mask(self.mask, batch, q, s - q, self.query.device, t0, t1)[..., :k1]
-            masked = scores + mask[:, :, None] if keep else scores.add_(mask[:, :, None])
-        return scores, masked, ratio, torch.softmax(masked, dim=-1)
+            if keep:
+                out = fresh("masked")
+                masked = (
+                    torch.add(scores, mask[:, :, None], out=out)
+                    if out is not None
+                    else scores + mask[:, :, None]
+                )
+            else:
+                masked = scores.add_(mask[:, :, None])
+        out = fresh("probabilities")
+        if out is None:
+            return scores, masked, ratio, torch.softmax(masked, dim=-1)
+        return scores, masked, ratio, torch.ops.aten._softmax.out(masked, -1, False, out=out)
 
     def extent(self, t0: int, t1: int) -> int:
         """How many keys queries ``t0:t1`` see: the keys after the last one any of them sees
