@@ -16,16 +16,21 @@ time is the best of two calls. Cases:
   frozen and q, k and the gate detached by hooks), which llama_attrib must not be slower than.
 
 Columns: seconds (the seed's loop included: argmax, then that token's components, every step),
-peak, and ``estimate_memory(model, length, steps=new)`` against the peak's growth over the
-loaded model. Prints a Markdown table.
+peak, ``estimate_memory(model, length, steps=new, rules=...)`` against the peak's growth over
+the loaded model, and the floor: plain generation's time plus the pass's floating-point
+operations (:func:`pass_flops`, counted from the model's shape) at this machine's best float32
+matrix product, over plain generation's time, the fastest any implementation of the rule set
+could be here. Prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import measure, model_for, rss, seed_loop
 
 import llama_attrib
+from llama_attrib import memory
+from llama_attrib.rules.sets import rule_set
 
 FACT = "The access code for the archive room is 4817."
 QUESTION = "\n\nQuestion: What is the access code for the archive room?\nAnswer: The access code is"
@@ -97,6 +104,39 @@ def naive_loop(model: Any, ids: torch.Tensor, sequences: torch.Tensor) -> None:
             (grad * embeds).sum(-1)
 
 
+def pass_flops(model: Any, length: int, targets: int, rules: str) -> float:
+    """Floating-point operations of target mode's pass over ``length`` tokens for ``targets``
+    targets after generation, counted from the model's shape (a dense model): each layer's
+    forward with a graph once; per target, the linear maps its gradient goes through (the
+    exact rules: values, output, up and down; a rule set that credits queries and keys: all
+    seven) and the attention's products over the causal half (the exact rules: ``P^T g``; the
+    credited ones: ``dP = g v^T``, ``P^T g``, ``dz k`` and ``dz^T q``); once per batched backward,
+    the scores again (the planner's batches, :meth:`memory.TargetSizes.chunks`)."""
+    shape = memory.Shape.of(model)
+    head_dim = int(getattr(model.config, "head_dim", None) or shape.hidden // shape.heads)
+    credited = not rule_set(rules).frozen_attention
+    sizes = memory.TargetSizes.of(shape, 1, length, torch.float32, credited=credited)
+    batches = math.ceil(targets / sizes.chunks(targets)[0])
+    product = 2.0 * length * (length + 1) / 2 * head_dim * shape.heads  # T x T x hd, every head, causal
+    h, kv, inner = shape.hidden, shape.kv_dim, shape.intermediate
+    every = 2 * h * h + 2 * h * kv + 3 * h * inner  # q, k, v, o, gate, up, down
+    through = every if credited else h * kv + h * h + 2 * h * inner
+    per_target = 2.0 * length * through + (4 if credited else 1) * product
+    return shape.layers * (2.0 * length * every + targets * per_target + batches * product)
+
+
+def best_flops() -> float:
+    """This machine's best float32 matrix product, operations per second (2048 x 2048, best of 5)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * 2048**3 / min(times)
+
+
 def one(case: str, method: str) -> dict[str, Any]:
     model, ids, new = inputs(case)
     kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
@@ -112,10 +152,13 @@ def one(case: str, method: str) -> dict[str, Any]:
     elif method == "llama_attrib" or method.startswith(("max_memory=", "rules=")):
         llama_attrib.wrap(model)
         options: dict[str, Any] = {}
-        if method == "llama_attrib":
-            out["estimate"] = llama_attrib.estimate_memory(model, ids.shape[1] + new - 1, steps=new)
-        elif method.startswith("rules="):  # another rule set (docs/rules.md)
+        length = ids.shape[1] + new - 1
+        if method.startswith("rules="):  # another rule set (docs/rules.md)
             options["rules"] = method.split("=", 1)[1]
+        if not method.startswith("max_memory="):
+            ruleset = options.get("rules", "exact")
+            out["estimate"] = llama_attrib.estimate_memory(model, length, steps=new, rules=ruleset)
+            out["floor"] = pass_flops(model, length, new, ruleset) / best_flops()
         else:  # an explicit budget: more, smaller chunks of targets
             options["max_memory"] = method.split("=", 1)[1]
 
@@ -154,8 +197,11 @@ def main() -> None:
         f"torch {torch.__version__}, llama_attrib {llama_attrib.__version__}, "
         f"{torch.get_num_threads()} threads\n"
     )
-    print("| case | prompt + new | method | time | vs plain | peak | vs plain | estimate / measured growth |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| case | prompt + new | method | time | vs plain | peak | vs plain | estimate / measured growth "
+        "| floor |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for case in args.cases.split(","):
         methods = ["plain", "llama_attrib"] + (["naive"] if case.endswith("-248") else [])
         methods += [f"max_memory={args.max_memory}"] if args.max_memory else []
@@ -167,17 +213,18 @@ def main() -> None:
             )
             if done.returncode != 0:
                 print(
-                    f"| {case} | | {method} | failed: {done.stderr.strip().splitlines()[-1]} |||||",
+                    f"| {case} | | {method} | failed: {done.stderr.strip().splitlines()[-1]} ||||||",
                     flush=True,
                 )
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
             plain = plain or r
             estimate = f"{r['estimate'] / r['growth']:.2f}" if "estimate" in r else ""
+            floor = f"{(plain['seconds'] + r['floor']) / plain['seconds']:.1f}x" if "floor" in r else ""
             print(
                 f"| {case} | {r['prompt']} + {r['new']} | {method} | {r['seconds']:.1f} s | "
                 f"{r['seconds'] / plain['seconds']:.1f}x | {r['peak'] / 2**20:.0f} MiB | "
-                f"{r['peak'] / plain['peak']:.2f}x | {estimate} |",
+                f"{r['peak'] / plain['peak']:.2f}x | {estimate} | {floor} |",
                 flush=True,
             )
 
