@@ -51,3 +51,25 @@ def test_pydec_operations_work() -> None:
     doubled = c * 2
     assert torch.allclose(doubled.components, 2 * c.components)
     assert "LogitComposition" in repr(c)
+
+
+def test_the_logprob_readout_is_float64_accurate_over_a_large_vocabulary() -> None:
+    """The log-probability target's read-out ``w_t - p @ W`` over SmolLM2's vocabulary size:
+    its product with the hidden state equals ``z_t - p . z`` computed in float64 to float32's
+    rounding of the result, and so does the value the sum is checked against (a float32
+    softmax over 49152 logits sums to 1 + 1e-5 and a float32 ``p @ W`` is off by 1e-4 of
+    its largest entry: the target's sum then missed its value by 1.7e-5 of the largest logit)."""
+    from llama_attrib.composition import logprob_readout, target_value
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(49152, 576, generator=g) * 0.05
+    hidden = torch.randn(576, generator=g) * 3.0
+    logits = weight @ hidden
+    token = int(logits.argmax())
+    z64 = weight.double() @ hidden.double()
+    exact = float(z64[token] - torch.softmax(z64, -1) @ z64)
+    scale = float(logits.abs().max())
+    readout = float(logprob_readout(weight, logits, token, softcapped=False).double() @ hidden.double())
+    value = float(target_value(logits, ("logprob", token)))
+    assert abs(readout - exact) <= 1e-6 * scale
+    assert abs(value - exact) <= 1e-6 * scale

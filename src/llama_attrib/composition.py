@@ -133,16 +133,21 @@ LOGPROB = "logprob"  # the key kind of the log-probability target
 
 def logprob_readout(weight: Tensor, logits: Tensor, token: int, softcapped: bool) -> Tensor:
     """The read-out of ``token``'s log-probability target from the final hidden state: its
-    head row minus the rows weighted by the probabilities of ``logits`` (frozen), float32 on
-    ``weight``'s device. Under a final soft-cap that target is not linear: refused."""
+    head row minus the rows weighted by the probabilities of ``logits`` (frozen), computed in
+    float64, float32 on ``weight``'s device. Under a final soft-cap that target is not linear: refused."""
     if softcapped:
         raise UnsupportedOptionError(
             "the log-probability target of a model with a final soft-cap is not linear in the "
             "hidden state: explain the logit (before the cap) instead"
         )
-    p = torch.softmax(logits.float(), -1).to(weight.device)
-    rows = weight.float()
-    return rows[int(token)] - p @ rows
+    # in float64: over SmolLM2's 49152 tokens a float32 softmax sums to 1 + 8e-6 and the float32
+    # product p @ rows is off by 7e-5 of its largest entry, which moved the target's sum by
+    # 3.6e-4 (1.7e-5 of the largest logit) from the value it explains
+    p = torch.softmax(logits.double(), -1).to(weight.device)
+    mean = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
+    for start in range(0, weight.shape[0], 4096):  # never the whole head in float64 at once
+        mean += p[start : start + 4096] @ weight[start : start + 4096].double()
+    return (weight[int(token)].double() - mean).float()
 
 
 def target_value(logits: Tensor, what: Any) -> Tensor:
@@ -150,8 +155,8 @@ def target_value(logits: Tensor, what: Any) -> Tensor:
     logit_b`` for a pair ``(a, b)``, or for ``("logprob", t)`` the logit minus the
     probability-weighted mean logit."""
     if isinstance(what, tuple) and what[0] == LOGPROB:
-        z = logits.float()
-        return z[what[1]] - torch.softmax(z, -1) @ z
+        z = logits.double()
+        return (z[what[1]] - torch.softmax(z, -1) @ z).float()
     return logits[what[0]] - logits[what[1]] if isinstance(what, tuple) else logits[what]
 
 
