@@ -235,11 +235,34 @@ def test_the_evaluation_has_every_rule_set_and_runs_lxt_alone() -> None:
     for name in rules.RULE_SETS:
         if name != "exact":
             assert name in METHODS and f"{name}-no-first" in METHODS
+        assert f"{name}-logprob" in METHODS and f"{name}-logprob-no-first" in METHODS
     assert not set(LXT_METHODS) & set(METHODS)  # they patch the process: only when asked for
     check_lxt(["lxt-attnlrp", "lxt-attnlrp-no-first", "attnlrp", "decomposition"])
     for mixed in (["lxt-attnlrp", "input-x-gradient"], ["lxt-attnlrp", "lxt-cp-lrp"]):
         with pytest.raises(SystemExit, match="whole process"):
             check_lxt(mixed)
+
+
+@pytest.mark.parametrize("ruleset", ["exact", "attnlrp"])
+def test_the_logprob_rows_explain_the_log_probability_target(ruleset: str) -> None:
+    """``<rule set>-logprob`` scores the components of the log-probability target (the logit
+    minus the probability-weighted mean logit): with the shares of no token they add up to
+    it, from the model's own logits; they are not the logit's components."""
+    from llama_attrib.evaluation.methods import METHODS, Setup
+
+    model = family_model("qwen2")
+    ids = prompt(9)[0]
+    scores = METHODS[f"{ruleset}-logprob"](model, ids, P, Setup(replacement=0))
+    steps = llama_attrib.decompose_sequence(model, ids, P, targets="logprob", rules=ruleset)
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0, P - 1 :].double()
+    for k, (got, c) in enumerate(zip(scores, steps, strict=True)):
+        token = int(ids[P + k])
+        z = logits[k]
+        value = float(z[token] - torch.softmax(z, -1) @ z)
+        share = float(c.logprob(token).residual)
+        assert abs(float(got.sum()) + share - value) <= 3e-5 * float(z.abs().max())
+        assert not torch.allclose(got, c[token].components.float())
 
 
 @pytest.mark.slow

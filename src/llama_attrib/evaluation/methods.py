@@ -20,7 +20,9 @@ step ``k`` explains the logit of ``ids[P + k]`` at position ``P - 1 + k`` and sc
   ``setup.ablation_batch`` perturbations per forward;
 - ``decomposition``: llama_attrib's exact decomposition of the logit (the components sum to
   it); ``decomposition-no-first``: the same scores with position 0, the attention sink, set
-  below every other score (:func:`metrics.drop_first`), so it is ranked last.
+  below every other score (:func:`metrics.drop_first`), so it is ranked last; ``attnlrp``,
+  ``attnlrp-path`` (and ``-no-first``): under those rule sets; ``<rule set>-logprob`` (and
+  ``-no-first``, ``exact-logprob`` for the exact rules): of the log-probability target.
 
 The gradient methods and the decomposition explain the target's logit; feature ablation its
 log-probability, as captum's ``LLMAttribution`` does.
@@ -58,16 +60,29 @@ class Setup:
 
 
 def decomposition(
-    model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup, rules: Any = "exact"
+    model: nn.Module,
+    ids: Tensor,
+    prompt_length: int,
+    setup: Setup,
+    rules: Any = "exact",
+    target: str = "logit",
 ) -> list[Tensor]:
     """The one place that calls llama_attrib: contributions to each step's target logit.
 
     ``decompose_sequence`` in target mode (one frozen-factor pass and one batched backward
     for every step) under the rule set ``rules``; its numbers equal those of
-    ``generate(..., decompose=True)``.
+    ``generate(..., decompose=True)``. ``target="logprob"``: to the token's log-probability
+    target instead (its logit minus the probability-weighted mean logit, ``c.logprob``).
     """
-    compositions = decompose_sequence(model, ids, prompt_length, mode="target", rules=rules)
-    return [c[int(ids[prompt_length + k])].components.detach().float() for k, c in enumerate(compositions)]
+    logprob = target == "logprob"
+    compositions = decompose_sequence(
+        model, ids, prompt_length, mode="target", rules=rules, targets="logprob" if logprob else None
+    )
+    out = []
+    for k, c in enumerate(compositions):
+        token = int(ids[prompt_length + k])
+        out.append((c.logprob(token) if logprob else c[token]).components.detach().float())
+    return out
 
 
 def decomposition_no_first(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
@@ -83,11 +98,11 @@ def without_first(method: Method) -> Method:
     return scored
 
 
-def under(rules: Any) -> Method:
-    """:func:`decomposition` under another rule set."""
+def under(rules: Any, target: str = "logit") -> Method:
+    """:func:`decomposition` under another rule set, or of another target."""
 
     def method(model: nn.Module, ids: Tensor, prompt_length: int, setup: Setup) -> list[Tensor]:
-        return decomposition(model, ids, prompt_length, setup, rules)
+        return decomposition(model, ids, prompt_length, setup, rules, target)
 
     return method
 
@@ -253,6 +268,13 @@ for _name in RULE_SETS:
         METHODS[_name] = under(_name)
         METHODS[f"{_name}-no-first"] = without_first(under(_name))
         DERIVED[f"{_name}-no-first"] = (_name, drop_first)
+# every rule set's decomposition of the log-probability target (the quantity the curves
+# measure) rather than the logit: ``<rule set>-logprob`` (``exact-logprob``), and without
+# the first token
+for _name in RULE_SETS:
+    METHODS[f"{_name}-logprob"] = under(_name, "logprob")
+    METHODS[f"{_name}-logprob-no-first"] = without_first(under(_name, "logprob"))
+    DERIVED[f"{_name}-logprob-no-first"] = (f"{_name}-logprob", drop_first)
 # LXT's own rules: not in METHODS (they patch the process), added by the CLI when asked for
 LXT_METHODS: dict[str, Method] = {}
 for _name in LXT_MAPS:
@@ -264,4 +286,6 @@ DECOMPOSITIONS = {
     "decomposition-no-first",
     *RULE_SETS,
     *(f"{n}-no-first" for n in RULE_SETS),
+    *(f"{n}-logprob" for n in RULE_SETS),
+    *(f"{n}-logprob-no-first" for n in RULE_SETS),
 }
