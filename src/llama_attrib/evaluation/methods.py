@@ -261,31 +261,22 @@ METHODS: dict[str, Method] = {
 DERIVED: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {
     "decomposition-no-first": ("decomposition", drop_first),
 }
-# every other rule set's decomposition (``decomposition`` is the exact rules'), with and
-# without the first token
+# llama_attrib's own methods, which use no gradient of the model's code (LXT may run beside them)
+DECOMPOSITIONS = {"decomposition", "decomposition-no-first"}
+# every other rule set's decomposition (``decomposition`` is the exact rules') and every rule
+# set's decomposition of the log-probability target (the quantity the curves measure) rather
+# than the logit, ``<rule set>-logprob`` (``exact-logprob``); each with and without the first token
 for _name in RULE_SETS:
-    if _name != "exact":
-        METHODS[_name] = under(_name)
-        METHODS[f"{_name}-no-first"] = without_first(under(_name))
-        DERIVED[f"{_name}-no-first"] = (_name, drop_first)
-# every rule set's decomposition of the log-probability target (the quantity the curves
-# measure) rather than the logit: ``<rule set>-logprob`` (``exact-logprob``), and without
-# the first token
-for _name in RULE_SETS:
-    METHODS[f"{_name}-logprob"] = under(_name, "logprob")
-    METHODS[f"{_name}-logprob-no-first"] = without_first(under(_name, "logprob"))
-    DERIVED[f"{_name}-logprob-no-first"] = (f"{_name}-logprob", drop_first)
+    for _method, _target in ((_name, "logit"), (f"{_name}-logprob", "logprob")):
+        if _method == "exact":
+            continue
+        METHODS[_method] = under(_name, _target)
+        METHODS[f"{_method}-no-first"] = without_first(under(_name, _target))
+        DERIVED[f"{_method}-no-first"] = (_method, drop_first)
+        DECOMPOSITIONS.update((_method, f"{_method}-no-first"))
 # LXT's own rules: not in METHODS (they patch the process), added by the CLI when asked for
 LXT_METHODS: dict[str, Method] = {}
 for _name in LXT_MAPS:
     LXT_METHODS[_name] = per_step(lxt(_name))
     LXT_METHODS[f"{_name}-no-first"] = without_first(per_step(lxt(_name)))
     DERIVED[f"{_name}-no-first"] = (_name, drop_first)
-DECOMPOSITIONS = {
-    "decomposition",
-    "decomposition-no-first",
-    *RULE_SETS,
-    *(f"{n}-no-first" for n in RULE_SETS),
-    *(f"{n}-logprob" for n in RULE_SETS),
-    *(f"{n}-logprob-no-first" for n in RULE_SETS),
-}

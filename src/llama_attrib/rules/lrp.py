@@ -129,7 +129,6 @@ def _pull(
     for a, b, k in blocks:
         r = b - a
         rows_g = g[:, :, a:b]  # [n, B, r, kv, groups, hd]
-        by_target = rows_g.permute(1, 3, 0, 4, 2, 5).reshape(bk, n * groups * r, hd)  # dP's rows
         # the scores before the mask only where a row may be fully masked (padding): elsewhere
         # a masked entry's dz is exactly 0 and its masked score finite
         z, masked, ratio, p = scores.scores(a, b, k, keep=scores.mask is not None, scratch=scratch)
@@ -144,6 +143,7 @@ def _pull(
             dv[:, :k].baddbmm_(rows, by_row, alpha=share)
         if rules.value == 1.0 and not credited:
             continue
+        by_target = rows_g.permute(1, 3, 0, 4, 2, 5).reshape(bk, n * groups * r, hd)  # dP's rows
         dp = torch.bmm(
             by_target,
             v[:, :k].transpose(-1, -2),

@@ -145,7 +145,7 @@ class FrozenProbabilities:
         shape = (batch, kv, groups, rows, k1)
         device = self.query.device
 
-        def fresh(name: str) -> Tensor | None:
+        def fresh(name: str) -> Tensor | None:  # None: new tensors, as autograd needs them
             return None if scratch is None else scratch.take(name, shape, device)
 
         query = self.query[:, :, t0:t1].to(torch.float32)
