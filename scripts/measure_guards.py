@@ -42,7 +42,6 @@ def probe(guard: str) -> Any:
     return measured
 
 
-adapters.forward.completeness_error = probe("forward")  # type: ignore[attr-defined]
 engines.forward.completeness_error = probe("forward")  # type: ignore[attr-defined]
 sweep.completeness_error = probe("replay")  # type: ignore[attr-defined]
 check = engines.TargetComposition.check
@@ -50,8 +49,8 @@ check = engines.TargetComposition.check
 
 def target_probe(self: engines.TargetComposition) -> None:
     logits = self._run.stock_logits()[:, self._step]
-    for (row, what), comps in self._known.items():
-        value = logits[row, what[0]] - logits[row, what[1]] if isinstance(what, tuple) else logits[row, what]
+    for (row, target), comps in self._known.items():
+        value = target.value(logits[row : row + 1])[0]
         err = abs(float(comps.sum()) - float(value)) / float(logits[row].abs().max())
         worst[(case[0], "target")] = max(worst[(case[0], "target")], err)
     check(self)

@@ -7,6 +7,7 @@ import torch
 
 import llama_attrib
 from conftest import ROPE_SCALINGS, prompt, tiny_model
+from llama_attrib.targets import Token
 
 CONFIGS = [
     pytest.param(kv, rope, tied, attn, id=f"kv{kv}-{rope}-{'tied' if tied else 'untied'}-{attn}")
@@ -56,7 +57,7 @@ def test_forward_and_generation_complete(kv: int, rope: str, tied: bool, attn: s
             assert relative_error(c, scores[0]) <= 1e-5
             token = int(gen.sequences[0, 9 + k])
             assert torch.equal(c[token].components, c.target.components)
-            assert c.target_key == ("token", (token,))
+            assert c.target_key == Token(token)
             # target mode's recovery is the stock logits: its argmax says nothing of the pass;
             # the token's components and bias share add up to generate's own score of it
             total = float(c[token].components.sum() + c[token].residual)

@@ -59,7 +59,7 @@ def test_the_logprob_readout_is_float64_accurate_over_a_large_vocabulary() -> No
     rounding of the result, and so does the value the sum is checked against (a float32
     softmax over 49152 logits sums to 1 + 1e-5 and a float32 ``p @ W`` is off by 1e-4 of
     its largest entry: the target's sum then missed its value by 1.7e-5 of the largest logit)."""
-    from llama_attrib.composition import logprob_readout, target_value
+    from llama_attrib.targets import Head, LogProb
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(49152, 576, generator=g) * 0.05
@@ -69,7 +69,8 @@ def test_the_logprob_readout_is_float64_accurate_over_a_large_vocabulary() -> No
     z64 = weight.double() @ hidden.double()
     exact = float(z64[token] - torch.softmax(z64, -1) @ z64)
     scale = float(logits.abs().max())
-    readout = float(logprob_readout(weight, logits, token, softcapped=False).double() @ hidden.double())
-    value = float(target_value(logits, ("logprob", token)))
+    target = LogProb(token)
+    readout = float(target.readout(Head(weight, torch.float32), logits[None])[0].double() @ hidden.double())
+    value = float(target.value(logits[None])[0])
     assert abs(readout - exact) <= 1e-6 * scale
     assert abs(value - exact) <= 1e-6 * scale

@@ -12,6 +12,7 @@ import llama_attrib
 from conftest import prompt, tiny_model
 from llama_attrib import MemoryBudgetError, decompose_sequence, estimate_memory
 from llama_attrib.errors import UnsupportedOptionError
+from llama_attrib.targets import Token
 
 GEN = {"return_dict_in_generate": True, "max_new_tokens": 6, "do_sample": False}
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -76,7 +77,7 @@ def test_explicit_targets_and_contrastive_targets(generated: tuple) -> None:
     per_step = decompose_sequence(model, sequences, 10, targets=[3, 4, 5, 6, 7, 8])
     contrast = decompose_sequence(model, sequences, 10, targets=(7, 9))
     for k, ref in enumerate(reference):
-        assert fixed[k].target_key == ("token", (7,))
+        assert fixed[k].target_key == Token(7)
         assert torch.allclose(fixed[k].target.components, ref[7].components, **TOL)
         assert torch.allclose(per_step[k].target.components, ref[3 + k].components, **TOL)
         expected = ref[7].components - ref[9].components
@@ -94,7 +95,7 @@ def test_last_position_and_forward_call_in_target_mode() -> None:
     assert len(via_sequence) == 1
     pred = int(full.recovery.argmax(0))
     for c in (via_call, via_sequence[0]):
-        assert c.target_key == ("token", (pred,))
+        assert c.target_key == Token(pred)
         assert torch.allclose(c[pred].components, full[pred].components, **TOL)
     with pytest.raises(UnsupportedOptionError, match="decompose must be"):
         model(ids, decompose="backward")

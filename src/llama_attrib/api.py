@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import families
+from . import targets as _targets
 from .adapters import forward_adapter, generate_adapter
 from .composition import SHARES, Contributions
 from .engines import (
@@ -25,7 +26,6 @@ from .engines import (
     Inputs,
     TargetRun,
     _as_batch,
-    _resolve_targets,
     explain,
     group_members,
 )
@@ -261,7 +261,7 @@ def _prepare(
     position_ids: Tensor | None,
     targets: Any,
     groups: Groups | None,
-) -> tuple[Inputs, Tensor | None, tuple[str, ...] | None, list[Any] | None]:
+) -> tuple[Inputs, Tensor | None, tuple[str, ...] | None, list[_targets.Target] | None]:
     """The teacher-forced pass of a finished sequence: inputs, group members and names, and
     each step's target."""
     ids = _as_batch(input_ids, "input_ids")
@@ -297,7 +297,7 @@ def _prepare(
     members, names = (None, None) if groups is None else group_members(groups, length)
     if members is not None:
         members = members[:, :used]
-    return inputs, members, names, _resolve_targets(targets, next_tokens, len(positions), batch)
+    return inputs, members, names, _targets.per_step(targets, next_tokens, len(positions), batch)
 
 
 __all__ = ["decompose", "decompose_answer", "decompose_sequence", "is_wrapped", "unwrap", "wrap"]

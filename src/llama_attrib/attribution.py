@@ -24,9 +24,10 @@ from torch import nn
 from . import families
 from .adapters.generate import SEQUENCE_OPTIONS
 from .api import decompose, decompose_sequence, is_wrapped
-from .composition import LOGPROB, Contributions, target_value
+from .composition import Contributions
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from .result import Attribution
+from .targets import Contrast, LogProb, Target, Token
 from .tokens import piece_texts
 
 Messages = Sequence[Mapping[str, str]]
@@ -292,23 +293,14 @@ def _attribute_sequence(
         raise DecompositionError("the model generated no token after the prompt")
     answer_ids = sequence[0, p:]
     other = None if explained.contrast is None else _token_id(tokenizer, explained.contrast)
-    targets: Any = "logprob" if explained.target == "logprob" else None
-    if other is not None:
-        targets = (answer_ids, other)
+    targets = [_step_target(explained.target, int(token), other) for token in answer_ids]
     mode = "forward" if explained.mode == "forward" else "target"
     sequence_options = {k: options[k] for k in SEQUENCE_OPTIONS if k in options}
     steps = decompose_sequence(model, sequence, p, mode=mode, targets=targets, **sequence_options)
-    rows = []
-    what: Any  # what each row explains: a token, a pair, or the log-probability target
-    for k, c in enumerate(steps):
-        token = int(answer_ids[k])
-        if explained.target == "logprob":
-            contributions, what = c.logprob(token), (LOGPROB, token)
-        elif other is not None:
-            contributions, what = _difference(c, token, other), (token, other)
-        else:
-            contributions, what = c[token], token
-        rows.append((contributions, float(target_value(c.logits, what))))
+    rows = [
+        (c.explain(target), float(target.value(c.logits[None])[0]))
+        for target, c in zip(targets, steps, strict=True)
+    ]
     recorded = {"response": explained.response, "contrast": explained.contrast, "target": explained.target}
     return _assemble(
         [int(t) for t in sequence[0].tolist()], p, rows, tokenizer, model, explained, options, recorded
@@ -324,13 +316,11 @@ def _token_id(tokenizer: Any, token: int | str) -> int:
     return int(ids[0])
 
 
-def _difference(c: Any, a: int, b: int) -> Any:
-    """The components of ``logit_a - logit_b`` of one step."""
-    if hasattr(c, "contrast"):
-        return c.contrast(a, b)
-    first, second = c[a], c[b]
-    shares = Contributions.shares_of(first) - Contributions.shares_of(second)
-    return Contributions.of(first.components - second.components, shares=shares)
+def _step_target(target: str, token: int, other: int | None) -> Target:
+    """What one step of ``attribute(target=..., contrast=...)`` explains about ``token``."""
+    if target == "logprob":
+        return LogProb(token)
+    return Token(token) if other is None else Contrast(token, other)
 
 
 def _result(

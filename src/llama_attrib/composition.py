@@ -15,7 +15,7 @@ import pydec
 import torch
 from torch import Tensor
 
-from .errors import UnsupportedOptionError
+from .targets import Contrast, Head, LogProb, Target
 
 # What belongs to no token, by name, in the order target mode's contributions end with them:
 # the biases (of linear maps and LayerNorms), what quantized kernels round beyond their
@@ -127,37 +127,25 @@ class LazyComposition(pydec.Composition):  # type: ignore[misc]
     def __len__(self) -> int:
         return int(self.shape[0])
 
+    def explain(self, target: Target, row: int = 0) -> Contributions:
+        """Components of a one-row :class:`~llama_attrib.targets.Target` at batch row ``row``."""
+        raise NotImplementedError
 
-LOGPROB = "logprob"  # the key kind of the log-probability target
+    def contrast(self, a: int, b: int, row: int = 0) -> Contributions:
+        """Components of ``logit_a - logit_b``."""
+        return self.explain(Contrast(a, b), row)
 
-
-def logprob_readout(weight: Tensor, logits: Tensor, token: int, softcapped: bool) -> Tensor:
-    """The read-out of ``token``'s log-probability target from the final hidden state: its
-    head row minus the rows weighted by the probabilities of ``logits`` (frozen), computed in
-    float64, float32 on ``weight``'s device. Under a final soft-cap that target is not linear: refused."""
-    if softcapped:
-        raise UnsupportedOptionError(
-            "the log-probability target of a model with a final soft-cap is not linear in the "
-            "hidden state: explain the logit (before the cap) instead"
-        )
-    # in float64: over SmolLM2's 49152 tokens a float32 softmax sums to 1 + 8e-6 and the float32
-    # product p @ rows is off by 7e-5 of its largest entry, which moved the target's sum by
-    # 3.6e-4 (1.7e-5 of the largest logit) from the value it explains
-    p = torch.softmax(logits.double(), -1).to(weight.device)
-    mean = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
-    for start in range(0, weight.shape[0], 4096):  # never the whole head in float64 at once
-        mean += p[start : start + 4096] @ weight[start : start + 4096].double()
-    return (weight[int(token)].double() - mean).float()
+    def logprob(self, token: int, row: int = 0) -> Contributions:
+        """Components of the log-probability target of ``token``: its logit minus the
+        probability-weighted mean logit, ``z_t - sum_j p_j z_j`` with the probabilities ``p``
+        frozen (an exact linear target; it equals ``log p_t + H(p)``, the log-probability plus
+        the entropy of the step's distribution). Refused under a final soft-cap."""
+        return self.explain(LogProb(token), row)
 
 
-def target_value(logits: Tensor, what: Any) -> Tensor:
-    """What a target explains in ``logits [vocab]``: token ``what``'s logit, ``logit_a -
-    logit_b`` for a pair ``(a, b)``, or for ``("logprob", t)`` the logit minus the
-    probability-weighted mean logit."""
-    if isinstance(what, tuple) and what[0] == LOGPROB:
-        z = logits.double()
-        return (z[what[1]] - torch.softmax(z, -1) @ z).float()
-    return logits[what[0]] - logits[what[1]] if isinstance(what, tuple) else logits[what]
+def softcapped(logits: Tensor, cap: float) -> Tensor:
+    """``tanh(logits / cap) * cap`` in float32: a final soft-cap (Gemma 2)."""
+    return torch.tanh(logits.float() / cap) * cap
 
 
 class LogitComposition(LazyComposition):
@@ -166,19 +154,30 @@ class LogitComposition(LazyComposition):
 
     ``hidden``: decomposed final hidden state ``[C, *batch, hidden]``; ``weight``: the LM
     head's ``[vocab, hidden]`` weight (shared, not copied); ``logits``: the real logits the
-    LM head gave (before a final soft-cap; ``capped``: after it, for Gemma), kept for
-    reference (``recovery`` is the components' sum plus the residual).
+    LM head gave (before a final soft-cap), kept for reference (``recovery`` is the
+    components' sum plus the residual). ``softcap``: the model's final soft-cap (Gemma 2),
+    None without one.
     """
 
-    capped: Tensor | None = None
-
     def __init__(
-        self, hidden: Tensor, weight: Tensor, logits: Tensor, residual: Tensor | None = None
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        logits: Tensor,
+        residual: Tensor | None = None,
+        softcap: float | None = None,
     ) -> None:
         self._hidden = hidden
         self._weight = weight
         self._bias_hidden = residual  # [*batch, hidden] or None
         self.logits = logits
+        self.softcap = softcap
+
+    @property
+    def capped(self) -> Tensor | None:
+        """The logits after the model's final soft-cap, which the components do not add up to
+        (they explain the logits before it); None without a soft-cap."""
+        return None if self.softcap is None else softcapped(self.logits, self.softcap)
 
     def _materialise(self) -> Tensor:
         return torch.matmul(self._hidden, self._w())
@@ -250,15 +249,12 @@ class LogitComposition(LazyComposition):
         residual = None if self._bias_hidden is None else torch.matmul(self._bias_hidden[indices[:-1]], row)
         return Contributions.of(torch.matmul(hidden, row), residual)
 
-    def logprob(self, token: int, row: int = 0) -> pydec.Composition:
-        """Components of the log-probability target of ``token``: its logit minus the
-        probability-weighted mean logit, ``z_t - sum_j p_j z_j`` with the probabilities ``p``
-        frozen (an exact linear target; it equals ``log p_t + H(p)``, the log-probability plus
-        the entropy of the distribution)."""
+    def explain(self, target: Target, row: int = 0) -> Contributions:
+        """Components of a one-row target (one dot product per component)."""
         batched = self._hidden.dim() > 2
         logits = self.logits[row] if batched else self.logits
-        vector = logprob_readout(self._row(slice(None)), logits, token, self.capped is not None)
-        vector = vector.to(self.dtype)
+        head = Head(self._weight, self.dtype, self.softcap is not None)
+        vector = target.readout(head, logits[None])[0].to(self._hidden.device)
         hidden = self._hidden[:, row] if batched else self._hidden
         bias = self._bias_hidden
         residual = None if bias is None else (bias[row] if batched else bias) @ vector

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import families, memory, rules
+from . import families, memory, rules, targets
 from .api import _scope_of
 from .checks import tolerance
 from .errors import DecompositionError, UnsupportedOptionError, require
@@ -188,7 +188,7 @@ def flow(
     model: nn.Module,
     input_ids: Tensor,
     position: int = -1,
-    target: int | tuple[int, int] | None = None,
+    target: int | tuple[int, int] | targets.Target | None = None,
     *,
     attention_mask: Tensor | None = None,
     labels: Sequence[str] | None = None,
@@ -198,7 +198,8 @@ def flow(
     """Split the logit of ``target`` at ``position`` over source x layer x head/MLP.
 
     ``input_ids``: ``[T]`` or ``[1, T]``; ``target``: a token id, a pair ``(a, b)`` for
-    ``logit_a - logit_b``, or None (the argmax at that position). ``labels``: a name per
+    ``logit_a - logit_b``, a one-row :class:`~llama_attrib.targets.Target` (``LogProb(t)``), or
+    None (the argmax at that position). ``labels``: a name per
     source token (e.g. its text). The model may be wrapped or not; it is left as it was.
     ``rules``: only the exact rules split a logit over heads and layers (their paths are
     linear once the probabilities are frozen); any other rule set is refused.
@@ -302,13 +303,13 @@ def _assemble(
     position: int,
     labels: list[str],
 ) -> Flow:
-    weight = family.head_weight(model).float()
     if target is None:
         target = int(logits.argmax())
-    if isinstance(target, tuple):
-        row, logit = weight[target[0]] - weight[target[1]], float(logits[target[0]] - logits[target[1]])
-    else:
-        row, logit = weight[int(target)], float(logits[int(target)])
+    explained = targets.of(target)
+    assert explained is not None
+    head = targets.Head(family.head_weight(model), torch.float32, family.final_softcap(model) is not None)
+    row = explained.readout(head, logits[None])[0]
+    logit = float(explained.value(logits[None].float())[0])
     first = chunks[0][0]
     final_norm = family.final_norm(model)
     factor = first.norm[id(final_norm)][0].float()

@@ -13,9 +13,8 @@ from torch import nn
 
 from .. import families
 from .._compat import CACHE_KEYWORDS, cache_length
-from ..checks import completeness_error, tolerance
-from ..composition import LogitComposition
 from ..engines import Inputs, Scope, explain
+from ..engines.forward import check_head, logit_composition, reached_head
 from ..engines.inputs import last_real
 from ..errors import DecompositionError, UnsupportedOptionError
 from ..passes import ForwardPass
@@ -94,50 +93,34 @@ def _target_forward(
 
 def _attach(session: Session, active: ForwardPass, model: nn.Module, out: Any, mask: Any = None) -> Any:
     """Put the last position's LogitComposition in ``out["attentions"]``."""
-    head = active.head
-    if head is None:
-        raise DecompositionError("the decomposed forward never reached the LM head")
-    real, comps, residual = head
-    tol = tolerance(real.dtype)
-    checked_real, checked = real, comps if residual is None else torch.cat([comps, residual[None]])
+    real, comps, residual = reached_head(active)
+    valid = None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[-1] >= real.shape[1]:
         # Padding positions attend to nothing real (their outputs are whatever the attention
         # kernel makes of a fully masked row) and feed no other position: not checked.
         valid = mask[:, mask.shape[-1] - real.shape[1] :].bool().to(real.device)
-        checked_real, checked = real[valid], checked[:, valid]
-    if not bool(torch.isfinite(checked_real).all()):
+    try:
+        check_head(real, comps, residual, valid)
+    except DecompositionError:
         session.caches.clear()
-        raise DecompositionError(
-            "the model's own hidden state is not finite (NaN or inf) on this input: the model "
-            "overflows by itself (float16 often does; try bfloat16 or float32), not llama_attrib"
-        )
-    err = completeness_error(checked_real, checked)
-    if not err <= tol:
-        session.caches.clear()
-        raise DecompositionError(
-            f"components do not add up to the final hidden state (relative error {err:.2e} > "
-            f"{tol:.0e}); an operation outside llama_attrib's rules changed the hidden state"
-        )
+        raise
     for key in ("hidden_states", "last_hidden_state"):
         if out.get(key) is not None:
             out[key] = strip(out[key])
     stock = active.logits if active.logits is not None else out["logits"]
     res = None if residual is None else residual[:, -1].detach()
-    hidden, logits, capped = comps[:, :, -1].detach(), stock[:, -1], out["logits"][:, -1]
+    hidden, logits = comps[:, :, -1].detach(), stock[:, -1]
     last = last_real(mask, comps.shape[2])
     if last is not None and stock.shape[1] == comps.shape[2]:
         # Right padding: each row's composition is at its last real token, not at a pad.
         rows = torch.arange(comps.shape[1], device=comps.device)
         at = last.to(comps.device)
-        hidden, logits, capped = comps[:, rows, at].detach(), stock[rows, last], out["logits"][rows, last]
+        hidden, logits = comps[:, rows, at].detach(), stock[rows, last]
         res = None if residual is None else residual[rows, at].detach()
     if hidden.shape[1] == 1:
-        hidden, logits, capped = hidden[:, 0], logits[0], capped[0]
+        hidden, logits = hidden[:, 0], logits[0]
         res = None if res is None else res[0]
-    weight = session.family.head_weight(model)
-    composition = LogitComposition(hidden, weight.detach(), logits, residual=res)
-    if session.family.final_softcap(model) is not None:
-        composition.capped = capped
+    composition = logit_composition(session, model, hidden, logits, res)
     out["attentions"] = composition
     if isinstance(session.generation, Collecting):
         session.generation.steps.append(composition)

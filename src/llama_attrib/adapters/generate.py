@@ -18,6 +18,7 @@ from ..engines.inputs import positions_from_mask
 from ..errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from ..rules.sets import refuse_forward_rules, rule_set
 from ..session import Collecting, Forward, Recording, Session
+from ..targets import Target, Token
 from .options import _check_fits, _mode, _on_input_device, _prompt_ids
 
 # Options of a target-mode generate that are llama_attrib's, not generate's.
@@ -185,15 +186,15 @@ def _generate_target(
     mask, position_ids = _recorded_inputs(record, int(prompt_ids.shape[0]), used)
     inputs = Inputs(used, mask, position_ids, list(range(prompt - 1, used.shape[1])))
     steps = len(inputs.positions)
-    targets = [("token", tuple(int(t) for t in sequences[:, prompt + k].tolist())) for k in range(steps)]
+    targets: list[Target] = [Token(sequences[:, prompt + k]) for k in range(steps)]
     if reference is not None and reference.shape[:2] != (used.shape[0], steps):
         reference = None
     extra = []
     if greedy and reference is not None:
-        for step, (_, chosen) in enumerate(targets):
-            highest = tuple(int(t) for t in reference[:, step].argmax(-1).tolist())
+        for step, chosen in enumerate(targets):
+            highest = Token(reference[:, step].argmax(-1))
             if highest != chosen:
-                extra.append((step, ("token", highest)))
+                extra.append((step, highest))
     replay = capture.outputs(used.shape[1]) if simple else None
     # generate's cache would sit beside the pass (at 8k tokens, a fifth of plain generation's
     # peak) and explains nothing: the decomposed output carries none

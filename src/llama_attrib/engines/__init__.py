@@ -9,7 +9,6 @@ component per named span of positions (:func:`.inputs.group_members`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import pydec
 import torch
@@ -18,10 +17,11 @@ from torch import Tensor, nn
 from .. import families, memory
 from ..errors import UnsupportedOptionError
 from ..rules.sets import RuleSet, refuse_forward_rules
+from ..targets import Target
 from .forward import forward_mode
-from .inputs import MODES, Groups, Inputs, Scope, _as_batch, _resolve_targets, group_members
+from .inputs import MODES, Groups, Inputs, Scope, _as_batch, group_members
 from .lazy import TargetComposition
-from .target import TargetRun
+from .target import Request, TargetRun
 
 __all__ = [
     "MODES",
@@ -31,7 +31,6 @@ __all__ = [
     "TargetComposition",
     "TargetRun",
     "_as_batch",
-    "_resolve_targets",
     "explain",
     "group_members",
 ]
@@ -43,14 +42,14 @@ def explain(
     inputs: Inputs,
     *,
     mode: str = "target",
-    targets: list[Any] | None = None,
+    targets: list[Target] | None = None,
     members: Tensor | None = None,
     names: tuple[str, ...] | None = None,
     component_dtype: torch.dtype | None = None,
     max_memory: int | str | None = None,
     progress: bool | None = None,
     reference: Tensor | None = None,
-    extra: Sequence[tuple[int, Any]] = (),
+    extra: Sequence[Request] = (),
     replay: list[Tensor] | None = None,
     precision: str | None = None,
     rules: str | RuleSet | None = None,

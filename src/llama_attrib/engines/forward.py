@@ -18,6 +18,56 @@ from ..session import Session
 from .inputs import Inputs, _progress
 
 
+def reached_head(active: ForwardPass) -> tuple[Tensor, Tensor, Tensor | None]:
+    """A decomposed forward's final hidden state: real ``[B, T, hidden]``, components
+    ``[C, B, T, hidden]`` and the bias share ``[B, T, hidden]`` (or None)."""
+    if active.head is None:
+        raise DecompositionError("the decomposed forward never reached the LM head")
+    return active.head
+
+
+def check_head(real: Tensor, comps: Tensor, residual: Tensor | None, valid: Tensor | None = None) -> None:
+    """The components and bias share add up to the real final hidden state (at the ``valid``
+    ``[B, T]`` positions, all by default), else :class:`DecompositionError`."""
+    checked = comps if residual is None else torch.cat([comps, residual[None]])
+    if valid is not None:
+        real, checked = real[valid], checked[:, valid]
+    if not bool(torch.isfinite(real).all()):
+        raise DecompositionError(
+            "the model's own hidden state is not finite (NaN or inf) on this input: the model "
+            "overflows by itself (float16 often does; try bfloat16 or float32), not llama_attrib"
+        )
+    tol = tolerance(real.dtype)
+    err = completeness_error(real, checked)
+    if not err <= tol:
+        raise DecompositionError(
+            f"components do not add up to the final hidden state (relative error {err:.2e} > "
+            f"{tol:.0e}); an operation outside llama_attrib's rules changed the hidden state"
+        )
+
+
+def logit_composition(
+    session: Session,
+    model: nn.Module,
+    hidden: Tensor,
+    logits: Tensor,
+    residual: Tensor | None,
+    names: tuple[str, ...] | None = None,
+) -> LogitComposition:
+    """The logits of one position ``[*batch, vocab]`` from its decomposed final hidden state
+    ``[C, *batch, hidden]``, with the model's head and final soft-cap."""
+    family = session.family
+    c = LogitComposition(
+        hidden,
+        family.head_weight(model).detach(),
+        logits,
+        residual=residual,
+        softcap=family.final_softcap(model),
+    )
+    c.names = names
+    return c
+
+
 def forward_mode(
     model: nn.Module,
     session: Session,
@@ -53,10 +103,7 @@ def forward_mode(
             active = ForwardPass(dtype, layout=Layout.of(rows.to(dtype)))
             with session.running(active):
                 inputs.call(model)
-            head = active.head
-            if head is None:
-                raise DecompositionError("the decomposed forward never reached the LM head")
-            part_real, part, part_residual = head
+            part_real, part, part_residual = reached_head(active)
             if hidden is None:
                 hidden = part.new_zeros((total, batch, steps, part.shape[-1]))
                 real = inputs.select(part_real)
@@ -69,13 +116,7 @@ def forward_mode(
     finally:
         bar.close()
     assert hidden is not None and real is not None and logits is not None
-    tol = tolerance(real.dtype)
-    err = completeness_error(real, hidden if residual is None else torch.cat([hidden, residual[None]]))
-    if not err <= tol:
-        raise DecompositionError(
-            f"components do not add up to the final hidden state (relative error {err:.2e} > {tol:.0e})"
-        )
-    weight = session.family.head_weight(model)
+    check_head(real, hidden, residual)
     out_steps = []
     for k, position in enumerate(inputs.positions):
         count = total if members is not None else position + 1
@@ -84,7 +125,5 @@ def forward_mode(
         if batch == 1:
             h, lg = h[:, 0], lg[0]
             res = None if res is None else res[0]
-        c = LogitComposition(h, weight.detach(), lg, residual=res)
-        c.names = names
-        out_steps.append(c)
+        out_steps.append(logit_composition(session, model, h, lg, res, names))
     return tuple(out_steps)

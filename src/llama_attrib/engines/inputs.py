@@ -71,41 +71,6 @@ def _as_batch(value: Any, name: str) -> Tensor:
     return t
 
 
-def _per_step(value: Any, steps: int, batch: int, what: str) -> list[tuple[int, ...]]:
-    """A token id, one per step, or ``[batch, steps]`` ids -> per step, one id per row."""
-    t = torch.as_tensor(value)
-    if t.dim() == 0:
-        return [(int(t),) * batch] * steps
-    if t.dim() == 1:
-        if t.shape[0] != steps:
-            raise UnsupportedOptionError(f"{what}: {t.shape[0]} ids for {steps} steps")
-        return [(int(v),) * batch for v in t.tolist()]
-    if tuple(t.shape) != (batch, steps):
-        raise UnsupportedOptionError(f"{what}: shape {tuple(t.shape)}, expected ({batch}, {steps})")
-    return [tuple(int(v) for v in t[:, k].tolist()) for k in range(steps)]
-
-
-def _resolve_targets(targets: Any, next_tokens: Tensor | None, steps: int, batch: int) -> list[Any] | None:
-    """Per step: ``("token", ids per row)``, ``("contrast", a per row, b per row)``,
-    ``("logprob", ids per row)`` (``targets="logprob"``: the next token's log-probability
-    target) or None."""
-    if isinstance(targets, str) and targets == "logprob":
-        if next_tokens is None:
-            raise UnsupportedOptionError(
-                "targets='logprob' explains the next token of each step: give prompt_length"
-            )
-        return [("logprob", ids) for ids in _per_step(next_tokens, steps, batch, "targets")]
-    if targets is None:
-        if next_tokens is None:
-            return None
-        return [("token", ids) for ids in _per_step(next_tokens, steps, batch, "targets")]
-    if isinstance(targets, tuple) and len(targets) == 2:
-        a = _per_step(targets[0], steps, batch, "targets[0]")
-        b = _per_step(targets[1], steps, batch, "targets[1]")
-        return [("contrast", x, y) for x, y in zip(a, b, strict=True)]
-    return [("token", ids) for ids in _per_step(targets, steps, batch, "targets")]
-
-
 def group_members(groups: Groups, length: int) -> tuple[Tensor, tuple[str, ...]]:
     """``[G, length]`` 0/1 membership and the groups' names (``"other"`` for the rest)."""
     if isinstance(groups, Tensor):

@@ -9,8 +9,9 @@ import pydec
 import torch
 from torch import Tensor
 
-from ..composition import LOGPROB, SHARES, Contributions, LazyComposition, target_value
+from ..composition import SHARES, Contributions, LazyComposition, softcapped
 from ..errors import DecompositionError
+from ..targets import Target, Token, Vector
 
 if TYPE_CHECKING:
     from .target import TargetRun
@@ -30,10 +31,10 @@ class TargetComposition(LazyComposition):
     def __init__(self, run: TargetRun, step: int) -> None:
         self._run = run
         self._step = step
-        self._known: dict[tuple[int, Any], Tensor] = {}  # (row, token or (a, b)) -> [C]
+        self._known: dict[tuple[int, Target], Tensor] = {}  # (row, one-row target) -> [C + shares]
         self._hidden: Tensor | None = None
-        self.target: pydec.Composition | None = None
-        self.target_key: Any = None
+        self.target: pydec.Composition | None = None  # the step's target's components
+        self.target_key: Target | None = None  # and the target itself (every row's)
         self.names = run.names
 
     def _materialise(self) -> Tensor:
@@ -56,7 +57,7 @@ class TargetComposition(LazyComposition):
         """The step's logits after the model's final soft-cap (Gemma 2), which the components
         do not add up to (they explain the logits before it); None without a soft-cap."""
         cap = self._run.family.final_softcap(self._run.model)
-        return None if cap is None else torch.tanh(self.logits.float() / cap) * cap
+        return None if cap is None else softcapped(self.logits, cap)
 
     @property
     def recovery(self) -> Tensor:
@@ -85,65 +86,53 @@ class TargetComposition(LazyComposition):
         if self._hidden is None:
             d = int(self._run.weight.shape[1])
             eye = torch.eye(d, dtype=self.dtype, device=self.device)
-            requests = [(self._step, ("vector", eye[j].expand(self._run.batch, d))) for j in range(d)]
+            requests = [(self._step, Vector(eye[j].expand(self._run.batch, d))) for j in range(d)]
             solved = self._run.solve(requests)[..., : self.numc()]  # [d, B, C] (shares left out)
             hidden = solved.permute(2, 1, 0)
             self._hidden = hidden[:, 0] if self._squeeze else hidden
         return self._hidden
 
-    def _remember(self, key: Any, contributions: Tensor) -> None:
-        """Store ``contributions [B, C_all + len(SHARES)]`` (the shares of no token last) of a
-        per-row key."""
+    def _remember(self, target: Target, contributions: Tensor) -> None:
+        """Store ``contributions [B, C_all + len(SHARES)]`` (the shares of no token last) of
+        every row of ``target``."""
         for row in range(self._run.batch):
-            self._known[(row, _what(key, row))] = _keep(contributions[row], self.numc())
+            self._known[(row, target.row(row))] = _keep(contributions[row], self.numc())
 
-    def _lookup(self, key: Any, row: int = 0) -> pydec.Composition:
-        return self._composition(self._known[(row, _what(key, row))])
+    def _lookup(self, target: Target, row: int = 0) -> Contributions:
+        return self._composition(self._known[(row, target.row(row))])
 
-    def _composition(self, components: Tensor) -> pydec.Composition:
+    def _composition(self, components: Tensor) -> Contributions:
         return Contributions.of(components[: -len(SHARES)], shares=components[-len(SHARES) :])
 
-    def _get(self, row: int, what: Any) -> Tensor:
-        found = self._known.get((row, what))
+    def explain(self, target: Target, row: int = 0) -> Contributions:
+        """Components of a one-row target at batch row ``row``: computed with the step's
+        target, or one more pass (remembered)."""
+        if target.rows != 1:
+            raise ValueError(f"explain takes a one-row target and a row, not {target!r}")
+        found = self._known.get((row, target))
         if found is None:
-            batch = self._run.batch
-            if isinstance(what, tuple) and what[0] == LOGPROB:
-                vector = self._run.centred_row(self._step, row, what[1])
-            elif isinstance(what, tuple):
-                vector = self._run.head_row(what[0]) - self._run.head_row(what[1])
-            else:
-                vector = self._run.head_row(what)
-            cot = vector.new_zeros((batch, vector.shape[0]))
+            run = self._run
+            vector = target.readout(run.head, run.stock_logits()[row : row + 1, self._step])[0]
+            cot = vector.new_zeros((run.batch, vector.shape[0]))
             cot[row] = vector
-            found = _keep(self._run.solve([(self._step, ("vector", cot))])[0, row], self.numc())
-            self._known[(row, what)] = found
-        return found
+            found = _keep(run.solve([(self._step, Vector(cot))])[0, row], self.numc())
+            self._known[(row, target)] = found
+        return self._composition(found)
 
     def __getitem__(self, indices: Any) -> pydec.Composition:
         """``c[token]`` (or ``c[row, token]``) from a backward pass, not the full tensor."""
         parsed = None if pydec.is_c_accessing_enabled() else _parse_index(indices, self._squeeze)
-        if parsed is not None and (parsed in self._known or self._full is None):
-            return self._composition(self._get(*parsed))
+        if parsed is not None and ((parsed[0], Token(parsed[1])) in self._known or self._full is None):
+            return self.explain(Token(parsed[1]), parsed[0])
         return super().__getitem__(indices)
-
-    def contrast(self, a: int, b: int, row: int = 0) -> pydec.Composition:
-        """Components of ``logit_a - logit_b`` (one pass if not computed yet)."""
-        return self._composition(self._get(row, (int(a), int(b))))
-
-    def logprob(self, token: int, row: int = 0) -> pydec.Composition:
-        """Components of the log-probability target of ``token``: its logit minus the
-        probability-weighted mean logit, ``z_t - sum_j p_j z_j`` with the probabilities ``p``
-        frozen (an exact linear target; it equals ``log p_t + H(p)``, the log-probability plus
-        the entropy of the step's distribution). One pass if not computed yet."""
-        return self._composition(self._get(row, (LOGPROB, int(token))))
 
     def check(self) -> None:
         """The target's components and bias share add up to the stock model's own logit (a
         plain forward, not the decomposition's pass), else :class:`DecompositionError`."""
         logits = self._run.stock_logits()[:, self._step]
         tol = self._run.tolerance
-        for (row, what), comps in self._known.items():
-            value = target_value(logits[row], what)
+        for (row, target), comps in self._known.items():
+            value = target.value(logits[row : row + 1])[0]
             if not bool(torch.isfinite(logits[row]).all()):
                 raise DecompositionError(
                     f"step {self._step}: the model's own logits are not finite (NaN or inf): the model "
@@ -164,16 +153,6 @@ class TargetComposition(LazyComposition):
             f"TargetComposition(size={tuple(self.shape)}, components={self.numc()}, "
             f"dtype={self.dtype}, step={self._step})"
         )
-
-
-def _what(key: Any, row: int) -> Any:
-    """Row ``row``'s part of a ``("token", ...)``, ``("contrast", ...)`` or ``("logprob", ...)``
-    key: a token id, the pair ``(a, b)``, or ``("logprob", token)``."""
-    if key[0] == "token":
-        return key[1][row]
-    if key[0] == LOGPROB:
-        return (LOGPROB, key[1][row])
-    return (key[1][row], key[2][row])
 
 
 def _keep(contributions: Tensor, count: int) -> Tensor:

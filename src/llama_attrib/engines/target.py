@@ -8,22 +8,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import families, memory, sweep
 from ..checks import tolerance
-from ..composition import LOGPROB, logprob_readout, target_value
 from ..errors import DecompositionError, UnsupportedOptionError
 from ..passes import CapturePass, TargetPass
 from ..precision import products, resolve
 from ..rules.sets import EXACT, RuleSet, rule_set
+from ..targets import Head, Target, Token
 from .inputs import Inputs, Scope, _progress
-from .lazy import TargetComposition, _what
+from .lazy import TargetComposition
 
 CREDITED_TOLERANCE = 3e-5  # float32, for rule sets that credit queries and keys
+
+
+Request = tuple[int, Target | None]  # (step, target); None: each row's argmax at that step
 
 
 class TargetRun:
@@ -81,6 +83,7 @@ class TargetRun:
         self.replay: list[Tensor] | None = None
         self.family = families.family_of(model)
         self.weight: Tensor = self.family.head_weight(model)
+        self.head = Head(self.weight, dtype, self.family.final_softcap(model) is not None)
 
     @staticmethod
     def of(
@@ -136,9 +139,6 @@ class TargetRun:
             found = max(found, CREDITED_TOLERANCE)
         return found
 
-    def head_row(self, token: int) -> Tensor:
-        return self.weight[token].detach().to(self.dtype)
-
     def _pass(self, probabilities: tuple[int, int] | None) -> TargetPass:
         return TargetPass(
             self.dtype, keep_from=self.inputs.first, probabilities=probabilities, rules=self.rules
@@ -165,14 +165,12 @@ class TargetRun:
         """``(targets per batched backward, targets per sweep)`` (:meth:`memory.TargetSizes.chunks`)."""
         return self.plan(n)[0].chunks(n, self.budget, self.unbudgeted)
 
-    def solve(self, requests: Sequence[tuple[int, Any] | list[tuple[int, Any]]]) -> Tensor:
-        """Contributions ``[N, B, C + len(SHARES)]`` for each ``(step, target key)`` request: one
-        per component, then the shares of no token (:data:`SHARES`: bias, rounding, unassigned; their sum is
-        pydec's residual). A request
-        that is a list of such pairs is their sum, pulled back as one target.
-
-        Keys: ``("token", ids per row)``, ``("contrast", a per row, b per row)``,
-        ``("vector", [B, hidden])`` or ``None`` (each row's argmax token at that step).
+    def solve(self, requests: Sequence[Request | list[Request]]) -> Tensor:
+        """Contributions ``[N, B, C + len(SHARES)]`` for each ``(step, target)`` request: one
+        per component, then the shares of no token (:data:`SHARES`: bias, rounding, unassigned;
+        their sum is pydec's residual). A request that is a list of such pairs is their sum,
+        pulled back as one target. A target (:mod:`llama_attrib.targets`) has a row per batch
+        row; ``None`` is each row's argmax token at that step.
         """
         n = len(requests)
         per_chunk, per_sweep = self.chunks(n)
@@ -205,10 +203,11 @@ class TargetRun:
                 part = requests[start : start + per_sweep]
                 cot = values.new_zeros((len(part), self.batch, steps, values.shape[-1]))
                 for i, request in enumerate(part):
-                    for step, key in request if isinstance(request, list) else [request]:
+                    for step, target in request if isinstance(request, list) else [request]:
                         if not 0 <= step < steps:
                             raise IndexError(f"step {step} out of range ({steps} steps)")
-                        cot[i, :, step] += self._cotangent(step, self.resolve(step, key)).to(cot)
+                        resolved = self.resolve(step, target)
+                        cot[i, :, step] += resolved.readout(self.head, self.stock_logits()[:, step]).to(cot)
                 with products(self.precision, values.device):  # the sweep's, not the stock forward's
                     grads, shares = sweep.pull_back(
                         session,
@@ -234,44 +233,44 @@ class TargetRun:
         return self.inputs.positions[step] + 1
 
     def compositions(
-        self, targets: list[Any] | None, extra: Sequence[tuple[int, Any]] = ()
+        self, targets: list[Target] | None, extra: Sequence[Request] = ()
     ) -> tuple[TargetComposition, ...]:
-        """One Composition per step, its target (default each row's argmax) solved; ``also``:
-        more ``(step, key)`` requests solved in the same pass and remembered by their steps."""
+        """One Composition per step, its target (default each row's argmax) solved; ``extra``:
+        more ``(step, target)`` requests solved in the same pass and remembered by their steps."""
         steps = len(self.inputs.positions)
         wanted = targets if targets is not None else [None] * steps
         solved = self.solve([*enumerate(wanted), *extra])
         out = []
         for step, (target, contributions) in enumerate(zip(wanted, solved[:steps], strict=True)):
             c = TargetComposition(self, step)
-            key = self.resolve(step, target)
-            c._remember(key, contributions)
-            c.target = c._lookup(key)
-            c.target_key = key
+            resolved = self.resolve(step, target)
+            c._remember(resolved, contributions)
+            c.target = c._lookup(resolved)
+            c.target_key = resolved
             out.append(c)
-        for (step, key), contributions in zip(extra, solved[steps:], strict=True):
-            out[step]._remember(self.resolve(step, key), contributions)
+        for (step, target), contributions in zip(extra, solved[steps:], strict=True):
+            out[step]._remember(self.resolve(step, target), contributions)
         for c in out:
             c.check()
         return tuple(out)
 
-    def answer(self, targets: list[Any] | None) -> Tensor:
+    def answer(self, targets: list[Target] | None) -> Tensor:
         """Contributions ``[B, C_all + len(SHARES)]`` to the sum over steps of each step's target logit
         (``targets``, default each row's argmax), pulled back as one target: the sum over steps
         of what :meth:`compositions` gives (a step's components beyond its position are zero),
         at the cost of one target. Checked against the sum of the stock model's logits."""
         steps = len(self.inputs.positions)
         wanted = targets if targets is not None else [None] * steps
-        keys = [self.resolve(step, key) for step, key in enumerate(wanted)]
-        if any(key[0] not in ("token", "contrast", LOGPROB) for key in keys):
+        if any(t is not None and not t.explains_logits for t in wanted):
             raise UnsupportedOptionError("an answer's targets are token ids, (a, b) pairs or 'logprob'")
         out: Tensor = self.solve([list(enumerate(wanted))])[0]
         logits = self.stock_logits()
+        values = torch.stack(
+            [self.resolve(step, t).value(logits[:, step]).double() for step, t in enumerate(wanted)]
+        )  # [steps, B]
         for row in range(self.batch):
-            value = sum(
-                float(target_value(logits[row, step], _what(key, row))) for step, key in enumerate(keys)
-            )
-            scale = sum(float(logits[row, step].abs().max()) for step in range(len(keys)))
+            value = float(values[:, row].sum())
+            scale = sum(float(logits[row, step].abs().max()) for step in range(steps))
             total = float(out[row].sum())
             if not abs(total - value) <= self.tolerance * max(scale, 1e-30):
                 raise DecompositionError(
@@ -281,33 +280,9 @@ class TargetRun:
                 )
         return out
 
-    def resolve(self, step: int, key: Any) -> Any:
-        """``None`` -> ``("token", each row's argmax at that step)``; other keys unchanged."""
-        if key is not None:
-            return key
+    def resolve(self, step: int, target: Target | None) -> Target:
+        """``None`` -> each row's argmax token at that step; a target, unchanged."""
+        if target is not None:
+            return target
         assert self.logits is not None, "logits are known once the pass has run"
-        return ("token", tuple(int(t) for t in self.logits[:, step].argmax(-1).tolist()))
-
-    def centred_row(self, step: int, row: int, token: int) -> Tensor:
-        """The read-out of the log-probability target: ``token``'s head row minus the rows
-        weighted by the step's probabilities (from the stock logits, frozen)."""
-        softcapped = self.family.final_softcap(self.model) is not None
-        logits = self.stock_logits()[row, step]
-        return logprob_readout(self.weight.detach(), logits, token, softcapped).to(self.dtype)
-
-    def _cotangent(self, step: int, key: Any) -> Tensor:
-        """``[B, hidden]``: each row's head-weight row (or difference of two, or centred row)
-        for ``key`` at ``step``."""
-        kind = key[0]
-        if kind == "token":
-            return torch.stack([self.head_row(t) for t in key[1]])
-        if kind == LOGPROB:
-            return torch.stack([self.centred_row(step, row, t) for row, t in enumerate(key[1])])
-        if kind == "contrast":
-            return torch.stack(
-                [self.head_row(a) - self.head_row(b) for a, b in zip(key[1], key[2], strict=True)]
-            )
-        if kind == "vector":
-            vector: Tensor = key[1]
-            return vector
-        raise ValueError(f"unknown target {key!r}")
+        return Token(self.logits[:, step].argmax(-1))
