@@ -75,7 +75,7 @@ def main() -> None:
     for how in VARIANTS:
         result = llama_attrib.attribute(variant(path, how), tokenizer, PROMPT, chat=True, response=response)
         scale = np.abs(result.logits)
-        total = np.nansum(result.token_scores.astype(np.float64), 1) + result.bias
+        total = np.nansum(result.token_scores.astype(np.float64), 1) + result.no_token
         sums = float(np.max(np.abs(total - result.logits) / scale))
         rounding = float(np.max(np.abs(result.rounding) / scale))
         a, b = np.nan_to_num(result.token_scores[:, 1:]), np.nan_to_num(base.token_scores[:, 1:])

@@ -180,6 +180,6 @@ def test_cli_loading_and_decomposition_flags(
     elif "--load-in-4bit" not in flags:
         assert np.all(result.rounding == 0)
     scale = np.abs(result.logits).max()
-    totals = np.nansum(result.token_scores.astype(np.float64), 1) + result.bias
+    totals = np.nansum(result.token_scores.astype(np.float64), 1) + result.no_token
     bound = 5e-2 if dtype == "bfloat16" else 1e-5
     assert np.allclose(totals, result.logits, atol=bound * scale, rtol=0)

@@ -176,7 +176,7 @@ def test_the_runner_s_loading_and_decomposition_flags(tmp_path: Path) -> None:
     assert len(results) == len(PROMPTS)
     for result in results.values():
         assert result.versions["dtype"] == "bfloat16" and result.options["mode"] == "forward"
-        totals = np.nansum(result.token_scores.astype(np.float64), 1) + result.bias
+        totals = np.nansum(result.token_scores.astype(np.float64), 1) + result.no_token
         assert np.allclose(totals, result.logits, atol=5e-2 * np.abs(result.logits).max(), rtol=0)
     # the rule set: AttnLRP in target mode, its unassigned share saved with each row
     out = tmp_path / "attnlrp.jsonl"
@@ -184,7 +184,7 @@ def test_the_runner_s_loading_and_decomposition_flags(tmp_path: Path) -> None:
     assert dataset.main([str(prompts), str(out), *flags, "--rank", "0", "--world", "1"]) == 0
     for result in dataset.load_results(out).values():
         assert result.options["generate"]["rules"] == "attnlrp" and np.all(result.unassigned != 0)
-        totals = np.nansum(result.token_scores.astype(np.float64), 1) + result.bias
+        totals = np.nansum(result.token_scores.astype(np.float64), 1) + result.no_token
         assert np.allclose(totals, result.logits, atol=3e-5 * np.abs(result.logits).max(), rtol=0)
 
 

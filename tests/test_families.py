@@ -182,7 +182,7 @@ def test_decompose_sequence_and_attribute(name: str) -> None:
         assert "(bias)" in result.table() and "no token" in result.table()
         assert (result.to_dataframe()["label"] == "bias").sum() == 2
         shares = result.normalize("share")
-        total = np.nansum(np.abs(shares.scores), 1) + np.abs(shares.bias_scores)
+        total = np.nansum(np.abs(shares.scores), 1) + np.abs(shares.no_token_scores)
         assert np.allclose(total, 1.0)
     else:
         assert not result.bias.any()

@@ -238,10 +238,10 @@ def test_attribute_keeps_the_rounding_share_apart(checkpoints: dict[str, Path], 
     model = load(checkpoints["llama"], "8bit")
     result = llama_attrib.attribute(model, tiny_tokenizer(), "the cat sat", max_new_tokens=3)
     scale = np.abs(result.logits).max()
-    totals = np.nansum(result.token_scores, axis=1) + result.bias
+    totals = np.nansum(result.token_scores, axis=1) + result.no_token
     assert np.allclose(totals, result.logits, atol=1e-5 * scale, rtol=0)
     assert result.rounding is not None and np.all(result.rounding != 0)
-    assert np.abs(result.rounding).max() <= np.abs(result.bias).max()  # a part of the share of no token
+    assert np.abs(result.rounding).max() <= np.abs(result.no_token).max()  # a part of the share of no token
     again = type(result).load(result.save(tmp_path / "result.json"))
     assert np.array_equal(again.rounding, result.rounding)
 

@@ -102,6 +102,11 @@ SCRIPT = r"""function(uid){
     root.querySelector('.la-max').textContent=fmt(vmax);
     refold(row,limit,vmax);
   }
+  function shareText(shares){
+    var names=Object.keys(shares);
+    if(!names.length){return '';}
+    return ' (no token: '+names.map(function(n){return n+' '+shares[n].toFixed(4);}).join(', ')+')';
+  }
   function select(step){
     current=step;
     answerButton.classList.remove('la-on');
@@ -113,7 +118,7 @@ SCRIPT = r"""function(uid){
     });
     root.querySelector('.la-info').textContent='step '+step+': '+JSON.stringify(data.tokens[limit])+
       ', logit '+data.logits[step].toFixed(4)+
-      (data.bias[step] ? ' (bias share '+data.bias[step].toFixed(4)+', no token)' : '')+
+      shareText(data.shares[step])+
       '; colours: '+data.unit;
   }
   function answer(){

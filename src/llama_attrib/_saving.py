@@ -16,11 +16,15 @@ from .errors import require
 if TYPE_CHECKING:
     from .result import Attribution
 
-FORMAT = "llama_attrib.Attribution/1"
+FORMAT = "llama_attrib.Attribution/2"
+# Format 1 (before the shares of no token were named) saved their sum as "bias", beside
+# "rounding" and "unassigned": loading it takes the two back out of "bias".
+FORMATS = ("llama_attrib.Attribution/1", FORMAT)
 
 
 def to_dataframe(self: Attribution) -> Any:
-    """A long pandas DataFrame: one row per (step, source) that can contribute.
+    """A long pandas DataFrame: one row per (step, source) that can contribute, and one per
+    non-zero share of no token (source -1, labelled by the share's name).
 
     Columns: step, generated, generated_id, logit, source (column index), label,
     positions (token positions), score (in this view's unit).
@@ -36,9 +40,10 @@ def to_dataframe(self: Attribution) -> Any:
                     (k, self.generated_tokens[k], self.generated_ids[k], float(self.logits[k]), j, label,
                      tuple(self.columns[j]), float(scores[k, j]))
                 )  # fmt: skip
-        if self.bias is not None and self.bias[k] != 0:
-            rows.append((k, self.generated_tokens[k], self.generated_ids[k], float(self.logits[k]), -1,
-                         "bias", (), float(self.bias_scores[k])))  # fmt: skip
+        for name, share in self.share_scores.items():
+            if share[k] != 0:
+                rows.append((k, self.generated_tokens[k], self.generated_ids[k], float(self.logits[k]), -1,
+                             name, (), float(share[k])))  # fmt: skip
     names = ["step", "generated", "generated_id", "logit", "source", "label", "positions", "score"]
     return pd.DataFrame(rows, columns=names)
 
@@ -68,14 +73,27 @@ def to_dict(self: Attribution) -> dict[str, Any]:
 
 
 def from_dict(cls: type[Attribution], data: Mapping[str, Any]) -> Attribution:
-    if data.get("format") != FORMAT:
-        raise ValueError(f"not a saved Attribution (format {data.get('format')!r}, expected {FORMAT!r})")
     rows, n = data["token_scores"], len(data["tokens"])
     scores = np.full((len(rows), max(n - 1, 0)), np.nan, dtype=np.float32)
     for k, row in enumerate(rows):
         scores[k, : len(row)] = row
-    fields = {f.name for f in dataclasses.fields(cls)} - {"token_scores"}
-    return cls(token_scores=scores, **{k: data[k] for k in fields if k in data})
+    return _build(cls, data, token_scores=scores)
+
+
+def _build(cls: type[Attribution], meta: Mapping[str, Any], **arrays: Any) -> Attribution:
+    """An Attribution from saved metadata and arrays, of either format."""
+    if meta.get("format") not in FORMATS:
+        raise ValueError(f"not a saved Attribution (format {meta.get('format')!r}, expected {FORMAT!r})")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kept = {k: v for k, v in {**meta, **arrays}.items() if k in fields and v is not None}
+    if meta["format"] != FORMAT and kept.get("bias") is not None:
+        # format 1's "bias" is the sum of the three shares
+        bias = np.asarray(kept["bias"], dtype=np.float64)
+        for name in ("rounding", "unassigned"):
+            if kept.get(name) is not None and len(kept[name]):
+                bias = bias - np.asarray(kept[name], dtype=np.float64)
+        kept["bias"] = bias
+    return cls(**kept)
 
 
 def save(self: Attribution, path: str | Path) -> Path:
@@ -110,7 +128,5 @@ def load(cls: type[Attribution], path: str | Path) -> Attribution:
             scores, logits = f.get_tensor("token_scores"), f.get_tensor("logits")
             names = set(f.keys())  # safe_open has no __contains__
             bias = f.get_tensor("bias") if "bias" in names else None
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kept = {k: v for k, v in meta.items() if k in fields}
-        return cls(token_scores=scores, logits=logits, bias=bias, **kept)
+        return _build(cls, meta, token_scores=scores, logits=logits, bias=bias)
     return cls.from_dict(json.loads(path.read_text()))

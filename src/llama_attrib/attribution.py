@@ -24,7 +24,7 @@ from torch import nn
 from . import families
 from .adapters.generate import SEQUENCE_OPTIONS
 from .api import decompose, decompose_sequence, is_wrapped
-from .composition import Contributions
+from .composition import SHARES, Contributions
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from .result import Attribution
 from .targets import Contrast, LogProb, Target, Token
@@ -356,15 +356,10 @@ def _assemble(
     sequence = sequence[: p + len(rows)]
     scores = np.full((len(rows), max(p + len(rows) - 1, 0)), np.nan, dtype=np.float32)
     logits = np.zeros(len(rows), dtype=np.float32)
-    bias = np.zeros(len(rows), dtype=np.float32)
-    rounding = np.zeros(len(rows), dtype=np.float32)
-    unassigned = np.zeros(len(rows), dtype=np.float32)
+    shares = np.zeros((len(rows), len(SHARES)), dtype=np.float32)  # by name, SHARES' order
     for k, (contributions, value) in enumerate(rows):
         components = contributions.components.detach().float().cpu().numpy()
-        bias[k] = float(contributions.residual)
-        shares = getattr(contributions, "shares", None)
-        rounding[k] = 0.0 if shares is None else float(shares["rounding"])
-        unassigned[k] = 0.0 if shares is None else float(shares["unassigned"])
+        shares[k] = Contributions.shares_of(contributions).detach().float().cpu().numpy()
         if components.shape != (p + k,):
             raise DecompositionError(f"step {k}: {components.shape} components, expected ({p + k},)")
         scores[k, : p + k] = components
@@ -385,9 +380,9 @@ def _assemble(
         prompt_length=p,
         token_scores=scores,
         logits=logits,
-        bias=bias,
-        rounding=rounding,
-        unassigned=unassigned,
+        bias=shares[:, SHARES.index("bias")],
+        rounding=shares[:, SHARES.index("rounding")],
+        unassigned=shares[:, SHARES.index("unassigned")],
         pieces=pieces,
         special=special,
         options=options_recorded,

@@ -26,6 +26,7 @@ import torch
 
 from . import _saving
 from . import tokens as _tokens
+from .composition import SHARES
 
 Unit = Literal["logit", "share"]
 
@@ -53,11 +54,12 @@ class Attribution:
     ``"share"`` (each score over the sum of the row's absolute scores and the absolute bias
     share, so the absolute token shares and bias share add up to 1). drop_first: leave out
     position 0, an attention sink that absorbs large contributions (its column becomes NaN
-    and shares are taken over the rest). bias: ``[G]`` each step's share of no token (the
-    biases, and what quantized kernels round); rounding: ``[G]`` the part of ``bias`` that
-    quantized kernels round (LLM.int8's activations; zero for an unquantized model);
-    unassigned: ``[G]`` the part of ``bias`` the rule set passed to no token (zero under the
-    exact rules; see :mod:`llama_attrib.rules.sets`).
+    and shares are taken over the rest). The shares of no token, each ``[G]`` in logit units
+    (:data:`SHARES`): ``bias``, what the biases of linear maps and LayerNorms contribute;
+    ``rounding``, what quantized kernels round beyond their dequantized linear maps
+    (LLM.int8's activations; zero for an unquantized model); ``unassigned``, what the rule
+    set passed to no input (zero under the exact rules; :mod:`llama_attrib.rules.sets`).
+    Their sum is :attr:`no_token`: a row's scores plus ``no_token`` add up to ``logits``.
     """
 
     tokens: list[str]
@@ -81,19 +83,12 @@ class Attribution:
         self.token_scores = np.asarray(self.token_scores, dtype=np.float32)
         self.logits = np.asarray(self.logits, dtype=np.float32)
         g = self.token_scores.shape[0]
-        self.bias = np.zeros(g, np.float32) if self.bias is None else np.asarray(self.bias, dtype=np.float32)
-        if self.bias.shape != (g,):
-            raise ValueError(f"bias has shape {self.bias.shape}, expected ({g},): one share per step")
-        self.rounding = (
-            np.zeros(g, np.float32) if self.rounding is None else np.asarray(self.rounding, np.float32)
-        )
-        if self.rounding.shape != (g,):
-            raise ValueError(f"rounding has shape {self.rounding.shape}, expected ({g},)")
-        self.unassigned = (
-            np.zeros(g, np.float32) if self.unassigned is None else np.asarray(self.unassigned, np.float32)
-        )
-        if self.unassigned.shape != (g,):
-            raise ValueError(f"unassigned has shape {self.unassigned.shape}, expected ({g},)")
+        for name in SHARES:
+            value = getattr(self, name)
+            value = np.zeros(g, np.float32) if value is None else np.ascontiguousarray(value, np.float32)
+            if value.shape != (g,):
+                raise ValueError(f"{name} has shape {value.shape}, expected ({g},): one share per step")
+            setattr(self, name, value)
         self.pieces = self.pieces or list(self.tokens)
         self.special = self.special or [False] * len(self.tokens)
         g, n = self.n_generated, len(self.tokens)
@@ -174,21 +169,55 @@ class Attribution:
         return tok
 
     def _share_total(self) -> np.ndarray:
-        """``[G, 1]``: the sum of the absolute scores (the bias share's included) of each step."""
+        """``[G, 1]``: the sum of the absolute scores and of the absolute share of no token of
+        each step."""
         tok = self.token_scores.astype(np.float64)
         if self.drop_first and tok.shape[1]:
             tok[:, 0] = np.nan
-        assert self.bias is not None
-        total = np.nansum(np.abs(tok), axis=1, keepdims=True) + np.abs(self.bias.astype(np.float64))[:, None]
+        total = np.nansum(np.abs(tok), axis=1, keepdims=True) + np.abs(self.no_token)[:, None]
         return np.where(total > 0, total, 1.0)
 
     @property
+    def shares(self) -> dict[str, np.ndarray]:
+        """The shares of no token by name (:data:`SHARES`), each ``[G]`` in logit units."""
+        return {name: np.asarray(getattr(self, name)) for name in SHARES}
+
+    @property
+    def no_token(self) -> np.ndarray:
+        """``[G]`` float64: what no token owns at each step, the sum of the shares ``bias +
+        rounding + unassigned``. ``sum(token_scores) + no_token`` is the logit."""
+        total = np.zeros(self.n_generated)
+        for share in self.shares.values():
+            total = total + share.astype(np.float64)
+        return total
+
+    @property
+    def share_scores(self) -> dict[str, np.ndarray]:
+        """The shares of no token by name, each ``[G]`` in this view's unit."""
+        return {name: self._in_unit(share) for name, share in self.shares.items()}
+
+    @property
+    def no_token_scores(self) -> np.ndarray:
+        """``[G]``: :attr:`no_token` in this view's unit; ``sum(scores) + no_token_scores`` is
+        the logit (in ``"logit"`` units; in ``"share"`` units, the absolute values add up to 1
+        with the absolute scores)."""
+        return self._in_unit(self.no_token)
+
+    @property
     def bias_scores(self) -> np.ndarray:
-        """``[G]``: the share of no token (every bias's) of each step, in this view's unit.
-        Zero for a model without biases; ``sum(scores) + bias_scores`` is the logit."""
-        assert self.bias is not None
-        bias = self.bias.astype(np.float64)
-        return bias / self._share_total()[:, 0] if self.unit == "share" else bias
+        """Deprecated: :attr:`no_token_scores` (the sum of the three shares), which this name
+        gave before the shares were named; the biases' own share is ``share_scores["bias"]``."""
+        warnings.warn(
+            "Attribution.bias_scores is the whole share of no token (bias + rounding + unassigned): "
+            "use no_token_scores for it, or share_scores['bias'] for the biases alone",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.no_token_scores
+
+    def _in_unit(self, share: np.ndarray) -> np.ndarray:
+        share = share.astype(np.float64)
+        return share / self._share_total()[:, 0] if self.unit == "share" else share
 
     def normalize(self, unit: Unit = "share", drop_first: bool = False) -> Attribution:
         """The same result in ``unit`` (``"logit"`` or ``"share"``), with or without token 0."""

@@ -37,13 +37,9 @@ def table(result: Attribution, top: int = 0) -> str:
     scores = result.scores
     for k in range(result.n_generated):
         raw = result.token_scores[k, : result.prompt_length + k]
-        assert result.bias is not None
-        bias = float(result.bias[k])
-        assert result.unassigned is not None
-        unassigned = float(result.unassigned[k])
-        extra = f" + bias {bias:.4f} (no token)" if bias else ""
-        if unassigned:
-            extra += f", of which {unassigned:.4f} unassigned by the rules"
+        named = [(name, float(share[k])) for name, share in result.shares.items() if share[k]]
+        extra = "".join(f" + {name} {value:.4f}" for name, value in named)
+        extra += " (no token)" if named else ""
         lines.append(
             f"step {k}: {result.generated_tokens[k]!r}  logit {float(result.logits[k]):.4f} "
             f"= sum of {len(raw)} contributions {float(raw.sum(dtype=np.float64)):.4f}{extra}"
@@ -54,8 +50,9 @@ def table(result: Attribution, top: int = 0) -> str:
         width = max([len(repr(result.sources[j])) for j in valid] + [8])
         for j in valid:
             lines.append(f"  {j:5d}  {result.sources[j]!r:>{width}}  {scores[k, j]:+10.4f}")
-        if bias:
-            lines.append(f"  {'-':>5}  {'(bias)':>{width}}  {float(result.bias_scores[k]):+10.4f}")
+        in_unit = result.share_scores
+        for name, _ in named:
+            lines.append(f"  {'-':>5}  {f'({name})':>{width}}  {float(in_unit[name][k]):+10.4f}")
     if _sink_leads(result):
         lines += [
             "",
@@ -180,7 +177,10 @@ def to_html(result: Attribution, full_page: bool = True) -> str:
         "labels": labels,
         "tokens": result.tokens,
         "logits": [float(x) for x in result.logits],
-        "bias": [float(x) for x in result.bias_scores],
+        "shares": [
+            {name: float(share[k]) for name, share in result.share_scores.items() if share[k]}
+            for k in range(result.n_generated)
+        ],
         "prompt_length": result.prompt_length,
         "unit": "share of |total|" if result.unit == "share" else "logit",
     }
