@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import llama_attrib
-from llama_attrib import adapters, engines, sweep
+from llama_attrib import engines, sweep
 from llama_attrib.checks import completeness_error, tolerance
 
 worst: dict[tuple[str, str], float] = defaultdict(float)

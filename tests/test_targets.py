@@ -8,13 +8,13 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import prompt, tiny_model
-from test_families import family_model
 from torch import Tensor
 
 import llama_attrib
+from conftest import prompt, tiny_model
 from llama_attrib.errors import UnsupportedOptionError
 from llama_attrib.targets import Contrast, Head, LogProb, Target, Token, Vector, per_step
+from test_families import family_model
 
 MODES = ["target", "forward"]
 
