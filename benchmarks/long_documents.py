@@ -114,8 +114,9 @@ def pass_flops(model: Any, length: int, targets: int, rules: str) -> float:
     the scores again (the planner's batches, :meth:`memory.TargetSizes.chunks`)."""
     shape = memory.Shape.of(model)
     head_dim = int(getattr(model.config, "head_dim", None) or shape.hidden // shape.heads)
-    credited = not rule_set(rules).frozen_attention
-    sizes = memory.TargetSizes.of(shape, 1, length, torch.float32, credited=credited)
+    attention = rule_set(rules).attention
+    sizes = memory.TargetSizes.of(shape, 1, length, torch.float32, factor=attention.work)
+    credited = not attention.frozen
     batches = math.ceil(targets / sizes.chunks(targets)[0])
     product = 2.0 * length * (length + 1) / 2 * head_dim * shape.heads  # T x T x hd, every head, causal
     h, kv, inner = shape.hidden, shape.kv_dim, shape.intermediate

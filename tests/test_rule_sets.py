@@ -5,7 +5,6 @@ options everywhere a decomposition is made, and the refusals where the maths doe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -223,7 +222,7 @@ def test_the_path_rule_set_loses_only_what_its_midpoints_miss() -> None:
     attnlrp = explained(model, ids, "attnlrp")
     lost = {}
     for steps in (1, 4, 32):
-        chosen = dataclasses.replace(rules.sets.PATH, steps=steps)
+        chosen = rules.sets.PATH.with_rule(rules.sets.ATTENTION, rules.sets.Credited(path=steps))
         lost[steps] = max(abs(float(c.shares["unassigned"])) for c in explained(model, ids, chosen))  # type: ignore[arg-type]
     assert lost[32] < lost[4] / 4 < lost[1] / 4, lost
     assert lost[4] < max(abs(float(c.shares["unassigned"])) for c in attnlrp) / 4

@@ -116,22 +116,24 @@ def test_attnlrp_batches_fewer_targets_per_backward_at_long_prompts(monkeypatch:
     smollm2 = memory.Shape(layers=30, hidden=576, heads=9, kv_dim=192, intermediate=1536, vocab=49152)
     cpu = torch.device("cpu")
     exact = memory.TargetSizes.of(smollm2, 1, 8008, torch.float32, cpu)
-    credited = memory.TargetSizes.of(smollm2, 1, 8008, torch.float32, cpu, credited=True)
-    assert credited.work == memory.CREDITED_WORK * exact.work and credited.graph == exact.graph
+    credited = memory.TargetSizes.of(
+        smollm2, 1, 8008, torch.float32, cpu, factor=rules.ATTNLRP.attention.work
+    )
+    assert credited.work == 2 * exact.work and credited.graph == exact.graph
     assert exact.chunks(8) == (8, 8) and credited.chunks(8) == (2, 8)
     assert credited.peak(8) < exact.peak(8)
-    short = memory.TargetSizes.of(smollm2, 1, 280, torch.float32, cpu, credited=True)
+    short = memory.TargetSizes.of(smollm2, 1, 280, torch.float32, cpu, factor=2)
     assert short.chunks(32)[0] > 2  # a short prompt's targets still go in larger batches
     model = tiny_model()
     shape = memory.Shape.of(model)
-    for name, flag in (("exact", False), ("attnlrp", True)):
-        sizes = memory.TargetSizes.of(shape, 1, 40, torch.float32, cpu, credited=flag)
+    for name, factor in (("exact", 1), ("attnlrp", 2)):
+        sizes = memory.TargetSizes.of(shape, 1, 40, torch.float32, cpu, factor=factor)
         assert llama_attrib.estimate_memory(model, 40, steps=8, rules=name) == sizes.peak(8)
     planned: list[bool] = []
     layouts = memory.target_layouts
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        planned.append(kwargs.get("credited", False))
+        planned.append(kwargs.get("factor", 1) > 1)
         return layouts(*args, **kwargs)
 
     monkeypatch.setattr(memory, "target_layouts", spy)

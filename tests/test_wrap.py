@@ -333,3 +333,27 @@ def test_the_models_config_is_never_changed_while_decomposing() -> None:
     assert attention.config._attn_implementation == "sdpa"
     llama_attrib.unwrap(model)
     assert attention.config is model.config
+
+
+def test_a_lazy_composition_attaches_for_its_own_pass_after_unwrap() -> None:
+    """Target mode's Compositions compute other tokens on demand. Made on a wrapped model that
+    the user unwrapped since, such a pass attaches for itself (the session layer's attached())
+    and restores the model exactly: its numbers equal those computed while wrapped, the model
+    stays unwrapped with every attribute and hook as before, and its logits unchanged. A pass
+    that fails leaves it so too."""
+    model = tiny_model(2)
+    ids = prompt(9)
+    state, before = snapshot(model), model(ids).logits
+    llama_attrib.wrap(model)
+    (c,) = llama_attrib.decompose_sequence(model, ids)
+    wrapped = c[11].components.clone()
+    (fresh,) = llama_attrib.decompose_sequence(model, ids)
+    llama_attrib.unwrap(model)
+    assert snapshot(model) == state
+    later = fresh[11].components  # a pass of its own, the model unwrapped
+    assert torch.equal(later, wrapped)
+    assert not llama_attrib.is_wrapped(model) and snapshot(model) == state
+    assert torch.equal(model(ids).logits, before)
+    with pytest.raises(IndexError):
+        fresh._run.solve([(3, None)])  # a step the run does not have: fails inside the pass
+    assert not llama_attrib.is_wrapped(model) and snapshot(model) == state

@@ -34,8 +34,8 @@ class Probe:
         self.skip = False  # target mode: only the probabilities' inputs are needed
         self.scores: rules.FrozenProbabilities | None = None
         self.output: Tensor | None = None  # the implementation's output [B, q, heads, hd]
-        # target mode under a rule set that credits queries and keys: (rules, the unassigned
-        # leaf, bytes of probabilities at a time); the function then differentiates by the rules
+        # target mode under a rule that credits queries and keys: (the rule, the unassigned
+        # leaf, bytes of probabilities at a time); the function then differentiates by the rule
         self.credit: tuple[Any, Tensor, int | None] | None = None
         self.called = False
 
@@ -81,14 +81,14 @@ def attention_function(
     scaling, softcap = kwargs.get("scaling"), kwargs.get("softcap")
     probe.called = True
     if probe.credit is not None:
-        ruleset, unassigned, block = probe.credit
+        rule, unassigned, block = probe.credit
         # the forward's value is the model's own implementation's (on these queries, keys and
         # values): the pass then replays the layer as the model computed it
         with torch.no_grad():
             real = _implementation(module, probe.original)(
                 module, query.detach(), key.detach(), value.detach(), attention_mask, **kwargs
             )[0]
-        spec = rules.lrp.Spec(attention_mask, scaling, softcap, real, ruleset, block)
+        spec = rules.lrp.Spec(attention_mask, scaling, softcap, real, rule, block)
         return rules.lrp.attend(query, key, value, unassigned, spec), None
     probe.scores = rules.FrozenProbabilities.of(module, query, key, attention_mask, scaling, softcap)
     if probe.skip:

@@ -7,14 +7,14 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .errors import require
+from .scores import Scores
 
-if TYPE_CHECKING:
-    from .result import Attribution
+S = TypeVar("S", bound=Scores)
 
 FORMAT = "llama_attrib.Attribution/2"
 # Format 1 (before the shares of no token were named) saved their sum as "bias", beside
@@ -22,7 +22,7 @@ FORMAT = "llama_attrib.Attribution/2"
 FORMATS = ("llama_attrib.Attribution/1", FORMAT)
 
 
-def to_dataframe(self: Attribution) -> Any:
+def to_dataframe(self: Scores) -> Any:
     """A long pandas DataFrame: one row per (step, source) that can contribute, and one per
     non-zero share of no token (source -1, labelled by the share's name).
 
@@ -48,7 +48,7 @@ def to_dataframe(self: Attribution) -> Any:
     return pd.DataFrame(rows, columns=names)
 
 
-def to_dict(self: Attribution) -> dict[str, Any]:
+def to_dict(self: Scores) -> dict[str, Any]:
     """JSON-ready: the score rows are ragged (step ``k`` holds its ``P + k`` sources)."""
     p = self.prompt_length
     return {
@@ -72,7 +72,7 @@ def to_dict(self: Attribution) -> dict[str, Any]:
     }
 
 
-def from_dict(cls: type[Attribution], data: Mapping[str, Any]) -> Attribution:
+def from_dict(cls: type[S], data: Mapping[str, Any]) -> S:
     rows, n = data["token_scores"], len(data["tokens"])
     scores = np.full((len(rows), max(n - 1, 0)), np.nan, dtype=np.float32)
     for k, row in enumerate(rows):
@@ -80,7 +80,7 @@ def from_dict(cls: type[Attribution], data: Mapping[str, Any]) -> Attribution:
     return _build(cls, data, token_scores=scores)
 
 
-def _build(cls: type[Attribution], meta: Mapping[str, Any], **arrays: Any) -> Attribution:
+def _build(cls: type[S], meta: Mapping[str, Any], **arrays: Any) -> S:
     """An Attribution from saved metadata and arrays, of either format."""
     if meta.get("format") not in FORMATS:
         raise ValueError(f"not a saved Attribution (format {meta.get('format')!r}, expected {FORMAT!r})")
@@ -96,14 +96,14 @@ def _build(cls: type[Attribution], meta: Mapping[str, Any], **arrays: Any) -> At
     return cls(**kept)
 
 
-def save(self: Attribution, path: str | Path) -> Path:
+def save(self: Scores, path: str | Path) -> Path:
     """Write to ``.json``, or to ``.safetensors`` (scores as tensors, the rest as JSON
     metadata). Never pickle."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.numpy import save_file
 
-        meta = self.to_dict()
+        meta = to_dict(self)
         meta.pop("token_scores")
         meta.pop("logits")
         meta.pop("bias")
@@ -111,13 +111,13 @@ def save(self: Attribution, path: str | Path) -> Path:
         tensors = {"token_scores": self.token_scores, "logits": self.logits, "bias": self.bias}
         save_file(tensors, str(path), metadata={"attribution": json.dumps(meta)})
     elif path.suffix == ".json":
-        path.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
+        path.write_text(json.dumps(to_dict(self), ensure_ascii=False))
     else:
         raise ValueError(f"save: use a .json or .safetensors path, not {path.name!r}")
     return path
 
 
-def load(cls: type[Attribution], path: str | Path) -> Attribution:
+def load(cls: type[S], path: str | Path) -> S:
     """Read what :meth:`save` wrote."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -129,4 +129,4 @@ def load(cls: type[Attribution], path: str | Path) -> Attribution:
             names = set(f.keys())  # safe_open has no __contains__
             bias = f.get_tensor("bias") if "bias" in names else None
         return _build(cls, meta, token_scores=scores, logits=logits, bias=bias)
-    return cls.from_dict(json.loads(path.read_text()))
+    return from_dict(cls, json.loads(path.read_text()))

@@ -33,14 +33,12 @@ from .engines.inputs import last_real, positions_from_mask
 from .errors import UnsupportedOptionError
 from .patching import replace_method
 from .rules.sets import RuleSet, rule_set
-from .session import Session
-
-_SENTINEL = "_llama_attrib_session"
+from .session import SENTINEL, Session, session_of
 
 
 def is_wrapped(model: nn.Module) -> bool:
     """Whether ``model`` is currently wrapped by llama_attrib."""
-    return _SENTINEL in model.__dict__
+    return session_of(model) is not None
 
 
 def wrap(model: nn.Module, rules: str | RuleSet | None = None) -> nn.Module:
@@ -56,32 +54,30 @@ def wrap(model: nn.Module, rules: str | RuleSet | None = None) -> nn.Module:
     unchanged: patches never stack, and one ``unwrap`` undoes it.
     """
     chosen = None if rules is None else rule_set(rules)
-    if is_wrapped(model):
+    found = session_of(model)
+    if found is not None:
         if chosen is not None:
-            model.__dict__[_SENTINEL].rules = chosen
+            found.rules = chosen
         return model
     session = Session(model, families.check(model))
     if chosen is not None:
         session.rules = chosen
     session.install(model)
     try:
-        scope = _scope_of(model)
+        session.patches.append(replace_method(model, "forward", lambda f: forward_adapter(session, model, f)))
         session.patches.append(
-            replace_method(model, "forward", lambda f: forward_adapter(session, model, f, scope))
-        )
-        session.patches.append(
-            replace_method(model, "generate", lambda g: generate_adapter(session, model, g, scope))
+            replace_method(model, "generate", lambda g: generate_adapter(session, model, g))
         )
     except BaseException:
         session.restore()
         raise
-    model.__dict__[_SENTINEL] = session
+    model.__dict__[SENTINEL] = session
     return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Undo :func:`wrap` exactly: every module's ``__dict__`` is as it was before."""
-    session = model.__dict__.pop(_SENTINEL, None)
+    session = model.__dict__.pop(SENTINEL, None)
     if session is None:
         raise ValueError("unwrap: this model is not wrapped by llama_attrib")
     session.restore()
@@ -99,7 +95,8 @@ def decompose(model: nn.Module, rules: str | RuleSet | None = None) -> Iterator[
     chosen = None if rules is None else rule_set(rules)
     wrapped_here = not is_wrapped(model)
     wrap(model)
-    session: Session = model.__dict__[_SENTINEL]
+    session = session_of(model)
+    assert session is not None
     session.forced += 1
     before = session.rules
     if chosen is not None:
@@ -109,22 +106,8 @@ def decompose(model: nn.Module, rules: str | RuleSet | None = None) -> Iterator[
     finally:
         session.rules = before
         session.forced -= 1
-        if wrapped_here and model.__dict__.get(_SENTINEL) is session:
+        if wrapped_here and session_of(model) is session:
             unwrap(model)
-
-
-def _scope_of(model: nn.Module) -> Any:
-    """The engines' way back to a wrapped model: a block in which it is wrapped (again, if it
-    was unwrapped since), giving its session."""
-
-    @contextmanager
-    def scope() -> Iterator[Session]:
-        with decompose(model):
-            session: Session = model.__dict__[_SENTINEL]
-            with session.lock:  # one call at a time, as in the adapters
-                yield session
-
-    return scope
 
 
 def decompose_sequence(
@@ -176,7 +159,6 @@ def decompose_sequence(
     )
     return explain(
         model,
-        _scope_of(model),
         inputs,
         mode=mode,
         targets=resolved,
@@ -225,10 +207,8 @@ def decompose_answer(
     inputs, members, names, resolved = _prepare(
         model, input_ids, prompt_length, attention_mask, position_ids, targets, groups
     )
-    scope = _scope_of(model)
     run = TargetRun.of(
         model,
-        scope,
         inputs,
         members,
         names,
@@ -249,7 +229,7 @@ def rules_of(model: nn.Module, rules: str | RuleSet | None) -> RuleSet:
     """``rules`` if given, else the wrapped model's rule set, else the exact rules."""
     if rules is not None:
         return rule_set(rules)
-    session = model.__dict__.get(_SENTINEL)
+    session = session_of(model)
     return session.rules if session is not None else rule_set(None)
 
 

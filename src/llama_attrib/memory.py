@@ -30,13 +30,12 @@ SLACK = 1.4
 # benchmarks/gpu.sh (the 7B shape in bfloat16 on an H200 at 512 to 32k tokens: the counted
 # bytes were 0.87-1.18 of the growth of torch.cuda.max_memory_allocated).
 DEVICE_SLACK = 1.1
-# A rule set that credits queries and keys (rules="attnlrp"): a target's working memory in a
-# batched backward against the exact rules' (the gradients of the queries, keys and values, and
-# of the gate's side of the MLP), measured as peak growth per target on SmolLM2 at 2048 tokens
-# (30 MiB against 18); its backward computes four products per target where the exact rules
-# compute one, so batching fewer targets (each batch computes the probabilities again) costs
-# little time: 73.0 s with 2 targets per backward, 74.2 s with 8 (SmolLM2, 2048 + 8).
-CREDITED_WORK = 2
+# An attention rule that credits queries and keys (rules="attnlrp") says how much working
+# memory a target needs in a batched backward against the exact rules' (``work``: the gradients
+# of the queries, keys and values, and of the gate's side of the MLP; rules.sets.Credited). Its
+# backward computes four products per target where the exact rules compute one, so batching
+# fewer targets (each batch computes the probabilities again) costs little time: 73.0 s with 2
+# targets per backward, 74.2 s with 8 (SmolLM2, 2048 + 8).
 
 
 class MemoryBudgetError(LlamaAttribError):
@@ -84,7 +83,7 @@ class TargetSizes:
     graph: int
     state: int
     work: int
-    credited: bool = False  # under a rule set that credits queries and keys (CREDITED_WORK)
+    factor: int = 1  # the attention rule's working memory per target, in the exact rules' units
 
     @property
     def per_request(self) -> int:
@@ -95,15 +94,15 @@ class TargetSizes:
         ``budget`` bytes (None: no limit). Each target keeps its gradient for a whole sweep;
         a batched backward's working memory grows with the targets it takes. ``unbudgeted`` (no
         explicit budget): keep that working memory within the pass's own size, but at least 4
-        targets per backward, since each one computes the attention probabilities again; under
-        a rule set that credits queries and keys, within a quarter of it (or :data:`LEAN_BYTES`)
-        and at least 2 (each target's own products are four times as many there, see
-        :data:`CREDITED_WORK`)."""
+        targets per backward, since each one computes the attention probabilities again; where
+        the attention rule needs more working memory per target (``factor`` > 1: it credits
+        queries and keys), within a quarter of it (or :data:`LEAN_BYTES`) and at least 2 (each
+        target's own products are four times as many there)."""
         free = (1 << 62) if budget is None else budget - self.graph
         per_chunk = max(1, min(n, free // self.per_request))
         if unbudgeted:
             room, least = max(self.graph, LEAN_BYTES), 4
-            if self.credited:
+            if self.factor > 1:
                 room, least = max(self.graph // 4, LEAN_BYTES), 2
             per_chunk = min(per_chunk, max(least, room // self.work))
         per_chunk = math.ceil(n / math.ceil(n / per_chunk))  # even: 8 targets by 7 -> 4 + 4, not 7 + 1
@@ -124,12 +123,13 @@ class TargetSizes:
         device: torch.device | None = None,
         model_dtype: torch.dtype | None = None,
         probabilities: tuple[int, int] | None = None,
-        credited: bool = False,
+        factor: int = 1,
     ) -> TargetSizes:
         """The sizes of a run with components in ``dtype`` on ``device`` (default the CPU); each
         layer's input is kept as the model computed it, in ``model_dtype`` (default ``dtype``).
         ``probabilities``: ``(bytes computed at a time, bytes kept)`` if not the defaults;
-        ``credited``: under a rule set that credits queries and keys."""
+        ``factor``: the attention rule's working memory per target in the exact rules' units
+        (``RuleSet.attention.work``, :mod:`llama_attrib.rules.sets`)."""
         device = device or torch.device("cpu")
         item = torch.empty((), dtype=dtype).element_size()
         stored = torch.empty((), dtype=model_dtype or dtype).element_size()
@@ -154,8 +154,8 @@ class TargetSizes:
             # to the measured growth as counted (the 8-layer shape at 4 to 32 targets per backward)
             graph=int(slack * (inputs + layer + blocks)),
             state=tokens * shape.hidden * item,  # a target's gradient between two layers
-            work=work * (CREDITED_WORK if credited else 1),  # the MLP's backward: pieces of rules.mlp.ROWS
-            credited=credited,
+            work=work * factor,  # the MLP's backward: pieces of rules.mlp.ROWS
+            factor=factor,
         )
 
 
@@ -166,21 +166,21 @@ def target_layouts(
     dtype: torch.dtype,
     device: torch.device,
     model_dtype: torch.dtype,
-    credited: bool = False,
+    factor: int = 1,
 ) -> list[tuple[TargetSizes, tuple[int, int] | None]]:
     """Target mode's possible sizes, largest first: the default probability blocks, then
     nothing kept for the backward and blocks halved down to :data:`rules.MIN_BLOCK_BYTES`.
     Each is ``(sizes, probabilities)`` (``None``: the defaults), for a budget to choose from.
-    ``credited``: under a rule set that credits queries and keys."""
+    ``factor``: as in :meth:`TargetSizes.of`."""
     out: list[tuple[TargetSizes, tuple[int, int] | None]] = [
-        (TargetSizes.of(shape, batch, length, dtype, device, model_dtype, credited=credited), None)
+        (TargetSizes.of(shape, batch, length, dtype, device, model_dtype, factor=factor), None)
     ]
     block = rules.block_bytes(device)
     while True:
         probabilities = (block, 0)
         out.append(
             (
-                TargetSizes.of(shape, batch, length, dtype, device, model_dtype, probabilities, credited),
+                TargetSizes.of(shape, batch, length, dtype, device, model_dtype, probabilities, factor),
                 probabilities,
             )
         )
@@ -240,8 +240,8 @@ def estimate(
     itemsize = torch.empty((), dtype=dtype).element_size()
     if mode == "target":
         weight = next(model.parameters())
-        credited = not rule_set(rules).frozen_attention
-        sizes = TargetSizes.of(shape, batch, length, dtype, weight.device, weight.dtype, credited=credited)
+        factor = rule_set(rules).attention.work
+        sizes = TargetSizes.of(shape, batch, length, dtype, weight.device, weight.dtype, factor=factor)
         return sizes.peak(steps)
     c = length if components is None else components
     per = forward_component_bytes(shape, batch, length, itemsize)

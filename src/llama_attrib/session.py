@@ -22,10 +22,12 @@ from . import families, quantized, rules
 from ._attention import PROBE, ConfigView, Probe, register_attention
 from .errors import DecompositionError
 from .families import Family
-from .passes import Pass, ValueCaches
+from .passes import Pass
 from .patching import Patch, replace_method, replace_value, restore_all
+from .rules.attention import ValueCaches
 
 Forward = Callable[..., Any]
+SENTINEL = "_llama_attrib_session"  # where a wrapped model keeps its Session (its __dict__)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Session:
         self.logit_scale = family.logit_scale(model)
         self.rules: rules.RuleSet = rules.EXACT  # the rule set of calls that name none
         self.patches: list[Patch] = []
+        self.forward: Forward | None = None  # the model's own top-level forward, as installed over
         self.forced = 0  # depth of enclosing ``decompose()`` blocks
         self.active: Pass | None = None
         self.generation: Recording | Collecting | None = None
@@ -91,6 +94,7 @@ class Session:
 
     def install(self, model: nn.Module) -> None:
         """Patch every role's forward; on any failure undo what was done."""
+        self.forward = model.forward  # the top level's own: the engines' plain forward
         last_layer = self.family.layers(model)[-1]
         self.last_layer = {
             id(m) for _, role, m in self.family.layer_modules(last_layer) if role != families.NORM
@@ -113,6 +117,12 @@ class Session:
         restore_all(self.patches)
         self.caches.clear()
 
+    def plain(self, **kwargs: Any) -> Any:
+        """The model's own top-level forward (not a wrapper's), its leaves dispatching to the
+        active pass: what the engines run a pass with."""
+        assert self.forward is not None, "the session is installed"
+        return self.forward(**kwargs)
+
     def _leaf(self, role: str, module: nn.Module) -> Callable[[Forward], Forward]:
         """The replacement forward of a leaf module: the active pass's method for ``role``."""
 
@@ -127,3 +137,29 @@ class Session:
             return forward
 
         return make
+
+
+def session_of(model: nn.Module) -> Session | None:
+    """The Session of a wrapped model, else None."""
+    found: Session | None = model.__dict__.get(SENTINEL)
+    return found
+
+
+@contextmanager
+def attached(model: nn.Module) -> Iterator[Session]:
+    """The one way a call attaches to a model: a wrapped model's own session, or, on a model
+    that is not wrapped (never, or unwrapped since), a session installed for the block and
+    restored exactly on exit, also after an exception. Held under the session's lock: one
+    call at a time."""
+    session = session_of(model)
+    if session is not None:
+        with session.lock:
+            yield session
+        return
+    session = Session(model, families.check(model))
+    session.install(model)
+    try:
+        with session.lock:
+            yield session
+    finally:
+        session.restore()

@@ -7,15 +7,13 @@ from __future__ import annotations
 import html
 import json
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ._html import SCRIPT, STYLE
 from .errors import require
-
-if TYPE_CHECKING:
-    from .result import Attribution
+from .scores import Scores
 
 
 def visible(text: str) -> str:
@@ -24,7 +22,7 @@ def visible(text: str) -> str:
 
 
 # -- terminal ------------------------------------------------------------------------------
-def table(result: Attribution, top: int = 0) -> str:
+def table(result: Scores, top: int = 0) -> str:
     """The generation, then per step a table ``source  label  score`` (largest first if
     ``top``, else in text order)."""
     unit = "share of |total|" if result.unit == "share" else "logit"
@@ -64,7 +62,7 @@ def table(result: Attribution, top: int = 0) -> str:
     return "\n".join(lines)
 
 
-def _sink_leads(result: Attribution) -> bool:
+def _sink_leads(result: Scores) -> bool:
     """Whether token 0 (shown, not grouped with others) has the largest |score| at some step."""
     if result.drop_first or not result.n_generated or not result.columns or result.columns[0] != [0]:
         return False
@@ -73,7 +71,7 @@ def _sink_leads(result: Attribution) -> bool:
 
 
 # -- HTML ----------------------------------------------------------------------------------
-def _display(result: Attribution) -> tuple[list[list[float | None]], list[str]]:
+def _display(result: Scores) -> tuple[list[list[float | None]], list[str]]:
     """Per step, the score shown on every token (its column's score; None where it has
     none), and every token's hover label (its column's label)."""
     n = len(result.tokens)
@@ -98,7 +96,7 @@ COLLAPSE_FROM = 300  # tokens: longer texts open with the folding of what scores
 RANKED = 10  # sources listed for the whole answer
 
 
-def _answer(result: Attribution) -> list[float | None]:
+def _answer(result: Scores) -> list[float | None]:
     """Each token's column score summed over every generated step (the ranking's totals)."""
     if not result.n_generated:
         return [None] * len(result.tokens)
@@ -113,7 +111,7 @@ def _answer(result: Attribution) -> list[float | None]:
     return out
 
 
-def _ranking(result: Attribution) -> list[dict[str, Any]]:
+def _ranking(result: Scores) -> list[dict[str, Any]]:
     """The top sources of the whole answer, with the token positions each covers."""
     if not result.n_generated:
         return []
@@ -126,7 +124,7 @@ def _ranking(result: Attribution) -> list[dict[str, Any]]:
     return ranked
 
 
-def _token_spans(result: Attribution) -> str:
+def _token_spans(result: Scores) -> str:
     spans = []
     for i, text in enumerate(result.tokens):
         kind = "la-gen" if i >= result.prompt_length else "la-prompt"
@@ -143,7 +141,7 @@ def _colour(value: float, vmax: float) -> str:
     return f"rgb({r},{g},{b})"
 
 
-def _overview(result: Attribution) -> str:
+def _overview(result: Scores) -> str:
     """The whole generation at a glance: one row per generated token, one cell per source,
     coloured by its score (each row scaled to its own largest); a click selects the step."""
     scores = result.scores
@@ -165,7 +163,7 @@ def _overview(result: Attribution) -> str:
     return f'<table class="la-overview" title="sources x generated tokens">{"".join(rows)}</table>'
 
 
-def to_html(result: Attribution, full_page: bool = True) -> str:
+def to_html(result: Scores, full_page: bool = True) -> str:
     """Self-contained HTML: the text, where clicking a generated token colours every earlier
     token by its signed contribution (diverging colours, a legend, values on hover)."""
     rows, labels = _display(result)
@@ -216,7 +214,7 @@ def to_html(result: Attribution, full_page: bool = True) -> str:
 
 
 # -- matplotlib ----------------------------------------------------------------------------
-def plot(result: Attribution, ax: Any = None, cmap: str = "RdBu_r", max_label: int = 16) -> Any:
+def plot(result: Scores, ax: Any = None, cmap: str = "RdBu_r", max_label: int = 16) -> Any:
     """Heatmap ``[generated step, source]``: a diverging colour map centred on 0, NaN (no
     contribution possible) in grey, whitespace made visible in the labels."""
     require("matplotlib", "viz", "plot()")

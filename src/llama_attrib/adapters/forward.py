@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import families
 from .._compat import CACHE_KEYWORDS, cache_length
-from ..engines import Inputs, Scope, explain
+from ..engines import Inputs, explain
 from ..engines.forward import check_head, logit_composition, reached_head
 from ..engines.inputs import last_real
 from ..errors import DecompositionError, UnsupportedOptionError
@@ -24,7 +24,7 @@ from ..stream import strip
 from .options import _check_fits, _mode, _on_input_device, _options, _set_option
 
 
-def forward_adapter(session: Session, model: nn.Module, original: Forward, scope: Scope) -> Forward:
+def forward_adapter(session: Session, model: nn.Module, original: Forward) -> Forward:
     signature = inspect.signature(original)
 
     def forward(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
@@ -43,7 +43,7 @@ def forward_adapter(session: Session, model: nn.Module, original: Forward, scope
         options = _options(bound, signature)
         _check_forward_options(options)
         if mode == "target":
-            return _target_forward(model, original, bound, options, scope, session.rules)
+            return _target_forward(model, original, bound, options, session.rules)
         refuse_forward_rules(session.rules)
         _set_option(bound, signature, "output_attentions", False)
         cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
@@ -71,7 +71,6 @@ def _target_forward(
     original: Forward,
     bound: inspect.BoundArguments,
     options: dict[str, Any],
-    scope: Scope,
     ruleset: RuleSet,
 ) -> Any:
     """A forward with ``decompose="target"``: the real output, then the last position's target."""
@@ -86,7 +85,7 @@ def _target_forward(
     mask = options.get("attention_mask")
     last = last_real(mask, int(ids.shape[-1]))
     inputs = Inputs(ids, mask, options.get("position_ids"), [int(ids.shape[-1]) - 1], last)
-    (composition,) = explain(model, scope, inputs, mode="target", rules=ruleset)
+    (composition,) = explain(model, inputs, mode="target", rules=ruleset)
     out["attentions"] = composition
     return out
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import _compat, families, sweep
-from ..engines import Inputs, Scope, explain
+from ..engines import Inputs, explain
 from ..engines.inputs import positions_from_mask
 from ..errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from ..rules.sets import refuse_forward_rules, rule_set
@@ -53,7 +53,7 @@ def _expected_length(default_config: Any, args: tuple[Any, ...], kwargs: dict[st
     return int(ids.shape[-1]) + new
 
 
-def generate_adapter(session: Session, model: nn.Module, original: Forward, scope: Scope) -> Forward:
+def generate_adapter(session: Session, model: nn.Module, original: Forward) -> Forward:
     generation_config = getattr(getattr(original, "__self__", None), "generation_config", None)
 
     def generate(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
@@ -83,7 +83,7 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward, scop
                 for key in ("num_beams", "assistant_model", "prompt_lookup_num_tokens")
             )
             greedy = simple and not _generation_option(generation_config, kwargs, "do_sample")
-            return _generate_target(session, model, original, args, kwargs, options, scope, simple, greedy)
+            return _generate_target(session, model, original, args, kwargs, options, simple, greedy)
         problems = [
             what
             for key, (refused, what) in _REFUSED_GENERATION.items()
@@ -148,7 +148,6 @@ def _generate_target(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     options: dict[str, Any],
-    scope: Scope,
     simple: bool = False,
     greedy: bool = False,
 ) -> Any:
@@ -201,7 +200,6 @@ def _generate_target(
     _compat.drop_cache(out)
     out["attentions"] = explain(
         model,
-        scope,
         inputs,
         mode="target",
         targets=targets,

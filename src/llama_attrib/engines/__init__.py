@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from .. import families, memory
 from ..errors import UnsupportedOptionError
 from ..rules.sets import RuleSet, refuse_forward_rules
+from ..session import attached
 from ..targets import Target
 from .forward import forward_mode
-from .inputs import MODES, Groups, Inputs, Scope, _as_batch, group_members
+from .inputs import MODES, Groups, Inputs, _as_batch, group_members
 from .lazy import TargetComposition
 from .target import Request, TargetRun
 
@@ -27,7 +28,6 @@ __all__ = [
     "MODES",
     "Groups",
     "Inputs",
-    "Scope",
     "TargetComposition",
     "TargetRun",
     "_as_batch",
@@ -38,7 +38,6 @@ __all__ = [
 
 def explain(
     model: nn.Module,
-    scope: Scope,
     inputs: Inputs,
     *,
     mode: str = "target",
@@ -55,8 +54,8 @@ def explain(
     rules: str | RuleSet | None = None,
 ) -> tuple[pydec.Composition, ...]:
     """The per-step Compositions of one teacher-forced pass (see
-    :func:`llama_attrib.decompose_sequence`). ``scope()``: a block in which the model is wrapped,
-    giving its session (target mode's lazy Compositions enter it again later). ``extra``: more
+    :func:`llama_attrib.decompose_sequence`), attached to the model for the call
+    (:func:`..session.attached`; target mode's lazy Compositions attach again later). ``extra``: more
     target-mode requests solved with the targets (:meth:`TargetRun.compositions`). ``replay``:
     the layers' outputs generate computed (:class:`sweep.Capture`), for target mode's first pass.
     ``precision``: of target mode's backward products (:mod:`llama_attrib.precision`);
@@ -67,11 +66,9 @@ def explain(
             raise UnsupportedOptionError(f"precision={precision!r} applies to target mode: use mode='target'")
         dtype = component_dtype or families.component_dtype(model)
         limit = memory.budget(max_memory, next(model.parameters()).device)
-        with scope() as session:
+        with attached(model) as session:
             return forward_mode(model, session, inputs, members, names, dtype, limit, progress)
-    run = TargetRun.of(
-        model, scope, inputs, members, names, component_dtype, max_memory, progress, precision, rules
-    )
+    run = TargetRun.of(model, inputs, members, names, component_dtype, max_memory, progress, precision, rules)
     if reference is not None:
         # generate's own logits: what it chose each token from (a full forward can break a
         # near tie the other way), and what the components are checked against

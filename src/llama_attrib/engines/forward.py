@@ -102,7 +102,7 @@ def forward_mode(
             rows = torch.eye(length, dtype=dtype)[c0:c1] if members is None else members[c0:c1]
             active = ForwardPass(dtype, layout=Layout.of(rows.to(dtype)))
             with session.running(active):
-                inputs.call(model)
+                inputs.call(session)
             part_real, part, part_residual = reached_head(active)
             if hidden is None:
                 hidden = part.new_zeros((total, batch, steps, part.shape[-1]))

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import UnsupportedOptionError
 from ..session import Session
@@ -35,14 +34,16 @@ class Inputs:
         """The first position explained (the last layer's outputs before it are not read)."""
         return self.positions[0] if self.last is None else int(self.last.min())
 
-    def call(self, model: nn.Module) -> Any:
-        kwargs: dict[str, Any] = {"use_cache": False, "decompose": False}
+    def call(self, session: Session) -> Any:
+        """The model's own forward over the inputs (its leaves dispatching to the session's
+        active pass), keeping the logits from the first explained position."""
+        kwargs: dict[str, Any] = {"use_cache": False}
         kwargs["logits_to_keep"] = self.ids.shape[1] - self.first
         if self.mask is not None:
             kwargs["attention_mask"] = self.mask
         if self.position_ids is not None:
             kwargs["position_ids"] = self.position_ids
-        return model(input_ids=self.ids, **kwargs)
+        return session.plain(input_ids=self.ids, **kwargs)
 
     @property
     def kept(self) -> Tensor:
@@ -57,9 +58,6 @@ class Inputs:
         rows = torch.arange(t.shape[dim], device=t.device)
         moved = t.movedim((dim, dim + 1), (0, 1))[rows, index]  # [B, ...]
         return moved.unsqueeze(1).movedim((0, 1), (dim, dim + 1))
-
-
-Scope = Callable[[], AbstractContextManager[Session]]
 
 
 def _as_batch(value: Any, name: str) -> Tensor:

@@ -1,20 +1,43 @@
 """Target mode's Compositions: one step's logits as components, each token's computed on
-demand by its run (:class:`.target.TargetRun`)."""
+demand by its run (a :class:`Run`: :class:`.target.TargetRun`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import pydec
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..composition import SHARES, Contributions, LazyComposition, softcapped
 from ..errors import DecompositionError
-from ..targets import Target, Token, Vector
+from ..families import Family
+from ..targets import Head, Target, Token, Vector
 
-if TYPE_CHECKING:
-    from .target import TargetRun
+
+class Run(Protocol):
+    """What a Composition reads of the pass that made it (:class:`.target.TargetRun`)."""
+
+    model: nn.Module
+    family: Family
+    weight: Tensor
+    head: Head
+    dtype: torch.dtype
+    names: tuple[str, ...] | None
+    logits: Tensor | None
+
+    @property
+    def batch(self) -> int: ...
+
+    @property
+    def tolerance(self) -> float: ...
+
+    def stock_logits(self) -> Tensor: ...
+
+    def component_count(self, step: int) -> int: ...
+
+    def solve(self, requests: Sequence[Any]) -> Tensor: ...
 
 
 class TargetComposition(LazyComposition):
@@ -28,7 +51,7 @@ class TargetComposition(LazyComposition):
     (``mode="forward"``) when you need them for many steps.
     """
 
-    def __init__(self, run: TargetRun, step: int) -> None:
+    def __init__(self, run: Run, step: int) -> None:
         self._run = run
         self._step = step
         self._known: dict[tuple[int, Target], Tensor] = {}  # (row, one-row target) -> [C + shares]

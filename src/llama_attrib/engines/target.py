@@ -18,12 +18,10 @@ from ..errors import DecompositionError, UnsupportedOptionError
 from ..passes import CapturePass, TargetPass
 from ..precision import products, resolve
 from ..rules.sets import EXACT, RuleSet, rule_set
+from ..session import attached
 from ..targets import Head, Target, Token
-from .inputs import Inputs, Scope, _progress
+from .inputs import Inputs, _progress
 from .lazy import TargetComposition
-
-CREDITED_TOLERANCE = 3e-5  # float32, for rule sets that credit queries and keys
-
 
 Request = tuple[int, Target | None]  # (step, target); None: each row's argmax at that step
 
@@ -34,7 +32,6 @@ class TargetRun:
     def __init__(
         self,
         model: nn.Module,
-        scope: Scope,
         inputs: Inputs,
         members: Tensor | None,
         names: tuple[str, ...] | None,
@@ -46,7 +43,6 @@ class TargetRun:
         rules: RuleSet = EXACT,
     ) -> None:
         self.model = model
-        self.scope = scope
         self.inputs = inputs
         self.members = members
         self.names = names
@@ -65,7 +61,7 @@ class TargetRun:
             dtype,
             inputs.ids.device,
             self.model_dtype,
-            credited=not rules.frozen_attention,
+            factor=rules.attention.work,
         )
         # the probability blocks each fit the budget with one target at least, largest first
         self.layouts = [(s, p) for s, p in layouts if s.graph + s.per_request <= budget]
@@ -88,7 +84,6 @@ class TargetRun:
     @staticmethod
     def of(
         model: nn.Module,
-        scope: Scope,
         inputs: Inputs,
         members: Tensor | None,
         names: tuple[str, ...] | None,
@@ -108,7 +103,6 @@ class TargetRun:
         chosen = resolve(precision, families.model_dtype(model), device)
         return TargetRun(
             model,
-            scope,
             inputs,
             members,
             names,
@@ -132,12 +126,8 @@ class TargetRun:
         half = self.model_dtype in (torch.float16, torch.bfloat16)
         if self.precision == "tf32" and self.inputs.ids.device.type == "cuda":
             return tolerance(torch.float32, rounded=True)
-        found = tolerance(self.model_dtype if half else self.dtype)
-        if not self.rules.frozen_attention:
-            # the softmax's Jacobian adds up terms larger than the logit in float32: on SmolLM2's
-            # 600-token prompts up to 1.2e-5 (3e-7 with that kernel in float64; docs/rules.md)
-            found = max(found, CREDITED_TOLERANCE)
-        return found
+        # and no less than the attention rule's own rounding (rules.sets.Credited.tolerance)
+        return max(tolerance(self.model_dtype if half else self.dtype), self.rules.attention.tolerance)
 
     def _pass(self, probabilities: tuple[int, int] | None) -> TargetPass:
         return TargetPass(
@@ -178,11 +168,13 @@ class TargetRun:
         layers = len(self.family.layers(self.model))
         sweeps = math.ceil(n / per_sweep)
         results: list[Tensor] = []
-        with torch.inference_mode(False), self.scope() as session:
+        # attached for the pass: the model's own session, or (a model unwrapped since a lazy
+        # Composition was made) one installed for the pass and restored after it
+        with torch.inference_mode(False), attached(self.model) as session:
             # the stock forward, whose hidden states the layers' frozen factors are computed from
             replay, self.replay = self.replay, None
             recorded = sweep.record(
-                self.model, session, CapturePass(self.dtype), lambda: self.inputs.call(self.model), replay
+                self.model, session, CapturePass(self.dtype), lambda: self.inputs.call(session), replay
             )
             stock = self.inputs.select(recorded.logits)
             if self.reference is None:

@@ -33,6 +33,13 @@ STANDARD_LAYER = {
 }
 
 
+# Llama's names, which most families share: the attention's value and output maps, and the
+# gated MLP's gate, up, down and activation (a family with other names gives its own rules).
+LLAMA_ATTENTION = rules.Attention(rules.Proj("v_proj"), rules.Proj("o_proj"))
+SWIGLU = rules.GatedMLP(rules.Proj("gate_proj"), rules.Proj("up_proj"), rules.Proj("down_proj"), act="act_fn")
+LLAMA_EXPERTS = ("gate_proj", "up_proj", "down_proj")  # a 4.x expert MLP's gate, up and down
+
+
 @dataclass(frozen=True)
 class Topology:
     """Where the modules of a causal LM are, as attribute names: ``base`` on the model;
@@ -75,12 +82,8 @@ class Family:
     classes: dict[str, tuple[str, ...]]
     topology: Topology = field(default_factory=Topology)
     layer_roles: dict[str, str] = field(default_factory=lambda: dict(STANDARD_LAYER))
-    attention: rules.Attention = field(default_factory=rules.Attention)
-    mlp: MLPRule = field(
-        default_factory=lambda: rules.GatedMLP(
-            rules.Proj("gate_proj"), rules.Proj("up_proj"), rules.Proj("down_proj")
-        )
-    )
+    attention: rules.Attention = field(default_factory=lambda: LLAMA_ATTENTION)
+    mlp: MLPRule = field(default_factory=lambda: SWIGLU)
     mlps: dict[str, MLPRule] = field(default_factory=dict)
     logits_scaling: str | None = None
     residual_multiplier: str | None = None

@@ -25,7 +25,7 @@ def _half(index: int):  # type: ignore[no-untyped-def]
 PHI3 = register_family(
     standard(
         "Phi3",
-        attention=rules.Attention(value=rules.Proj("qkv_proj", _value_rows)),
+        attention=rules.Attention(value=rules.Proj("qkv_proj", _value_rows), out=rules.Proj("o_proj")),
         mlp=rules.GatedMLP(
             gate=rules.Proj("gate_up_proj", _half(0)),
             up=rules.Proj("gate_up_proj", _half(1)),

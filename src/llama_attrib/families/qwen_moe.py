@@ -5,15 +5,15 @@ expert whose sigmoid gate is frozen too. Qwen3-MoE's q/k norms act inside the fr
 probabilities."""
 
 from .. import rules
-from . import register_family, standard
-
-SWIGLU = rules.GatedMLP(rules.Proj("gate_proj"), rules.Proj("up_proj"), rules.Proj("down_proj"))
+from . import LLAMA_EXPERTS, SWIGLU, register_family, standard
 
 QWEN2_MOE = register_family(
     standard(
         "Qwen2Moe",
         classes={"mlp": ("Qwen2MoeSparseMoeBlock", "Qwen2MoeMLP")},
-        mlp=rules.SparseMoE(shared="shared_expert", shared_gate="shared_expert_gate"),
+        mlp=rules.SparseMoE(
+            LLAMA_EXPERTS, shared="shared_expert", shared_gate="shared_expert_gate", shared_rule=SWIGLU
+        ),
         mlps={"Qwen2MoeMLP": SWIGLU},
         inner=("Qwen2MoeTopKRouter", "Qwen2MoeExperts", "Qwen2MoeMLP", "ModuleList"),
         notes=(
@@ -26,7 +26,7 @@ QWEN3_MOE = register_family(
     standard(
         "Qwen3Moe",
         classes={"mlp": ("Qwen3MoeSparseMoeBlock", "Qwen3MoeMLP")},
-        mlp=rules.SparseMoE(),
+        mlp=rules.SparseMoE(LLAMA_EXPERTS),
         mlps={"Qwen3MoeMLP": SWIGLU},
         inner=("Qwen3MoeTopKRouter", "Qwen3MoeExperts", "Qwen3MoeMLP", "Qwen3MoeRMSNorm", "ModuleList"),
         notes="sparse MoE: router weights frozen, each chosen expert a SwiGLU (gate frozen); q/k norms",

@@ -9,7 +9,7 @@ differentiable frozen-factor map) and :class:`CapturePass` (the stock logits).
 
 from .base import Pass, argument, replace_hidden
 from .capture import CapturePass
-from .forward import FlowRecord, ForwardPass, ValueCaches
+from .forward import FlowRecord, ForwardPass
 from .target import TargetPass
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "ForwardPass",
     "Pass",
     "TargetPass",
-    "ValueCaches",
     "argument",
     "replace_hidden",
 ]

@@ -4,16 +4,28 @@ read, and the stock attention run through llama_attrib's attention function."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from .._attention import PROBE, Probe
 from ..errors import DecompositionError
+from ..families import Family
+from ..rules.attention import ValueCaches
 
-if TYPE_CHECKING:
-    from ..session import Session
+
+class Host(Protocol):
+    """What a pass reads of the session it runs in (:class:`llama_attrib.session.Session`):
+    the model's family, the dtype its hidden states are in, the factor its logits are scaled
+    by, its decomposed value caches, and the modules of its last layer."""
+
+    family: Family
+    model_dtype: torch.dtype
+    logit_scale: float
+    caches: ValueCaches
+    last_layer: set[int]
+
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
@@ -25,13 +37,13 @@ class Pass:
     (one method per role); this base runs the stock forward everywhere. ``session`` is the
     wrapped model's (its family, its decomposed caches), bound while the pass runs."""
 
-    session: Session
+    session: Host
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype  # the components' dtype
         self.logits: Tensor | None = None  # the LM head's logits, as the model returns them
 
-    def begin(self, session: Session) -> None:
+    def begin(self, session: Host) -> None:
         """Called when the pass becomes the active one."""
         self.session = session
 

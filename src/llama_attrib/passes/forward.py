@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from .. import _compat, rules
-from ..errors import DecompositionError
 from ..stream import DecomposedTensor, split
 from .base import Args, Kwargs, Pass, argument, replace_hidden, stock_attention
 
@@ -35,43 +33,6 @@ class FlowRecord:
             self.attention[id(module)] = (comps, residual)
 
         return self.position, record
-
-
-class ValueCaches:
-    """The decomposed values of a wrapped model's cached positions, one
-    :class:`rules.ValueCache` per layer, each tied to the transformers cache it mirrors."""
-
-    def __init__(self) -> None:
-        self._caches: dict[int, rules.ValueCache] = {}
-        self._owners: dict[int, weakref.ref[Any]] = {}
-
-    def clear(self) -> None:
-        self._caches.clear()
-        self._owners.clear()
-
-    def of(self, layer_idx: int, cache: Any, offset: int, expected_length: int) -> rules.ValueCache | None:
-        """This layer's decomposed cache, checked against the transformers cache it mirrors
-        (``offset``: the positions the call began with)."""
-        if cache is None:
-            return None
-        past = _compat.cache_length(cache, layer_idx)
-        if past != offset:
-            raise DecompositionError(
-                f"layer {layer_idx}'s cache holds {past} positions, the call began with "
-                f"{offset}: caches that differ per layer are not supported"
-            )
-        if past == 0:
-            self._caches[layer_idx] = rules.ValueCache(expected_length)
-            self._owners[layer_idx] = weakref.ref(cache)
-        entry = self._caches.get(layer_idx)
-        owner = self._owners.get(layer_idx)
-        if entry is None or owner is None or owner() is not cache or entry.length != past:
-            raise DecompositionError(
-                f"the cache passed in holds {past} positions that were not decomposed by this "
-                "model's decomposed calls; decompose from an empty cache (or none), e.g. "
-                "generate with decompose=True from the start"
-            )
-        return entry
 
 
 class ForwardPass(Pass):

@@ -68,15 +68,23 @@ class TargetPass(Pass):
         return out if bias is None else out + self.bias_leaf(bias.to(out).expand_as(out))
 
     def attention(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
+        return self.rules.attention.target(self, module, original, args, kwargs)
+
+    def credited_attention(
+        self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs, rule: rules.sets.Credited
+    ) -> Any:
+        """The family's own code with a graph: its projections, rope and q/k norms are the
+        queries' and keys' maps; the attention function is differentiated by ``rule``."""
+        x = argument(args, kwargs, "hidden_states", 0)
+        unassigned = _leaf(x.new_ones((x.shape[0], 1)), self.unassigned_leaves)
+        block = None if self.probabilities is None else self.probabilities[0]
+        with self._inner_rules(module):
+            return credited_attention(module, original, args, kwargs, (rule, unassigned, block))
+
+    def frozen_attention(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
+        """The probabilities frozen: the values' mix, from the real hidden state's probabilities."""
         family = self.session.family
         x = argument(args, kwargs, "hidden_states", 0)
-        if not self.rules.frozen_attention:
-            # the family's own code with a graph: its projections, rope and q/k norms are the
-            # queries' and keys' maps; the attention function is differentiated by the rules
-            unassigned = _leaf(x.new_ones((x.shape[0], 1)), self.unassigned_leaves)
-            block = None if self.probabilities is None else self.probabilities[0]
-            with self._inner_rules(module):
-                return credited_attention(module, original, args, kwargs, (self.rules, unassigned, block))
         real = model_dtype(module, self.session.model_dtype)
         args, kwargs = replace_hidden(args, kwargs, x.detach().to(real))
         with torch.no_grad():
@@ -136,22 +144,13 @@ class TargetPass(Pass):
         return None
 
     def mlp(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
-        rule: Any = self.session.family.mlp_rule(module)
+        maths: Any = self.session.family.mlp_rule(module)
+        rule = self.rules.mlp(maths, module)
         x = args[0]
         real = model_dtype(module, self.session.model_dtype)
-        if self.rules.gate == "uniform" and isinstance(rule, rules.GatedMLP):
-            factors = rule.uniform_factors(module, x.detach().to(real), x.dtype)
-            out = split_at(self._keep(module), x, lambda part, t0: rule.uniform(module, factors, part, t0))
-            bias = rule.uniform_bias(module, factors)
-            return out if bias is None else out + self.bias_leaf(bias.to(out))
-        if self.rules.gate != "frozen" and isinstance(rule, rules.SparseMoE):
-            raise UnsupportedOptionError(
-                f"rules={self.rules.name!r}: the experts of {type(module).__name__} have no rule for "
-                "their gate yet; use rules='exact'"
-            )
-        gate = rule.factors(module, x.detach().to(real), x.dtype)
-        out = split_at(self._keep(module), x, lambda part, t0: rule.apply(module, gate, part, t0))
-        bias = rule.bias(module, gate)
+        factors = rule.factors(maths, module, x.detach().to(real), x.dtype)
+        out = split_at(self._keep(module), x, lambda part, t0: rule.apply(maths, module, factors, part, t0))
+        bias = rule.bias(maths, module, factors)
         out = out if bias is None else out + self.bias_leaf(bias.to(out))
         if _compat.moe_returns_router_logits(module):
             return out, None

@@ -3,13 +3,16 @@ projection linear; forward mode's decomposed value cache."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _compat
 from ..errors import DecompositionError
 from .kernels import frozen_mix
 from .linear import Layout, Proj, _causal_chunks, _first, _positionwise
@@ -21,8 +24,8 @@ class Attention:
     """``out(probs @ value(x))``: probabilities frozen (from the stock attention function,
     after the family's rope, q/k norms, scaling, mask, sliding window and soft-cap)."""
 
-    value: Proj = field(default_factory=lambda: Proj("v_proj"))
-    out: Proj = field(default_factory=lambda: Proj("o_proj"))
+    value: Proj
+    out: Proj
 
 
 class ValueCache:
@@ -184,3 +187,40 @@ def attention_graph(
     with torch.no_grad():
         before = out(values.detach(), 0, keep_from)
     return torch.cat([before, out(values, keep_from, q)], dim=1)
+
+
+class ValueCaches:
+    """The decomposed values of a wrapped model's cached positions, one
+    :class:`ValueCache` per layer, each tied to the transformers cache it mirrors."""
+
+    def __init__(self) -> None:
+        self._caches: dict[int, ValueCache] = {}
+        self._owners: dict[int, weakref.ref[Any]] = {}
+
+    def clear(self) -> None:
+        self._caches.clear()
+        self._owners.clear()
+
+    def of(self, layer_idx: int, cache: Any, offset: int, expected_length: int) -> ValueCache | None:
+        """This layer's decomposed cache, checked against the transformers cache it mirrors
+        (``offset``: the positions the call began with)."""
+        if cache is None:
+            return None
+        past = _compat.cache_length(cache, layer_idx)
+        if past != offset:
+            raise DecompositionError(
+                f"layer {layer_idx}'s cache holds {past} positions, the call began with "
+                f"{offset}: caches that differ per layer are not supported"
+            )
+        if past == 0:
+            self._caches[layer_idx] = ValueCache(expected_length)
+            self._owners[layer_idx] = weakref.ref(cache)
+        entry = self._caches.get(layer_idx)
+        owner = self._owners.get(layer_idx)
+        if entry is None or owner is None or owner() is not cache or entry.length != past:
+            raise DecompositionError(
+                f"the cache passed in holds {past} positions that were not decomposed by this "
+                "model's decomposed calls; decompose from an empty cache (or none), e.g. "
+                "generate with decompose=True from the start"
+            )
+        return entry

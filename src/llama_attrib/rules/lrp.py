@@ -28,21 +28,21 @@ import torch
 from torch import Tensor
 
 from .scores import FrozenProbabilities, Scratch, block_bytes
-from .sets import RuleSet
+from .sets import Credited
 
 
 @dataclass(frozen=True)
 class Spec:
     """What one attention call needs besides its tensors: the mask, scaling and soft-cap the
     family's code gave the attention function, the model's own implementation's output (the
-    forward's value), the rule set, and bytes of probabilities computed at a time (None:
+    forward's value), the rule, and bytes of probabilities computed at a time (None:
     :func:`block_bytes`)."""
 
     mask: Tensor | None
     scaling: float | None
     softcap: float | None
     output: Tensor  # the model's implementation's output [B, q, heads, hd]: the forward's value
-    rules: RuleSet
+    rule: Credited
     block: int | None = None
 
 
@@ -98,7 +98,7 @@ def _pull(
     that fills it (one layer of SmolLM2's shape at 8000 tokens, 8 targets: 30.4 s with fresh
     tensors, 14.1 s reusing them, on 2 cores). The cotangent's rows are copied into the
     layout each product needs one block at a time, never whole per target."""
-    rules = spec.rules
+    rules = spec.rule
     batch, kv, groups, q, s = scores.shape
     n, hd, d = grad.shape[0], value.shape[-1], scores.query.shape[-1]
     bk = batch * kv
@@ -116,7 +116,7 @@ def _pull(
     dk = g.new_zeros((bk * n, s, d))  # times rules.key * scaling at the end
     dv = g.new_zeros((bk, s, n * hd))
     du = g.new_zeros((batch, kv, n), dtype=torch.float64)
-    path = rules.softmax == "path"
+    path = rules.path > 0  # midpoints of the path from uniform attention, or the real scores
     # every target's dP (and, along a path, dz) is held for one block, beside the probabilities'
     # scores, masked scores and probabilities: twice the block bytes in all, since more rows per
     # block make the products faster (SmolLM2's shape at 8000 tokens, 2 targets: 5.0 s at one
@@ -156,11 +156,11 @@ def _pull(
             kept = (dp * (p - uniform).unsqueeze(2)).sum((-3, -2, -1))  # the shift's part cancels
             du += (1.0 - rules.value) * kept.double()
             dz = torch.zeros_like(dp)
-            for j in range(rules.steps):
-                at = torch.softmax(masked * ((j + 0.5) / rules.steps), dim=-1).unsqueeze(2)
+            for j in range(rules.path):
+                at = torch.softmax(masked * ((j + 0.5) / rules.path), dim=-1).unsqueeze(2)
                 step = dp * at
                 dz += step.addcmul_(at, step.sum(-1, keepdim=True), value=-1.0)
-            dz /= rules.steps
+            dz /= rules.path
             del dp, step, at
         else:
             dz = dp.mul_(p.unsqueeze(2))  # P * dP

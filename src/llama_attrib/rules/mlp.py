@@ -61,7 +61,7 @@ class GatedMLP(_ScaledMLP):
     gate: Proj
     up: Proj
     down: Proj
-    act: str = "act_fn"
+    act: str  # the module's attribute that is its activation
 
     @torch.no_grad()
     def factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> Tensor:
@@ -109,7 +109,7 @@ class MLP(_ScaledMLP):
 
     up: Proj
     down: Proj
-    act: str = "act"
+    act: str  # the module's attribute that is its activation
 
     @torch.no_grad()
     def factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> Tensor:
@@ -130,21 +130,22 @@ class SparseMoE:
     expert's sigmoid gate and each expert's ``act(gate(x))`` are frozen factors. The block is
     read through :mod:`llama_attrib._compat` (its layout differs between transformers versions);
     ``expert_names``: a 4.x expert MLP's gate, up and down attributes; ``shared`` /
-    ``shared_gate``: the shared expert MLP and its gate's attributes, if any.
+    ``shared_gate``: the shared expert MLP's and its gate's attributes, if any, and
+    ``shared_rule`` the shared expert's own rule.
     """
 
-    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    expert_names: tuple[str, str, str]
     shared: str | None = None
     shared_gate: str | None = None
+    shared_rule: GatedMLP | None = None
 
     def experts(self, module: nn.Module) -> list[Expert]:
         return _compat.moe_experts(module, self.expert_names)
 
     def _shared(self, module: nn.Module) -> tuple[nn.Module, GatedMLP] | None:
-        if self.shared is None:
+        if self.shared is None or self.shared_rule is None:
             return None
-        rule = GatedMLP(Proj("gate_proj"), Proj("up_proj"), Proj("down_proj"))
-        return module.get_submodule(self.shared), rule
+        return module.get_submodule(self.shared), self.shared_rule
 
     @torch.no_grad()
     def factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> dict[int, Tensor]:

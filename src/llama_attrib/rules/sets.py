@@ -1,74 +1,172 @@
-"""Rule sets: what each kind of product of two token-dependent factors credits.
+"""Rule sets: a map from each kind of product of two token-dependent factors to the rule that
+passes the logit through it.
 
 Every rule set shares the norms' frozen scales, the element-wise activations' identity rule
-(``act(z) = z * (act(z) / z)``, the ratio frozen) and linear maps as they are; they differ in
-how the two products of a decoder layer share what reaches them:
+(``act(z) = z * (act(z) / z)``, the ratio frozen) and linear maps as they are. What differs is
+the rule of each kind a family declares (LXT's shape: ``{kind of module: rule}``):
 
-- the attention ``softmax(q k^T) v``: how much of its relevance goes through the values, how
-  much through the queries and the keys (the softmax differentiated as it is, the soft-cap by
-  the identity rule);
-- the gated MLP ``act(gate(x)) * up(x)``: all through ``up`` with the gate frozen, or half each.
+- ``ATTENTION``, ``softmax(q k^T) v``: :class:`FrozenProbabilities` (everything through the
+  values) or :class:`Credited` (fractions through the values, the queries and the keys; the
+  softmax differentiated at the real scores, or along the path from uniform attention);
+- a gated MLP ``act(gate(x)) * up(x)`` (:class:`~.mlp.GatedMLP`), a gate-less one
+  (:class:`~.mlp.MLP`) and a sparse mixture of experts (:class:`~.mlp.SparseMoE`):
+  :class:`FrozenGate` (everything through ``up``, the gate a frozen factor) or
+  :class:`UniformGate` (half through each factor).
 
-Whatever the softmax does not pass on is the ``unassigned`` share (:data:`..composition.SHARES`),
-so components + shares = the logit under every rule set.
+A kind the map has no rule for is refused when a model has it (:meth:`RuleSet.mlp`). Whatever
+a rule passes to no input is the ``unassigned`` share (:data:`..composition.SHARES`), so
+components + shares = the logit under every rule set. A new rule set is a new map here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from torch import Tensor, nn
 
 from ..errors import UnsupportedOptionError
+from .mlp import MLP, GatedMLP, SparseMoE
+
+ATTENTION = "attention"  # the role of attention in a rule set's map; MLPs are keyed by their maths' class
+
+
+class TargetAttention(Protocol):
+    """What target mode's pass offers an attention rule: the two ways it can run attention."""
+
+    def frozen_attention(self, module: nn.Module, original: Any, args: Any, kwargs: Any) -> Any: ...
+
+    def credited_attention(
+        self, module: nn.Module, original: Any, args: Any, kwargs: Any, rule: Credited
+    ) -> Any: ...
+
+
+@dataclass(frozen=True)
+class FrozenProbabilities:
+    """The probabilities frozen factors: the attention's relevance all goes through the values."""
+
+    frozen = True  # forward mode and flow() can carry it
+    work = 1  # the backward's working memory per target, in units of the exact rules'
+    tolerance = 0.0  # no more rounding than the model's own
+
+    def target(self, on: TargetAttention, module: nn.Module, original: Any, args: Any, kwargs: Any) -> Any:
+        return on.frozen_attention(module, original, args, kwargs)
+
+
+@dataclass(frozen=True)
+class Credited:
+    """``value`` / ``query`` / ``key``: the fraction of the attention output's relevance each
+    input is credited with (the gradient of that input multiplied by it). ``path``: 0, the
+    softmax differentiated at the real scores (gradient x input); or that many midpoints of
+    the path from uniform attention (what it would give goes to the values) to the real one
+    (the rest, to the queries and keys). Computed by :mod:`.lrp`."""
+
+    value: float = 0.5
+    query: float = 0.25
+    key: float = 0.25
+    path: int = 0
+
+    frozen = False
+    # the backward's working memory per target, in units of the exact rules' (measured: 30
+    # against 18 MiB per target at 2048 tokens)
+    work = 2
+    # the softmax's Jacobian adds up terms larger than the logit in float32: on SmolLM2's
+    # 600-token prompts up to 1.2e-5 (3e-7 with that kernel in float64; docs/rules.md)
+    tolerance = 3e-5
+
+    def target(self, on: TargetAttention, module: nn.Module, original: Any, args: Any, kwargs: Any) -> Any:
+        return on.credited_attention(module, original, args, kwargs, self)
+
+
+class FrozenGate:
+    """An MLP's gate (or activation ratio, or routing weights) a frozen factor: everything
+    through the other factor."""
+
+    frozen = True
+
+    def factors(self, maths: Any, module: nn.Module, real: Tensor, dtype: Any) -> Any:
+        return maths.factors(module, real, dtype)
+
+    def apply(self, maths: Any, module: nn.Module, factors: Any, x: Tensor, t0: int) -> Tensor:
+        out: Tensor = maths.apply(module, factors, x, t0)
+        return out
+
+    def bias(self, maths: Any, module: nn.Module, factors: Any) -> Tensor | None:
+        out: Tensor | None = maths.bias(module, factors)
+        return out
+
+
+class UniformGate:
+    """A gated MLP's product ``act(gate(x)) * up(x)`` credited half to each factor
+    (:meth:`~.mlp.GatedMLP.uniform`)."""
+
+    frozen = False
+
+    def factors(self, maths: Any, module: nn.Module, real: Tensor, dtype: Any) -> Any:
+        return maths.uniform_factors(module, real, dtype)
+
+    def apply(self, maths: Any, module: nn.Module, factors: Any, x: Tensor, t0: int) -> Tensor:
+        out: Tensor = maths.uniform(module, factors, x, t0)
+        return out
+
+    def bias(self, maths: Any, module: nn.Module, factors: Any) -> Tensor | None:
+        out: Tensor | None = maths.uniform_bias(module, factors)
+        return out
+
+
+FROZEN_GATE = FrozenGate()
+UNIFORM_GATE = UniformGate()
 
 
 @dataclass(frozen=True)
 class RuleSet:
-    """``value`` / ``query`` / ``key``: the fraction of the attention output's relevance each
-    path is credited with (the gradient of that input multiplied by it); ``gate``: the gated
-    MLP's product, ``"frozen"`` (everything through ``up``) or ``"uniform"`` (half each);
-    ``softmax``: how the probabilities' share reaches the scores, ``"gradient"`` (gradient x
-    input at the real scores) or ``"path"`` (what uniform attention would give goes to the
-    values, the rest along the path from uniform to real attention, ``steps`` midpoints)."""
+    """A rule set: ``rules`` maps :data:`ATTENTION` and each MLP maths class to its rule."""
 
     name: str
-    value: float = 1.0
-    query: float = 0.0
-    key: float = 0.0
-    gate: str = "frozen"
-    softmax: str = "gradient"
-    steps: int = 4
+    rules: Mapping[Any, Any] = field(hash=False, compare=False)
     summary: str = ""
 
     @property
-    def frozen_attention(self) -> bool:
-        """Whether the probabilities are frozen factors (no credit to queries and keys)."""
-        return self.query == 0.0 and self.key == 0.0 and self.value == 1.0
+    def attention(self) -> FrozenProbabilities | Credited:
+        found: FrozenProbabilities | Credited = self.rules[ATTENTION]
+        return found
+
+    def mlp(self, maths: Any, module: nn.Module) -> FrozenGate | UniformGate:
+        """The rule of an MLP whose maths is ``maths`` (the family's rule object), or a refusal."""
+        for kind in type(maths).__mro__:
+            if kind in self.rules:
+                found: FrozenGate | UniformGate = self.rules[kind]
+                return found
+        raise UnsupportedOptionError(
+            f"rules={self.name!r}: {type(module).__name__} ({type(maths).__name__}) has no rule for "
+            "its gate yet; use rules='exact'"
+        )
+
+    def with_rule(self, kind: Any, rule: Any) -> RuleSet:
+        """This rule set with ``kind``'s rule replaced (``ATTENTION`` or an MLP maths class)."""
+        return RuleSet(self.name, {**self.rules, kind: rule}, self.summary)
 
     @property
     def exact(self) -> bool:
-        """Whether every product is credited to one factor (the probabilities, the gate frozen):
-        the decomposition of the logit into per-token parts with nothing unassigned."""
-        return self.frozen_attention and self.gate == "frozen"
+        """Whether every rule is a frozen factor's: the decomposition of the logit into
+        per-token parts with nothing unassigned, which forward mode and flow() carry."""
+        return all(rule.frozen for rule in self.rules.values())
 
 
 EXACT = RuleSet(
     "exact",
+    {ATTENTION: FrozenProbabilities(), GatedMLP: FROZEN_GATE, MLP: FROZEN_GATE, SparseMoE: FROZEN_GATE},
     summary="probabilities and gate frozen: everything flows through values and up (= LXT's CP-LRP)",
 )
 ATTNLRP = RuleSet(
     "attnlrp",
-    value=0.5,
-    query=0.25,
-    key=0.25,
-    gate="uniform",
+    {ATTENTION: Credited(), GatedMLP: UNIFORM_GATE, MLP: FROZEN_GATE},
     summary="AttnLRP (Achtibat et al., ICML 2024): values 1/2, queries and keys 1/4 each, gate x up 1/2 each",
 )
 PATH = RuleSet(
     "attnlrp-path",
-    value=0.5,
-    query=0.25,
-    key=0.25,
-    gate="uniform",
-    softmax="path",
+    {ATTENTION: Credited(path=4), GatedMLP: UNIFORM_GATE, MLP: FROZEN_GATE},
     summary="AttnLRP's shares, the probabilities' half along the path from uniform attention: "
     "nearly conservative",
 )
