@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .errors import require
-from .views import _colour, visible
+from .views import colour, visible
 
 
 @dataclass
@@ -190,7 +190,7 @@ SCRIPT = """function(uid){
 
 def _row(cls: str, layer: int, label: str, values: np.ndarray, vmax: float, sources: list[str]) -> str:
     cells = "".join(
-        f'<td style="background:{_colour(float(v), vmax)}" '
+        f'<td style="background:{colour(float(v), vmax)}" '
         f'title="{html.escape(f"{sources[i]!r}: {float(v):+.4g}", quote=True)}"></td>'
         for i, v in enumerate(values)
     )

@@ -24,8 +24,9 @@ from .engines import (
     MODES,
     Groups,
     Inputs,
+    Options,
     TargetRun,
-    _as_batch,
+    as_batch,
     explain,
     group_members,
 )
@@ -134,42 +135,29 @@ def decompose_sequence(
     (which predicted ``input_ids[P+k]``) and has ``P+k`` components. Without it, one
     Composition for the logits at the last position.
 
-    ``targets`` (target mode): which logit each step explains up front: ``None`` (the next
-    token of the sequence, or the argmax at the last position), a token id, one id per step,
-    or a pair ``(a, b)`` for the difference ``logit_a - logit_b`` (ids or one per step).
-    Any other token is available afterwards as ``c[token]`` (one more pass).
+    ``targets``: what each step explains up front: ``None`` (the next token of the sequence,
+    or the argmax at the last position), a token id, one id per step, a pair ``(a, b)`` for
+    the difference ``logit_a - logit_b`` (ids or one per step), ``"logprob"`` (the next
+    token's log-probability target), or a :class:`~llama_attrib.targets.Target` (one for
+    every step, or a list with one per step). Any other token is available afterwards as
+    ``c[token]`` and any other target as ``c.explain(target)`` (one more pass in target mode).
 
     ``groups``: one component per span of positions: ``{"system": (0, 12), ...}`` (a name
     may map to several spans), a list of ``(start, end)`` spans, or a ``[T]`` tensor of group
     ids; positions outside every span form one more component, ``"other"``.
 
-    ``component_dtype``: precision of the components (default float32 for a half-precision
-    model, the model's dtype otherwise). ``max_memory``: a budget in bytes (or ``"8GB"``);
-    default 80% of the free memory; work is split into chunks to fit, and a run that cannot
-    fit at all raises :class:`~llama_attrib.memory.MemoryBudgetError` before it starts.
-    ``precision``: of target mode's backward products, ``"auto"`` (default), ``"float32"`` or
-    ``"tf32"`` (:mod:`llama_attrib.precision`). ``rules``: the rule set, ``"exact"`` (default,
-    or the wrapped model's) or ``"attnlrp"`` (target mode only; :mod:`llama_attrib.rules.sets`);
-    what its softmax passes to no token is the ``unassigned`` share.
+    ``component_dtype``, ``max_memory``, ``progress``, ``precision``, ``rules``: how the
+    decomposition runs, as everywhere (:class:`llama_attrib.engines.Options`: the rule sets
+    are ``"exact"``, the default or the wrapped model's, ``"attnlrp"`` and ``"attnlrp-path"``,
+    target mode only).
     """
     if mode not in MODES:
         raise UnsupportedOptionError(f"mode must be one of {MODES}, not {mode!r}")
     inputs, members, names, resolved = _prepare(
         model, input_ids, prompt_length, attention_mask, position_ids, targets, groups
     )
-    return explain(
-        model,
-        inputs,
-        mode=mode,
-        targets=resolved,
-        members=members,
-        names=names,
-        component_dtype=component_dtype,
-        max_memory=max_memory,
-        progress=progress,
-        precision=precision,
-        rules=rules_of(model, rules),
-    )
+    options = Options(component_dtype, max_memory, progress, precision, rules_of(model, rules))
+    return explain(model, inputs, mode=mode, targets=resolved, members=members, names=names, options=options)
 
 
 def decompose_answer(
@@ -194,11 +182,13 @@ def decompose_answer(
     ``targets`` (each step's components beyond its own position counted as zero), which costs
     one backward pass per step: use this one for "which part of the prompt did the answer come
     from". Returns a Composition with one component per position but the last (or per group:
-    ``groups`` as in :func:`decompose_sequence`), ``[C]`` or ``[C, batch]``; its ``residual`` is
-    the bias share, and components and residual add up to the summed logit (checked against
-    the stock model's own logits). Target mode only.
+    ``groups`` as in :func:`decompose_sequence`), ``[C]`` or ``[C, batch]``; its ``shares``
+    are what belongs to no token by name (``bias``, ``rounding``, ``unassigned``; their sum is
+    pydec's ``residual``), and components and shares add up to the summed logit (checked
+    against the stock model's own logits). The other keywords are :func:`decompose_sequence`'s.
+    Target mode only.
     """
-    length = _as_batch(input_ids, "input_ids").shape[1]
+    length = as_batch(input_ids, "input_ids").shape[1]
     if prompt_length is None or not 1 <= prompt_length < length:
         raise UnsupportedOptionError(
             "decompose_answer needs prompt_length=P with 1 <= P < the sequence's length (the answer "
@@ -207,17 +197,8 @@ def decompose_answer(
     inputs, members, names, resolved = _prepare(
         model, input_ids, prompt_length, attention_mask, position_ids, targets, groups
     )
-    run = TargetRun.of(
-        model,
-        inputs,
-        members,
-        names,
-        component_dtype,
-        max_memory,
-        progress,
-        precision,
-        rules_of(model, rules),
-    )
+    options = Options(component_dtype, max_memory, progress, precision, rules_of(model, rules))
+    run = TargetRun.of(model, inputs, members, names, options)
     out = run.answer(resolved)  # [B, C + len(SHARES)]
     components, shares = out[:, : -len(SHARES)].T, out[:, -len(SHARES) :]
     if out.shape[0] == 1:
@@ -244,10 +225,10 @@ def _prepare(
 ) -> tuple[Inputs, Tensor | None, tuple[str, ...] | None, list[_targets.Target] | None]:
     """The teacher-forced pass of a finished sequence: inputs, group members and names, and
     each step's target."""
-    ids = _as_batch(input_ids, "input_ids")
+    ids = as_batch(input_ids, "input_ids")
     batch, length = ids.shape
     families.check_length(model, length)
-    mask = None if attention_mask is None else _as_batch(attention_mask, "attention_mask")
+    mask = None if attention_mask is None else as_batch(attention_mask, "attention_mask")
     if mask is not None and mask.shape != ids.shape:
         raise UnsupportedOptionError(
             f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}: they must match"
@@ -270,7 +251,7 @@ def _prepare(
     inputs = Inputs(
         ids[:, :used],
         None if mask is None else mask[:, :used],
-        None if position_ids is None else _as_batch(position_ids, "position_ids")[:, :used],
+        None if position_ids is None else as_batch(position_ids, "position_ids")[:, :used],
         positions,
         last,
     )

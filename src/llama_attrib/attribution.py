@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from . import families
-from .adapters.generate import SEQUENCE_OPTIONS
 from .api import decompose, decompose_sequence, is_wrapped
 from .composition import SHARES, Contributions
+from .engines import Options
 from .errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from .result import Attribution
 from .targets import Contrast, LogProb, Target, Token
@@ -279,7 +279,7 @@ def _attribute_sequence(
     else:
         generate: Any = model.generate
         plain = {"decompose": False} if is_wrapped(model) else {}  # one pass afterwards, not two
-        generation = {k: v for k, v in options.items() if k not in SEQUENCE_OPTIONS}
+        generation = {k: v for k, v in options.items() if k not in Options.names()}
         with torch.no_grad():
             out = generate(
                 ids,
@@ -295,7 +295,7 @@ def _attribute_sequence(
     other = None if explained.contrast is None else _token_id(tokenizer, explained.contrast)
     targets = [_step_target(explained.target, int(token), other) for token in answer_ids]
     mode = "forward" if explained.mode == "forward" else "target"
-    sequence_options = {k: options[k] for k in SEQUENCE_OPTIONS if k in options}
+    sequence_options = {k: options[k] for k in Options.names() if k in options}
     steps = decompose_sequence(model, sequence, p, mode=mode, targets=targets, **sequence_options)
     rows = [
         (c.explain(target), float(target.value(c.logits[None])[0]))

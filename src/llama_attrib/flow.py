@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from . import families, memory, rules, targets
 from ._flow_view import Flow
 from .checks import tolerance
+from .engines.forward import chunked
 from .errors import DecompositionError, UnsupportedOptionError
-from .passes import FlowRecord, ForwardPass
+from .passes import FlowRecord, ForwardPass, hidden_states
 from .rules.sets import refuse_forward_rules
 from .session import Session, attached
 
@@ -87,40 +88,43 @@ def _run(
 ) -> tuple[list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]]]], Tensor]:
     """Forward mode over the sequence in chunks of components, recording at ``position``."""
     length = int(ids.shape[1])
-    budget = memory.budget(max_memory, next(model.parameters()).device)
+    budget = memory.model_budget(model, max_memory)
     refusal = "flow runs forward mode: shorten the sequence or raise max_memory"
     per_chunk, _ = memory.forward_chunks(model, 1, length, length, dtype, budget, refusal)
     layers = session.family.layers(model)
-    out: list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]]]] = []
-    logits: Tensor | None = None
-    for c0 in range(0, length, per_chunk):
-        rows = torch.eye(length, dtype=dtype)[c0 : c0 + per_chunk]
-        record = FlowRecord(position)
+    kwargs: dict[str, Any] = {"use_cache": False, "logits_to_keep": 1}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    streams: list[tuple[Tensor, Tensor | None]] = []  # the chunk's
+
+    def call() -> None:
         # the residual stream at the position: into layer 0, then after each layer
-        streams: list[tuple[Tensor, Tensor | None]] = []
+        streams.clear()
         keep = _keeper(streams, position)
         hooks = [
             layers[0].register_forward_pre_hook(
-                lambda m, args, kwargs, keep=keep: keep(_hidden(args, kwargs)), with_kwargs=True
+                lambda m, args, kwargs: keep(hidden_states(args, kwargs)), with_kwargs=True
             )
         ]
-        hooks += [
-            layer.register_forward_hook(lambda m, a, output, keep=keep: keep(output)) for layer in layers
-        ]
-        active = ForwardPass(dtype, layout=rules.Layout.of(rows), flow=record)
-        kwargs: dict[str, Any] = {"use_cache": False, "logits_to_keep": 1}
-        if mask is not None:
-            kwargs["attention_mask"] = mask
+        hooks += [layer.register_forward_hook(lambda m, a, output: keep(output)) for layer in layers]
         try:
-            with torch.no_grad(), session.running(active):
+            with torch.no_grad():
                 session.plain(input_ids=ids, **kwargs)
         finally:
             for h in hooks:
                 h.remove()
-        if active.logits is None or len(streams) != len(layers) + 1:
+
+    out: list[tuple[FlowRecord, list[tuple[Tensor, Tensor | None]]]] = []
+    logits: Tensor | None = None
+
+    def make(layout: rules.Layout) -> ForwardPass:
+        return ForwardPass(dtype, layout=layout, flow=FlowRecord(position))
+
+    for _, _, active in chunked(session, None, length, per_chunk, dtype, make, call):
+        if active.logits is None or active.flow is None or len(streams) != len(layers) + 1:
             raise DecompositionError("the flow pass did not reach every layer and the LM head")
         logits = active.logits[0, -1]
-        out.append((record, streams))
+        out.append((active.flow, list(streams)))
     assert logits is not None
     return out, logits
 
@@ -136,10 +140,6 @@ def _keeper(streams: list[tuple[Tensor, Tensor | None]], position: int) -> Any:
         )
 
     return keep
-
-
-def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
 def _assemble(

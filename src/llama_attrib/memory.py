@@ -19,6 +19,7 @@ from torch import nn
 
 from . import rules
 from .errors import LlamaAttribError
+from .families import input_device
 from .rules.sets import rule_set
 
 LEAN_BYTES = 64 << 20  # target mode's working memory without max_memory, at least
@@ -283,6 +284,13 @@ def budget(max_memory: int | str | None, device: torch.device) -> int:
         if text.endswith(unit):
             return int(float(text[: -len(unit)]) * factor)
     return int(text)
+
+
+def model_budget(model: nn.Module, max_memory: int | str | None) -> int:
+    """:func:`budget` on the device ``model`` computes on: its input embedding's execution
+    device (:func:`llama_attrib.families.input_device`; accelerate's, where it offloads the
+    weights, whose parameters then sit on the meta device)."""
+    return budget(max_memory, input_device(model))
 
 
 def fmt(n: int) -> str:

@@ -31,7 +31,7 @@ from .checks import completeness_error, tf32_products, tolerance
 from .composition import SHARES
 from .errors import DecompositionError
 from .families import Family
-from .passes import CapturePass, TargetPass, argument, replace_hidden
+from .passes import CapturePass, TargetPass, hidden_states, replace_hidden
 from .patching import Patch, replace_method, restore_all
 from .rules.linear import rounding
 from .session import Session
@@ -54,7 +54,7 @@ class Recorded:
 
 
 def _hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    x = argument(args, kwargs, "hidden_states", 0)
+    x = hidden_states(args, kwargs)
     if not isinstance(x, Tensor):
         raise DecompositionError("a decoder layer was called without its hidden states")
     return x

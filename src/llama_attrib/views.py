@@ -134,7 +134,7 @@ def _token_spans(result: Scores) -> str:
     return "".join(spans)
 
 
-def _colour(value: float, vmax: float) -> str:
+def colour(value: float, vmax: float) -> str:
     t = min(1.0, abs(value) / vmax) if vmax > 0 else 0.0
     end = (33, 102, 172) if value < 0 else (178, 24, 43)
     r, g, b = (round(255 + (e - 255) * t) for e in end)
@@ -156,7 +156,7 @@ def _overview(result: Scores) -> str:
                 cells.append('<td style="background:#f2f2f2"></td>')
             else:
                 tip = html.escape(f"{label!r}: {v:+.4g}", quote=True)
-                cells.append(f'<td style="background:{_colour(float(v), vmax)}" title="{tip}"></td>')
+                cells.append(f'<td style="background:{colour(float(v), vmax)}" title="{tip}"></td>')
         label = html.escape(visible(result.generated_tokens[k])[:16])
         head = f'<tr class="la-ov-row" data-step="{k}"><td class="la-ov-label">{k}: {label}</td>'
         rows.append(head + "".join(cells) + "</tr>")

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import families
 from .._compat import CACHE_KEYWORDS, cache_length
-from ..engines import Inputs, explain
+from ..engines import Inputs, Options, explain
 from ..engines.forward import check_head, logit_composition, reached_head
 from ..engines.inputs import last_real
 from ..errors import DecompositionError, UnsupportedOptionError
@@ -21,7 +21,7 @@ from ..passes import ForwardPass
 from ..rules.sets import RuleSet, refuse_forward_rules
 from ..session import Collecting, Forward, Recording, Session
 from ..stream import strip
-from .options import _check_fits, _mode, _on_input_device, _options, _set_option
+from .options import call_options, check_fits, decompose_mode, on_input_device, set_option
 
 
 def forward_adapter(session: Session, model: nn.Module, original: Forward) -> Forward:
@@ -37,21 +37,21 @@ def forward_adapter(session: Session, model: nn.Module, original: Forward) -> Fo
             _record(generation, signature, args, kwargs)
         if not session.wants(decompose):
             return original(*args, **kwargs)
-        mode = _mode(decompose, "forward")
-        args, kwargs = _on_input_device(model, args, kwargs)
+        mode = decompose_mode(decompose, "forward")
+        args, kwargs = on_input_device(model, args, kwargs)
         bound = signature.bind(*args, **kwargs)
-        options = _options(bound, signature)
+        options = call_options(bound, signature)
         _check_forward_options(options)
         if mode == "target":
             return _target_forward(model, original, bound, options, session.rules)
         refuse_forward_rules(session.rules)
-        _set_option(bound, signature, "output_attentions", False)
+        set_option(bound, signature, "output_attentions", False)
         cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
         expected = generation.expected_length if isinstance(generation, Collecting) else 0
         if not isinstance(generation, Collecting):  # a single forward (inside generate, generate checked)
             batch, length = options["input_ids"].shape
             families.check_length(model, cache_length(cache) + length)
-            _check_fits(model, cache_length(cache) + length, batch, "forward", None, session.dtype)
+            check_fits(model, cache_length(cache) + length, batch, "forward", None, session.dtype)
         active = ForwardPass(session.dtype, offset=cache_length(cache), expected_length=expected)
         with session.running(active):
             out = original(*bound.args, **bound.kwargs)
@@ -62,7 +62,7 @@ def forward_adapter(session: Session, model: nn.Module, original: Forward) -> Fo
 
 def _record(generation: Recording, signature: inspect.Signature, args: Any, kwargs: dict[str, Any]) -> None:
     """Keep the attention mask and position ids generate passes (target-mode generation)."""
-    options = _options(signature.bind(*args, **kwargs), signature)
+    options = call_options(signature.bind(*args, **kwargs), signature)
     generation.inputs.append((options.get("attention_mask"), options.get("position_ids")))
 
 
@@ -85,7 +85,7 @@ def _target_forward(
     mask = options.get("attention_mask")
     last = last_real(mask, int(ids.shape[-1]))
     inputs = Inputs(ids, mask, options.get("position_ids"), [int(ids.shape[-1]) - 1], last)
-    (composition,) = explain(model, inputs, mode="target", rules=ruleset)
+    (composition,) = explain(model, inputs, mode="target", options=Options(rules=ruleset))
     out["attentions"] = composition
     return out
 

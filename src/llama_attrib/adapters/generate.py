@@ -13,17 +13,15 @@ import torch
 from torch import nn
 
 from .. import _compat, families, sweep
-from ..engines import Inputs, explain
+from ..engines import Inputs, Options, explain
 from ..engines.inputs import positions_from_mask
 from ..errors import DecompositionError, GeneratedTokenWarning, UnsupportedOptionError
 from ..rules.sets import refuse_forward_rules, rule_set
 from ..session import Collecting, Forward, Recording, Session
 from ..targets import Target, Token
-from .options import _check_fits, _mode, _on_input_device, _prompt_ids
+from .options import check_fits, decompose_mode, on_input_device, prompt_ids_of
 
 # Options of a target-mode generate that are llama_attrib's, not generate's.
-# the decomposition's options, taken out of generate's (the rest goes to generate)
-SEQUENCE_OPTIONS = ("component_dtype", "max_memory", "progress", "precision", "rules")
 
 _REFUSED_GENERATION = {
     "num_beams": (lambda v: v is not None and v > 1, "beam search (num_beams > 1)"),
@@ -63,8 +61,8 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward) -> F
     def run(*args: Any, decompose: bool | str | None = None, **kwargs: Any) -> Any:
         if not session.wants(decompose):
             return original(*args, **kwargs)
-        mode = _mode(decompose, "target")
-        args, kwargs = _on_input_device(model, args, kwargs)
+        mode = decompose_mode(decompose, "target")
+        args, kwargs = on_input_device(model, args, kwargs)
         if kwargs.get("return_dict_in_generate") is False:
             raise UnsupportedOptionError(
                 "decompose=True returns one Composition per generated token in "
@@ -73,8 +71,9 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward) -> F
         kwargs = {**kwargs, "return_dict_in_generate": True, "output_attentions": False}
         if session.generation is not None:
             raise DecompositionError("a decomposed generate was called from inside another one")
-        options = {k: kwargs.pop(k) for k in SEQUENCE_OPTIONS if k in kwargs}
-        options["rules"] = rule_set(options.get("rules") or session.rules)
+        # the decomposition's options, taken out of generate's (the rest goes to generate)
+        options = Options.take(kwargs)
+        options = options.replace(rules=rule_set(options.rules or session.rules))
         families.check_length(model, _expected_length(generation_config, args, kwargs))
         if mode == "target":
             # one row of generate's logits per returned sequence and step: no beams, no drafts
@@ -95,16 +94,17 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward) -> F
                 "decompose=True (target mode decomposes the finished sequences of any decoding "
                 "strategy)"
             )
-        refuse_forward_rules(options.pop("rules"))
-        if set(options) - {"max_memory"}:
+        refuse_forward_rules(options.rules)
+        target_only = sorted(set(options.replace(rules=None).given()) - {"max_memory"})
+        if target_only:
             raise UnsupportedOptionError(
-                f"{sorted(set(options) - {'max_memory'})} apply to target mode: use decompose=True, or "
+                f"{target_only} apply to target mode: use decompose=True, or "
                 "llama_attrib.decompose_sequence(..., mode='forward') on the finished sequence"
             )
         expected = _expected_length(generation_config, args, kwargs)
         if expected:
-            batch = int(_prompt_ids(args, kwargs).shape[0])
-            _check_fits(model, expected, batch, "generate", options.get("max_memory"), session.dtype)
+            batch = int(prompt_ids_of(args, kwargs).shape[0])
+            check_fits(model, expected, batch, "generate", options.max_memory, session.dtype)
         generation = session.generation = Collecting(expected)
         try:
             out = original(*args, **kwargs)
@@ -112,7 +112,7 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward) -> F
             session.generation = None
             session.caches.clear()
         out["attentions"] = tuple(generation.steps)
-        _mark_tokens(out, int(_prompt_ids(args, kwargs).shape[-1]))
+        _mark_tokens(out, int(prompt_ids_of(args, kwargs).shape[-1]))
         return out
 
     return generate
@@ -147,7 +147,7 @@ def _generate_target(
     original: Forward,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    options: dict[str, Any],
+    options: Options,
     simple: bool = False,
     greedy: bool = False,
 ) -> Any:
@@ -176,7 +176,7 @@ def _generate_target(
     if own_logits and not wanted_logits:
         out["logits"] = None
     sequences = out.sequences
-    prompt_ids = _prompt_ids(args, kwargs)
+    prompt_ids = prompt_ids_of(args, kwargs)
     prompt = int(prompt_ids.shape[-1])
     if sequences.shape[-1] <= prompt or not record:
         out["attentions"] = ()
@@ -206,7 +206,7 @@ def _generate_target(
         reference=reference,
         extra=extra,
         replay=replay,
-        **options,
+        options=options,
     )
     _mark_tokens(out, prompt)
     return out

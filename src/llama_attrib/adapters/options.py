@@ -14,13 +14,12 @@ from ..engines import MODES
 from ..errors import UnsupportedOptionError
 
 
-def _check_fits(
+def check_fits(
     model: nn.Module, length: int, batch: int, mode: str, max_memory: Any, dtype: torch.dtype
 ) -> None:
     """Forward mode keeps every component at once: refuse, before starting, what cannot fit."""
-    device = next(model.parameters()).device
     needed = memory.estimate(model, length, batch=batch, mode=mode, dtype=dtype)
-    limit = memory.budget(max_memory, device)
+    limit = memory.model_budget(model, max_memory)
     if needed > limit:
         raise memory.MemoryBudgetError(
             f"forward-mode decomposition of {batch} x {length} tokens needs about "
@@ -31,7 +30,7 @@ def _check_fits(
         )
 
 
-def _mode(decompose: bool | str | None, default: str) -> str:
+def decompose_mode(decompose: bool | str | None, default: str) -> str:
     """``True``/``None`` -> the call's default mode; a string must name a mode."""
     if decompose is True or decompose is None:
         return default
@@ -40,7 +39,7 @@ def _mode(decompose: bool | str | None, default: str) -> str:
     raise UnsupportedOptionError(f"decompose must be True, False or one of {MODES}, not {decompose!r}")
 
 
-def _options(bound: inspect.BoundArguments, signature: inspect.Signature) -> dict[str, Any]:
+def call_options(bound: inspect.BoundArguments, signature: inspect.Signature) -> dict[str, Any]:
     """All arguments of a bound call, with the ``**kwargs`` ones flattened in."""
     options = dict(bound.arguments)
     for name, param in signature.parameters.items():
@@ -49,7 +48,7 @@ def _options(bound: inspect.BoundArguments, signature: inspect.Signature) -> dic
     return options
 
 
-def _set_option(bound: inspect.BoundArguments, signature: inspect.Signature, key: str, value: Any) -> None:
+def set_option(bound: inspect.BoundArguments, signature: inspect.Signature, key: str, value: Any) -> None:
     if key in signature.parameters:
         bound.arguments[key] = value
         return
@@ -58,7 +57,7 @@ def _set_option(bound: inspect.BoundArguments, signature: inspect.Signature, key
             bound.arguments.setdefault(name, {})[key] = value
 
 
-def _prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+def prompt_ids_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     ids = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
     if not isinstance(ids, torch.Tensor):
         raise UnsupportedOptionError("decompose=True needs the prompt's input_ids as a tensor")
@@ -68,7 +67,7 @@ def _prompt_ids(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
 INPUTS = ("input_ids", "inputs", "attention_mask", "position_ids", "inputs_embeds", "cache_position")
 
 
-def _on_input_device(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+def on_input_device(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """``(args, kwargs)`` with the input tensors (the first positional argument, and ids, masks
     and positions by keyword) on the model's input device, wherever the caller made them."""
     if args and isinstance(args[0], torch.Tensor):

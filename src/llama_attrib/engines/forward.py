@@ -4,6 +4,9 @@ decomposed hidden state, so every token of the vocabulary is one dot product awa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import pydec
 import torch
 from torch import Tensor, nn
@@ -15,7 +18,32 @@ from ..errors import DecompositionError
 from ..passes import ForwardPass
 from ..rules import Layout
 from ..session import Session
-from .inputs import Inputs, _progress
+from .inputs import Inputs, progress_bar
+
+
+def chunked(
+    session: Session,
+    members: Tensor | None,
+    length: int,
+    per_chunk: int,
+    dtype: torch.dtype,
+    make: Callable[[Layout], ForwardPass],
+    call: Callable[[], Any],
+) -> Iterator[tuple[int, int, ForwardPass]]:
+    """Forward mode in chunks of ``per_chunk`` components: one per position of ``length``, or
+    one per group (``members [G, length]``). For each chunk ``c0:c1`` a pass made by ``make``
+    from the chunk's layout runs ``call`` (the model's forward); yields ``(c0, c1, pass)``."""
+    total = length if members is None else int(members.shape[0])
+    for c0 in range(0, total, per_chunk):
+        c1 = min(total, c0 + per_chunk)
+        if members is None:  # one row per position, without the whole identity matrix
+            rows = torch.nn.functional.one_hot(torch.arange(c0, c1), length).to(dtype)
+        else:
+            rows = members[c0:c1].to(dtype)
+        active = make(Layout.of(rows))
+        with session.running(active):
+            call()
+        yield c0, c1, active
 
 
 def reached_head(active: ForwardPass) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -95,14 +123,12 @@ def forward_mode(
     real: Tensor | None = None
     logits: Tensor | None = None
     residual: Tensor | None = None
-    bar = _progress(progress, chunks, "components", work=total * length * batch)
+    bar = progress_bar(progress, chunks, "components", work=total * length * batch)
     try:
-        for c0 in range(0, total, per_chunk):
-            c1 = min(total, c0 + per_chunk)
-            rows = torch.eye(length, dtype=dtype)[c0:c1] if members is None else members[c0:c1]
-            active = ForwardPass(dtype, layout=Layout.of(rows.to(dtype)))
-            with session.running(active):
-                inputs.call(session)
+        make = lambda layout: ForwardPass(dtype, layout=layout)  # noqa: E731
+        for c0, c1, active in chunked(
+            session, members, length, per_chunk, dtype, make, lambda: inputs.call(session)
+        ):
             part_real, part, part_residual = reached_head(active)
             if hidden is None:
                 hidden = part.new_zeros((total, batch, steps, part.shape[-1]))

@@ -60,7 +60,7 @@ class Inputs:
         return moved.unsqueeze(1).movedim((0, 1), (dim, dim + 1))
 
 
-def _as_batch(value: Any, name: str) -> Tensor:
+def as_batch(value: Any, name: str) -> Tensor:
     t = value if isinstance(value, Tensor) else torch.as_tensor(value)
     if t.dim() == 1:
         t = t[None]
@@ -111,7 +111,7 @@ class _NoBar:
         pass
 
 
-def _progress(progress: bool | None, total: int, unit: str, work: int) -> Any:
+def progress_bar(progress: bool | None, total: int, unit: str, work: int) -> Any:
     """A tqdm bar on stderr when asked, or (``None``) when the run is large enough to wait for."""
     show = progress if progress is not None else (total > 1 and work > 200_000)
     if not show:

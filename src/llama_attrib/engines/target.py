@@ -17,11 +17,12 @@ from ..checks import tolerance
 from ..errors import DecompositionError, UnsupportedOptionError
 from ..passes import CapturePass, TargetPass
 from ..precision import products, resolve
-from ..rules.sets import EXACT, RuleSet, rule_set
+from ..rules.sets import EXACT, RuleSet
 from ..session import attached
 from ..targets import Head, Target, Token
-from .inputs import Inputs, _progress
+from .inputs import Inputs, progress_bar
 from .lazy import TargetComposition
+from .options import Options
 
 Request = tuple[int, Target | None]  # (step, target); None: each row's argmax at that step
 
@@ -87,20 +88,15 @@ class TargetRun:
         inputs: Inputs,
         members: Tensor | None,
         names: tuple[str, ...] | None,
-        component_dtype: torch.dtype | None,
-        max_memory: int | str | None,
-        progress: bool | None,
-        precision: str | None = None,
-        rules: str | RuleSet | None = None,
+        options: Options,
     ) -> TargetRun:
-        """A run with the default component dtype, the budget of ``max_memory``, the
-        products' ``precision`` (:mod:`llama_attrib.precision`) and the rule set ``rules``
-        (:mod:`llama_attrib.rules.sets`, default ``"exact"``)."""
-        dtype = component_dtype or families.component_dtype(model)
+        """A run with the :class:`.options.Options`' component dtype (or the default), memory
+        budget, products' precision (:mod:`llama_attrib.precision`) and rule set."""
+        dtype = options.component_dtype or families.component_dtype(model)
         device = families.input_device(model)
-        limit = memory.budget(max_memory, device)
-        unbudgeted = max_memory is None
-        chosen = resolve(precision, families.model_dtype(model), device)
+        limit = memory.model_budget(model, options.max_memory)
+        unbudgeted = options.max_memory is None
+        chosen = resolve(options.precision, families.model_dtype(model), device)
         return TargetRun(
             model,
             inputs,
@@ -108,10 +104,10 @@ class TargetRun:
             names,
             dtype,
             limit,
-            progress,
+            options.progress,
             unbudgeted=unbudgeted,
             precision=chosen,
-            rules=rule_set(rules),
+            rules=options.rule_set,
         )
 
     @property
@@ -190,7 +186,7 @@ class TargetRun:
             values = recorded.first_input.detach().to(self.dtype)
             steps = len(self.inputs.positions)
             work = n * values.shape[1] * self.batch
-            bar = _progress(self.progress, sweeps * (layers + 1), "layer", work=work)
+            bar = progress_bar(self.progress, sweeps * (layers + 1), "layer", work=work)
             for start in range(0, n, per_sweep):
                 part = requests[start : start + per_sweep]
                 cot = values.new_zeros((len(part), self.batch, steps, values.shape[-1]))

@@ -7,7 +7,7 @@ stock forward. Each mode is a pass that owns its per-call state: :class:`Forward
 differentiable frozen-factor map) and :class:`CapturePass` (the stock logits).
 """
 
-from .base import Pass, argument, replace_hidden
+from .base import Pass, argument, hidden_states, replace_hidden
 from .capture import CapturePass
 from .forward import FlowRecord, ForwardPass
 from .target import TargetPass
@@ -19,5 +19,6 @@ __all__ = [
     "Pass",
     "TargetPass",
     "argument",
+    "hidden_states",
     "replace_hidden",
 ]

@@ -76,6 +76,11 @@ def argument(args: Args, kwargs: Kwargs, name: str, position: int) -> Any:
     return kwargs[name] if name in kwargs else (args[position] if len(args) > position else None)
 
 
+def hidden_states(args: Args, kwargs: Kwargs) -> Any:
+    """A layer's or module's input hidden state (keyword ``hidden_states`` or first positional)."""
+    return argument(args, kwargs, "hidden_states", 0)
+
+
 def replace_hidden(args: Args, kwargs: Kwargs, value: Tensor) -> tuple[Args, Kwargs]:
     """The call's arguments with ``hidden_states`` (keyword or first positional) replaced."""
     if "hidden_states" in kwargs or not args:

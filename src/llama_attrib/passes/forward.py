@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from .. import _compat, rules
 from ..stream import DecomposedTensor, split
-from .base import Args, Kwargs, Pass, argument, replace_hidden, stock_attention
+from .base import Args, Kwargs, Pass, hidden_states, replace_hidden, stock_attention
 
 
 @dataclass
@@ -85,7 +85,7 @@ class ForwardPass(Pass):
 
     def attention(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         family = self.session.family
-        real, comps, residual = split(argument(args, kwargs, "hidden_states", 0))
+        real, comps, residual = split(hidden_states(args, kwargs))
         args, kwargs = replace_hidden(args, kwargs, real)
         found = _compat.find_cache(kwargs, family.cache_keywords())
         layer_idx = int(module.layer_idx)  # type: ignore[arg-type]
@@ -104,7 +104,7 @@ class ForwardPass(Pass):
         real, comps, residual = split(args[0])
         stock = original(real, *args[1:], **kwargs)
         gate = rule.factors(module, real, comps.dtype)
-        comps_out = rules._positionwise(
+        comps_out = rules.positionwise(
             lambda part, t0: rule.apply(module, gate, part, t0),
             comps,
             self.offset,

@@ -17,7 +17,15 @@ from .. import _compat, quantized, rules
 from ..errors import UnsupportedOptionError
 from ..families import model_dtype
 from ..patching import Patch, replace_method, restore_all
-from .base import Args, Kwargs, Pass, argument, credited_attention, replace_hidden, stock_attention
+from .base import (
+    Args,
+    Kwargs,
+    Pass,
+    credited_attention,
+    hidden_states,
+    replace_hidden,
+    stock_attention,
+)
 
 
 class TargetPass(Pass):
@@ -75,7 +83,7 @@ class TargetPass(Pass):
     ) -> Any:
         """The family's own code with a graph: its projections, rope and q/k norms are the
         queries' and keys' maps; the attention function is differentiated by ``rule``."""
-        x = argument(args, kwargs, "hidden_states", 0)
+        x = hidden_states(args, kwargs)
         unassigned = _leaf(x.new_ones((x.shape[0], 1)), self.unassigned_leaves)
         block = None if self.probabilities is None else self.probabilities[0]
         with self._inner_rules(module):
@@ -84,7 +92,7 @@ class TargetPass(Pass):
     def frozen_attention(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         """The probabilities frozen: the values' mix, from the real hidden state's probabilities."""
         family = self.session.family
-        x = argument(args, kwargs, "hidden_states", 0)
+        x = hidden_states(args, kwargs)
         real = model_dtype(module, self.session.model_dtype)
         args, kwargs = replace_hidden(args, kwargs, x.detach().to(real))
         with torch.no_grad():

@@ -10,7 +10,7 @@ See :mod:`.linear` for what the rules share. The sizes target mode works in (``s
 from . import linear, lrp, mlp, scores, sets
 from .attention import Attention, ValueCache, attention, attention_graph
 from .kernels import frozen_mix
-from .linear import Layout, Proj, Rounding, _positionwise, embedding, rounding, scale
+from .linear import Layout, Proj, Rounding, embedding, positionwise, rounding, scale
 from .mlp import MLP, SHARED, Expert, GatedMLP, SparseMoE
 from .norm import LayerNorm, Norm, RMSNorm
 from .scores import MIN_BLOCK_BYTES, FrozenProbabilities, block_bytes, mix
@@ -36,7 +36,6 @@ __all__ = [
     "RuleSet",
     "SparseMoE",
     "ValueCache",
-    "_positionwise",
     "attention",
     "attention_graph",
     "block_bytes",
@@ -46,6 +45,7 @@ __all__ = [
     "lrp",
     "mix",
     "mlp",
+    "positionwise",
     "rounding",
     "rule_set",
     "scale",

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .. import _compat
 from ..errors import DecompositionError
 from .kernels import frozen_mix
-from .linear import Layout, Proj, _causal_chunks, _first, _positionwise
+from .linear import Layout, Proj, causal_chunks, first_nonzero, positionwise
 from .scores import FrozenProbabilities, mix
 
 
@@ -111,7 +111,7 @@ def attention(
     kv, groups = probs.shape[1], probs.shape[2]
     heads = kv * groups * hd
     probs = probs.to(comps.dtype)
-    values = _positionwise(lambda part, _: rule.value.linear(module, part), comps, offset, kv * hd, layout)
+    values = positionwise(lambda part, _: rule.value.linear(module, part), comps, offset, kv * hd, layout)
     values = _value_heads(values, hd)  # [C, B, kv, q, hd]
     b_v = rule.value.bias(module)
     res_values = None
@@ -145,13 +145,13 @@ def attention(
     def part(c0: int, c1: int, t0: int) -> Tensor:
         # Many queries (a prompt): components go into the matrix columns, one big matmul.
         # Components c0:c1 have no value before key k0 and no output before query t0.
-        n, rows, k0 = c1 - c0, q - t0, _first(layout, c0, c1)
+        n, rows, k0 = c1 - c0, q - t0, first_nonzero(layout, c0, c1)
         p = probs[:, :, :, t0:, k0:].reshape(batch, kv, groups * rows, s - k0)
         cols = values[c0:c1, :, :, k0:].permute(1, 2, 3, 0, 4).reshape(batch, kv, s - k0, n * hd)
         out = torch.matmul(p, cols).view(batch, kv, groups, rows, n, hd).permute(4, 0, 3, 1, 2, 5)
         return rule.out.linear(module, out.reshape(n, batch, rows, heads))
 
-    return _causal_chunks(part, c, batch, q, offset, 2 * heads, layout), res_out
+    return causal_chunks(part, c, batch, q, offset, 2 * heads, layout), res_out
 
 
 def attention_graph(

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import scores as _sizes
+from . import scores as sizes
 from .scores import FrozenProbabilities, Scratch, mix
 
 
@@ -21,7 +21,7 @@ class _FrozenMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, values: Tensor, scores: FrozenProbabilities, t0: int, t1: int) -> Tensor:  # type: ignore[override]
         blocks = scores.blocks(t0, t1)
-        limit = _sizes.KEEP_BYTES if scores.keep is None else scores.keep
+        limit = sizes.KEEP_BYTES if scores.keep is None else scores.keep
         batch, kv, groups, _, _ = scores.shape
         whole = sum((b - a) * k for a, b, k in blocks) * batch * kv * groups * 4
         if scores.mixed is not None and whole > limit:

@@ -1,6 +1,6 @@
 """What every rule shares: linear maps as a family names them (:class:`Proj`), frozen
 factors applied position by position (:func:`scale`), the embedding's components, and
-forward mode's chunking of components (:func:`_causal_chunks`).
+forward mode's chunking of components (:func:`causal_chunks`).
 
 A rule has two halves. Its *frozen factors* are computed from the real input (norm scales,
 attention probabilities, the MLP's gate). Its *linear part* applies to whatever carries the
@@ -56,12 +56,12 @@ class Layout:
         return min(self.starts[c0:c1], default=0)
 
 
-def _first(layout: Layout | None, c0: int, c1: int) -> int:
+def first_nonzero(layout: Layout | None, c0: int, c1: int) -> int:
     """The first position at which components ``c0:c1`` can be non-zero."""
     return c0 if layout is None else layout.first(c0, c1)
 
 
-def _causal_chunks(
+def causal_chunks(
     fn: Callable[[int, int, int], Tensor],
     c: int,
     batch: int,
@@ -87,7 +87,7 @@ def _causal_chunks(
     out: Tensor | None = None
     for c0 in range(0, c, per_chunk):
         c1 = min(c, c0 + per_chunk)
-        t0 = min(max(0, _first(layout, c0, c1) - offset), q)
+        t0 = min(max(0, first_nonzero(layout, c0, c1) - offset), q)
         part = fn(c0, c1, t0)
         if out is None:
             out = part.new_zeros((c, batch, q, part.shape[-1]))
@@ -96,12 +96,12 @@ def _causal_chunks(
     return out
 
 
-def _positionwise(
+def positionwise(
     fn: Callable[[Tensor, int], Tensor], comps: Tensor, offset: int, width: int, layout: Layout | None = None
 ) -> Tensor:
-    """:func:`_causal_chunks` for a position-wise ``fn(components, first_position)``."""
+    """:func:`causal_chunks` for a position-wise ``fn(components, first_position)``."""
     c, batch, q = comps.shape[:3]
-    return _causal_chunks(lambda c0, c1, t0: fn(comps[c0:c1, :, t0:], t0), c, batch, q, offset, width, layout)
+    return causal_chunks(lambda c0, c1, t0: fn(comps[c0:c1, :, t0:], t0), c, batch, q, offset, width, layout)
 
 
 @torch.no_grad()
@@ -156,7 +156,7 @@ def rounding(account: Rounding) -> Iterator[None]:
 # A rule has two halves. Its *frozen factors* are computed from the real input (norm scales,
 # attention probabilities, the MLP's gate). Its *linear part* applies to whatever carries the
 # decomposition: forward mode's components ``[C, batch, q, hidden]`` (chunk by chunk, see
-# :func:`_causal_chunks`) or target mode's one differentiable tensor ``[batch, q, hidden]``
+# :func:`causal_chunks`) or target mode's one differentiable tensor ``[batch, q, hidden]``
 # (which equals the real input and requires grad). Same code, any leading dimensions.
 # Biases are never applied to a token: they go to the bias share (``residual``).
 
@@ -224,7 +224,7 @@ class Proj:
         return F.linear(x, self.weight(owner).to(x), None if b is None else b.to(x))
 
 
-def _eps(module: nn.Module) -> float:
+def norm_eps(module: nn.Module) -> float:
     for name in ("variance_epsilon", "eps"):
         value = getattr(module, name, None)
         if isinstance(value, float | int):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _offload
-from .linear import _eps, scale
+from .linear import norm_eps, scale
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class RMSNorm:
         """``[B, q, hidden]``: ``(offset + weight) / rms(real)``."""
         variance = real.to(torch.float32).pow(2).mean(-1, keepdim=True)
         weight = _offload.weight(module).to(device=real.device, dtype=torch.float32) + self.offset
-        return (torch.rsqrt(variance + _eps(module)) * weight).to(dtype)
+        return (torch.rsqrt(variance + norm_eps(module)) * weight).to(dtype)
 
     def apply(self, factor: Tensor, x: Tensor, t0: int = 0) -> Tensor:
         return scale(x, factor, t0)
@@ -47,7 +47,7 @@ class LayerNorm:
         """``[B, q, hidden]``: ``weight / sqrt(var(real) + eps)``."""
         variance = real.to(torch.float32).var(-1, unbiased=False, keepdim=True)
         weight = getattr(module, "weight", None)
-        inverse = torch.rsqrt(variance + _eps(module))
+        inverse = torch.rsqrt(variance + norm_eps(module))
         if weight is None:
             return inverse.expand(real.shape).to(dtype)
         return (inverse * _offload.weight(module).to(device=real.device, dtype=torch.float32)).to(dtype)
