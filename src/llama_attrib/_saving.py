@@ -4,12 +4,15 @@ pickle) and a long pandas DataFrame."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
+import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+from torch import nn
 
 from .errors import require
 from .scores import Scores
@@ -130,3 +133,28 @@ def load(cls: type[S], path: str | Path) -> S:
             bias = f.get_tensor("bias") if "bias" in names else None
         return _build(cls, meta, token_scores=scores, logits=logits, bias=bias)
     return from_dict(cls, json.loads(path.read_text()))
+
+
+def jsonable(value: Any) -> Any:
+    """The value if JSON can hold it, else its repr (a GenerationConfig, a tensor, ...)."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def versions(model: nn.Module) -> dict[str, str]:
+    """What produced a result: the packages' versions, the model's name and dtype."""
+    from . import __version__
+
+    found = {"llama_attrib": __version__, "python": platform.python_version()}
+    for package in ("torch", "transformers", "pydec"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "unknown"
+    config = getattr(model, "config", None)
+    found["model"] = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+    found["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return found

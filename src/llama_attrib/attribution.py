@@ -8,9 +8,6 @@ wrapped one stays wrapped. Only the Composition interface common to every mode i
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
-import platform
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,6 +19,7 @@ import torch
 from torch import nn
 
 from . import families
+from ._saving import jsonable, versions
 from .api import decompose, decompose_sequence, is_wrapped
 from .composition import SHARES, Contributions
 from .engines import Options
@@ -371,7 +369,7 @@ def _assemble(
         "chat": explained.chat,
         "mode": explained.mode,
         "max_new_tokens": explained.max_new_tokens,
-        "generate": {k: _jsonable(v) for k, v in options.items() if k != "streamer"},
+        "generate": {k: jsonable(v) for k, v in options.items() if k != "streamer"},
         **recorded,
     }
     return Attribution(
@@ -386,32 +384,8 @@ def _assemble(
         pieces=pieces,
         special=special,
         options=options_recorded,
-        versions=_versions(model),
+        versions=versions(model),
     )
-
-
-def _jsonable(value: Any) -> Any:
-    """The value if JSON can hold it, else its repr (a GenerationConfig, a tensor, ...)."""
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _versions(model: nn.Module) -> dict[str, str]:
-    from . import __version__
-
-    versions = {"llama_attrib": __version__, "python": platform.python_version()}
-    for package in ("torch", "transformers", "pydec"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "unknown"
-    config = getattr(model, "config", None)
-    versions["model"] = str(getattr(config, "_name_or_path", "") or type(model).__name__)
-    versions["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return versions
 
 
 __all__ = ["attribute", "encode"]

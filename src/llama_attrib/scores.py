@@ -258,21 +258,7 @@ class Scores:
         Where the tokenizer does not give the text back verbatim, whitespace is compared
         loosely (a run of spaces, tabs and newlines matches any other run): the span is then
         that of the decoded text. Otherwise :class:`ValueError` says what to do."""
-        for haystack, needle, where in (_exact(self.text, text), _loose(self.text, text)):
-            start, found = -1, 0
-            while found <= occurrence:
-                start = haystack.find(needle, start + 1) if needle else -1
-                if start < 0:
-                    break
-                found += 1
-            if start >= 0:
-                return where[start], where[start + len(needle) - 1] + 1
-        raise ValueError(
-            f"{text[:60]!r} occurs fewer than {occurrence + 1} times in the text, even with "
-            "whitespace compared loosely: the tokenizer does not give it back verbatim (it "
-            "normalizes it, or lacks some of its characters). Find a shorter piece of it, or "
-            "give token positions: spans(..., by='token')"
-        )
+        return _tokens.find_span(self.text, text, occurrence)
 
     def message(self, text: str) -> tuple[int, int] | None:
         """The character span of a prompt message ``text`` (for :meth:`sentences`'s ``within``),
@@ -280,17 +266,7 @@ class Scores:
         that normalizes text, or one without some of its characters): then the caller splits
         the whole prompt. Its last occurrence in the prompt: a chat's last user message."""
         prompt = self.text[: len("".join(self.tokens[: self.prompt_length]))]
-        for candidate in (text, text.strip()):
-            start = prompt.rfind(candidate) if candidate else -1
-            if start >= 0:
-                return start, start + len(candidate)
-        warnings.warn(
-            "the tokenizer does not give the message back verbatim: sentences are split over "
-            "the whole prompt, chat template included",
-            UserWarning,
-            stacklevel=2,
-        )
-        return None
+        return _tokens.last_span(prompt, text)
 
     def spans(
         self: S,
@@ -417,22 +393,3 @@ class Scores:
 
 
 __all__ = ["Contributor", "Scores"]
-
-
-def _exact(text: str, needle: str) -> tuple[str, str, list[int]]:
-    return text, needle, list(range(len(text)))
-
-
-def _loose(text: str, needle: str) -> tuple[str, str, list[int]]:
-    """``text`` and ``needle`` with every whitespace run made one space (``needle`` stripped),
-    and where each character of the loose text is in ``text``."""
-    loose: list[str] = []
-    where: list[int] = []
-    for i, ch in enumerate(text):
-        if ch.isspace():
-            if loose and loose[-1] == " ":
-                continue
-            ch = " "
-        loose.append(ch)
-        where.append(i)
-    return "".join(loose), " ".join(needle.split()), where

@@ -10,6 +10,7 @@ wherever a piece starts with a space.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,4 +113,70 @@ def text_spans(text: str, unit: str = "sentence") -> list[tuple[int, int]]:
     return spans
 
 
-__all__ = ["char_offsets", "piece_texts", "starts_word", "text_spans", "tokens_in_span", "word_groups"]
+def find_span(text: str, needle: str, occurrence: int = 0) -> tuple[int, int]:
+    """Character span ``(start, end)`` of the ``occurrence``-th ``needle`` in ``text``,
+    compared verbatim, else with whitespace compared loosely (a run of spaces, tabs and
+    newlines matches any other run); else :class:`ValueError` says what to do."""
+    for haystack, wanted, where in (_exact(text, needle), _loose(text, needle)):
+        start, found = -1, 0
+        while found <= occurrence:
+            start = haystack.find(wanted, start + 1) if wanted else -1
+            if start < 0:
+                break
+            found += 1
+        if start >= 0:
+            return where[start], where[start + len(wanted) - 1] + 1
+    raise ValueError(
+        f"{needle[:60]!r} occurs fewer than {occurrence + 1} times in the text, even with "
+        "whitespace compared loosely: the tokenizer does not give it back verbatim (it "
+        "normalizes it, or lacks some of its characters). Find a shorter piece of it, or "
+        "give token positions: spans(..., by='token')"
+    )
+
+
+def _exact(text: str, needle: str) -> tuple[str, str, list[int]]:
+    return text, needle, list(range(len(text)))
+
+
+def _loose(text: str, needle: str) -> tuple[str, str, list[int]]:
+    """``text`` and ``needle`` with every whitespace run made one space (``needle`` stripped),
+    and where each character of the loose text is in ``text``."""
+    loose: list[str] = []
+    where: list[int] = []
+    for i, ch in enumerate(text):
+        if ch.isspace():
+            if loose and loose[-1] == " ":
+                continue
+            ch = " "
+        loose.append(ch)
+        where.append(i)
+    return "".join(loose), " ".join(needle.split()), where
+
+
+def last_span(text: str, needle: str) -> tuple[int, int] | None:
+    """The character span of the last ``needle`` (or of it stripped) in ``text``, or None, with
+    a warning, when ``text`` does not contain it verbatim (a tokenizer that normalizes text, or
+    one without some of its characters): then the caller splits the whole prompt."""
+    for candidate in (needle, needle.strip()):
+        start = text.rfind(candidate) if candidate else -1
+        if start >= 0:
+            return start, start + len(candidate)
+    warnings.warn(
+        "the tokenizer does not give the message back verbatim: sentences are split over "
+        "the whole prompt, chat template included",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+__all__ = [
+    "char_offsets",
+    "find_span",
+    "last_span",
+    "piece_texts",
+    "starts_word",
+    "text_spans",
+    "tokens_in_span",
+    "word_groups",
+]
