@@ -28,6 +28,7 @@ components, at every step):
   model on a GPU), TF32 ones (``torch.set_float32_matmul_precision("high")``, GPU only) or bfloat16 components
   (``component_dtype=torch.bfloat16``). Each row also says how far its components are from
   ``target``'s (run it first): the largest difference over the largest component.
+- ``target-attnlrp``: ``target`` under ``rules="attnlrp"`` (:mod:`llama_attrib.rules.sets`).
 
 Peak memory: the largest resident set size of the process (sampled every 2 ms) during the
 call, model and libraries included, so that "decomposed / plain" is the ratio a user sees
@@ -231,6 +232,7 @@ def modes(model: LlamaForCausalLM, ids: torch.Tensor, kwargs: dict[str, Any]) ->
         "target-tf32": target_tf32,
         "target-fp32": target_fp32,
         "target-bf16": lambda: target(component_dtype=torch.bfloat16),
+        "target-attnlrp": lambda: target(rules="attnlrp"),
         "forward": lambda: seed_loop(
             model.generate(ids, decompose="forward", return_dict_in_generate=True, **kwargs)["attentions"]
         ),
@@ -285,7 +287,8 @@ def run(
                 figures = f"{t:.2f} s | {t / t_plain:.1f}x | {m / 2**20:.0f} MiB | {m / m_plain:.2f}x"
                 if mode == "target":
                     reference = result
-                note = off_by(result, reference) if mode.startswith("target-") and reference else ""
+                variant = mode in ("target-tf32", "target-fp32", "target-bf16")  # the same numbers, rounded
+                note = off_by(result, reference) if variant and reference else ""
                 print(f"{row} {mode} | {figures} | {note} |", flush=True)
         finally:
             llama_attrib.unwrap(model)
