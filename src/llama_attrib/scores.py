@@ -52,8 +52,8 @@ class Scores:
     logits or the log-probability target).
     options / versions: what produced it. groups / labels: the source columns as lists of
     token positions (``None``: one column per token). unit: ``"logit"`` (raw logit units) or
-    ``"share"`` (each score over the sum of the row's absolute scores and the absolute bias
-    share, so the absolute token shares and bias share add up to 1). drop_first: leave out
+    ``"share"`` (each score over the sum of the row's absolute scores and the absolute share of
+    no token, :attr:`no_token`, so that these absolute values add up to 1). drop_first: leave out
     position 0, an attention sink that absorbs large contributions (its column becomes NaN
     and shares are taken over the rest). The shares of no token, each ``[G]`` in logit units
     (:data:`SHARES`): ``bias``, what the biases of linear maps and LayerNorms contribute;

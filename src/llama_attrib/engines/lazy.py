@@ -150,8 +150,9 @@ class TargetComposition(LazyComposition):
         return super().__getitem__(indices)
 
     def check(self) -> None:
-        """The target's components and bias share add up to the stock model's own logit (a
-        plain forward, not the decomposition's pass), else :class:`DecompositionError`."""
+        """Every known target's components and shares of no token (bias, rounding, unassigned)
+        add up to its value in the stock model's own logits (a plain forward, not the
+        decomposition's pass), else :class:`DecompositionError`."""
         logits = self._run.stock_logits()[:, self._step]
         tol = self._run.tolerance
         for (row, target), comps in self._known.items():
