@@ -213,6 +213,38 @@ def test_refusals_leave_the_model_as_it_was() -> None:
     assert torch.equal(model(ids).logits, before)
 
 
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_a_rule_set_without_a_rule_for_a_module_refuses_before_any_work(name: str) -> None:
+    """A mixture of experts under attnlrp (its map has no rule for a SparseMoE): wrap, a
+    decompose block, generate and decompose_sequence refuse before the model runs once, naming
+    the module, and the model is left as it was."""
+    moe = family_model(name)
+    ids = prompt(9)
+    before = moe(ids).logits
+    calls: list[int] = []
+    handle = moe.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    message = "SparseMoE\\) has no rule for its gate"
+    try:
+        with pytest.raises(llama_attrib.UnsupportedOptionError, match=message):
+            llama_attrib.wrap(moe, rules="attnlrp")
+        assert not llama_attrib.is_wrapped(moe)
+        with (
+            pytest.raises(llama_attrib.UnsupportedOptionError, match=message),
+            llama_attrib.decompose(moe, rules="attnlrp"),
+        ):
+            pass
+        with pytest.raises(llama_attrib.UnsupportedOptionError, match=message):
+            llama_attrib.decompose_sequence(moe, ids[0], P, rules="attnlrp")
+        llama_attrib.wrap(moe)
+        with pytest.raises(llama_attrib.UnsupportedOptionError, match=message):
+            moe.generate(ids, decompose=True, rules="attnlrp", **GEN)
+        llama_attrib.unwrap(moe)
+        assert calls == []
+    finally:
+        handle.remove()
+    assert not llama_attrib.is_wrapped(moe) and torch.equal(moe(ids).logits, before)
+
+
 def test_the_path_rule_set_loses_only_what_its_midpoints_miss() -> None:
     """attnlrp-path passes the probabilities' share on along the path from uniform attention:
     what it leaves unassigned is the midpoint rule's error, which shrinks as the steps grow,

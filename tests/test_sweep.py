@@ -142,9 +142,11 @@ def test_attnlrp_batches_fewer_targets_per_backward_at_long_prompts(monkeypatch:
     assert planned == [True, False]
 
 
-@pytest.mark.parametrize("ruleset", ["exact", "attnlrp"])
+@pytest.mark.parametrize("ruleset", sorted(rules.RULE_SETS))
 def test_left_padded_batch_in_blocks(ruleset: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A padding mask cut into blocks: each row equals that row decomposed alone."""
+    """A padding mask cut into blocks, under every rule set: each row equals that row
+    decomposed alone, its components and each share of no token (attnlrp-path's uniform
+    attention divided 0 by 0 on a padding row, which sees no key)."""
     model = tiny_model()
     ids = prompt(9, batch=2)
     mask = torch.ones_like(ids)
@@ -154,9 +156,12 @@ def test_left_padded_batch_in_blocks(ruleset: str, monkeypatch: pytest.MonkeyPat
     alone = llama_attrib.decompose_sequence(model, ids[1:, 3:], 4, rules=ruleset)
     for c, a in zip(batch, alone, strict=True):
         token = int(a.recovery.argmax())
-        got = c[1, token].components[3:]
+        got, want = c[1, token], a[token]
         scale = float(a.recovery.abs().max())
-        assert torch.allclose(got, a[token].components, atol=1e-5 * scale, rtol=0)
+        assert torch.allclose(got.components[3:], want.components, atol=1e-5 * scale, rtol=0)
+        assert not got.components[:3].any()  # the padding positions
+        for name, share in want.shares.items():
+            assert abs(float(got.shares[name]) - float(share)) <= 1e-5 * scale, name
 
 
 def test_probability_rows_equal_the_whole_matrix() -> None:

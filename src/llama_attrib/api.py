@@ -56,13 +56,16 @@ def wrap(model: nn.Module, rules: str | RuleSet | None = None) -> nn.Module:
     """
     chosen = None if rules is None else rule_set(rules)
     found = session_of(model)
+    family = found.family if found is not None else families.check(model)
+    if chosen is not None:
+        families.refuse_missing_rules(model, family, chosen)
     if found is not None:
         if chosen is not None:
-            found.rules = chosen
+            found.rule_set = chosen
         return model
-    session = Session(model, families.check(model))
+    session = Session(model, family)
     if chosen is not None:
-        session.rules = chosen
+        session.rule_set = chosen
     session.install(model)
     try:
         session.patches.append(replace_method(model, "forward", lambda f: forward_adapter(session, model, f)))
@@ -94,18 +97,20 @@ def decompose(model: nn.Module, rules: str | RuleSet | None = None) -> Iterator[
     the block (default: the model's, ``"exact"`` unless :func:`wrap` chose another).
     """
     chosen = None if rules is None else rule_set(rules)
+    if chosen is not None:
+        families.refuse_missing_rules(model, families.check(model), chosen)
     wrapped_here = not is_wrapped(model)
     wrap(model)
     session = session_of(model)
     assert session is not None
     session.forced += 1
-    before = session.rules
+    before = session.rule_set
     if chosen is not None:
-        session.rules = chosen
+        session.rule_set = chosen
     try:
         yield model
     finally:
-        session.rules = before
+        session.rule_set = before
         session.forced -= 1
         if wrapped_here and session_of(model) is session:
             unwrap(model)
@@ -211,7 +216,7 @@ def rules_of(model: nn.Module, rules: str | RuleSet | None) -> RuleSet:
     if rules is not None:
         return rule_set(rules)
     session = session_of(model)
-    return session.rules if session is not None else rule_set(None)
+    return session.rule_set if session is not None else rule_set(None)
 
 
 def _prepare(

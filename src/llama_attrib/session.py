@@ -56,7 +56,7 @@ class Session:
         self.dtype = families.component_dtype(model)  # the components' default dtype
         self.model_dtype = families.model_dtype(model)  # the hidden states' dtype
         self.logit_scale = family.logit_scale(model)
-        self.rules: rules.RuleSet = rules.EXACT  # the rule set of calls that name none
+        self.rule_set: rules.RuleSet = rules.EXACT  # the rule set of calls that name none
         self.patches: list[Patch] = []
         self.forward: Forward | None = None  # the model's own top-level forward, as installed over
         self.forced = 0  # depth of enclosing ``decompose()`` blocks

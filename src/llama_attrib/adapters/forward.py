@@ -43,8 +43,8 @@ def forward_adapter(session: Session, model: nn.Module, original: Forward) -> Fo
         options = call_options(bound, signature)
         _check_forward_options(options)
         if mode == "target":
-            return _target_forward(model, original, bound, options, session.rules)
-        refuse_forward_rules(session.rules)
+            return _target_forward(model, original, bound, options, session.rule_set)
+        refuse_forward_rules(session.rule_set)
         set_option(bound, signature, "output_attentions", False)
         cache = next((options[k] for k in CACHE_KEYWORDS if options.get(k) is not None), None)
         expected = generation.expected_length if isinstance(generation, Collecting) else 0
@@ -80,6 +80,7 @@ def _target_forward(
             'decompose="target" decomposes a whole sequence: call it without a filled cache, or use '
             "decompose=True (forward mode) to continue a cached decomposition"
         )
+    families.refuse_missing_rules(model, families.family_of(model), ruleset)  # before the forward
     out = original(*bound.args, **bound.kwargs)
     ids = options["input_ids"]
     mask = options.get("attention_mask")

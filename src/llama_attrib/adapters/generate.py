@@ -73,7 +73,8 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward) -> F
             raise DecompositionError("a decomposed generate was called from inside another one")
         # the decomposition's options, taken out of generate's (the rest goes to generate)
         options = Options.take(kwargs)
-        options = options.replace(rules=rule_set(options.rules or session.rules))
+        options = options.replace(rules=rule_set(options.rules or session.rule_set))
+        families.refuse_missing_rules(model, session.family, options.rule_set)  # before generating
         families.check_length(model, _expected_length(generation_config, args, kwargs))
         if mode == "target":
             # one row of generate's logits per returned sequence and step: no beams, no drafts

@@ -41,7 +41,7 @@ class TargetRun:
         progress: bool | None,
         unbudgeted: bool = False,
         precision: str = "float32",
-        rules: RuleSet = EXACT,
+        rule_set: RuleSet = EXACT,
     ) -> None:
         self.model = model
         self.inputs = inputs
@@ -52,7 +52,7 @@ class TargetRun:
         self.unbudgeted = unbudgeted
         self.progress = progress
         self.precision = precision  # of the backward's products: "float32" or "tf32"
-        self.rules = rules
+        self.rule_set = rule_set
         self.model_dtype = families.model_dtype(model)
         batch, length = inputs.ids.shape
         layouts = memory.target_layouts(
@@ -62,7 +62,7 @@ class TargetRun:
             dtype,
             inputs.ids.device,
             self.model_dtype,
-            factor=rules.attention.work,
+            factor=rule_set.attention.work,
         )
         # the probability blocks each fit the budget with one target at least, largest first
         self.layouts = [(s, p) for s, p in layouts if s.graph + s.per_request <= budget]
@@ -92,6 +92,7 @@ class TargetRun:
     ) -> TargetRun:
         """A run with the :class:`.options.Options`' component dtype (or the default), memory
         budget, products' precision (:mod:`llama_attrib.precision`) and rule set."""
+        families.refuse_missing_rules(model, families.family_of(model), options.rule_set)
         dtype = options.component_dtype or families.component_dtype(model)
         device = families.input_device(model)
         limit = memory.model_budget(model, options.max_memory)
@@ -107,7 +108,7 @@ class TargetRun:
             options.progress,
             unbudgeted=unbudgeted,
             precision=chosen,
-            rules=options.rule_set,
+            rule_set=options.rule_set,
         )
 
     @property
@@ -123,11 +124,11 @@ class TargetRun:
         if self.precision == "tf32" and self.inputs.ids.device.type == "cuda":
             return tolerance(torch.float32, rounded=True)
         # and no less than the attention rule's own rounding (rules.sets.Credited.tolerance)
-        return max(tolerance(self.model_dtype if half else self.dtype), self.rules.attention.tolerance)
+        return max(tolerance(self.model_dtype if half else self.dtype), self.rule_set.attention.tolerance)
 
     def _pass(self, probabilities: tuple[int, int] | None) -> TargetPass:
         return TargetPass(
-            self.dtype, keep_from=self.inputs.first, probabilities=probabilities, rules=self.rules
+            self.dtype, keep_from=self.inputs.first, probabilities=probabilities, rule_set=self.rule_set
         )
 
     def stock_logits(self) -> Tensor:

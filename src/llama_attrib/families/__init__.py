@@ -226,6 +226,14 @@ def roles(model: nn.Module, family: Family) -> Iterator[tuple[str, nn.Module]]:
     yield LM_HEAD, family.lm_head(model)
 
 
+def refuse_missing_rules(model: nn.Module, family: Family, rule_set: rules.RuleSet) -> None:
+    """Refuse, before any work, a model with a kind of module ``rule_set`` has no rule for
+    (:meth:`rules.RuleSet.mlp` says which)."""
+    for role, module in roles(model, family):
+        if role == MLP:
+            rule_set.mlp(family.mlp_rule(module), module)
+
+
 def check(model: nn.Module) -> Family:
     """The model's family, or UnsupportedModelError listing every problem found."""
     family = family_of(model)

@@ -34,7 +34,7 @@ class TargetPass(Pass):
     ``keep_from``: the first explained position (the last layer's outputs before it reach no
     explained logit, so they get no graph); ``probabilities``: ``(bytes computed at a time,
     bytes kept for the backward)`` of attention probabilities, where a memory budget needs
-    them smaller than the defaults; ``rules``: the rule set (:mod:`llama_attrib.rules.sets`).
+    them smaller than the defaults; ``rule_set``: the rule set (:mod:`llama_attrib.rules.sets`).
     Collects every bias as a leaf (``bias_leaves``), what quantized kernels round
     (``rounding_leaves``) and what a rule set's softmax passes to no input (``unassigned_leaves``)."""
 
@@ -43,12 +43,12 @@ class TargetPass(Pass):
         dtype: torch.dtype,
         keep_from: int = 0,
         probabilities: tuple[int, int] | None = None,
-        rules: rules.RuleSet = rules.EXACT,
+        rule_set: rules.RuleSet = rules.EXACT,
     ) -> None:
         super().__init__(dtype)
         self.keep_from = keep_from
         self.probabilities = probabilities
-        self.rules = rules
+        self.rule_set = rule_set
         self.bias_leaves: list[Tensor] = []
         self.rounding_leaves: list[Tensor] = []
         self.unassigned_leaves: list[Tensor] = []
@@ -76,7 +76,7 @@ class TargetPass(Pass):
         return out if bias is None else out + self.bias_leaf(bias.to(out).expand_as(out))
 
     def attention(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
-        return self.rules.attention.target(self, module, original, args, kwargs)
+        return self.rule_set.attention.target(self, module, original, args, kwargs)
 
     def credited_attention(
         self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs, rule: rules.sets.Credited
@@ -146,14 +146,14 @@ class TargetPass(Pass):
             return frozen
         if any(True for _ in child.parameters()):
             raise UnsupportedOptionError(
-                f"rules={self.rules.name!r}: {type(child).__name__} inside {type(owner).__name__} "
+                f"rules={self.rule_set.name!r}: {type(child).__name__} inside {type(owner).__name__} "
                 "has no rule that credits queries and keys; use rules='exact'"
             )
         return None
 
     def mlp(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         maths: Any = self.session.family.mlp_rule(module)
-        rule = self.rules.mlp(maths, module)
+        rule = self.rule_set.mlp(maths, module)
         x = args[0]
         real = model_dtype(module, self.session.model_dtype)
         factors = rule.factors(maths, module, x.detach().to(real), x.dtype)

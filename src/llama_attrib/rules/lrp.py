@@ -135,7 +135,8 @@ def _pull(
         weights, share = p, rules.value
         if path:  # the values also take what uniform attention would give: P v = U v + (P - U) v
             visible = (masked > torch.finfo(torch.float32).min / 2).to(torch.float32)
-            uniform = visible / visible.sum(-1, keepdim=True)
+            # a padding row sees no key: its uniform attention is zero, not 0/0 (it feeds nothing)
+            uniform = visible / visible.sum(-1, keepdim=True).clamp(min=1.0)
             weights, share = rules.value * p + (1.0 - rules.value) * uniform, 1.0
         if share:
             rows = weights.reshape(bk, groups * r, k).transpose(-1, -2)

@@ -121,22 +121,22 @@ UNIFORM_GATE = UniformGate()
 
 @dataclass(frozen=True)
 class RuleSet:
-    """A rule set: ``rules`` maps :data:`ATTENTION` and each MLP maths class to its rule."""
+    """A rule set: ``by_kind`` maps :data:`ATTENTION` and each MLP maths class to its rule."""
 
     name: str
-    rules: Mapping[Any, Any] = field(hash=False, compare=False)
+    by_kind: Mapping[Any, Any] = field(hash=False, compare=False)
     summary: str = ""
 
     @property
     def attention(self) -> FrozenProbabilities | Credited:
-        found: FrozenProbabilities | Credited = self.rules[ATTENTION]
+        found: FrozenProbabilities | Credited = self.by_kind[ATTENTION]
         return found
 
     def mlp(self, maths: Any, module: nn.Module) -> FrozenGate | UniformGate:
         """The rule of an MLP whose maths is ``maths`` (the family's rule object), or a refusal."""
         for kind in type(maths).__mro__:
-            if kind in self.rules:
-                found: FrozenGate | UniformGate = self.rules[kind]
+            if kind in self.by_kind:
+                found: FrozenGate | UniformGate = self.by_kind[kind]
                 return found
         raise UnsupportedOptionError(
             f"rules={self.name!r}: {type(module).__name__} ({type(maths).__name__}) has no rule for "
@@ -145,13 +145,13 @@ class RuleSet:
 
     def with_rule(self, kind: Any, rule: Any) -> RuleSet:
         """This rule set with ``kind``'s rule replaced (``ATTENTION`` or an MLP maths class)."""
-        return RuleSet(self.name, {**self.rules, kind: rule}, self.summary)
+        return RuleSet(self.name, {**self.by_kind, kind: rule}, self.summary)
 
     @property
     def exact(self) -> bool:
         """Whether every rule is a frozen factor's: the decomposition of the logit into
         per-token parts with nothing unassigned, which forward mode and flow() carry."""
-        return all(rule.frozen for rule in self.rules.values())
+        return all(rule.frozen for rule in self.by_kind.values())
 
 
 EXACT = RuleSet(
