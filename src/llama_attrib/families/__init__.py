@@ -33,8 +33,7 @@ STANDARD_LAYER = {
 }
 
 
-# Llama's names, which most families share: the attention's value and output maps, and the
-# gated MLP's gate, up, down and activation (a family with other names gives its own rules).
+# Llama's module names, which most families share (a family with other names gives its rules)
 LLAMA_ATTENTION = rules.Attention(rules.Proj("v_proj"), rules.Proj("o_proj"))
 SWIGLU = rules.GatedMLP(rules.Proj("gate_proj"), rules.Proj("up_proj"), rules.Proj("down_proj"), act="act_fn")
 LLAMA_EXPERTS = ("gate_proj", "up_proj", "down_proj")  # a 4.x expert MLP's gate, up and down
