@@ -95,6 +95,56 @@ def test_an_interrupted_run_resumes_without_losing_or_repeating_rows(
         same(results[key], want)
 
 
+def test_a_rank_never_cuts_another_rank_s_line_in_progress(tmp_path: Path) -> None:
+    """Rank 1 is writing a row when rank 0 starts: rank 0 leaves rank 1's part file as it is
+    (it used to cut every half-written last line, so rank 1's row, finished afterwards, was a
+    broken line and was lost), and the merge counts that row once rank 1 has finished it."""
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    rows = dataset.read_prompts(write_prompts(tmp_path))
+    out = tmp_path / "out.jsonl"
+    assert dataset.attribute_dataset(model, tokenizer, rows, out, rank=1, world=2, max_new_tokens=4) == 2
+    theirs = dataset.parts_folder(out) / "rank-1.jsonl"
+    whole = theirs.read_bytes()
+    last = whole.rstrip(b"\n").rsplit(b"\n", 1)[-1] + b"\n"
+    theirs.write_bytes(whole[: -len(last)] + last[:20])  # rank 1 mid-way through its last row
+    in_progress = theirs.read_bytes()
+    assert dataset.attribute_dataset(model, tokenizer, rows, out, rank=0, world=2, max_new_tokens=4) == 3
+    assert theirs.read_bytes() == in_progress
+    with open(theirs, "ab") as f:  # rank 1 finishes its row
+        f.write(last[20:])
+    dataset.merge(rows, out)
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_a_merge_killed_midway_leaves_the_previous_output_whole(tmp_path: Path) -> None:
+    """A merge whose process dies after writing one row (os._exit in a subprocess) leaves the
+    output of the merge before it byte for byte (it used to write the output in place)."""
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    prompts = write_prompts(tmp_path)
+    rows = dataset.read_prompts(prompts)
+    out = tmp_path / "out.jsonl"
+    dataset.attribute_dataset(model, tokenizer, rows, out, max_new_tokens=4)
+    dataset.merge(rows, out)
+    before = out.read_bytes()
+    killer = (
+        "import json, os, sys\n"
+        "from llama_attrib import dataset\n"
+        "real, calls = json.dumps, []\n"
+        "def dumps(*a, **k):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 2:\n"
+        "        sys.stdout.flush(); os._exit(3)  # killed after the first row\n"
+        "    return real(*a, **k)\n"
+        "dataset.json.dumps = dumps\n"
+        f"dataset.merge(dataset.read_prompts({str(prompts)!r}), {str(out)!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, check=False)
+    assert done.returncode == 3, done.stderr
+    assert out.read_bytes() == before
+    dataset.merge(rows, out)  # a merge after it replaces what the killed one left
+    assert out.read_bytes() == before
+
+
 def test_bad_input_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"id": 1, "prompt": "x", "messages": []}\n')

@@ -61,8 +61,9 @@ def parts_folder(output: str | Path) -> Path:
     return Path(str(output) + ".parts")
 
 
-def _complete_lines(path: Path) -> Iterator[dict[str, Any]]:
-    """The finished rows of a part file; a half-written last line is cut off the file."""
+def _complete_lines(path: Path, repair: bool = False) -> Iterator[dict[str, Any]]:
+    """The finished rows of a part file. ``repair``: cut a half-written last line (a crash's)
+    off the file, which only the file's own rank may do: another rank's may be mid-write."""
     if not path.exists():
         return
     good = 0
@@ -77,18 +78,19 @@ def _complete_lines(path: Path) -> Iterator[dict[str, Any]]:
             break
         good += len(raw)
         yield row
-    if good < len(data):
+    if repair and good < len(data):
         with open(path, "r+b") as f:
             f.truncate(good)
 
 
-def finished(output: str | Path) -> dict[str, dict[str, Any]]:
-    """Every finished row of every part file, by id."""
+def finished(output: str | Path, repair: int | None = None) -> dict[str, dict[str, Any]]:
+    """Every finished row of every part file, by id. ``repair``: the rank whose own part file
+    loses a half-written last line; every other file is only read."""
     done: dict[str, dict[str, Any]] = {}
     folder = parts_folder(output)
     if folder.is_dir():
         for part in sorted(folder.glob("rank-*.jsonl")):
-            for row in _complete_lines(part):
+            for row in _complete_lines(part, repair=part.name == f"rank-{repair}.jsonl"):
                 done[str(row["id"])] = row
     return done
 
@@ -117,7 +119,7 @@ def attribute_dataset(
     is done, so an interruption loses at most one batch."""
     folder = parts_folder(output)
     folder.mkdir(parents=True, exist_ok=True)
-    done = set(finished(output))
+    done = set(finished(output, repair=rank))
     mine = [r for i, r in enumerate(rows) if i % world == rank and str(r["id"]) not in done]
     bar = _bar(progress, len(mine))
     count = 0
@@ -167,24 +169,31 @@ def _sources(result: Attribution, prompt: Any, by: str) -> dict[str, Any]:
 
 
 def merge(rows: Sequence[Mapping[str, Any]], output: str | Path) -> Path:
-    """Write every finished row in input order to ``output`` (``.jsonl`` or ``.parquet``)."""
+    """Write every finished row in input order to ``output`` (``.jsonl`` or ``.parquet``), as a
+    whole: into a file beside the parts, then renamed over ``output`` (a merge that is killed
+    leaves the previous output as it was)."""
     done = finished(output)
     missing = [r["id"] for r in rows if str(r["id"]) not in done]
     if missing:
         raise RuntimeError(f"{len(missing)} rows are not finished yet (first: {missing[0]!r}); run again")
     records = [done[str(r["id"])] for r in rows]
     path = Path(output)
+    writing = parts_folder(output) / "merging.tmp"  # same file system: the rename is atomic
+    writing.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".parquet":
         require("pyarrow", "dataset", "writing Parquet")
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pylist([_flat(r, rows[i]) for i, r in enumerate(records)])
-        pq.write_table(table, path)
+        pq.write_table(table, writing)
     else:
-        with open(path, "w", encoding="utf-8") as f:
+        with open(writing, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    with open(writing, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(writing, path)
     return path
 
 
