@@ -30,7 +30,7 @@ from .engines import (
     explain,
     group_members,
 )
-from .engines.inputs import last_real, positions_from_mask
+from .engines.inputs import last_real, positions_from_mask, token_ids
 from .errors import UnsupportedOptionError
 from .patching import replace_method
 from .rules.sets import RuleSet, rule_set
@@ -193,7 +193,7 @@ def decompose_answer(
     against the stock model's own logits). The other keywords are :func:`decompose_sequence`'s.
     Target mode only.
     """
-    length = as_batch(input_ids, "input_ids").shape[1]
+    length = token_ids(model, input_ids).shape[1]
     if prompt_length is None or not 1 <= prompt_length < length:
         raise UnsupportedOptionError(
             "decompose_answer needs prompt_length=P with 1 <= P < the sequence's length (the answer "
@@ -230,7 +230,7 @@ def _prepare(
 ) -> tuple[Inputs, Tensor | None, tuple[str, ...] | None, list[_targets.Target] | None]:
     """The teacher-forced pass of a finished sequence: inputs, group members and names, and
     each step's target."""
-    ids = as_batch(input_ids, "input_ids")
+    ids = token_ids(model, input_ids)
     batch, length = ids.shape
     families.check_length(model, length)
     mask = None if attention_mask is None else as_batch(attention_mask, "attention_mask")

@@ -50,12 +50,18 @@ def encode(tokenizer: Any, prompt: str | Messages, chat: bool | None = None) -> 
         )
     if isinstance(prompt, str) and not chat:
         ids: torch.Tensor = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        return ids
+        return _nonempty(ids)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
     if chat is False:
         raise ValueError("chat=False with chat messages: pass a string, or chat messages without chat=False")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return _nonempty(ids)
+
+
+def _nonempty(ids: torch.Tensor) -> torch.Tensor:
+    if ids.shape[-1] == 0:
+        raise UnsupportedOptionError("the prompt is empty (no token): give some text")
     return ids
 
 
@@ -121,6 +127,8 @@ def attribute(
             model, tokenizer, list(prompt), max_new_tokens, batch_size, how, generate_kwargs
         )
     one: Any = prompt  # one text or one chat
+    if max_new_tokens < 1:
+        raise UnsupportedOptionError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     if target not in ("logit", "logprob"):
         raise UnsupportedOptionError(f"target must be 'logit' or 'logprob', not {target!r}")
     if contrast is not None and target != "logit":

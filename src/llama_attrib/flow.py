@@ -27,6 +27,7 @@ from . import families, memory, rules, targets
 from ._flow_view import Flow
 from .checks import tolerance
 from .engines.forward import chunked
+from .engines.inputs import token_ids
 from .errors import DecompositionError, UnsupportedOptionError
 from .passes import FlowRecord, ForwardPass, hidden_states
 from .rules.sets import refuse_forward_rules
@@ -54,7 +55,7 @@ def flow(
     linear once the probabilities are frozen); any other rule set is refused.
     """
     refuse_forward_rules(rules)
-    ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    ids = token_ids(model, input_ids)
     if ids.shape[0] != 1:
         raise UnsupportedOptionError(f"flow explains one sequence: input_ids has {ids.shape[0]} rows")
     length = int(ids.shape[1])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import UnsupportedOptionError
 from ..session import Session
@@ -67,6 +67,23 @@ def as_batch(value: Any, name: str) -> Tensor:
     if t.dim() != 2:
         raise UnsupportedOptionError(f"{name} must be [T] or [batch, T], got shape {tuple(t.shape)}")
     return t
+
+
+def token_ids(model: nn.Module, value: Any) -> Tensor:
+    """``input_ids`` as ``[batch, T]``, checked before any work: integer ids of the model's
+    vocabulary (its input embedding's rows), at least one per row."""
+    ids = as_batch(value, "input_ids")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise UnsupportedOptionError(f"input_ids must be integer token ids, not {ids.dtype}: use .long()")
+    if ids.shape[1] == 0:
+        raise UnsupportedOptionError("input_ids is empty: give at least one token")
+    rows = int(model.get_input_embeddings().num_embeddings)  # type: ignore[operator]
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= rows:
+        raise UnsupportedOptionError(
+            f"input_ids holds {low if low < 0 else high}, outside the model's {rows} token ids"
+        )
+    return ids
 
 
 def group_members(groups: Groups, length: int) -> tuple[Tensor, tuple[str, ...]]:
