@@ -61,3 +61,50 @@ def test_an_empty_prompt_is_refused() -> None:
     with pytest.raises(UnsupportedOptionError, match="the prompt is empty"):
         llama_attrib.attribute(tiny_model(), tokenizer, "", 3)
     assert llama_attrib.attribute(tiny_model(), tokenizer, "the cat", 2).n_generated == 2
+
+
+def _nan_model() -> Any:
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    return model
+
+
+@pytest.mark.parametrize("how", ["exact", "attnlrp", "attnlrp-path", "forward", "flow"])
+def test_a_model_that_computes_nan_is_named_as_the_cause(how: str) -> None:
+    """NaN in the model's own weights: every rule set, forward mode and flow say the model's
+    own numbers are not finite (flow blamed the model's layer structure), and leave it unwrapped."""
+    model = _nan_model()
+    ids = prompt(9)
+    with pytest.raises(llama_attrib.DecompositionError, match="not finite"):
+        if how == "flow":
+            llama_attrib.flow(model, ids)
+        elif how == "forward":
+            llama_attrib.decompose_sequence(model, ids, 5, mode="forward")
+        else:
+            llama_attrib.decompose_sequence(model, ids, 5, rules=how)
+    assert not llama_attrib.is_wrapped(model)
+
+
+def test_an_exception_inside_the_credited_kernel_leaves_the_model_as_it_was(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AttnLRP's backward kernel raising mid-pass: the error reaches the caller and the model is
+    unwrapped, with its forwards, attributes and logits as before; the next run works."""
+    from llama_attrib.rules import lrp
+    from test_wrap import snapshot
+
+    model = tiny_model()
+    ids = prompt(9)
+    state, before = snapshot(model), model(ids).logits
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the kernel failed")
+
+    monkeypatch.setattr(lrp, "_pull", broken)
+    with pytest.raises(RuntimeError, match="the kernel failed"):
+        llama_attrib.decompose_sequence(model, ids, 5, rules="attnlrp")
+    monkeypatch.undo()
+    assert not llama_attrib.is_wrapped(model) and snapshot(model) == state
+    assert torch.equal(model(ids).logits, before)
+    assert len(llama_attrib.decompose_sequence(model, ids, 5, rules="attnlrp")) == 4

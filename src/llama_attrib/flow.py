@@ -217,6 +217,11 @@ def _assemble(
     result = Flow(
         scores, embedding, bias.cpu(), stream, stream_bias, logit, target, position, labels, final_bias_share
     )
+    if not bool(torch.isfinite(logits).all()):
+        raise DecompositionError(
+            "flow: the model's own logits are not finite (NaN or inf) on this input: the model "
+            "overflows by itself (float16 often does; try bfloat16 or float32), not llama_attrib"
+        )
     total = float(scores.sum() + embedding.sum() + result.bias.sum()) + final_bias_share
     scale = float(logits.float().abs().max())
     # the guard of the per-token decomposition; for a half-precision logit, the model's rounding
