@@ -241,7 +241,13 @@ def test_attribute_keeps_the_rounding_share_apart(checkpoints: dict[str, Path], 
     totals = np.nansum(result.token_scores, axis=1) + result.no_token
     assert np.allclose(totals, result.logits, atol=1e-5 * scale, rtol=0)
     assert result.rounding is not None and np.all(result.rounding != 0)
-    assert np.abs(result.rounding).max() <= np.abs(result.no_token).max()  # a part of the share of no token
+    # each named share is that step's own, not the sum of them (as "bias" was before)
+    p = result.prompt_length
+    steps = llama_attrib.decompose_sequence(model, torch.tensor([result.token_ids]), p)
+    for k, c in enumerate(steps):
+        shares = c[result.token_ids[p + k]].shares
+        for name in ("bias", "rounding", "unassigned"):
+            assert abs(float(shares[name]) - float(result.shares[name][k])) <= 1e-5 * scale, (name, k)
     again = type(result).load(result.save(tmp_path / "result.json"))
     assert np.array_equal(again.rounding, result.rounding)
 
