@@ -247,16 +247,18 @@ def test_a_rule_set_without_a_rule_for_a_module_refuses_before_any_work(name: st
 
 def test_the_path_rule_set_loses_only_what_its_midpoints_miss() -> None:
     """attnlrp-path passes the probabilities' share on along the path from uniform attention:
-    what it leaves unassigned is the midpoint rule's error, which shrinks as the steps grow,
-    and is far below AttnLRP's at the real scores alone."""
+    what it leaves unassigned is the midpoint rule's error, which shrinks with the square of the
+    steps, and is far below AttnLRP's at the real scores alone."""
     model = family_model("gemma2")  # soft-caps and sliding windows too
     ids = prompt(9)
     attnlrp = explained(model, ids, "attnlrp")
     lost = {}
-    for steps in (1, 4, 32):
+    for steps in (4, 32, 64):
         chosen = rules.sets.PATH.with_rule(rules.sets.ATTENTION, rules.sets.Credited(path=steps))
         lost[steps] = max(abs(float(c.shares["unassigned"])) for c in explained(model, ids, chosen))  # type: ignore[arg-type]
-    assert lost[32] < lost[4] / 4 < lost[1] / 4, lost
+    # the midpoint rule is of second order: 8x the steps take 64x off (measured 93x from 4 to 32
+    # steps, 4.03x from 32 to 64); a first-order rule (left ends) takes 8x and 2x
+    assert lost[32] < lost[4] / 32 and lost[64] < lost[32] / 3, lost
     assert lost[4] < max(abs(float(c.shares["unassigned"])) for c in attnlrp) / 4
 
 
