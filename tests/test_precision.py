@@ -48,11 +48,18 @@ def test_every_target_entry_point_takes_it_and_forward_mode_refuses_tf32() -> No
     for a, b in zip(exact, asked, strict=True):
         token = int(a.recovery.argmax())
         assert torch.equal(a[token].components, b[token].components)
-    llama_attrib.decompose_answer(model, ids, prompt_length=6, precision="tf32")
+    # on the CPU, products are float32 whatever is asked: "tf32" gives the float32 numbers
+    answer = llama_attrib.decompose_answer(model, ids, prompt_length=6, precision="tf32")
+    plain = llama_attrib.decompose_answer(model, ids, prompt_length=6, precision="float32")
+    assert torch.equal(answer.components, plain.components) and torch.equal(answer.residual, plain.residual)
     out = model.generate(
         ids, decompose=True, precision="tf32", max_new_tokens=2, return_dict_in_generate=True
     )
+    again = model.generate(ids, decompose=True, max_new_tokens=2, return_dict_in_generate=True)
     assert len(out["attentions"]) == 2
+    for c, d in zip(out["attentions"], again["attentions"], strict=True):
+        token = int(c.recovery.argmax())
+        assert torch.equal(c[token].components, d[token].components)
     with pytest.raises(llama_attrib.UnsupportedOptionError, match="target mode"):
         llama_attrib.decompose_sequence(model, ids, prompt_length=6, mode="forward", precision="tf32")
     with pytest.raises(llama_attrib.UnsupportedOptionError, match=r"precision=.fp8."):
