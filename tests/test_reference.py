@@ -9,7 +9,9 @@ from transformers import LlamaForCausalLM
 import llama_attrib
 from conftest import reference_case
 
-TOL = 1e-5
+# about twice the largest difference measured (1.6e-7 against components up to 0.53, both
+# transformers versions, every mode and cache path): float32 summing in another order
+TOL = 4e-7
 
 
 @pytest.fixture(scope="module", params=["sdpa", "eager"])
