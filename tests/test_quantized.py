@@ -134,6 +134,54 @@ def test_weight_only_quantized_models_decompose_exactly(
     assert max(abs(r) for r in rounding) <= 1e-5  # the kernel is the dequantized map
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("how", ["4bit", "torchao"])
+def test_rule_sets_on_quantized_layers_equal_the_dequantized_model(
+    checkpoints: dict[str, Path], family: str, how: str
+) -> None:
+    """Under attnlrp, a weight-only quantized model's components and unassigned share equal
+    those of the float model holding its dequantized weights (the rules see the dequantized
+    maps: queries, keys and gates included), to 1e-5 of the logit."""
+    if how == "torchao":
+        pytest.importorskip("torchao")
+    model = load(checkpoints[family], how)
+    dense = AutoModelForCausalLM.from_pretrained(
+        checkpoints[family], dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    replaced = 0
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if quantized.kind(m) is not None:
+                dense.get_submodule(name).weight.copy_(quantized.dense(m).float())
+                replaced += 1
+    assert replaced >= 7 * 2  # every decoder linear map of both layers
+    ids = prompt(9)
+    got = llama_attrib.decompose_sequence(model, ids, 6, rules="attnlrp")
+    want = llama_attrib.decompose_sequence(dense, ids, 6, rules="attnlrp")
+    for c, d in zip(got, want, strict=True):
+        token = int(d.recovery.argmax())
+        scale = float(d.recovery.abs().max())
+        assert torch.allclose(c[token].components, d[token].components, atol=1e-5 * scale, rtol=0)
+        for share in ("bias", "unassigned"):
+            assert abs(float(c[token].shares[share]) - float(d[token].shares[share])) <= 1e-5 * scale
+        assert abs(float(d[token].shares["unassigned"])) > 1e-3 * scale  # the rule set is at work
+
+
+def test_rule_sets_on_int8_layers_keep_the_rounding_share_apart(checkpoints: dict[str, Path]) -> None:
+    """LLM.int8 under attnlrp: the run's own check holds (components and the three shares add
+    up to the stock logit), and the int8 activations' rounding is its own share beside the
+    rule set's unassigned one."""
+    model = load(checkpoints["llama"], "8bit")
+    ids = prompt(9)
+    for c in llama_attrib.decompose_sequence(model, ids, 6, rules="attnlrp"):
+        token = int(c.recovery.argmax())
+        parts = c[token]
+        scale = float(c.recovery.abs().max())
+        total = float(parts.components.sum()) + sum(float(v) for v in parts.shares.values())
+        assert abs(total - float(c.logits[token])) <= 3e-5 * scale
+        assert abs(float(parts.shares["rounding"])) > 1e-7 and abs(float(parts.shares["unassigned"])) > 1e-3
+
+
 def test_int8_rounds_the_activations_and_target_mode_reports_it(checkpoints: dict[str, Path]) -> None:
     model = load(checkpoints["qwen2"], "8bit")  # q/k/v biases too: both shares at once
     assert quantized.BNB_8BIT in kinds(model)

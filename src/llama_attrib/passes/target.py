@@ -116,34 +116,48 @@ class TargetPass(Pass):
         patches: list[Patch] = []
         try:
             for name, child in module.named_children():
-                forward = self._inner_forward(module, name, child)
-                if forward is not None:
-                    patches.append(replace_method(child, "forward", _returning(forward)))
+                make = self._inner_forward(module, name, child)
+                if make is not None:
+                    patches.append(replace_method(child, "forward", make))
             yield
         finally:
             restore_all(patches)
 
     def _inner_forward(
         self, owner: nn.Module, name: str, child: nn.Module
-    ) -> Callable[[Tensor], Tensor] | None:
-        """The forward of ``owner``'s child ``name`` in the pass (None: its own)."""
+    ) -> Callable[[Callable[..., Any]], Callable[[Tensor], Tensor]] | None:
+        """What makes the forward of ``owner``'s child ``name`` in the pass from its own (None:
+        its own stays)."""
         norm = self.session.family.norm
         if isinstance(child, nn.Linear) or quantized.kind(child) is not None or _is_conv1d(child):
             proj = rules.Proj(name, transposed=_is_conv1d(child) and quantized.kind(child) is None)
 
-            def linear(x: Tensor) -> Tensor:
-                y = proj.linear(owner, x)
-                b = proj.bias(owner)
-                return y if b is None else y + self.bias_leaf(b.to(y).expand_as(y))
+            def make_linear(own: Callable[..., Any]) -> Callable[[Tensor], Tensor]:
+                inside = False
 
-            return linear
+                def linear(x: Tensor) -> Tensor:
+                    nonlocal inside
+                    if inside:  # the rule's own call of a quantized layer's kernel (Proj.affine)
+                        out: Tensor = own(x)
+                        return out
+                    inside = True
+                    try:
+                        y = proj.linear(owner, x)
+                    finally:
+                        inside = False
+                    b = proj.bias(owner)
+                    return y if b is None else y + self.bias_leaf(b.to(y).expand_as(y))
+
+                return linear
+
+            return make_linear
         if type(child).__name__.endswith("RMSNorm") and isinstance(norm, rules.RMSNorm):
             rule = norm
 
             def frozen(x: Tensor) -> Tensor:
                 return x * rule.factor(child, x.detach(), x.dtype)
 
-            return frozen
+            return lambda own: frozen
         if any(True for _ in child.parameters()):
             raise UnsupportedOptionError(
                 f"rules={self.rule_set.name!r}: {type(child).__name__} inside {type(owner).__name__} "
@@ -163,10 +177,6 @@ class TargetPass(Pass):
         if _compat.moe_returns_router_logits(module):
             return out, None
         return out
-
-
-def _returning(forward: Callable[[Tensor], Tensor]) -> Callable[[Any], Callable[[Tensor], Tensor]]:
-    return lambda original: forward
 
 
 def _is_conv1d(module: nn.Module) -> bool:
