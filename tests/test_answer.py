@@ -81,6 +81,32 @@ def test_the_answer_is_the_sum_of_its_steps(name: str) -> None:
     assert float(got.recovery) == pytest.approx(float(summed), abs=1e-5 * scale)
 
 
+@pytest.mark.parametrize("ruleset", ["attnlrp", "attnlrp-path"])
+def test_under_a_rule_set_each_share_of_the_answer_is_the_sum_of_its_steps(ruleset: str) -> None:
+    """decompose_answer under a rule set that credits queries and keys: its components and
+    each share of no token (the unassigned one above all) equal the sums over the steps of
+    decompose_sequence's, one backward pass against one per step."""
+    model = family_model("qwen2")  # biases too
+    ids = prompt(10)
+    sequences = model.generate(ids, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    got = llama_attrib.decompose_answer(model, sequences, 10, rules=ruleset)
+    steps = llama_attrib.decompose_sequence(model, sequences, 10, rules=ruleset)
+    length = sequences.shape[1] - 1
+    want = torch.zeros(length)
+    shares = dict.fromkeys(got.shares, 0.0)
+    scale = 0.0
+    for k, c in enumerate(steps):
+        parts = c[int(sequences[0, 10 + k])]
+        want[: parts.components.shape[0]] += parts.components
+        for name in shares:
+            shares[name] += float(parts.shares[name])
+        scale += float(c.recovery.abs().max())
+    assert torch.allclose(got.components, want, atol=1e-5 * scale, rtol=0)
+    for name, value in shares.items():
+        assert abs(float(got.shares[name]) - value) <= 1e-5 * scale, name
+    assert abs(shares["unassigned"]) > 1e-3 and abs(shares["bias"]) > 1e-3
+
+
 def test_groups_contrasts_and_a_padded_batch() -> None:
     model = tiny_model()
     ids = prompt(9, batch=2)
