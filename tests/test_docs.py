@@ -143,3 +143,15 @@ def test_every_block_is_collected() -> None:
     ids = [p.id for p in blocks()]
     assert len(ids) >= 14 and any(i.startswith("README.md") for i in ids)
     assert os.path.exists(ROOT / "docs" / "usage.md")
+
+
+def test_the_citation_and_the_license_are_the_package_s() -> None:
+    """CITATION.cff names the package's version and license; LICENSE is the license setup.cfg
+    declares."""
+    import yaml
+
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["version"] == llama_attrib.__version__
+    assert citation["cff-version"] == "1.2.0" and citation["license"] == "Apache-2.0"
+    assert "license = Apache-2.0" in (ROOT / "setup.cfg").read_text()
+    assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")

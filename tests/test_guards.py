@@ -118,5 +118,5 @@ def test_missing_optional_dependency_names_the_extra(
 ) -> None:  # type: ignore[no-untyped-def]
     result = llama_attrib.attribute(tiny_model(2), tiny_tokenizer(), "the cat sat", max_new_tokens=2)
     monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
-    with pytest.raises(ImportError, match=rf"pip install 'llama_attrib\[{extra}\]'"):
+    with pytest.raises(ImportError, match=rf"pip install -e '\.\[{extra}\]'\), or pip install {module}"):
         call(result)

@@ -41,5 +41,6 @@ def require(module: str, extra: str, what: str) -> None:
         importlib.import_module(module)
     except ImportError as e:
         raise ImportError(
-            f"{what} needs {module}, which is not installed: pip install 'llama_attrib[{extra}]'"
+            f"{what} needs {module}, which is not installed: install llama_attrib's {extra!r} extra "
+            f"(in its clone: pip install -e '.[{extra}]'), or pip install {module}"
         ) from e
