@@ -1,7 +1,7 @@
 # The two commands of the README:
 #   make demo   decompose a SmolLM2-135M-Instruct generation and print the per-token tables
 #   make test   lint, type-check, and run the tests on transformers 5.x and 4.x
-#   make faithfulness   the faithfulness evaluation (README, Faithfulness; about 36 min on 2 cores)
+#   make faithfulness   the faithfulness evaluation (docs/faithfulness.md says what it runs and how long it took)
 PROMPT ?= What is the capital of France?
 TF5 ?= 5.24.0
 TF4 ?= 4.57.6

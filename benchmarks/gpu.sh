@@ -9,7 +9,7 @@
 #    at 256 + 32, 8192 + 8 and 32768 + 8, warm, target mode with the default precision (TF32
 #    for these half-precision weights) and with float32 products, beside plain generation;
 # 4. the default test suite on that machine (its CPU), in parallel where pytest-xdist is there.
-# Where pydec or the project's transformers are missing, install wheels first (README, GPU).
+# Where pydec or the project's transformers are missing, install them first (README, Install).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-.}}

@@ -155,3 +155,9 @@ def test_the_citation_and_the_license_are_the_package_s() -> None:
     assert citation["cff-version"] == "1.2.0" and citation["license"] == "Apache-2.0"
     assert "license = Apache-2.0" in (ROOT / "setup.cfg").read_text()
     assert (ROOT / "LICENSE").read_text().lstrip().startswith("Apache License")
+
+
+def test_supported_md_lists_every_registered_model_class() -> None:
+    text = (ROOT / "docs" / "supported.md").read_text()
+    missing = [name for name in families.FAMILIES if f"`{name}`" not in text]
+    assert not missing, f"docs/supported.md does not list {missing}"

@@ -16,6 +16,7 @@ from .composition import LogitComposition
 from .engines import TargetComposition
 from .errors import (
     DecompositionError,
+    GeneratedTokenWarning,
     LlamaAttribError,
     UnsupportedModelError,
     UnsupportedOptionError,
@@ -32,6 +33,7 @@ __all__ = [
     "Attribution",
     "Contributor",
     "DecompositionError",
+    "GeneratedTokenWarning",
     "Family",
     "Flow",
     "LlamaAttribError",

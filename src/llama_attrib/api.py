@@ -46,7 +46,9 @@ def wrap(model: nn.Module, rules: str | RuleSet | None = None) -> nn.Module:
     """Make ``model`` decomposable, in place, and return it.
 
     ``rules``: the rule set of every decomposition that names none (``"exact"``, the default,
-    or ``"attnlrp"``: :mod:`llama_attrib.rules.sets`); on a wrapped model it replaces the one
+    ``"attnlrp"`` or ``"attnlrp-path"``: :mod:`llama_attrib.rules.sets`, or a ``RuleSet``);
+    a model with a kind of module the rule set has no rule for is refused here. On a wrapped
+    model it replaces the one
     it had.
 
     Checks everything first (architecture, stock module classes, biases, attention

@@ -155,7 +155,10 @@ def add_arguments(parser: Any, device: str = "auto") -> None:
     parser.add_argument(
         "--rules",
         choices=sorted(RULE_SETS),
-        help="the rule set (default exact; attnlrp also credits queries, keys and the gate: docs/rules.md)",
+        help=(
+            "the rule set (default exact; attnlrp also credits queries, keys and the gate; "
+            "attnlrp-path passes the softmax's share on along a path from uniform attention: docs/rules.md)"
+        ),
     )
     parser.add_argument(
         "--max-memory", help="the decomposition's memory budget, e.g. 20GiB (default: 80%% free)"
