@@ -12,7 +12,8 @@ so the number of processes may change between runs) and cuts a half-written last
 every process is done, rank 0 merges the parts in input order into ``OUT`` (``.jsonl``: one
 saved :class:`~llama_attrib.Attribution` per line with its ``id``; ``.parquet``: one row per
 prompt, columns ``id, prompt, generation, tokens, token_ids, prompt_length, token_scores,
-logits, record`` where ``record`` is the full JSON). Ranks come from ``torch.distributed``
+logits, ranking, record`` where ``ranking`` is the answer's sources as JSON (with ``--by
+sentence`` or ``paragraph``; null otherwise) and ``record`` the full JSON). Ranks come from ``torch.distributed``
 (initialised on gloo from ``accelerate launch --multi_gpu`` / ``torchrun``'s environment: also
 on a machine without GPUs, where every process runs on the CPU; with GPUs, process ``r`` uses
 ``cuda:LOCAL_RANK``) or ``--rank`` /
