@@ -135,7 +135,9 @@ def test_quantization_without_bitsandbytes_names_the_extra(
     wide: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now fails
-    with pytest.raises(ImportError, match=r"pip install 'llama_attrib\[quantization\]'"):
+    with pytest.raises(
+        ImportError, match=r"'quantization' extra \(in its clone: pip install -e '\.\[quantization\]'\)"
+    ):
         load(str(wide), quantization="4bit")
 
 

@@ -13,11 +13,11 @@ every process is done, rank 0 merges the parts in input order into ``OUT`` (``.j
 saved :class:`~llama_attrib.Attribution` per line with its ``id``; ``.parquet``: one row per
 prompt, columns ``id, prompt, generation, tokens, token_ids, prompt_length, token_scores,
 logits, ranking, record`` where ``ranking`` is the answer's sources as JSON (with ``--by
-sentence`` or ``paragraph``; null otherwise) and ``record`` the full JSON). Ranks come from ``torch.distributed``
-(initialised on gloo from ``accelerate launch --multi_gpu`` / ``torchrun``'s environment: also
-on a machine without GPUs, where every process runs on the CPU; with GPUs, process ``r`` uses
-``cuda:LOCAL_RANK``) or ``--rank`` /
-``--world`` (then merge with ``--merge`` once every shard is done).
+sentence`` or ``paragraph``; null otherwise) and ``record`` the full JSON). Ranks come from
+``torch.distributed`` (initialised on gloo from ``accelerate launch --multi_gpu`` /
+``torchrun``'s environment: also on a machine without GPUs, where every process runs on the
+CPU; with GPUs, process ``r`` uses ``cuda:LOCAL_RANK``) or ``--rank`` / ``--world`` (then merge
+with ``--merge`` once every shard is done).
 """
 
 from __future__ import annotations
