@@ -48,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from results import save  # benchmarks/results.py, beside this script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llama_attrib
@@ -248,7 +249,9 @@ def run(
     repeat: int,
     forward_max: int,
     warm: bool = False,
-) -> None:
+) -> list[dict[str, Any]]:
+    """Print one table row per mode and return them as records (``benchmarks/results.py``)."""
+    records: list[dict[str, Any]] = []
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model_for(shape, device, max(p + n for p, n in prompts))
     vocab = model.config.vocab_size
@@ -269,20 +272,25 @@ def run(
             t_plain, m_plain = min(measure(calls["wrapped"], device)[:2] for _ in range(repeat))
         row = f"| {shape} | {length} + {new} |"
         print(f"{row} plain | {t_plain:.2f} s | 1.0x | {m_plain / 2**20:.0f} MiB | 1.00x | |", flush=True)
+        case = {"shape": shape, "prompt": length, "new": new}
+        records.append({**case, "mode": "plain", "status": "ok", "seconds": t_plain, "peak": m_plain})
         llama_attrib.wrap(model)
         reference = None
         try:
             for mode in wanted:
                 if mode in ("forward", "after") and length > forward_max:
                     print(f"{row} {mode} | skipped (--forward-max {forward_max}) |||||")
+                    records.append({**case, "mode": mode, "status": f"skipped (--forward-max {forward_max})"})
                     continue
                 try:
                     t, m, result = measure(calls[mode], device)
                 except MemoryBudgetError as e:
                     print(f"{row} {mode} | refused: {str(e).split(';')[0]} |||||")
+                    records.append({**case, "mode": mode, "status": f"refused: {str(e).split(';')[0]}"})
                     continue
                 except DecompositionError as e:  # a variant whose sums miss the stock logits
                     print(f"{row} {mode} | failed its check: {str(e)[:160]} |||||")
+                    records.append({**case, "mode": mode, "status": f"failed its check: {str(e)[:160]}"})
                     continue
                 figures = f"{t:.2f} s | {t / t_plain:.1f}x | {m / 2**20:.0f} MiB | {m / m_plain:.2f}x"
                 if mode == "target":
@@ -290,8 +298,10 @@ def run(
                 variant = mode in ("target-tf32", "target-fp32", "target-bf16")  # the same numbers, rounded
                 note = off_by(result, reference) if variant and reference else ""
                 print(f"{row} {mode} | {figures} | {note} |", flush=True)
+                records.append({**case, "mode": mode, "status": "ok", "seconds": t, "peak": m, "note": note})
         finally:
             llama_attrib.unwrap(model)
+    return records
 
 
 def _prompt(text: str, new: int) -> tuple[int, int]:
@@ -311,6 +321,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="best of N for plain generation")
     parser.add_argument("--forward-max", type=int, default=256, help="longest prompt for forward/after")
     parser.add_argument("--warm", action="store_true", help="run every mode once on a short prompt first")
+    parser.add_argument("--json", help="also save the records, with date, commit, machine and command, here")
     args = parser.parse_args()
     device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(
@@ -319,8 +330,9 @@ def main() -> None:
     )
     print("| model | prompt + new | mode | time | vs plain | peak memory | vs plain | note |")
     print("|---|---|---|---|---|---|---|---|")
+    records = []
     for shape in args.shapes.split(","):
-        run(
+        records += run(
             shape,
             [_prompt(p, args.new) for p in args.prompts.split(",")],
             args.modes.split(","),
@@ -328,6 +340,8 @@ def main() -> None:
             args.forward_max,
             args.warm,
         )
+    if args.json:
+        save(args.json, records)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import time
 
 import torch
+from results import save  # benchmarks/results.py, beside this script
 
 import llama_attrib
 from llama_attrib.models import load
@@ -33,12 +34,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--lengths", default="40,256,1024")
+    parser.add_argument("--json", help="also save the records, with date, commit, machine and command, here")
     args = parser.parse_args()
     model, _ = load()
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, SmolLM2-135M-Instruct (30 layers, 9 heads)\n")
     print("| prompt | plain forward | per-token (target) | per-token (forward) | flow | flow / plain |")
     print("|---|---|---|---|---|---|")
+    records = []
     for length in (int(x) for x in args.lengths.split(",")):
         ids = torch.randint(100, 40000, (1, length), generator=torch.Generator().manual_seed(length))
         with torch.no_grad():
@@ -47,7 +50,10 @@ def main() -> None:
         forward = best(lambda ids=ids: llama_attrib.decompose_sequence(model, ids, mode="forward"))
         flow = best(lambda ids=ids: llama_attrib.flow(model, ids))
         figures = f"{plain:.2f} s | {target:.2f} s | {forward:.2f} s | {flow:.2f} s | {flow / plain:.0f}x"
-        print(f"| {length} | {figures} |")
+        print(f"| {length} | {figures} |", flush=True)
+        records.append({"prompt": length, "plain": plain, "target": target, "forward": forward, "flow": flow})
+    if args.json:
+        save(args.json, records)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import measure, model_for, rss, seed_loop
+from results import save  # benchmarks/results.py, beside this script
 
 import llama_attrib
 from llama_attrib import memory
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument(
         "--rules", help="also run llama_attrib under these rule sets (say attnlrp,attnlrp-path)"
     )
+    parser.add_argument("--json", help="also save the records, with date, commit, machine and command, here")
     parser.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -203,6 +205,7 @@ def main() -> None:
         "| floor |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    records: list[dict[str, Any]] = []
     for case in args.cases.split(","):
         methods = ["plain", "llama_attrib"] + (["naive"] if case.endswith("-248") else [])
         methods += [f"max_memory={args.max_memory}"] if args.max_memory else []
@@ -213,13 +216,13 @@ def main() -> None:
                 [sys.executable, __file__, "--one", case, method], capture_output=True, text=True, check=False
             )
             if done.returncode != 0:
-                print(
-                    f"| {case} | | {method} | failed: {done.stderr.strip().splitlines()[-1]} ||||||",
-                    flush=True,
-                )
+                failure = done.stderr.strip().splitlines()[-1]
+                print(f"| {case} | | {method} | failed: {failure} ||||||", flush=True)
+                records.append({"case": case, "method": method, "status": f"failed: {failure}"})
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
             plain = plain or r
+            records.append({"case": case, "method": method, "status": "ok", **r})
             estimate = f"{r['estimate'] / r['growth']:.2f}" if "estimate" in r else ""
             floor = f"{(plain['seconds'] + r['floor']) / plain['seconds']:.1f}x" if "floor" in r else ""
             print(
@@ -228,6 +231,8 @@ def main() -> None:
                 f"{r['peak'] / plain['peak']:.2f}x | {estimate} | {floor} |",
                 flush=True,
             )
+    if args.json:
+        save(args.json, records)
 
 
 if __name__ == "__main__":
