@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 import llama_attrib
+from llama_attrib._saving import provenance
 from llama_attrib.models import load
 from llama_attrib.tokens import piece_texts, text_spans, tokens_in_span
 
@@ -346,6 +347,7 @@ def main() -> None:
         print(table([merged[k] for k in sorted(merged)], tokenizer))
         return
     model, tokenizer = load()
+    print(json.dumps({"meta": provenance()}), flush=True)  # a log's first line: where its rows come from
     rows = []
     for i in range(args.start, args.docs if args.limit is None else min(args.limit, args.docs)):
         context, question, planted = document(i, LENGTHS[i % len(LENGTHS)], tokenizer)

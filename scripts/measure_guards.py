@@ -24,6 +24,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from results import save  # benchmarks/results.py
 
 import llama_attrib
 from llama_attrib import engines, sweep
@@ -114,6 +117,7 @@ def main() -> None:
     parser.add_argument("--half", action="store_true", help="SmolLM2 and a 128k vocabulary, three dtypes")
     parser.add_argument("--document-tokens", type=int, default=1024)
     parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="with --half")
+    parser.add_argument("--json", help="also save the records, with date, commit, machine and command, here")
     args = parser.parse_args()
     if args.half:
         for dtype in args.dtypes.split(","):
@@ -132,6 +136,19 @@ def main() -> None:
         dtype = getattr(torch, label.rsplit(", ", 1)[1])
         tol = tolerance(dtype)
         print(f"| {label} | {guard} | {err:.2e} | {tol:.0e} | {tol / max(err, 1e-30):.0f}x |")
+    if args.json:
+        records = [
+            {
+                "case": label.rsplit(", ", 1)[0],
+                "dtype": label.rsplit(", ", 1)[1],
+                "guard": guard,
+                "error": err,
+            }
+            for (label, guard), err in sorted(worst.items())
+        ]
+        save(
+            args.json, records, tolerances={d: tolerance(getattr(torch, d)) for d in ("float32", "bfloat16")}
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ model's, teacher-forced) in target mode.
 
 from __future__ import annotations
 
+import argparse
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,6 +22,9 @@ import torch
 
 import llama_attrib
 from llama_attrib.models import load
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from results import save
 
 warnings.filterwarnings("ignore")
 PROMPT = "What is the capital of France?"
@@ -59,6 +64,10 @@ def variant(path: Path, how: str) -> torch.nn.Module:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="also save the records, with date, commit, machine and command, here")
+    args = parser.parse_args()
+    records = []
     path = folder()
     model, tokenizer = load(str(path), dtype="float32")
     base = llama_attrib.attribute(model, tokenizer, PROMPT, max_new_tokens=8, chat=True)
@@ -82,6 +91,9 @@ def main() -> None:
         moved = float(np.abs(a - b).max() / np.abs(b).max())
         same = float(np.mean(a.argmax(1) == b.argmax(1)))
         print(f"| {how} | {sums:.1e} | {rounding:.1e} | {moved:.1e} | {same:.0%} of steps |")
+        records.append({"weights": how, "sums": sums, "rounding": rounding, "moved": moved, "same_top": same})
+    if args.json:
+        save(args.json, records, response=response)
 
 
 if __name__ == "__main__":

@@ -144,17 +144,78 @@ def jsonable(value: Any) -> Any:
         return repr(value)
 
 
+def versions_of(*packages: str) -> dict[str, str]:
+    """Each installed package's version ("unknown" where it is not installed)."""
+    found = {}
+    for package in packages:
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
 def versions(model: nn.Module) -> dict[str, str]:
     """What produced a result: the packages' versions, the model's name and dtype."""
     from . import __version__
 
     found = {"llama_attrib": __version__, "python": platform.python_version()}
-    for package in ("torch", "transformers", "pydec"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = "unknown"
+    found.update(versions_of("torch", "transformers", "pydec"))
     config = getattr(model, "config", None)
     found["model"] = str(getattr(config, "_name_or_path", "") or type(model).__name__)
     found["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     return found
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, str]:
+    """Where a saved measurement comes from: the date (UTC), the commit of the clone the command
+    ran in (``-dirty`` when its tracked files had changes), the machine and the command."""
+    import datetime
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    import torch
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, check=False, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    argv = sys.argv if argv is None else argv
+    commit = git("rev-parse", "--short=7", "HEAD") or "unknown"
+    if git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    if torch.cuda.is_available():
+        device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    else:
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                cpu = next(
+                    (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu
+                )
+        except OSError:
+            pass
+        device = f"{os.cpu_count()}-core CPU ({cpu}), {torch.get_num_threads()} threads"
+    packages = ", ".join(f"{k} {v}" for k, v in versions_of("torch", "transformers").items())
+    script = argv[0]
+    if os.path.isabs(script) and git("rev-parse", "--show-toplevel"):
+        script = os.path.relpath(script, git("rev-parse", "--show-toplevel"))
+    command = (
+        ["python", "-m", "llama_attrib.evaluation"]
+        if script.endswith("evaluation/__main__.py")
+        else [
+            "python",
+            script,
+        ]
+    )
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "commit": commit,
+        "machine": f"{device}; {packages}",
+        "command": shlex.join([*command, *argv[1:]]),
+    }

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .._saving import provenance
 from ..models import load
 from .harness import Config, evaluate_prompt, report, summarize
 from .methods import LXT_METHODS, METHODS, Setup, check_lxt
@@ -134,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(
                 {
+                    "meta": provenance(),
                     "config": vars(config),
                     "replacement": token,
                     "seconds_total": elapsed,
