@@ -239,9 +239,10 @@ def test_the_cpu_kernel_s_bfloat16_is_the_rounding_share(checkpoints: dict[str, 
             logit = float(model(out.sequences[:, : ids.shape[1] + step]).logits[0, -1, pred])
         assert abs(float(parts.components.sum() + parts.residual) - logit) <= 1e-5 * scale
         assert abs(float(parts.shares["rounding"])) > 1e-6
-        # the same weights through the float32 path: the components differ by bfloat16's rounding
+        # the same weights through the float32 path: the components differ by the kernel's
+        # bfloat16 rounding (measured 1.0e-3 to 1.1e-3 of the largest logit; bound at about twice)
         ref, _, _ = gradient_x_input(exact, out.sequences[:, : ids.shape[1] + step], pred)
-        assert (parts.components.float() - ref).abs().max() <= 3e-2 * scale
+        assert (parts.components.float() - ref).abs().max() <= 2.5e-3 * scale
 
 
 def test_the_cpu_layout_unpacks_to_the_dequantized_weight() -> None:

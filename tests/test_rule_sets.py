@@ -157,14 +157,18 @@ def test_probability_blocks_do_not_change_attnlrp(monkeypatch: pytest.MonkeyPatc
 
 
 def test_half_precision_model() -> None:
-    model = family_model("llama").to(torch.bfloat16)
+    """A bfloat16 model's float32 components against float32 arithmetic on the same (rounded)
+    weights: what is left is the bfloat16 forward's own rounding of its hidden states (measured
+    1.6e-2 of the largest component on Llama, 2.9e-2 on Qwen2's biases; bound at twice that)."""
     ids = prompt(9)
-    got = explained(model, ids, "attnlrp")
-    reference = explained(family_model("llama"), ids, "attnlrp")
-    for a, b in zip(got, reference, strict=True):
-        scale = float(b.components.abs().max())
-        assert a.components.dtype == torch.float32
-        assert float((a.components - b.components).abs().max()) <= 5e-2 * scale
+    for name, bound in (("llama", 3.5e-2), ("qwen2", 6e-2)):
+        model = family_model(name).to(torch.bfloat16)
+        got = explained(model, ids, "attnlrp")
+        reference = explained(family_model(name).to(torch.bfloat16).float(), ids, "attnlrp")
+        for a, b in zip(got, reference, strict=True):
+            scale = float(b.components.abs().max())
+            assert a.components.dtype == torch.float32
+            assert float((a.components - b.components).abs().max()) <= bound * scale, name
 
 
 def test_the_options_and_the_defaults() -> None:
