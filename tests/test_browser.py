@@ -21,7 +21,8 @@ from selenium.webdriver.common.by import By
 from conftest import tiny_model, tiny_tokenizer
 from llama_attrib import Attribution, attribute
 
-pytestmark = pytest.mark.browser
+# the views' HTML in chromium: the same on every transformers version, run once in CI
+pytestmark = [pytest.mark.browser, pytest.mark.once]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")

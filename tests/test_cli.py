@@ -16,6 +16,9 @@ from llama_attrib import Attribution, attribute, quantized
 from llama_attrib.cli import main
 from llama_attrib.models import load
 
+# the command line: the same on every transformers version, run once in CI
+pytestmark = pytest.mark.once
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:

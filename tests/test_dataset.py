@@ -17,6 +17,9 @@ from conftest import tiny_model, tiny_tokenizer
 from llama_attrib import dataset
 from llama_attrib.models import load
 
+# the data set runner's files: the same on every transformers version, run once in CI
+pytestmark = pytest.mark.once
+
 PROMPTS = [
     {"id": "a", "prompt": "the capital of france is"},
     {"id": "b", "prompt": "one two three"},

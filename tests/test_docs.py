@@ -24,6 +24,9 @@ import llama_attrib
 from conftest import tiny_model, tiny_tokenizer
 from llama_attrib import families
 
+# the docs' code blocks and references: the same on every transformers version, run once in CI
+pytestmark = pytest.mark.once
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"(?:<!-- docs-test: (?P<mark>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", re.S)
@@ -161,3 +164,40 @@ def test_supported_md_lists_every_registered_model_class() -> None:
     text = (ROOT / "docs" / "supported.md").read_text()
     missing = [name for name in families.FAMILIES if f"`{name}`" not in text]
     assert not missing, f"docs/supported.md does not list {missing}"
+
+
+NAME = re.compile(r"\bllama_attrib(?:\.[A-Za-z_]\w*)+")
+PATH = re.compile(r"`((?:src|tests|benchmarks|scripts|notebooks|docs)/[\w./-]+?)(?::\w+)?`")
+
+
+def test_every_name_the_docs_give_exists() -> None:
+    """Each ``llama_attrib.x.y`` of README.md and docs/ resolves to a module or an attribute."""
+    import importlib
+
+    missing = []
+    for path in DOCS:
+        for name in sorted(set(NAME.findall(path.read_text(encoding="utf-8")))):
+            parts = name.split(".")
+            for cut in range(len(parts), 0, -1):  # the longest importable module, then attributes
+                try:
+                    found: Any = importlib.import_module(".".join(parts[:cut]))
+                except ImportError:
+                    continue
+                for attribute in parts[cut:]:
+                    found = getattr(found, attribute, None)
+                break
+            if found is None:
+                missing.append(f"{path.name}: {name}")
+    assert not missing, missing
+
+
+def test_every_file_the_docs_name_exists() -> None:
+    """Each repository path in a code span of README.md and docs/ (``benchmarks/bench.py``,
+    ``tests/test_sweep.py``...) is there."""
+    missing = [
+        f"{path.name}: {name}"
+        for path in DOCS
+        for name in sorted(set(PATH.findall(path.read_text(encoding="utf-8"))))
+        if not (ROOT / name.rstrip("/")).exists() and "*" not in name
+    ]
+    assert not missing, missing

@@ -20,6 +20,9 @@ from llama_attrib.evaluation.harness import (
 from llama_attrib.evaluation.methods import feature_ablation, feature_groups, integrated_gradients
 from llama_attrib.evaluation.prompts import Encoded, Prompt, spread
 
+# the evaluation's metrics and harness: the same on every transformers version, run once in CI
+pytestmark = pytest.mark.once
+
 REPLACEMENT = 0  # the tiny models' pad token
 
 

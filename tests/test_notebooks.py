@@ -13,7 +13,8 @@ from nbclient import NotebookClient
 
 import llama_attrib
 
-pytestmark = pytest.mark.slow
+# the notebooks run as a user runs them: the same on every transformers version, run once in CI
+pytestmark = [pytest.mark.slow, pytest.mark.once]
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

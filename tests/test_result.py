@@ -15,6 +15,9 @@ from conftest import tiny_model, tiny_tokenizer
 from llama_attrib import Attribution, attribute
 from llama_attrib.tokens import piece_texts, word_groups
 
+# the result object, its saving and loading: the same on every transformers version, run once in CI
+pytestmark = pytest.mark.once
+
 PROMPT = "the capital of france is"
 
 

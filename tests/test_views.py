@@ -15,6 +15,9 @@ from conftest import tiny_model, tiny_tokenizer
 from llama_attrib import Attribution, attribute
 from llama_attrib.views import visible
 
+# the views' rendering: the same on every transformers version, run once in CI
+pytestmark = pytest.mark.once
+
 matplotlib.use("Agg")
 
 

@@ -1,5 +1,6 @@
 """``llama-attrib "prompt"``: decompose a generation and print, for every generated token,
-the contribution of every earlier token to its logit."""
+the contribution of every earlier token to its logit. ``llama-attrib serve``: the HTTP server
+(:mod:`llama_attrib.server`)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # llama-attrib serve ...: the HTTP server (llama_attrib.server)
+        from .server import main as serve
+
+        return serve(argv[1:])
     args = _parser().parse_args(argv)
     model, tokenizer, options = from_arguments(args)
     result = attribute(

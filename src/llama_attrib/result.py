@@ -92,6 +92,15 @@ class Attribution(Scores):
             Path(path).write_text(html, encoding="utf-8")
         return html
 
+    def explore(self, top: int = 5, by: str = "token", document: str | None = None) -> Any:
+        """The explorer page (the one ``llama-attrib serve`` shows at ``/``) with this result:
+        click a generated token to colour its sources. ``by``: token, word, sentence or
+        paragraph (of ``document``, a text of the prompt). Shows itself in a notebook;
+        ``.to_html(path)`` writes it to a file."""
+        from .explorer import Explorer
+
+        return Explorer(self, top, by, document)
+
     def _repr_html_(self) -> str:
         from .views import to_html
 
