@@ -74,12 +74,13 @@ def quantization_config(quantization: Any, dtype: Any = None) -> Any:
 
 def load(
     model: str | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
     *,
     dtype: Any = None,
     device: str | None = None,
     device_map: Any = None,
     quantization: Any = None,
+    max_memory: dict[Any, Any] | None = None,
 ) -> tuple[Any, Any]:
     """``(model, tokenizer)`` in eval mode, from an HF folder, a ``.gguf`` file or SmolLM2.
 
@@ -88,7 +89,10 @@ def load(
     ``"cuda"``, ``"cuda:1"``, or ``"auto"``: the GPU when there is one); or ``device_map`` (e.g.
     ``"auto"``, accelerate's placement over the GPUs and the CPU). ``quantization``: ``"4bit"``
     (bitsandbytes NF4), ``"8bit"`` (LLM.int8) or any transformers quantization config; needs
-    the ``quantization`` extra.
+    the ``quantization`` extra. ``attn_implementation``: transformers' (``"sdpa"``, ``"eager"``...);
+    default ``"sdpa"`` where the model class supports it, else ``"eager"`` (Gemma 2, whose
+    soft-capped attention sdpa cannot compute). ``max_memory``: accelerate's per-device limits
+    for ``device_map`` (``{0: "20GiB", "cpu": "60GiB"}``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,11 +121,47 @@ def load(
         where = None
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if max_memory is not None:
+        if device_map is None:
+            raise ValueError("max_memory limits accelerate's placement: give device_map too (say 'auto')")
+        kwargs["max_memory"] = max_memory
+    if attn_implementation is None:
+        attn_implementation = default_attention(folder, kwargs.get("gguf_file"))
     lm: Any = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs)
     if where is not None:
         lm = lm.to(where)
     lm.config.name_or_path = str(path)  # for a GGUF file, the file rather than its folder
     return lm.eval(), tokenizer
+
+
+def default_attention(folder: Path, gguf_file: str | None = None) -> str:
+    """``"sdpa"`` where the checkpoint's model class supports it and its attention has no
+    soft-cap (which sdpa cannot compute: Gemma 2), else ``"eager"``."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if getattr(config, "attn_logit_softcapping", None):  # sdpa would leave the soft-cap out
+        return "eager"
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return "sdpa"  # transformers will say what it cannot load
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def device_memory(text: str | None) -> dict[Any, str] | None:
+    """``"0=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", "cpu": "60GiB"}`` (accelerate's ``max_memory``)."""
+    if not text:
+        return None
+    out: dict[Any, str] = {}
+    for part in text.split(","):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise ValueError(f"--device-max-memory: {part!r} is not DEVICE=SIZE (say 0=20GiB,cpu=60GiB)")
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = size.strip()
+    return out
 
 
 def add_arguments(parser: Any, device: str = "auto") -> None:
@@ -136,6 +176,15 @@ def add_arguments(parser: Any, device: str = "auto") -> None:
         help=f"cpu, cuda, cuda:N or auto (the GPU if there is one; default {device})",
     )
     parser.add_argument("--device-map", help="accelerate's placement instead of --device, e.g. auto")
+    parser.add_argument(
+        "--device-max-memory",
+        metavar="DEVICE=SIZE,...",
+        help="accelerate's per-device limits for --device-map, e.g. 0=20GiB,cpu=60GiB",
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        help="transformers' attention (sdpa, eager...; default sdpa where the model supports it, else eager)",
+    )
     quantized = parser.add_mutually_exclusive_group()
     quantized.add_argument(
         "--load-in-4bit", action="store_true", help="bitsandbytes NF4 (extra: quantization)"
@@ -170,7 +219,13 @@ def from_arguments(args: Any) -> tuple[Any, Any, dict[str, Any]]:
     quantization = "4bit" if args.load_in_4bit else "8bit" if args.load_in_8bit else None
     device = None if args.device_map else args.device
     model, tokenizer = load(
-        args.model, dtype=args.dtype, device=device, device_map=args.device_map, quantization=quantization
+        args.model,
+        getattr(args, "attn_implementation", None),
+        dtype=args.dtype,
+        device=device,
+        device_map=args.device_map,
+        quantization=quantization,
+        max_memory=device_memory(getattr(args, "device_max_memory", None)),
     )
     options: dict[str, Any] = {"mode": True if args.mode == "target" else args.mode}
     if args.component_dtype:

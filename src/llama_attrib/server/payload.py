@@ -1,5 +1,6 @@
-"""An :class:`~llama_attrib.result.Attribution` as the JSON object the server returns with each
-choice (``"attribution"``) and the explorer page draws: the one shape both read."""
+"""An :class:`~llama_attrib.result.Attribution` (its :class:`~llama_attrib.scores.Scores`) as
+the JSON object the server returns with each choice (``"attribution"``) and the explorer page
+draws: the one shape both read."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..composition import SHARES
-from ..result import Attribution
+from ..scores import Scores
 
 BY = ("token", "word", "sentence", "paragraph")
 
@@ -20,7 +21,7 @@ def _number(x: Any) -> float | None:
 
 
 def attribution_json(
-    result: Attribution, top: int = 5, by: str = "token", document: str | None = None, rank: int = 5
+    result: Scores, top: int = 5, by: str = "token", document: str | None = None, rank: int = 5
 ) -> dict[str, Any]:
     """Per generated token: its text, position, logit, its ``top`` sources (text, position,
     score in logit units, share of the row's absolute scores and shares of no token) and those
