@@ -24,7 +24,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-BLOCK = re.compile(r"(<!-- table: ([\w-]+) -->\n)(.*?)(<!-- /table -->)", re.S)
+BLOCK = re.compile(r"^([ \t]*)<!-- table: ([\w-]+) -->\n(.*?)^[ \t]*<!-- /table -->", re.S | re.M)
 MiB = 2**20
 
 
@@ -120,15 +120,21 @@ def method_name(method: str) -> str:
     return METHODS.get(method, method)
 
 
-def long_rows(names: Iterable[str]) -> Iterable[tuple[dict[str, Any], dict[str, Any]]]:
-    """(record, plain generation's record in the same run) for every record that ran."""
+def long_rows(names: Iterable[str]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(record, plain generation's record in the same run) for every record that ran, in the
+    order of :data:`CASES` (each file's order within a case)."""
+    rows = []
     for name in names:
         plain: dict[str, dict[str, Any]] = {}
         for r in data(name).records:
             if r["status"] != "ok":
                 raise ValueError(f"benchmarks/{name}: {r['case']} {r['method']} {r['status']}")
             plain.setdefault(r["case"], r)
-            yield r, plain[r["case"]]
+            rows.append((r, plain[r["case"]]))
+    order = list(CASES)
+    return sorted(
+        rows, key=lambda pair: order.index(pair[0]["case"]) if pair[0]["case"] in order else len(order)
+    )
 
 
 def long_documents(*names: str) -> str:
@@ -327,7 +333,9 @@ def context_cite(*names: str) -> str:
                 merged.setdefault(row["doc"], {}).update(row)
     text = module.table([merged[k] for k in sorted(merged)], _tokenizer(load))
     lines = text.splitlines()
-    for i, line in enumerate(lines[2:], 2):
+    for i, line in enumerate(lines):
+        if i < 2 or not line.startswith("|"):
+            continue
         name = line.split("|")[1].strip()
         lines[i] = line.replace(f"| {name} |", f"| {CITE_LABELS.get(name, name)} |", 1)
     body = "\n".join(line for line in lines if line.startswith("|"))
@@ -338,6 +346,91 @@ def context_cite(*names: str) -> str:
 @functools.cache
 def _tokenizer(load: Callable[..., Any]) -> Any:
     return load()[1]
+
+
+# --- scripts/measure_guards.py and scripts/measure_quantized.py ------------------------------
+
+
+def guards(name: str) -> str:
+    """The largest relative error each run-time guard saw, by model and dtype."""
+    found: dict[tuple[str, str], dict[str, float]] = {}
+    for r in data(name).records:
+        found.setdefault((r["case"], r["dtype"]), {})[r["guard"]] = r["error"]
+    order = {"float32": 0, "bfloat16": 1, "float16": 2}
+    keys = sorted(found, key=lambda k: (k[0], order.get(k[1], 3)))
+    head = ["model", "dtype", "forward (hidden state)", "target (logit)", "replay (a layer run again)"]
+    rows = [
+        [
+            case,
+            dtype,
+            *(f"{found[case, dtype].get(g, float('nan')):.1e}" for g in ("forward", "target", "replay")),
+        ]
+        for case, dtype in keys
+    ]
+    return table(head, rows) + "\n\n" + sources(name)
+
+
+def quantized(name: str) -> str:
+    head = [
+        "weights",
+        "components + shares vs the logit",
+        "rounding share / logit",
+        "components vs float32's (/ largest)",
+        "same top source as float32",
+    ]
+    rows = [
+        [
+            r["weights"],
+            f"{r['sums']:.1e}",
+            f"{r['rounding']:.1e}",
+            f"{r['moved']:.1e}",
+            f"{r['same_top']:.0%} of steps",
+        ]
+        for r in data(name).records
+    ]
+    return table(head, rows) + "\n\n" + sources(name)
+
+
+# --- benchmarks/serve_load.py ------------------------------------------------------------------
+
+
+def serve_load(name: str) -> str:
+    """The server under N concurrent clients; with attribution, its cost per generated token
+    against ``attribute()``'s in one process."""
+    records = data(name).records
+    own = next(r for r in records if r.get("in_process"))
+    per_token = own["seconds"] / own["tokens"]
+    head = [
+        "clients",
+        "attribution",
+        "wall",
+        "mean latency",
+        "largest",
+        "tokens / s",
+        "s / token vs in-process",
+    ]
+    head += ["lost", "every answer equal to it served alone"]
+    rows = []
+    for r in records:
+        if r.get("in_process"):
+            continue
+        rate = r["tokens"] / r["wall"]
+        versus = f"{(1 / rate) / per_token:.2f}x" if r["attribution"] else ""
+        rows.append(
+            [
+                str(r["clients"]),
+                "on" if r["attribution"] else "off",
+                f"{r['wall']:.1f} s",
+                f"{r['latency_mean']:.1f} s",
+                f"{r['latency_max']:.1f} s",
+                f"{rate:.2f}",
+                versus,
+                str(r["lost"]),
+                "yes" if r["equal_alone"] else "no",
+            ]
+        )
+    rows.append(["in this process, `attribute()`", "on", "", "", "", f"{1 / per_token:.2f}", "1.00x", "", ""])
+    return table(head, rows) + "\n\n" + sources(name)
 
 
 # --- the registry ------------------------------------------------------------------------------
@@ -357,6 +450,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "rule-sets-8000": lambda: rule_sets_at_length("results/long_documents_8000.json"),
     "gpu-7b": lambda: bench(GPU_LAYERS),
     "gpu-precision": lambda: bench(GPU_PRECISION),
+    "guards-half": lambda: guards("results/guards_half.json"),
+    "quantized": lambda: quantized("results/quantized.json"),
+    "serve-load": lambda: serve_load("results/serve_load.json"),
     "flow-cost": lambda: flow_cost("results/flow_cost.json"),
     "faithfulness-all": lambda: faithfulness("faithfulness.json", "all"),
     "faithfulness-short": lambda: faithfulness("faithfulness.json", "short"),
@@ -379,9 +475,29 @@ def render(text: str, rendered: dict[str, str]) -> str:
             raise KeyError(f"<!-- table: {name} --> names no table of scripts/docs_tables.py")
         if name not in rendered:
             rendered[name] = TABLES[name]()
-        return match.group(1) + rendered[name] + "\n" + match.group(4)
+        indent = match.group(1)
+        body = "\n".join(indent + line if line else line for line in rendered[name].splitlines())
+        return f"{indent}<!-- table: {name} -->\n{body}\n{indent}<!-- /table -->"
 
     return BLOCK.sub(one, text)
+
+
+FIGURE = re.compile(r"\b\d+\.\d+ ?(s|MiB|GiB|GB|x|%)(?!\w)|\b\d\.\d+e-\d+\b|\b\d+\.\d{2,}\b")
+
+
+def loose_tables(path: Path) -> list[str]:
+    """The Markdown tables of ``path`` outside every block that hold a measured figure (a time,
+    a size, a ratio, a percentage or a decimal), each as its first line."""
+    text = BLOCK.sub("", path.read_text())
+    found, current = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.lstrip().startswith("|"):
+            current.append(line)
+            continue
+        if any(FIGURE.search(row) for row in current[2:]):
+            found.append(current[0].strip())
+        current = []
+    return found
 
 
 def differences(paths: Iterable[Path] = DOCS) -> list[str]:
@@ -392,7 +508,8 @@ def differences(paths: Iterable[Path] = DOCS) -> list[str]:
         text = path.read_text()
         for match in BLOCK.finditer(text):
             if render(match.group(0), rendered) != match.group(0):
-                found.append(f"{path.relative_to(ROOT)}: {match.group(2)}")
+                shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                found.append(f"{shown}: {match.group(2)}")
     return found
 
 
