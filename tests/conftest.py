@@ -409,6 +409,15 @@ def gradient_x_input(
     return components, value - float(components.sum()), value
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model and its tokenizer saved as a checkpoint folder (for what loads from disk)."""
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``make test`` runs the suite once per transformers version; the second run sets
     ``LLAMA_ATTRIB_SECOND_RUN=1`` and leaves out the tests marked ``once`` (docs, views, files,

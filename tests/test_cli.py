@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import quantizable_checkpoint, tiny_model, tiny_tokenizer
+from conftest import quantizable_checkpoint
 from llama_attrib import Attribution, attribute, quantized
 from llama_attrib.cli import main
 from llama_attrib.models import load
@@ -21,11 +21,8 @@ pytestmark = pytest.mark.once
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def folder(tiny_folder: Path) -> Path:
+    return tiny_folder
 
 
 def test_cli_prints_generation_tables_and_writes_files(

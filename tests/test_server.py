@@ -74,11 +74,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def folder(tiny_folder: Path) -> Path:
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")

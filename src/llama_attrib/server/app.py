@@ -96,10 +96,8 @@ def create_app(engine: worker.Engine) -> FastAPI:
             return error(413, f"at most {engine.limits.max_prompt_tokens} tokens (--max-prompt-tokens)")
         try:
             return await run_in_threadpool(engine.flow, body.token_ids, body.position, body.target)
-        except worker.Busy as e:
-            return error(503, str(e), "server_busy")
-        except (LlamaAttribError, ValueError) as e:
-            return error(400, str(e))
+        except REFUSED as e:
+            return refusal(e)
 
     return app
 
@@ -121,16 +119,23 @@ def _payload(outcome: worker.Outcome, options: Any) -> dict[str, Any] | None:
     return attribution_json(outcome.result, options.top, options.by, options.document, options.rank)
 
 
+REFUSED = (worker.Busy, worker.TooLong, LlamaAttribError, ValueError)
+
+
+def refusal(e: Exception) -> JSONResponse:
+    """A request the server will not serve as asked: a full queue (503), a prompt too long
+    (413), an option the model or the library refuses (400)."""
+    if isinstance(e, worker.Busy):
+        return error(503, str(e), "server_busy")
+    return error(413 if isinstance(e, worker.TooLong) else 400, str(e))
+
+
 async def _run(engine: worker.Engine, job: worker.Request) -> worker.Outcome | JSONResponse:
     try:
         with engine.admitted():
             return await run_in_threadpool(engine.run, job)
-    except worker.Busy as e:
-        return error(503, str(e), "server_busy")
-    except worker.TooLong as e:
-        return error(413, str(e))
-    except (LlamaAttribError, ValueError) as e:
-        return error(400, str(e))
+    except REFUSED as e:
+        return refusal(e)
 
 
 async def serve(
@@ -168,12 +173,8 @@ async def serve(
         engine.prompt_ids(job)  # the prompt's length, before the stream's 200
         admission = engine.admitted()
         admission.__enter__()
-    except worker.Busy as e:
-        return error(503, str(e), "server_busy")
-    except worker.TooLong as e:
-        return error(413, str(e))
-    except (LlamaAttribError, ValueError) as e:
-        return error(400, str(e))
+    except REFUSED as e:
+        return refusal(e)
     chunks = _stream(engine, job, admission, ident, kind, chat, options, body.stream_options or {})
     return StreamingResponse(chunks, media_type="text/event-stream")
 
