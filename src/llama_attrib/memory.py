@@ -19,7 +19,7 @@ from torch import nn
 
 from . import rules
 from .errors import LlamaAttribError
-from .families import input_device
+from .families import input_device, text_config
 from .rules.sets import rule_set
 
 LEAN_BYTES = 64 << 20  # target mode's working memory without max_memory, at least
@@ -56,7 +56,7 @@ class Shape:
 
     @staticmethod
     def of(model: nn.Module) -> Shape:
-        config: Any = model.config
+        config: Any = text_config(model)
         heads = int(config.num_attention_heads)
         head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
         kv = int(getattr(config, "num_key_value_heads", None) or heads)

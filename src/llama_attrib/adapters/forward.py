@@ -38,6 +38,7 @@ def forward_adapter(session: Session, model: nn.Module, original: Forward) -> Fo
         if not session.wants(decompose):
             return original(*args, **kwargs)
         mode = decompose_mode(decompose, "forward")
+        families.refuse_images(kwargs)
         args, kwargs = on_input_device(model, args, kwargs)
         bound = signature.bind(*args, **kwargs)
         options = call_options(bound, signature)

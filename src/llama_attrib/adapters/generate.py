@@ -62,6 +62,7 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward) -> F
         if not session.wants(decompose):
             return original(*args, **kwargs)
         mode = decompose_mode(decompose, "target")
+        families.refuse_images(kwargs)
         args, kwargs = on_input_device(model, args, kwargs)
         if kwargs.get("return_dict_in_generate") is False:
             raise UnsupportedOptionError(

@@ -16,12 +16,30 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .. import _compat, _offload, quantized, rules
 from .._offload import offloading_hook
-from ..errors import UnsupportedModelError, UnsupportedOptionError
+from ..errors import UnsupportedModelError
+from .placement import (
+    check_length,
+    component_dtype,
+    input_device,
+    model_dtype,
+    refuse_images,
+    text_config,
+    to_input_device,
+)
+
+__all__ = [
+    "check_length",
+    "component_dtype",
+    "input_device",
+    "model_dtype",
+    "refuse_images",
+    "text_config",
+    "to_input_device",
+]
 
 NORM, ATTENTION, MLP, EMBEDDING, LM_HEAD = "norm", "attention", "mlp", "embedding", "lm_head"
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -96,7 +114,9 @@ class Family:
 
     # -- the topology: every module the engines touch, found here and nowhere else --------
     def _find(self, owner: nn.Module, attr: str) -> Any:
-        module = _compat.attribute(owner, attr)
+        module: Any = owner
+        for part in attr.split("."):  # a dotted path: model.language_model
+            module = _compat.attribute(module, part) if module is not None else None
         if module is None:
             raise UnsupportedModelError([f"{type(owner).__name__} has no {attr!r} ({self.name} family)"])
         return module
@@ -158,7 +178,7 @@ class Family:
         ``logits_scaling`` family): a linear map, so the components get it too."""
         if self.logits_scaling is None:
             return 1.0
-        return 1.0 / float(getattr(model.config, self.logits_scaling))
+        return 1.0 / float(getattr(text_config(model), self.logits_scaling))
 
     def head_weight(self, model: nn.Module) -> Tensor:
         """The LM head's weight as the logits see it (with :meth:`logit_scale`)."""
@@ -170,11 +190,11 @@ class Family:
         """What each block's output is multiplied by before it joins the residual stream."""
         if self.residual_multiplier is None:
             return 1.0
-        return float(getattr(model.config, self.residual_multiplier))
+        return float(getattr(text_config(model), self.residual_multiplier))
 
     def final_softcap(self, model: nn.Module) -> float | None:
         """The final-logit soft-cap (Gemma): components sum to the logit before it."""
-        value = getattr(model.config, "final_logit_softcapping", None)
+        value = getattr(text_config(model), "final_logit_softcapping", None)
         return float(value) if value else None
 
 
@@ -257,7 +277,7 @@ def _config_problems(model: nn.Module) -> list[str]:
     checkpointing = "is_activation_checkpointing" if checkpointing else "is_gradient_checkpointing"
     if getattr(model, checkpointing, False):
         problems.append("gradient checkpointing is on: call model.gradient_checkpointing_disable()")
-    if getattr(config, "pretraining_tp", 1) not in (1, None):
+    if getattr(text_config(model), "pretraining_tp", 1) not in (1, None):
         problems.append("pretraining_tp > 1 is not supported: set config.pretraining_tp = 1")
     return problems
 
@@ -335,49 +355,6 @@ def _module_problems(model: nn.Module, family: Family) -> list[str]:
             )
             break
     return problems
-
-
-def model_dtype(model: nn.Module, default: torch.dtype = torch.float32) -> torch.dtype:
-    """The dtype a model (or one of its modules) computes in: its first floating-point
-    parameter's (a quantized layer's storage is not one), else ``default``."""
-    for param in model.parameters():
-        if param.dtype.is_floating_point:
-            return param.dtype
-    return default
-
-
-def component_dtype(model: nn.Module) -> torch.dtype:
-    """Components accumulate in float32 when the model runs in half precision."""
-    dtype = model_dtype(model)
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where the model's input ids go: its input embedding's device (the device accelerate
-    runs it on, when it keeps the weights offloaded)."""
-    embedding = model.get_input_embeddings()  # type: ignore[operator]
-    hook = getattr(embedding, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device)
-    weight: Tensor = embedding.weight
-    return weight.device
-
-
-def to_input_device(model: nn.Module, *tensors: Tensor | None) -> tuple[Any, ...]:
-    """Each tensor (ids, a mask, position ids) moved to :func:`input_device`; None stays."""
-    device = input_device(model)
-    return tuple(t if t is None or t.device == device else t.to(device) for t in tensors)
-
-
-def check_length(model: nn.Module, length: int) -> None:
-    """Refuse sequences longer than the positions the model was built for."""
-    limit = getattr(model.config, "max_position_embeddings", None)  # type: ignore[union-attr]
-    if isinstance(limit, int) and length > limit:
-        raise UnsupportedOptionError(
-            f"the sequence would have {length} positions, more than the model's "
-            f"max_position_embeddings ({limit}): shorten the prompt or max_new_tokens"
-        )
 
 
 def _load_builtin() -> None:
