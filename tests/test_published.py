@@ -18,7 +18,7 @@ from transformers import (
 )
 
 import llama_attrib
-from conftest import gradient_x_input, prompt
+from conftest import gradient_x_input, prompt, tiny_tokenizer
 from test_families import BASE, GEN
 from test_wrap import snapshot
 
@@ -90,3 +90,22 @@ def test_image_inputs_are_refused_before_any_work(name: str) -> None:
     assert snapshot(model) == before
     steps = llama_attrib.decompose_sequence(model, ids[0], 5)  # text alone: no wrap needed
     assert len(steps) == 4 and snapshot(model) == before
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mistral3"])
+def test_load_gives_the_published_class(name: str, tmp_path: Any) -> None:
+    """``models.load()`` (and so the CLI, the runner and the server) loads a published checkpoint
+    as its multimodal class (Mistral 3 has no causal-LM auto class: the image-text one)."""
+    from llama_attrib.models import load
+
+    model = published(name)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded, _ = load(str(tmp_path), "eager")
+    assert type(loaded) is type(model)
+    ids = prompt(9)[0]
+    got = llama_attrib.decompose_sequence(loaded, ids, 6)
+    want = llama_attrib.decompose_sequence(model, ids, 6)
+    for c, d in zip(got, want, strict=True):
+        token = int(d.recovery.argmax())
+        assert torch.allclose(c[token].components, d[token].components, atol=1e-6, rtol=0)

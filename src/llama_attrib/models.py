@@ -94,7 +94,7 @@ def load(
     soft-capped attention sdpa cannot compute). ``max_memory``: accelerate's per-device limits
     for ``device_map`` (``{0: "20GiB", "cpu": "60GiB"}``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if device is not None and device_map is not None:
         raise ValueError("give device or device_map, not both")
@@ -125,29 +125,40 @@ def load(
         if device_map is None:
             raise ValueError("max_memory limits accelerate's placement: give device_map too (say 'auto')")
         kwargs["max_memory"] = max_memory
+    auto, cls, stored = model_class(folder, kwargs.get("gguf_file"))
     if attn_implementation is None:
-        attn_implementation = default_attention(folder, kwargs.get("gguf_file"))
-    lm: Any = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs)
+        attn_implementation = default_attention(cls, stored)
+    lm: Any = auto.from_pretrained(folder, attn_implementation=attn_implementation, **kwargs)
     if where is not None:
         lm = lm.to(where)
     lm.config.name_or_path = str(path)  # for a GGUF file, the file rather than its folder
     return lm.eval(), tokenizer
 
 
-def default_attention(folder: Path, gguf_file: str | None = None) -> str:
-    """``"sdpa"`` where the checkpoint's model class supports it and its attention has no
-    soft-cap (which sdpa cannot compute: Gemma 2), else ``"eager"``."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+def model_class(folder: Path, gguf_file: str | None = None) -> tuple[Any, Any, Any]:
+    """``(auto class, model class or None, config)`` of a checkpoint: AutoModelForCausalLM, or
+    for a multimodal checkpoint that only has an image-text class (Mistral Small 3),
+    AutoModelForImageTextToText, whose text path is decomposed."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto import modeling_auto
 
     config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf_file} if gguf_file else {}))
-    if getattr(config, "attn_logit_softcapping", None):  # sdpa would leave the soft-cap out
+    for auto, mapping in (
+        (AutoModelForCausalLM, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING),
+        (AutoModelForImageTextToText, modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING),
+    ):
+        if type(config) in mapping:
+            return auto, mapping[type(config)], config
+    return AutoModelForCausalLM, None, config  # transformers will say what it cannot load
+
+
+def default_attention(cls: Any, config: Any) -> str:
+    """``"sdpa"`` where the model class supports it and its attention has no soft-cap (which
+    sdpa cannot compute: Gemma 2), else ``"eager"``."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None):  # sdpa would leave the soft-cap out
         return "eager"
-    try:
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        return "sdpa"  # transformers will say what it cannot load
-    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
 
 
 def device_memory(text: str | None) -> dict[Any, str] | None:
