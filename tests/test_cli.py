@@ -94,6 +94,10 @@ def test_cli_sentences_and_the_answers_ranking(folder: Path, capsys: pytest.Capt
     ranked = view.ranking(k=2)
     lines = out.splitlines()
     assert lines[0].startswith("sources of the answer") and "3 tokens" in lines[0]
+    outside = view.outside()
+    assert (
+        outside is not None and lines[3] == f"  outside the sentences: {outside[2]:6.1%}  {outside[1]:+9.4f}"
+    )
     for line, (label, score, share) in zip(lines[1:3], ranked, strict=True):
         assert line.split()[0] in ("1", "2") and f"{share:6.1%}".strip() in line and label in line
         assert f"{score:+9.4f}".strip() in line
@@ -101,6 +105,7 @@ def test_cli_sentences_and_the_answers_ranking(folder: Path, capsys: pytest.Capt
     totals = {
         label: float(np.nansum(result.token_scores[:, positions].astype(np.float64)))
         for label, positions in zip(view.sources, view.columns, strict=True)
+        if label != "(rest)"  # outside the sentences: not ranked
     }
     best = sorted(totals, key=lambda label: -totals[label])[:2]
     assert [label for label, _, _ in ranked] == best

@@ -61,7 +61,10 @@ def test_sentences_keep_every_score_and_rank_the_answer() -> None:
     ordered = [label for label, _, _ in view.ranking() if label in expected]
     assert ordered == sorted(expected, key=lambda label: -expected[label])
     shares = [share for _, _, share in view.ranking()]
-    assert sum(abs(x) for x in shares) == pytest.approx(1.0)
+    outside = view.outside()  # "(rest)": kept out of the ranking, reported apart with its share
+    assert outside is not None and outside[0] == "(rest)" and "(rest)" not in [r[0] for r in view.ranking()]
+    assert sum(abs(x) for x in shares) + abs(outside[2]) == pytest.approx(1.0)
+    assert view.ranking(apart=None) == sorted([*view.ranking(), outside], key=lambda r: -r[1])
     # one step: each sentence's score at step 0 alone
     step0 = {label: score for label, score, _ in view.ranking(steps=[0])}
     for label, (a, b) in spans.items():

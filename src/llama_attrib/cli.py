@@ -89,6 +89,9 @@ def ranking_table(result: Attribution, k: int) -> str:
         lines.append(
             f"  {i:3d}  {share:6.1%}  {score:+9.4f}  {text[:100] + ('…' if len(text) > 100 else '')}"
         )
+    outside = result.outside()
+    if outside is not None:  # the template, the question, the attention sink: not a source to cite
+        lines.append(f"  outside the sentences: {outside[2]:6.1%}  {outside[1]:+9.4f}")
     return "\n".join(lines)
 
 

@@ -166,7 +166,9 @@ def _sources(result: Attribution, prompt: Any, by: str) -> dict[str, Any]:
             within = result.message(users[-1])
     view = result.by(by, within)
     ranking = [{"label": label, "score": score, "share": share} for label, score, share in view.ranking()]
-    return {**view.to_dict(), "ranking": ranking}
+    outside = view.outside()  # what lies outside the sentences: reported apart, not ranked
+    apart = {"label": outside[0], "score": outside[1], "share": outside[2]} if outside else None
+    return {**view.to_dict(), "ranking": ranking, "outside": apart}
 
 
 def merge(rows: Sequence[Mapping[str, Any]], output: str | Path) -> Path:

@@ -187,10 +187,7 @@ class Scores:
     def no_token(self) -> np.ndarray:
         """``[G]`` float64: what no token owns at each step, the sum of the shares ``bias +
         rounding + unassigned``. ``sum(token_scores) + no_token`` is the logit."""
-        total = np.zeros(self.n_generated)
-        for share in self.shares.values():
-            total = total + share.astype(np.float64)
-        return total
+        return np.asarray(np.sum([share.astype(np.float64) for share in self.shares.values()], axis=0))
 
     @property
     def share_scores(self) -> dict[str, np.ndarray]:
@@ -208,12 +205,8 @@ class Scores:
     def bias_scores(self) -> np.ndarray:
         """Deprecated: :attr:`no_token_scores` (the sum of the three shares), which this name
         gave before the shares were named; the biases' own share is ``share_scores["bias"]``."""
-        warnings.warn(
-            "Attribution.bias_scores is the whole share of no token (bias + rounding + unassigned): "
-            "use no_token_scores for it, or share_scores['bias'] for the biases alone",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        message = "Attribution.bias_scores is the whole share of no token: use no_token_scores for it"
+        warnings.warn(message + ", or share_scores['bias'] for the biases alone", DeprecationWarning, 2)
         return self.no_token_scores
 
     def _in_unit(self, share: np.ndarray) -> np.ndarray:
@@ -349,12 +342,23 @@ class Scores:
         raise ValueError(f"unit must be 'token', 'word', 'sentence' or 'paragraph', not {unit!r}")
 
     def ranking(
-        self, steps: Sequence[int] | None = None, k: int | None = None
+        self, steps: Sequence[int] | None = None, k: int | None = None, apart: str | None = "(rest)"
     ) -> list[tuple[str, float, float]]:
         """The sources of the answer as a whole: each source's score summed over ``steps``
         (default every generated token), largest first, as ``(label, score, share)`` where the
         share is of the sum of absolute scores. With :meth:`sentences`: which sentences the
-        answer came from."""
+        answer came from. ``apart``: a column kept out of the ranking, what lies outside the
+        sentences (template, question, the attention sink), given by :meth:`outside`."""
+        out = [row for row in self._totals(steps) if row[0] != apart]
+        return out if k is None else out[:k]
+
+    def outside(
+        self, steps: Sequence[int] | None = None, label: str = "(rest)"
+    ) -> tuple[str, float, float] | None:
+        """``(label, score, share)`` of the column :meth:`ranking` keeps apart (None if none)."""
+        return next((row for row in self._totals(steps) if row[0] == label), None)
+
+    def _totals(self, steps: Sequence[int] | None) -> list[tuple[str, float, float]]:
         rows = list(range(self.n_generated)) if steps is None else list(steps)
         if not rows:
             raise ValueError("ranking needs at least one generated step")
@@ -362,8 +366,7 @@ class Scores:
         seen = ~np.all(np.isnan(self.scores[rows]), axis=0)
         order = [int(j) for j in np.argsort(-totals, kind="stable") if seen[j]]
         norm = float(np.abs(totals[seen]).sum()) or 1.0
-        out = [(self.sources[j], float(totals[j]), float(totals[j]) / norm) for j in order]
-        return out if k is None else out[:k]
+        return [(self.sources[j], float(totals[j]), float(totals[j]) / norm) for j in order]
 
     # -- reading -----------------------------------------------------------------------
     def top_k(self, k: int = 5, step: int | None = None) -> list[list[Contributor]]:

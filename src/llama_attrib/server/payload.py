@@ -78,4 +78,6 @@ def attribution_json(
         out["ranking"] = [
             {"text": label, "score": score, "share": share} for label, score, share in view.ranking(k=rank)
         ]
+        outside = view.outside()  # the template, the question, the sink: apart, not a citation
+        out["outside"] = None if outside is None else {"score": outside[1], "share": outside[2]}
     return out
