@@ -201,3 +201,21 @@ def test_long_document_view_ranks_and_folds(browser: Any, tmp_path: Path) -> Non
     assert all("la-hidden" not in t.get_attribute("class") for t in toks)
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
+
+
+def test_the_sink_and_what_lies_outside_the_sentences_do_not_set_the_colour_scale(
+    browser: Any, tmp_path: Path
+) -> None:
+    """The legend's scale is the largest score among the tokens one would cite: the first token
+    (an attention sink) and a span view's "(rest)" are coloured, clamped, but left out of it."""
+    nan = float("nan")
+    scores = np.array([[5.0, 0.5, -1.0, nan], [6.0, 0.25, 2.0, -0.5]])
+    tokens = ["<s>", "the", " cat", " sat", " on"]
+    result = Attribution(tokens, [1, 2, 3, 4, 5], 3, scores, np.nansum(scores, 1))
+    page = tmp_path / "scale.html"
+    for view, cited in ((result, 2.0), (result.spans({"the cat": (3, 10)}), 2.25)):
+        view.to_html(page)  # "the cat": 0.25 + 2.0; "(rest)": the sink and " sat"
+        browser.get(page.as_uri())  # it opens on the last step
+        assert float(browser.find_element(By.CSS_SELECTOR, ".la-max").text) == pytest.approx(cited)
+        sink = browser.find_elements(By.CSS_SELECTOR, ".la-tok")[0]
+        assert sink.value_of_css_property("background-color") != TRANSPARENT  # still coloured

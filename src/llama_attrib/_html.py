@@ -3,7 +3,8 @@
 ``SCRIPT`` is a function expression called with the id of its container, so that several
 results in one notebook or page do not interfere. Colours: a diverging map from blue
 (negative) through white (0) to red (positive), scaled per selected step to the largest
-absolute score of that step.
+absolute score of that step, the first token (an attention sink) and what lies outside a
+sentence view's sentences left out of that scale (:func:`llama_attrib.views.to_html`).
 """
 
 STYLE = """
@@ -43,6 +44,7 @@ STYLE = """
 SCRIPT = r"""function(uid){
   var root=document.getElementById(uid);
   var data=JSON.parse(root.querySelector('script.la-data').textContent);
+  var apart={}; (data.apart||[]).forEach(function(i){apart[i]=true;});  /* not in the colour scale */
   var toks=root.querySelectorAll('.la-tok');
   var NEG=[33,102,172], POS=[178,24,43];
   function colour(v,vmax){
@@ -83,7 +85,7 @@ SCRIPT = r"""function(uid){
   }
   function paint(row,limit,what){
     var vmax=0;
-    for(var i=0;i<limit;i++){ if(row[i]!==null){vmax=Math.max(vmax,Math.abs(row[i]));} }
+    for(var i=0;i<limit;i++){ if(row[i]!==null && !apart[i]){vmax=Math.max(vmax,Math.abs(row[i]));} }
     if(vmax===0){vmax=1;}
     for(var i=0;i<toks.length;i++){
       var el=toks[i];

@@ -92,6 +92,14 @@ def _display(result: Scores) -> tuple[list[list[float | None]], list[str]]:
     return rows, labels
 
 
+def _apart(result: Scores) -> list[int]:
+    """Token positions coloured but left out of the colour scale: the first token (an attention
+    sink, which takes a large part of many logits) and what lies outside the sentences of a
+    sentence view (its ``"(rest)"`` column), so that the sources one cites set the scale."""
+    rest = [result.columns[j] for j, label in enumerate(result.sources) if label == "(rest)"]
+    return sorted({0, *(i for positions in rest for i in positions)})
+
+
 COLLAPSE_FROM = 300  # tokens: longer texts open with the folding of what scores little on
 RANKED = 10  # sources listed for the whole answer
 
@@ -171,6 +179,7 @@ def to_html(result: Scores, full_page: bool = True) -> str:
         "scores": rows,
         "answer": _answer(result),
         "ranking": _ranking(result),
+        "apart": _apart(result),
         "collapse": len(result.tokens) > COLLAPSE_FROM,
         "labels": labels,
         "tokens": result.tokens,
