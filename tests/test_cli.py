@@ -190,3 +190,20 @@ def test_cli_loading_and_decomposition_flags(
     totals = np.nansum(result.token_scores.astype(np.float64), 1) + result.no_token
     bound = 5e-2 if dtype == "bfloat16" else 1e-5
     assert np.allclose(totals, result.logits, atol=bound * scale, rtol=0)
+
+
+def test_cli_verifies_the_ranking(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--verify M: each ranked sentence with the measured drop of the answer's log-probability
+    without it (as ranking(verify=M) gives), and the drop without all of them."""
+    message = "the cat sat on the mat.\nthe dogs ran off.\nwhere are the cats"
+    args = [message, "--model", str(folder), "--chat", "--max-new-tokens", "3", "--no-progress"]
+    main([*args, "--by", "sentence", "--rank", "2", "--verify", "3"])
+    out, _ = capsys.readouterr()
+    model, tokenizer = load(str(folder))
+    result = attribute(model, tokenizer, message, 3, chat=True)
+    cited = result.sentences(within=result.find(message)).ranking(k=2, verify=3, model=model)
+    lines = out.splitlines()
+    for line, c in zip(lines[1:3], cited, strict=True):
+        assert c.label in line and f"drop {c.drop:+8.3f}" in line
+        assert ("(not supported)" in line) == (c.drop <= 0)
+    assert f"all 2 removed together: drop {cited.together:+8.3f}" in out

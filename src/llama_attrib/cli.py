@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from .attribution import attribute
 from .models import add_arguments, from_arguments
@@ -34,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="first print the N sources the whole answer came from (score summed over its tokens, share)",
+    )
+    p.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        metavar="M",
+        help="with --rank: measure the answer's log-probability without each of the M first sources "
+        "(one batched forward) and rank by that drop",
     )
     p.add_argument("--share", action="store_true", help="scores as shares of the total |contribution|")
     p.add_argument("--drop-first", action="store_true", help="leave out the first token (attention sink)")
@@ -73,22 +82,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         view.to_html(args.html)
         print(f"HTML view written to {args.html}", file=sys.stderr)
     if args.rank:
-        print(ranking_table(view, args.rank))
+        print(ranking_table(view, args.rank, args.verify, model))
         print()
     print(view.table(top=args.top))
     return 0
 
 
-def ranking_table(result: Attribution, k: int) -> str:
-    """The ``k`` sources of the whole answer, largest first: rank, share, score, text."""
+def ranking_table(result: Attribution, k: int, verify: int = 0, model: Any = None) -> str:
+    """The ``k`` sources of the whole answer, largest first: rank, share, score, text; with
+    ``verify``, the measured drop of the answer's log-probability without each (re-ranked)."""
     lines = [
         f"sources of the answer {result.generation.strip()!r} (summed over its {result.n_generated} tokens):"
     ]
-    for i, (label, score, share) in enumerate(result.ranking(k=k), 1):
+    ranked = result.ranking(k=k, verify=verify, model=model)
+    for i, (label, score, share, *drop) in enumerate(ranked, 1):
         text = " ".join(label.split())
-        lines.append(
-            f"  {i:3d}  {share:6.1%}  {score:+9.4f}  {text[:100] + ('…' if len(text) > 100 else '')}"
-        )
+        text = text[:100] + ("…" if len(text) > 100 else "")
+        measured = ""
+        if drop:  # verified: the drop without it, and whether that is evidence
+            measured = f"  drop {drop[0]:+8.3f}" + ("" if drop[0] > 0 else " (not supported)")
+        lines.append(f"  {i:3d}  {share:6.1%}  {score:+9.4f}{measured}  {text}")
+    if verify and ranked:
+        lines.append(f"  all {len(ranked)} removed together: drop {ranked.together:+8.3f}")
     outside = result.outside()
     if outside is not None:  # the template, the question, the attention sink: not a source to cite
         lines.append(f"  outside the sentences: {outside[2]:6.1%}  {outside[1]:+9.4f}")

@@ -23,6 +23,7 @@ from typing import Any, Literal, NamedTuple, TypeVar
 import numpy as np
 
 from . import tokens as _tokens
+from ._sequence import TokenText
 from .composition import SHARES
 
 Unit = Literal["logit", "share"]
@@ -40,7 +41,7 @@ S = TypeVar("S", bound="Scores")
 
 
 @dataclass(eq=False)
-class Scores:
+class Scores(TokenText):
     """Exact per-source contributions to every generated token's logit: the numbers of an
     :class:`~llama_attrib.result.Attribution` and the views that regroup and rescale them.
 
@@ -102,36 +103,6 @@ class Scores:
             raise ValueError(f"unit must be 'logit' or 'share', not {self.unit!r}")
         if (self.groups is None) != (self.labels is None):
             raise ValueError("groups and labels go together")
-
-    # -- the sequence ----------------------------------------------------------------
-    @property
-    def n_generated(self) -> int:
-        return int(self.token_scores.shape[0])
-
-    @property
-    def prompt_tokens(self) -> list[str]:
-        return self.tokens[: self.prompt_length]
-
-    @property
-    def generated_tokens(self) -> list[str]:
-        return self.tokens[self.prompt_length :]
-
-    @property
-    def generated_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_length :]
-
-    @property
-    def source_tokens(self) -> list[str]:
-        """The text piece of every token-level source column (all but the last token)."""
-        return self.tokens[: self.token_scores.shape[1]]
-
-    @property
-    def text(self) -> str:
-        return "".join(self.tokens)
-
-    @property
-    def generation(self) -> str:
-        return "".join(self.generated_tokens)
 
     # -- the view ----------------------------------------------------------------------
     @property
@@ -342,14 +313,25 @@ class Scores:
         raise ValueError(f"unit must be 'token', 'word', 'sentence' or 'paragraph', not {unit!r}")
 
     def ranking(
-        self, steps: Sequence[int] | None = None, k: int | None = None, apart: str | None = "(rest)"
-    ) -> list[tuple[str, float, float]]:
+        self,
+        steps: Sequence[int] | None = None,
+        k: int | None = None,
+        apart: str | None = "(rest)",
+        verify: int = 0,
+        model: Any = None,
+    ) -> Any:
         """The sources of the answer as a whole: each source's score summed over ``steps``
         (default every generated token), largest first, as ``(label, score, share)`` where the
         share is of the sum of absolute scores. With :meth:`sentences`: which sentences the
         answer came from. ``apart``: a column kept out of the ranking, what lies outside the
-        sentences (template, question, the attention sink), given by :meth:`outside`."""
+        sentences (template, question, the attention sink), given by :meth:`outside`.
+        ``verify=m`` (with ``model``): the ``m`` first re-ranked by the measured drop of the
+        answer's log-probability without each (:class:`~llama_attrib.verify.Citations`)."""
         out = [row for row in self._totals(steps) if row[0] != apart]
+        if verify:
+            from .verify import verified
+
+            return verified(self, model, out, k, verify)
         return out if k is None else out[:k]
 
     def outside(
