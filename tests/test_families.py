@@ -82,16 +82,10 @@ def family_model(name: str, attn: str = "eager") -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("mode", ["target", "forward"])
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_family_matches_the_independent_reference(name: str, mode: str) -> None:
-    model = family_model(name)
-    if name == "qwen2_moe" and not _compat.uses_attention_interface(model.model.layers[0].self_attn):
-        # transformers 4.x: its attention is computed inline, refused with what to do
-        with pytest.raises(llama_attrib.UnsupportedModelError, match=r"upgrade transformers to 5\.x"):
-            llama_attrib.wrap(model)
-        assert not llama_attrib.is_wrapped(model)
-        return
+def matches_the_reference(model: nn.Module, mode: str, name: str) -> Any:
+    """Generate plain and decomposed from a 9-token prompt: the same tokens, and every step's
+    components, bias share and sum equal to gradient x input on the stock model (1e-5 of the
+    largest logit). Yields ``(step, composition, token, plain logits, bias, logit)``."""
     ids = prompt(9)
     plain = model.generate(ids, **GEN, output_logits=True)
     llama_attrib.wrap(model)
@@ -106,11 +100,29 @@ def test_family_matches_the_independent_reference(name: str, mode: str) -> None:
         assert torch.allclose(got.components, components, atol=1e-5 * scale, rtol=0), (name, mode, k)
         assert abs(float(got.residual) - bias) <= 1e-5 * scale
         assert abs(float(got.components.sum() + got.residual) - logit) <= 1e-5 * scale
+        yield k, c, token, plain.logits[k], bias, logit
+
+
+@pytest.mark.parametrize("mode", ["target", "forward"])
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_matches_the_independent_reference(name: str, mode: str) -> None:
+    model = family_model(name)
+    if name == "qwen2_moe" and not _compat.uses_attention_interface(model.model.layers[0].self_attn):
+        # transformers 4.x: its attention is computed inline, refused with what to do
+        with pytest.raises(llama_attrib.UnsupportedModelError, match=r"upgrade transformers to 5\.x"):
+            llama_attrib.wrap(model)
+        assert not llama_attrib.is_wrapped(model)
+        return
+    checked = 0
+    for _, c, token, plain, bias, logit in matches_the_reference(model, mode, name):
+        checked += 1
+        scale = float(plain[0].abs().max())
         if name == "gemma2":  # final soft-cap 30: reported beside the sum, in both modes
-            assert torch.allclose(c.capped[token], plain.logits[k][0, token], atol=1e-5 * scale)
+            assert torch.allclose(c.capped[token], plain[0, token], atol=1e-5 * scale)
             assert abs(float(c.capped[token]) - logit) > 1e-3
         if name == "qwen2":
             assert abs(bias) > 1e-3 * scale  # the biases have a share, and it is not a token's
+    assert checked == GEN["max_new_tokens"]  # every step was checked
 
 
 @pytest.mark.parametrize("mode", ["target", "forward"])
