@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import LlamaAttribError
@@ -171,12 +172,13 @@ async def serve(
         }
     try:
         engine.prompt_ids(job)  # the prompt's length, before the stream's 200
-        admission = engine.admitted()
-        admission.__enter__()
+        ticket = engine.admit()
     except REFUSED as e:
         return refusal(e)
-    chunks = _stream(engine, job, admission, ident, kind, chat, options, body.stream_options or {})
-    return StreamingResponse(chunks, media_type="text/event-stream")
+    chunks = _stream(engine, job, ticket, ident, kind, chat, options, body.stream_options or {})
+    # a client gone before the stream began: its place is given back all the same
+    unused = BackgroundTask(lambda: None if ticket.started else ticket.release())
+    return StreamingResponse(chunks, media_type="text/event-stream", background=unused)
 
 
 def _usage(outcome: worker.Outcome) -> dict[str, int]:
@@ -191,7 +193,7 @@ def _usage(outcome: worker.Outcome) -> dict[str, int]:
 async def _stream(
     engine: worker.Engine,
     job: worker.Request,
-    admission: Any,
+    ticket: worker.Ticket,
     ident: str,
     kind: str,
     chat: bool,
@@ -209,13 +211,14 @@ async def _stream(
     job.on_token = on_token
 
     def work() -> None:
+        ticket.started = True
         try:
             outcome = engine.run(job)
             loop.call_soon_threadsafe(queue.put_nowait, ("done", outcome))
         except BaseException as e:
             loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
         finally:
-            admission.__exit__(None, None, None)
+            ticket.release()
 
     created = int(time.time())
 

@@ -93,6 +93,21 @@ class _StopWhenCancelled:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class Ticket:
+    """A place in an engine's queue: :meth:`release` gives it back, once (later calls do
+    nothing); ``started``: the request's work has begun (it then releases it itself)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.started, self._held = engine, False, True
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self.engine.give_back()
+
+
 class Engine:
     def __init__(
         self, model: Any, tokenizer: Any, name: str, options: dict[str, Any], limits: Limits
@@ -104,18 +119,25 @@ class Engine:
         self.pending = 0  # running and waiting
         self.served = 0
 
-    @contextmanager
-    def admitted(self) -> Iterator[None]:
+    def admit(self) -> Ticket:
         """A place in the queue, or :class:`Busy`."""
         with self._count:
             if self.pending > self.limits.max_queue:
                 raise Busy(f"{self.pending} requests are running or waiting; try again later")
             self.pending += 1
+        return Ticket(self)
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        ticket = self.admit()
         try:
             yield
         finally:
-            with self._count:
-                self.pending -= 1
+            ticket.release()
+
+    def give_back(self) -> None:
+        with self._count:
+            self.pending -= 1
 
     def prompt_ids(self, request: Request) -> torch.Tensor:
         ids = encode(self.tokenizer, request.prompt, request.chat)
