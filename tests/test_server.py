@@ -369,3 +369,10 @@ def test_the_same_page_shows_a_result_in_a_notebook(browser: Any, tmp_path: Path
     best = max(scored, key=lambda s: abs(float(s.get_attribute("data-score"))))
     column = int(best.get_attribute("data-position"))
     assert column == int(np.nanargmax(np.abs(result.token_scores[2])))
+
+
+def test_a_response_too_long_to_explain_is_413(server: Server) -> None:
+    status, reply = server.post("/v1/attribute", {"messages": QUESTION, "response": "the cat " * 40})
+    assert status == 413 and "at most 32" in reply["error"]["message"]
+    status, reply = server.post("/v1/attribute", {"response": "the cat"})
+    assert status == 400 and "messages or prompt" in reply["error"]["message"]

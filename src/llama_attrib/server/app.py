@@ -9,7 +9,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +18,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import LlamaAttribError
+from ..explorer import page
 from . import engine as worker
 from .payload import attribution_json
 from .schema import AttributeRequest, ChatRequest, CompletionRequest, FlowRequest
@@ -57,17 +57,17 @@ def create_app(engine: worker.Engine) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     async def explorer() -> str:
-        return explorer_page()
+        return page()
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatRequest, request: Request) -> Any:
+    async def chat(body: ChatRequest) -> Any:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         limit = body.max_completion_tokens or body.max_tokens
-        return await serve(engine, body, request, messages, True, limit, "chat.completion")
+        return await serve(engine, body, messages, True, limit, "chat.completion")
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        return await serve(engine, body, request, body.prompt, False, body.max_tokens, "text_completion")
+    async def completions(body: CompletionRequest) -> Any:
+        return await serve(engine, body, body.prompt, False, body.max_tokens, "text_completion")
 
     @app.post("/v1/attribute", response_model=None)
     async def attribute_response(body: AttributeRequest) -> Any:
@@ -103,10 +103,6 @@ def create_app(engine: worker.Engine) -> FastAPI:
     return app
 
 
-def explorer_page() -> str:
-    return resources.files(__package__).joinpath("explorer.html").read_text(encoding="utf-8")
-
-
 def _explained(options: Any) -> dict[str, Any] | None:
     if options is None:
         return None
@@ -140,7 +136,7 @@ async def _run(engine: worker.Engine, job: worker.Request) -> worker.Outcome | J
 
 
 async def serve(
-    engine: worker.Engine, body: Any, request: Request, prompt: Any, chat: bool, limit: int | None, kind: str
+    engine: worker.Engine, body: Any, prompt: Any, chat: bool, limit: int | None, kind: str
 ) -> Any:
     if body.model != engine.name:
         return error(404, f"the model {body.model!r} does not exist here: this server serves {engine.name!r}")

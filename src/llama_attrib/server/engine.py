@@ -146,6 +146,13 @@ class Engine:
                 f"the prompt has {ids.shape[1]} tokens; this server takes at most "
                 f"{self.limits.max_prompt_tokens} (--max-prompt-tokens)"
             )
+        if request.response is not None:
+            answer = len(self.tokenizer(request.response, add_special_tokens=False)["input_ids"])
+            if answer > self.limits.max_new_tokens:
+                raise TooLong(
+                    f"the response has {answer} tokens; this server explains at most "
+                    f"{self.limits.max_new_tokens} (--max-new-tokens)"
+                )
         return ids
 
     def run(self, request: Request) -> Outcome:
