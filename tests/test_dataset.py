@@ -250,3 +250,33 @@ def test_batches_of_rows_equal_single_attributions(tmp_path: Path) -> None:
     results = dataset.load_results(out)
     for key, want in expected(model, tokenizer, rows).items():
         same(results[key], want)
+
+
+def test_the_runner_s_citations_are_the_verified_ranking(tmp_path: Path) -> None:
+    """--verify M (verify=): each record's citations equal ranking(verify=M) on the same result:
+    label, score, share, measured drop, whether it is support, and the drop of all together."""
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    rows = [{"id": "doc", "prompt": "a cat sat.\nthe dog ran.\nwhere is the cat"}]
+    out = tmp_path / "out.jsonl"
+    dataset.attribute_dataset(model, tokenizer, rows, out, max_new_tokens=3, by="sentence", verify=2)
+    record = json.loads(next(iter((out.parent / (out.name + ".parts")).glob("*.jsonl"))).read_text())
+    alone = llama_attrib.attribute(model, tokenizer, rows[0]["prompt"], 3)
+    cited = alone.sentences().ranking(verify=2, model=model)
+    assert [c["label"] for c in record["citations"]] == [c.label for c in cited]
+    for got, want in zip(record["citations"], cited, strict=True):
+        assert got["drop"] == pytest.approx(want.drop, abs=1e-5) and got["supported"] == want.supported
+    assert record["together"] == pytest.approx(cited.together, abs=1e-5)
+    with pytest.raises(ValueError, match="by='sentence'"):
+        dataset.attribute_dataset(model, tokenizer, rows, tmp_path / "x.jsonl", verify=2)
+
+
+def test_the_runner_s_verify_flag(tmp_path: Path, tiny_folder: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"id": "doc", "prompt": "a cat sat.\nthe dog ran.\nwhere is the cat"}) + "\n"
+    )
+    out = tmp_path / "out.jsonl"
+    flags = ["--model", str(tiny_folder), "--by", "sentence", "--verify", "2", "--max-new-tokens", "2"]
+    assert dataset.main([str(prompts), str(out), *flags, "--world", "1", "--rank", "0", "--no-progress"]) == 0
+    record = json.loads(out.read_text().splitlines()[0])
+    assert len(record["citations"]) == 2 and "together" in record

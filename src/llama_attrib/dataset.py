@@ -109,6 +109,7 @@ def attribute_dataset(
     progress: bool = False,
     by: str = "token",
     batch_size: int = 1,
+    verify: int = 0,
     **generate_kwargs: Any,
 ) -> int:
     """Attribute this rank's share of ``rows``, appending to its part file; returns rows done now.
@@ -117,7 +118,11 @@ def attribute_dataset(
     (of the last user message of a chat) and adds ``"ranking"`` to each record: the sources of
     the whole answer, largest first (``label``, ``score``, ``share``). ``batch_size``: prompts
     generated and decomposed together (:func:`attribute`); each row is written once its batch
-    is done, so an interruption loses at most one batch."""
+    is done, so an interruption loses at most one batch. ``verify``: with ``by``, the ranking's
+    ``verify`` first sources re-ranked by the measured drop of the answer's log-probability
+    without each (:mod:`llama_attrib.verify`), in ``"citations"`` with ``"together"``."""
+    if verify and by == "token":
+        raise ValueError("verify ranks the answer's sentences or paragraphs: give by='sentence' too")
     folder = parts_folder(output)
     folder.mkdir(parents=True, exist_ok=True)
     done = set(finished(output, repair=rank))
@@ -143,7 +148,7 @@ def attribute_dataset(
                     **generate_kwargs,
                 )
             for row, prompt, result in zip(batch, prompts, results, strict=True):
-                record = {"id": row["id"], **_sources(result, prompt, by)}
+                record = {"id": row["id"], **_sources(result, prompt, by, verify, model)}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -153,7 +158,7 @@ def attribute_dataset(
     return count
 
 
-def _sources(result: Attribution, prompt: Any, by: str) -> dict[str, Any]:
+def _sources(result: Attribution, prompt: Any, by: str, verify: int = 0, model: Any = None) -> dict[str, Any]:
     """The record of one row: the result grouped ``by`` its sources, with the answer's ranking."""
     if by == "token":
         return result.to_dict()
@@ -168,7 +173,12 @@ def _sources(result: Attribution, prompt: Any, by: str) -> dict[str, Any]:
     ranking = [{"label": label, "score": score, "share": share} for label, score, share in view.ranking()]
     outside = view.outside()  # what lies outside the sentences: reported apart, not ranked
     apart = {"label": outside[0], "score": outside[1], "share": outside[2]} if outside else None
-    return {**view.to_dict(), "ranking": ranking, "outside": apart}
+    record = {**view.to_dict(), "ranking": ranking, "outside": apart}
+    if verify:  # evidence: the measured drop of the answer's log-probability without each source
+        cited = view.ranking(verify=verify, model=model)
+        record["citations"] = [c._asdict() | {"supported": c.supported} for c in cited]
+        record["together"] = cited.together
+    return record
 
 
 def merge(rows: Sequence[Mapping[str, Any]], output: str | Path) -> Path:
@@ -268,6 +278,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--merge", action="store_true", help="only merge finished parts into OUTPUT")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--batch-size", type=int, default=1, help="prompts generated and decomposed together")
+    p.add_argument(
+        "--verify",
+        type=int,
+        default=0,
+        metavar="M",
+        help="with --by sentence: measure the answer without each of the M first sources (adds citations)",
+    )
     add_arguments(p, device="auto")
     args = p.parse_args(argv)
 
@@ -291,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
         by=args.by,
         batch_size=args.batch_size,
+        verify=args.verify,
         **options,
     )
     print(f"rank {rank}/{world}: {count} prompts attributed", flush=True)
