@@ -323,15 +323,13 @@ CITE_LABELS = {
 def context_cite(*names: str) -> str:
     """The comparison's table over the documents of the first file, each document's methods
     merged from every file (a later file adds methods to the documents of the first)."""
-    from llama_attrib.models import load
-
     module = _context_cite()
     merged: dict[int, dict[str, Any]] = {}
     for i, name in enumerate(names):
         for row in data(name).records:
             if i == 0 or row["doc"] in merged:
                 merged.setdefault(row["doc"], {}).update(row)
-    text = module.table([merged[k] for k in sorted(merged)], _tokenizer(load))
+    text = module.table([merged[k] for k in sorted(merged)], _tokenizer())
     lines = text.splitlines()
     for i, line in enumerate(lines):
         if i < 2 or not line.startswith("|"):
@@ -344,7 +342,10 @@ def context_cite(*names: str) -> str:
 
 
 @functools.cache
-def _tokenizer(load: Callable[..., Any]) -> Any:
+def _tokenizer() -> Any:
+    """SmolLM2's tokenizer, to find the sentence each logged response came from."""
+    from llama_attrib.models import load
+
     return load()[1]
 
 

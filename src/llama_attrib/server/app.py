@@ -167,11 +167,11 @@ async def serve(
             "usage": _usage(outcome),
         }
     try:
-        engine.prompt_ids(job)  # the prompt's length, before the stream's 200
+        ids = engine.prompt_ids(job)  # the prompt's length, before the stream's 200
         ticket = engine.admit()
     except REFUSED as e:
         return refusal(e)
-    chunks = _stream(engine, job, ticket, ident, kind, chat, options, body.stream_options or {})
+    chunks = _stream(engine, job, ids, ticket, ident, kind, chat, options, body.stream_options or {})
     # a client gone before the stream began: its place is given back all the same
     unused = BackgroundTask(lambda: None if ticket.started else ticket.release())
     return StreamingResponse(chunks, media_type="text/event-stream", background=unused)
@@ -189,6 +189,7 @@ def _usage(outcome: worker.Outcome) -> dict[str, int]:
 async def _stream(
     engine: worker.Engine,
     job: worker.Request,
+    ids: Any,
     ticket: worker.Ticket,
     ident: str,
     kind: str,
@@ -209,7 +210,7 @@ async def _stream(
     def work() -> None:
         ticket.started = True
         try:
-            outcome = engine.run(job)
+            outcome = engine.run(job, ids)
             loop.call_soon_threadsafe(queue.put_nowait, ("done", outcome))
         except BaseException as e:
             loop.call_soon_threadsafe(queue.put_nowait, ("error", e))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..attribution import attribute, encode
+from ..families import input_device
 from ..result import Attribution
 
 
@@ -155,9 +156,10 @@ class Engine:
                 )
         return ids
 
-    def run(self, request: Request) -> Outcome:
-        """Generate (and explain) one request; waits for the model's turn."""
-        ids = self.prompt_ids(request)
+    def run(self, request: Request, ids: torch.Tensor | None = None) -> Outcome:
+        """Generate (and explain) one request; waits for the model's turn. ``ids``: its
+        :meth:`prompt_ids`, where the caller has them already."""
+        ids = self.prompt_ids(request) if ids is None else ids
         with self._turn:
             if request.cancelled.is_set():
                 raise Cancelled("the client went away")
@@ -176,7 +178,7 @@ class Engine:
             torch.manual_seed(int(kwargs.pop("seed")))
         if request.attribution is None:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            device = next(self.model.parameters()).device
+            device = input_device(self.model)
             with torch.no_grad():
                 out = self.model.generate(
                     ids.to(device),
@@ -229,8 +231,7 @@ class Engine:
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         stopped = bool(generated) and generated[-1] in eos_ids
-        finish = "stop" if stopped or request.response is not None else "length"
-        if len(generated) < request.max_new_tokens and request.response is None:
-            finish = "stop"
+        cut = request.response is None and not stopped and len(generated) >= request.max_new_tokens
+        finish = "length" if cut else "stop"
         text = self.tokenizer.decode(generated, skip_special_tokens=True)
         return Outcome(int(ids.shape[1]), generated, text, finish, result)
