@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -313,6 +316,34 @@ def _fused_rows(config: Any, name: str) -> tuple[Any, Any]:
     return (lambda o: ~value(o)), value
 
 
+def _half(t: torch.Tensor) -> torch.Tensor:
+    """``t`` unchanged, its gradient halved (the uniform rule's share of a product's side)."""
+    return t * 0.5 + (t * 0.5).detach()
+
+
+def _half_router(module: nn.Module, args: Any, out: Any) -> Any:
+    # the router's half of (routing weight x expert output): 4.x's nn.Linear gives the logits,
+    # 5.x's router module (logits, weights, experts); the softmax is differentiated as it is
+    if isinstance(out, tuple):
+        return (out[0], _half(out[1]), *out[2:])
+    return _half(out)
+
+
+def _credited_experts(self: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: Any) -> Any:
+    """transformers 5.x's fused experts, with the uniform rule on each expert's act(gate) x up
+    (the activation's hook gives the gate's side its identity rule and half) and on each
+    expert's output x its routing weight (the router's hook halves the weight's side)."""
+    out = torch.zeros_like(hidden)
+    for e in range(int(self.gate_up_proj.shape[0])):
+        positions, slot = torch.where(index == e)
+        if positions.numel() == 0:
+            continue
+        gate, up = F.linear(hidden[positions], self.gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(self.act_fn(gate) * _half(up), self.down_proj[e])
+        out = out.index_add(0, positions, _half(y) * weights[positions, slot, None])
+    return out
+
+
 @contextmanager
 def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """The AttnLRP paper's rules as forward hooks on the stock model (eager attention), in the
@@ -345,10 +376,27 @@ def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         elif name.endswith("gate_up_proj"):  # Phi-3: the gate's rows, then up's
             up = lambda o: torch.arange(o.shape[-1]) >= o.shape[-1] // 2  # noqa: E731
             handles.append(module.register_forward_hook(_scaled_gradient(0.5, up)))
-        elif name.endswith("up_proj"):
+        elif name.endswith(("up_proj", ".w3")):  # Mixtral 4.x's experts call up w3
             handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
+        elif name.endswith((".gate", "shared_expert_gate")):  # a router, a shared expert's gate
+            handles.append(module.register_forward_hook(_half_router))
+        elif name.endswith("shared_expert") or re.search(r"experts\.\d+$", name):  # an expert's output
+            handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
+        elif kind.endswith("Experts") and hasattr(module, "gate_up_proj"):  # 5.x's fused experts
+            module.forward = types.MethodType(_credited_experts, module)
+            handles.append(_Restore(module))
     with _head_outputs(model, handles) as head_out:
         yield head_out
+
+
+class _Restore:
+    """A handle that removes an instance's own ``forward`` (the class's is used again)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def remove(self) -> None:
+        del self.module.forward
 
 
 def gradient_x_input(

@@ -36,6 +36,8 @@ FAMILIES = {
     "qwen2": ("transformers.models.qwen2.modeling_qwen2", "lxt.efficient.models.qwen2"),
     "qwen3": ("transformers.models.qwen3.modeling_qwen3", "lxt.efficient.models.qwen3"),
     "gemma3_text": ("transformers.models.gemma3.modeling_gemma3", "lxt.efficient.models.gemma3"),
+    # transformers 5 only (LXT patches its fused Qwen3MoeExperts); LXT has no cp_LRP map for it
+    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "lxt.efficient.models.qwen3_moe"),
 }
 RULE_MAPS = {"attnlrp": "attnLRP", "cp": "cp_LRP"}
 
@@ -106,7 +108,9 @@ def main():
 
     lxt_efficient = _import_lxt()
     modeling = importlib.import_module(modeling_name)
-    patch_map = getattr(importlib.import_module(lxt_name), RULE_MAPS[args.rules])
+    patch_map = getattr(importlib.import_module(lxt_name), RULE_MAPS[args.rules], None)
+    if patch_map is None:
+        sys.exit(f"lxt_reference: LXT has no {RULE_MAPS[args.rules]} map for {config.model_type!r}")
     # Patches the family's classes and attention functions before the model is built.
     lxt_efficient.monkey_patch(modeling, patch_map=patch_map)
 
@@ -121,7 +125,7 @@ def main():
         {
             type(m).__name__
             for m in model.modules()
-            if type(m).__name__.endswith(("RMSNorm", "MLP")) and type(m) not in patch_map
+            if type(m).__name__.endswith(("RMSNorm", "MLP", "Experts")) and type(m) not in patch_map
         }
     )
     if unpatched or modeling.eager_attention_forward.__module__ != "lxt.efficient.patches":

@@ -84,6 +84,15 @@ def moe_route(block: Any, real: Tensor) -> tuple[Tensor, Tensor]:
     return weights, chosen
 
 
+def moe_router(block: Any) -> tuple[Tensor, bool]:
+    """The router's weight ``[experts, hidden]`` and whether the chosen experts' weights are
+    renormalised to sum to 1 (a softmax over the chosen logits; else a softmax over all)."""
+    gate = block.gate
+    normalised = getattr(block, "norm_topk_prob", None) if isinstance(gate, nn.Linear) else None
+    normalised = getattr(gate, "norm_topk_prob", True) if normalised is None else normalised
+    return gate.weight.detach(), bool(normalised)
+
+
 def moe_experts(block: Any, names: tuple[str, str, str]) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Each expert's ``(gate, up, down)`` weights; ``names``: the 4.x expert MLP's attributes."""
     experts = block.experts

@@ -174,6 +174,8 @@ class TargetPass(Pass):
         out = split_at(self._keep(module), x, lambda part, t0: rule.apply(maths, module, factors, part, t0))
         bias = rule.bias(maths, module, factors)
         out = out if bias is None else out + self.bias_leaf(bias.to(out))
+        missing = rule.unassigned(maths, module, factors)
+        out = out if missing is None else out + _leaf(missing.to(out), self.unassigned_leaves)
         if _compat.moe_returns_router_logits(module):
             return out, None
         return out

@@ -118,6 +118,32 @@ class MLP(_ScaledMLP):
 
 
 Expert = tuple[Tensor, Tensor, Tensor]  # one expert's gate, up and down weights
+
+
+@dataclass(frozen=True)
+class MoEUniform:
+    """:meth:`SparseMoE.uniform_factors`: ``gates`` per used expert; per position the routing
+    ``weights``, ``chosen`` experts and softmax ``reference`` ``[B, q, k]`` / ``[B, q, E]``;
+    half the chosen experts' real ``outputs`` ``[B, q, k, hidden]``; the shared expert's
+    ``(its halves, the sigmoid's slope, half its real output)``; the ``missing`` part."""
+
+    gates: dict[int, Uniform]
+    weights: Tensor
+    chosen: Tensor
+    reference: Tensor
+    outputs: Tensor
+    shared: tuple[Uniform, Tensor, Tensor] | None
+    missing: Tensor
+
+
+def _routing_step(logits: Tensor, weights: Tensor, chosen: Tensor, reference: Tensor) -> Tensor:
+    """The chosen experts' routing weights' Jacobian at the real logits times ``logits`` (a
+    linear map's output ``W x``): ``w_k (z_k - sum_j reference_j z_j)``, the reference the
+    chosen weights (a softmax over the chosen logits) or every expert's probability."""
+    mean = (logits * reference).sum(-1, keepdim=True)
+    return weights * (logits.gather(-1, chosen) - mean)
+
+
 SHARED = -1  # the key of a shared expert's factor (Qwen2-MoE), beside the routed experts'
 
 
@@ -179,6 +205,108 @@ class SparseMoE:
 
     def bias(self, module: nn.Module, gates: dict[int, Tensor]) -> Tensor | None:
         return None
+
+    # -- the uniform rule (AttnLRP): each product of two token-dependent factors half to each --
+    @torch.no_grad()
+    def uniform_factors(self, module: nn.Module, real: Tensor, dtype: torch.dtype) -> MoEUniform:
+        """From the real input: each used expert's :meth:`GatedMLP.uniform_factors` times half
+        its routing weight; the router's half (:meth:`uniform`'s second sum): the routing
+        weights, the chosen experts, what the softmax's Jacobian subtracts (``reference``) and
+        half each chosen expert's real output; the shared expert's likewise; and what the
+        linearised routing misses (:meth:`uniform_unassigned`)."""
+        batch, q, d = real.shape
+        flat = real.reshape(-1, d)
+        weights, chosen = _compat.moe_route(module, flat)
+        weights = weights.float()
+        router, normalised = _compat.moe_router(module)
+        logits = F.linear(flat.float(), router.float())
+        scattered = torch.zeros_like(logits).scatter(-1, chosen, weights)
+        reference = scattered if normalised else torch.softmax(logits, -1)
+        act = _compat.moe_activation(module)
+        gates: dict[int, Uniform] = {}
+        outputs = flat.new_zeros((*chosen.shape, d), dtype=torch.float32)
+        for e, (gate, up, down) in enumerate(self.experts(module)):
+            w = scattered[:, e : e + 1]
+            if not bool((w != 0).any()):
+                continue
+            z, u = F.linear(flat, gate.to(flat)), F.linear(flat, up.to(flat))
+            through_gate = 0.5 * identity_ratio(act, z) * u.float()
+            through_up = 0.5 * act(z).float()
+            half = 0.5 * w
+            gates[e] = tuple((f * half).view(batch, q, -1).to(dtype) for f in (through_gate, through_up))  # type: ignore[assignment]
+            output = F.linear((act(z) * u).float(), down.float())
+            outputs += (chosen == e).unsqueeze(-1) * output.unsqueeze(1)
+        halves = 0.5 * outputs
+        # the routing linearised at the real logits: J (W x), J the Jacobian of the weights
+        linear = _routing_step(logits, weights, chosen, reference)
+        missing = ((weights - linear).unsqueeze(-1) * halves).sum(1)
+        shared = None
+        if (found := self._shared(module)) is not None:
+            mlp, rule = found
+            g = Proj(str(self.shared_gate))
+            z = g.affine(module, real).float()
+            sig = torch.sigmoid(z)
+            through_gate, through_up = rule.uniform_factors(mlp, real, torch.float32)
+            output = F.linear(
+                (getattr(mlp, rule.act)(rule.gate.affine(mlp, real)) * rule.up.affine(mlp, real)).float(),
+                rule.down.weight(mlp).float(),
+            )
+            slope = sig * (1 - sig)  # the sigmoid's derivative at the real gate
+            missing = missing + (0.5 * (sig - slope * g.linear(module, real).float()) * output).reshape(-1, d)
+            shared = (
+                ((0.5 * sig * through_gate).to(dtype), (0.5 * sig * through_up).to(dtype)),
+                slope.to(dtype),
+                (0.5 * output).to(dtype),
+            )
+        view = (batch, q)
+        return MoEUniform(
+            gates=gates,
+            weights=weights.view(*view, -1).to(dtype),
+            chosen=chosen.view(*view, -1),
+            reference=reference.view(*view, -1).to(dtype),
+            outputs=halves.view(*view, *halves.shape[1:]).to(dtype),
+            shared=shared,
+            missing=missing.view(batch, q, d).to(dtype),
+        )
+
+    def uniform(self, module: nn.Module, factors: MoEUniform, x: Tensor, t0: int = 0) -> Tensor:
+        """``sum_e (w_e / 2) uniform_e(x) + sum_e (J_e W x) E_e / 2``: through each expert (its
+        gate x up by the uniform rule, the routing weight frozen) and through the router (the
+        weights differentiated at the real logits, each expert's real output ``E_e`` frozen);
+        the shared expert likewise with its sigmoid gate."""
+        experts = self.experts(module)
+        t1 = t0 + x.shape[-2]
+        total: Tensor | None = None
+        for e, (through_gate, through_up) in factors.gates.items():
+            gate, up, down = experts[e]
+            inner = scale(F.linear(x, gate.to(x)), through_gate, t0)
+            inner = inner + scale(F.linear(x, up.to(x)), through_up, t0)
+            part = F.linear(inner, down.to(x))
+            total = part if total is None else total + part
+        router, _ = _compat.moe_router(module)
+        step = _routing_step(
+            F.linear(x, router.to(x)),
+            factors.weights[:, t0:t1],
+            factors.chosen[:, t0:t1],
+            factors.reference[:, t0:t1],
+        )
+        routed = (step.unsqueeze(-1) * factors.outputs[:, t0:t1]).sum(-2)
+        total = routed if total is None else total + routed
+        if factors.shared is not None:
+            mlp, rule = self._shared(module)  # type: ignore[misc]
+            halves, slope, output = factors.shared
+            total = total + rule.uniform(mlp, halves, x, t0)
+            gate = Proj(str(self.shared_gate)).linear(module, x)
+            total = total + scale(gate, slope, t0) * output[:, t0:t1]
+        return total
+
+    def uniform_bias(self, module: nn.Module, factors: MoEUniform) -> Tensor | None:
+        return None
+
+    def uniform_unassigned(self, module: nn.Module, factors: MoEUniform) -> Tensor:
+        """What the routing's linearisation at the real logits gives no input: ``sum_e (w_e - J_e
+        W x) E_e / 2`` (and the shared gate's), a softmax's (a sigmoid's) non-conservation."""
+        return factors.missing
 
     def width(self, module: nn.Module) -> int:
         return 2 * int(self.experts(module)[0][1].shape[0])

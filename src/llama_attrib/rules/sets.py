@@ -11,7 +11,8 @@ the rule of each kind a family declares (LXT's shape: ``{kind of module: rule}``
 - a gated MLP ``act(gate(x)) * up(x)`` (:class:`~.mlp.GatedMLP`), a gate-less one
   (:class:`~.mlp.MLP`) and a sparse mixture of experts (:class:`~.mlp.SparseMoE`):
   :class:`FrozenGate` (everything through ``up``, the gate a frozen factor) or
-  :class:`UniformGate` (half through each factor).
+  :class:`UniformGate` (half through each factor; in a mixture of experts also each routing
+  weight x its expert's output, the router's softmax differentiated at the real logits).
 
 A kind the map has no rule for is refused when a model has it (:meth:`RuleSet.mlp`). Whatever
 a rule passes to no input is the ``unassigned`` share (:data:`..composition.SHARES`), so
@@ -96,6 +97,9 @@ class FrozenGate:
         out: Tensor | None = maths.bias(module, factors)
         return out
 
+    def unassigned(self, maths: Any, module: nn.Module, factors: Any) -> Tensor | None:
+        return None  # a frozen factor passes everything on
+
 
 class UniformGate:
     """A gated MLP's product ``act(gate(x)) * up(x)`` credited half to each factor
@@ -113,6 +117,12 @@ class UniformGate:
     def bias(self, maths: Any, module: nn.Module, factors: Any) -> Tensor | None:
         out: Tensor | None = maths.uniform_bias(module, factors)
         return out
+
+    def unassigned(self, maths: Any, module: nn.Module, factors: Any) -> Tensor | None:
+        """What the rule passes to no input: a router's softmax differentiated at the real
+        logits is not conservative (:meth:`~.mlp.SparseMoE.uniform_unassigned`)."""
+        missing = getattr(maths, "uniform_unassigned", None)
+        return None if missing is None else missing(module, factors)  # type: ignore[no-any-return]
 
 
 FROZEN_GATE = FrozenGate()
@@ -161,12 +171,13 @@ EXACT = RuleSet(
 )
 ATTNLRP = RuleSet(
     "attnlrp",
-    {ATTENTION: Credited(), GatedMLP: UNIFORM_GATE, MLP: FROZEN_GATE},
-    summary="AttnLRP (Achtibat et al., ICML 2024): values 1/2, queries and keys 1/4 each, gate x up 1/2 each",
+    {ATTENTION: Credited(), GatedMLP: UNIFORM_GATE, MLP: FROZEN_GATE, SparseMoE: UNIFORM_GATE},
+    summary="AttnLRP (Achtibat et al., ICML 2024): values 1/2, queries and keys 1/4 each, gate x up 1/2 "
+    "each, a routing weight x its expert's output 1/2 each",
 )
 PATH = RuleSet(
     "attnlrp-path",
-    {ATTENTION: Credited(path=4), GatedMLP: UNIFORM_GATE, MLP: FROZEN_GATE},
+    {ATTENTION: Credited(path=4), GatedMLP: UNIFORM_GATE, MLP: FROZEN_GATE, SparseMoE: UNIFORM_GATE},
     summary="AttnLRP's shares, the probabilities' half along the path from uniform attention: "
     "nearly conservative",
 )
