@@ -184,7 +184,7 @@ def tiny_tokenizer(kind: str = "bytelevel") -> Any:
 
 # modules whose output is a frozen factor's input or the factor itself: q/k, activations, routers
 DETACHED = ("q_proj", "k_proj", "act_fn", "activation_fn", "mlp.gate", "block_sparse_moe.gate")
-DETACHED += ("shared_expert_gate",)  # Qwen2-MoE's shared expert's sigmoid gate
+DETACHED += ("shared_expert_gate", "mlp.router")  # Qwen2-MoE's shared expert's gate, GPT-OSS's router
 
 
 def _detach_output(module: nn.Module, args: Any, out: Any) -> Any:
@@ -249,6 +249,46 @@ def _head_outputs(model: nn.Module, handles: list[Any]) -> Iterator[list[torch.T
             h.remove()
 
 
+def _gate_columns(gate_up: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS's fused gate/up output with its gate columns (the even ones) detached."""
+    gate = torch.zeros(gate_up.shape[-1], dtype=torch.bool, device=gate_up.device)
+    gate[::2] = True
+    return torch.where(gate, gate_up.detach(), gate_up)
+
+
+def _experts_4x(
+    self: nn.Module, hidden: torch.Tensor, router_indices: Any = None, routing_weights: Any = None
+) -> Any:
+    """GPT-OSS's 4.57 experts (its CPU loop, whose gate/up split is inline) with the gate
+    columns detached: the same arithmetic as the stock loop (checked equal by
+    test_families' GPT-OSS test), so that the gate's side is a constant of the backward."""
+    shape = hidden.shape
+    flat = hidden.reshape(-1, shape[-1])
+    out = torch.zeros_like(flat)
+    for e in torch.unique(router_indices).tolist():
+        rows = (router_indices == e).any(-1).nonzero()[:, 0]
+        gate_up = _gate_columns(flat[rows] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e])
+        gate = gate_up[..., ::2].clamp(min=None, max=self.limit)
+        up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
+        y = ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))) @ self.down_proj[e] + self.down_proj_bias[
+            e
+        ]
+        out = out.index_add(0, rows, y * routing_weights[rows, e, None])
+    return out.view(shape)
+
+
+def _gate_frozen(module: nn.Module) -> Any:
+    """GPT-OSS's experts with the gate's side detached (clamps and all; up stays live): 5.x's
+    own ``_apply_gate`` given gate columns without a graph, 4.x's loop by :func:`_experts_4x`.
+    Returns the handle that puts the module back."""
+    if hasattr(module, "_apply_gate"):
+        own = module._apply_gate
+        module._apply_gate = lambda gate_up: own(_gate_columns(gate_up))
+        return _Restore(module, "_apply_gate")
+    module.forward = types.MethodType(_experts_4x, module)
+    return _Restore(module)
+
+
 @contextmanager
 def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Forward hooks on the stock model that know no formula: RMSNorm outputs become
@@ -276,6 +316,8 @@ def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         elif name.endswith("qkv_proj"):  # Phi-3: queries, keys, then values of the kv heads
             kv = config.num_key_value_heads
             handles.append(module.register_forward_hook(_detach_queries_and_keys(kv, config.head_dim, False)))
+        elif kind == "GptOssExperts":
+            handles.append(_gate_frozen(module))
     with _head_outputs(model, handles) as head_out:
         yield head_out
 
@@ -390,13 +432,13 @@ def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 class _Restore:
-    """A handle that removes an instance's own ``forward`` (the class's is used again)."""
+    """A handle that removes an instance's own method (the class's is used again)."""
 
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
+    def __init__(self, module: nn.Module, name: str = "forward") -> None:
+        self.module, self.name = module, name
 
     def remove(self) -> None:
-        del self.module.forward
+        delattr(self.module, self.name)
 
 
 def gradient_x_input(

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import rules
+from .errors import UnsupportedOptionError
 
 ATTENTION_NAME = "llama_attrib"
 PROBE = "_llama_attrib_probe"  # per-instance attribute of a wrapped attention module
@@ -81,6 +82,11 @@ def attention_function(
     scaling, softcap = kwargs.get("scaling"), kwargs.get("softcap")
     probe.called = True
     if probe.credit is not None:
+        if kwargs.get("s_aux") is not None:
+            raise UnsupportedOptionError(
+                f"{type(module).__name__} has attention sinks, which the rules that credit queries "
+                "and keys do not handle yet: use rules='exact'"
+            )
         rule, unassigned, block = probe.credit
         # the forward's value is the model's own implementation's (on these queries, keys and
         # values): the pass then replays the layer as the model computed it
@@ -90,7 +96,8 @@ def attention_function(
             )[0]
         spec = rules.lrp.Spec(attention_mask, scaling, softcap, real, rule, block)
         return rules.lrp.attend(query, key, value, unassigned, spec), None
-    probe.scores = rules.FrozenProbabilities.of(module, query, key, attention_mask, scaling, softcap)
+    sinks = kwargs.get("s_aux")  # GPT-OSS: a learned logit per head in the softmax
+    probe.scores = rules.FrozenProbabilities.of(module, query, key, attention_mask, scaling, softcap, sinks)
     if probe.skip:
         batch, heads, q, _ = query.shape
         return value.new_zeros((batch, q, heads, value.shape[-1])), None

@@ -73,7 +73,7 @@ class Topology:
     cache: str | None = None
 
 
-MLPRule = rules.GatedMLP | rules.SparseMoE | rules.MLP
+MLPRule = rules.GatedMLP | rules.SparseMoE | rules.MLP | rules.ClampedExperts
 
 
 @dataclass(frozen=True)
@@ -362,6 +362,7 @@ def _load_builtin() -> None:
         gemma,
         gpt2,
         gpt_neox,
+        gpt_oss,
         granite,
         llama,
         mistral,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import _compat, quantized, rules
+from .. import quantized, rules
 from ..errors import UnsupportedOptionError
 from ..families import model_dtype
 from ..patching import Patch, replace_method, restore_all
@@ -176,7 +176,7 @@ class TargetPass(Pass):
         out = out if bias is None else out + self.bias_leaf(bias.to(out))
         missing = rule.unassigned(maths, module, factors)
         out = out if missing is None else out + _leaf(missing.to(out), self.unassigned_leaves)
-        if _compat.moe_returns_router_logits(module):
+        if getattr(maths, "returns_router_logits", None) and maths.returns_router_logits(module):
             return out, None
         return out
 

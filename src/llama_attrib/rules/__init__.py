@@ -7,8 +7,9 @@ See :mod:`.linear` for what the rules share. The sizes target mode works in (``s
 ``scores.KEEP_BYTES``, ``mlp.ROWS``, ``linear.CHUNK_ELEMENTS``) are read from their modules at run time.
 """
 
-from . import linear, lrp, mlp, scores, sets
+from . import experts, linear, lrp, mlp, scores, sets
 from .attention import Attention, ValueCache, attention, attention_graph
+from .experts import ClampedExperts
 from .kernels import frozen_mix
 from .linear import Layout, Proj, Rounding, embedding, positionwise, rounding, scale
 from .mlp import MLP, SHARED, Expert, GatedMLP, SparseMoE
@@ -24,6 +25,7 @@ __all__ = [
     "RULE_SETS",
     "SHARED",
     "Attention",
+    "ClampedExperts",
     "Expert",
     "FrozenProbabilities",
     "GatedMLP",
@@ -40,6 +42,7 @@ __all__ = [
     "attention_graph",
     "block_bytes",
     "embedding",
+    "experts",
     "frozen_mix",
     "linear",
     "lrp",

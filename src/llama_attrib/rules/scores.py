@@ -94,6 +94,9 @@ class FrozenProbabilities:
     block: int | None = None
     keep: int | None = None
     mixed: Tensor | None = None  # the stock attention's output [B, q, heads * hd], if it ran
+    # GPT-OSS's attention sinks: a learned logit per head in each row's softmax, whose
+    # probability mass goes to no value (so to no token)
+    sinks: Tensor | None = None
 
     @staticmethod
     def of(
@@ -103,10 +106,12 @@ class FrozenProbabilities:
         mask: Tensor | None,
         scaling: float | None,
         softcap: float | None,
+        sinks: Tensor | None = None,
     ) -> FrozenProbabilities:
         if scaling is None:
             scaling = float(query.shape[-1]) ** -0.5  # the attention functions' default
-        return FrozenProbabilities(query, key, mask, float(scaling), softcap)
+        sinks = None if sinks is None else sinks.detach()
+        return FrozenProbabilities(query, key, mask, float(scaling), softcap, sinks=sinks)
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -185,6 +190,10 @@ class FrozenProbabilities:
             else:
                 masked = scores.add_(mask[:, :, None])
         out = fresh("probabilities")
+        if self.sinks is not None:  # the sink's column joins the softmax, then is dropped
+            sink = self.sinks.to(device=device, dtype=torch.float32).view(1, kv, groups, 1, 1)
+            probs = torch.softmax(torch.cat([masked, sink.expand(batch, kv, groups, rows, 1)], -1), -1)
+            return scores, masked, ratio, probs[..., :-1] if out is None else out.copy_(probs[..., :-1])
         if out is None:
             return scores, masked, ratio, torch.softmax(masked, dim=-1)
         return scores, masked, ratio, torch.ops.aten._softmax.out(masked, -1, False, out=out)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from torch import Tensor, nn
 
 from ..errors import UnsupportedOptionError
+from .experts import ClampedExperts
 from .mlp import MLP, GatedMLP, SparseMoE
 
 ATTENTION = "attention"  # the role of attention in a rule set's map; MLPs are keyed by their maths' class
@@ -166,7 +167,13 @@ class RuleSet:
 
 EXACT = RuleSet(
     "exact",
-    {ATTENTION: FrozenProbabilities(), GatedMLP: FROZEN_GATE, MLP: FROZEN_GATE, SparseMoE: FROZEN_GATE},
+    {
+        ATTENTION: FrozenProbabilities(),
+        GatedMLP: FROZEN_GATE,
+        MLP: FROZEN_GATE,
+        SparseMoE: FROZEN_GATE,
+        ClampedExperts: FROZEN_GATE,
+    },
     summary="probabilities and gate frozen: everything flows through values and up (= LXT's CP-LRP)",
 )
 ATTNLRP = RuleSet(

@@ -1,0 +1,93 @@
+"""GPT-OSS beyond the families' common tests (tests/test_families.py runs its tiny config in
+both modes against the independent reference): the sinks' and the offsets' place in the
+account, the 4.57 reference's loop against the stock one, the rule sets that refuse it, and
+``load()`` / the CLI on a saved checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import llama_attrib
+from conftest import _experts_4x, gradient_x_input, prompt, tiny_tokenizer
+from llama_attrib.cli import main
+from llama_attrib.models import load
+from test_families import family_model
+
+
+def test_the_sinks_and_the_offsets_belong_to_no_token() -> None:
+    """The sinks' mass reaches no value, and the ``+ 1`` offset, the up biases and the clamps'
+    constants are the bias share: with the sinks at -inf (no mass) the components change, and
+    the bias share is far from zero; components + shares = the stock logit either way."""
+    model = family_model("gpt_oss")
+    ids = prompt(9)[0]
+    (with_sinks,) = llama_attrib.decompose_sequence(model, ids, 8)
+    token = int(ids[8])
+    with torch.no_grad():
+        logit = float(model(ids[None, :8]).logits[0, -1, token])
+    got = with_sinks[token]
+    assert abs(float(got.components.sum()) + sum(float(v) for v in got.shares.values()) - logit) < 1e-5 * abs(
+        logit
+    )
+    assert abs(float(got.shares["bias"])) > 1e-2
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(-torch.inf)
+    (without,) = llama_attrib.decompose_sequence(model, ids, 8)
+    components, _, _ = gradient_x_input(model, ids[None, :8], token)
+    assert torch.allclose(without[token].components, components, atol=1e-5 * float(components.abs().max()))
+    assert float((without[token].components - got.components).abs().max()) > 1e-2
+
+
+def test_the_4x_reference_loop_is_the_stock_one() -> None:
+    """conftest's 4.57 GPT-OSS experts (the stock CPU loop with the gate's side detached) give
+    the stock experts' output exactly."""
+    model = family_model("gpt_oss")
+    mlp = model.model.layers[1].mlp
+    if hasattr(mlp.experts, "_apply_gate"):
+        pytest.skip("transformers 5.x: the reference wraps the stock _apply_gate instead")
+    hidden = torch.randn(7, 32)
+    scores, chosen = mlp.router(hidden)
+    with torch.no_grad():
+        stock = mlp.experts(hidden, router_indices=chosen, routing_weights=scores)
+        ours = _experts_4x(mlp.experts, hidden, chosen, scores)
+    assert torch.equal(ours.view(stock.shape), stock)
+
+
+@pytest.mark.parametrize("ruleset", ["attnlrp", "attnlrp-path"])
+def test_the_rules_that_credit_queries_refuse_it_before_any_work(ruleset: str) -> None:
+    model = family_model("gpt_oss")
+    ids = prompt(9)
+    before = model(ids).logits
+    calls: list[int] = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(llama_attrib.UnsupportedOptionError, match="ClampedExperts\\) has no rule"):
+            llama_attrib.decompose_sequence(model, ids[0], 5, rules=ruleset)
+    finally:
+        handle.remove()
+    assert calls == [] and not llama_attrib.is_wrapped(model)
+    assert torch.equal(model(ids).logits, before)
+
+
+def test_load_and_the_cli_on_a_saved_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``load()`` with its defaults picks eager (GPT-OSS has no sdpa: its sinks), and the CLI
+    explains a generation from the folder."""
+    model = family_model("gpt_oss")
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded, _ = load(str(tmp_path))
+    assert loaded.config._attn_implementation == "eager"
+    ids = prompt(9)[0]
+    for c, d in zip(
+        llama_attrib.decompose_sequence(loaded, ids, 6),
+        llama_attrib.decompose_sequence(model, ids, 6),
+        strict=True,
+    ):
+        token = int(d.recovery.argmax())
+        assert torch.allclose(c[token].components, d[token].components, atol=1e-6, rtol=0)
+    args = ["the capital of france is", "--model", str(tmp_path), "--max-new-tokens", "2", "--no-progress"]
+    assert main(args) == 0
+    assert "step 1:" in capsys.readouterr().out
