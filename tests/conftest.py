@@ -289,6 +289,22 @@ def _gate_frozen(module: nn.Module) -> Any:
     return _Restore(module)
 
 
+def _latent_keys_detached(config: Any, name: str) -> Any:
+    """A latent attention's projection with its key columns detached, its value path live:
+    ``kv_a_proj_with_mqa``'s rotary-key columns (after the latent's), ``kv_b_proj``'s per-head
+    key columns (each head's ``qk_nope_head_dim`` before its values)."""
+
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        columns = torch.arange(out.shape[-1], device=out.device)
+        if name.endswith("kv_a_proj_with_mqa"):
+            key = columns >= config.kv_lora_rank
+        else:
+            key = columns % (config.qk_nope_head_dim + config.v_head_dim) < config.qk_nope_head_dim
+        return torch.where(key, out.detach(), out)
+
+    return hook
+
+
 @contextmanager
 def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Forward hooks on the stock model that know no formula: RMSNorm outputs become
@@ -318,6 +334,10 @@ def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handles.append(module.register_forward_hook(_detach_queries_and_keys(kv, config.head_dim, False)))
         elif kind == "GptOssExperts":
             handles.append(_gate_frozen(module))
+        elif name.endswith(("q_a_proj", "q_b_proj")):  # a latent attention's queries
+            handles.append(module.register_forward_hook(_detach_output))
+        elif name.endswith(("kv_a_proj_with_mqa", "kv_b_proj")):  # its keys' columns
+            handles.append(module.register_forward_hook(_latent_keys_detached(config, name)))
     with _head_outputs(model, handles) as head_out:
         yield head_out
 
@@ -386,6 +406,14 @@ def _credited_experts(self: nn.Module, hidden: torch.Tensor, index: torch.Tensor
     return out
 
 
+def _latent_columns(config: Any) -> tuple[Any, Any]:
+    """Masks of ``kv_b_proj``'s key columns and value columns (per head: keys, then values)."""
+    width, nope = config.qk_nope_head_dim + config.v_head_dim, config.qk_nope_head_dim
+    return (lambda o: torch.arange(o.shape[-1]) % width < nope), (
+        lambda o: torch.arange(o.shape[-1]) % width >= nope
+    )
+
+
 @contextmanager
 def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """The AttnLRP paper's rules as forward hooks on the stock model (eager attention), in the
@@ -409,8 +437,15 @@ def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             qk, v = _fused_rows(config, name)
             handles.append(module.register_forward_hook(_scaled_gradient(0.25, qk)))
             handles.append(module.register_forward_hook(_scaled_gradient(0.5, v)))
-        elif name.endswith(("q_proj", "k_proj")):
+        elif name.endswith(("q_proj", "k_proj", "q_b_proj")):
             handles.append(module.register_forward_hook(_scaled_gradient(0.25)))
+        elif name.endswith("kv_a_proj_with_mqa"):  # a latent attention's rotary key columns
+            rotary = lambda o: torch.arange(o.shape[-1]) >= config.kv_lora_rank  # noqa: E731
+            handles.append(module.register_forward_hook(_scaled_gradient(0.25, rotary)))
+        elif name.endswith("kv_b_proj"):  # per head its key columns, then its value columns
+            key, value = _latent_columns(config)
+            handles.append(module.register_forward_hook(_scaled_gradient(0.25, key)))
+            handles.append(module.register_forward_hook(_scaled_gradient(0.5, value)))
         elif name.endswith("v_proj"):
             handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
         elif name.endswith(("act_fn", "activation_fn")):

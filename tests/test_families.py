@@ -66,6 +66,26 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "eos_token_id": 95,  # 4.57's tiny model says 2 at its first step
         "max_position_embeddings": 131072,  # YaRN's factor 32 over 4096, as published
     },
+    # latent attention (low-rank queries too; values and keys of other widths), routing by
+    # sigmoid scores in groups, a shared expert, a dense first layer
+    "deepseek_v3": {
+        "num_key_value_heads": 4,
+        "q_lora_rank": 16,
+        "kv_lora_rank": 8,
+        "qk_rope_head_dim": 4,
+        "head_dim": 4,  # the rotary part's, as the config sets it
+        "qk_nope_head_dim": 4,
+        "v_head_dim": 6,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_group": 2,
+        "topk_group": 1,
+        "moe_intermediate_size": 16,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5,
+        "eos_token_id": 95,
+    },
     # every multiplier away from 1, and the attention's scaling away from head_dim ** -0.5
     "granite": {
         "embedding_multiplier": 3.0,
@@ -137,7 +157,9 @@ def test_family_matches_the_independent_reference(name: str, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["target", "forward"])
-@pytest.mark.parametrize("name", ["mistral", "qwen2", "qwen3_moe", "gemma2", "gpt_neox", "gpt2", "gpt_oss"])
+@pytest.mark.parametrize(
+    "name", ["mistral", "qwen2", "qwen3_moe", "gemma2", "gpt_neox", "gpt2", "gpt_oss", "deepseek_v3"]
+)
 def test_a_left_padded_batch_matches_the_reference(name: str, mode: str) -> None:
     """Each row of a left-padded batch against the independent reference with the same mask and
     positions: a sliding window over padding, a bias share at pad positions, pad rows through

@@ -88,7 +88,11 @@ def direct_logit_attribution(
     for i, layer in enumerate(layers):
         attention = getattr(layer, attention_name)
         out_proj = getattr(attention, out_name)
-        hd = int(getattr(attention, "head_dim", None) or attention.head_size)
+        hd = int(
+            getattr(attention, "v_head_dim", None)
+            or getattr(attention, "head_dim", None)
+            or attention.head_size
+        )
         # a Conv1D (GPT-2) stores its weight [in, out]
         w_o = out_proj.weight.detach().float()
         w_o = w_o.T if type(out_proj).__name__ == "Conv1D" else w_o

@@ -1,19 +1,15 @@
 """GPT-OSS beyond the families' common tests (tests/test_families.py runs its tiny config in
 both modes against the independent reference): the sinks' and the offsets' place in the
-account, the 4.57 reference's loop against the stock one, the rule sets that refuse it, and
-``load()`` / the CLI on a saved checkpoint."""
+account, the 4.57 reference's loop against the stock one, and the rule sets that refuse it
+(``load()`` and the CLI on a saved checkpoint: tests/test_loading.py)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 import llama_attrib
-from conftest import _experts_4x, gradient_x_input, prompt, tiny_tokenizer
-from llama_attrib.cli import main
-from llama_attrib.models import load
+from conftest import _experts_4x, gradient_x_input, prompt
 from test_families import family_model
 
 
@@ -70,24 +66,3 @@ def test_the_rules_that_credit_queries_refuse_it_before_any_work(ruleset: str) -
         handle.remove()
     assert calls == [] and not llama_attrib.is_wrapped(model)
     assert torch.equal(model(ids).logits, before)
-
-
-def test_load_and_the_cli_on_a_saved_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``load()`` with its defaults picks eager (GPT-OSS has no sdpa: its sinks), and the CLI
-    explains a generation from the folder."""
-    model = family_model("gpt_oss")
-    model.save_pretrained(tmp_path)
-    tiny_tokenizer().save_pretrained(tmp_path)
-    loaded, _ = load(str(tmp_path))
-    assert loaded.config._attn_implementation == "eager"
-    ids = prompt(9)[0]
-    for c, d in zip(
-        llama_attrib.decompose_sequence(loaded, ids, 6),
-        llama_attrib.decompose_sequence(model, ids, 6),
-        strict=True,
-    ):
-        token = int(d.recovery.argmax())
-        assert torch.allclose(c[token].components, d[token].components, atol=1e-6, rtol=0)
-    args = ["the capital of france is", "--model", str(tmp_path), "--max-new-tokens", "2", "--no-progress"]
-    assert main(args) == 0
-    assert "step 1:" in capsys.readouterr().out

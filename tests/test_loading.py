@@ -71,3 +71,34 @@ def test_the_flags_reach_from_pretrained(folders: dict[str, Path], monkeypatch: 
         models.device_memory("20GiB")
     with pytest.raises(ValueError, match="give device_map too"):
         models.load(str(folders["llama"]), max_memory={"cpu": "4GiB"})
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "deepseek_v3"])
+def test_load_and_the_cli_on_each_new_class(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``load()`` with its defaults loads a saved tiny checkpoint of each family added for the
+    checkpoints people download (GPT-OSS: eager, it has no sdpa), which decomposes as the model
+    it was saved from, and the CLI explains a generation from the folder."""
+    from llama_attrib.cli import main
+
+    model = family_model(name)
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    loaded, _ = models.load(str(tmp_path))
+    assert type(loaded) is type(model)
+    if name == "gpt_oss":
+        assert loaded.config._attn_implementation == "eager"
+    ids = prompt(9)[0]
+    pairs = zip(
+        llama_attrib.decompose_sequence(loaded, ids, 6),
+        llama_attrib.decompose_sequence(model, ids, 6),
+        strict=True,
+    )
+    for c, d in pairs:
+        token = int(d.recovery.argmax())
+        scale = float(d[token].components.abs().max())  # sdpa (loaded) against eager: ~1e-7
+        assert torch.allclose(c[token].components, d[token].components, atol=1e-5 * scale, rtol=0)
+    args = ["the capital of france is", "--model", str(tmp_path), "--max-new-tokens", "2", "--no-progress"]
+    assert main(args) == 0
+    assert "step 1:" in capsys.readouterr().out

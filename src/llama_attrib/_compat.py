@@ -80,17 +80,24 @@ def moe_route(block: Any, real: Tensor) -> tuple[Tensor, Tensor]:
         if getattr(block, "norm_topk_prob", True):  # Mixtral always renormalises
             weights = weights / weights.sum(-1, keepdim=True)
         return weights.to(real.dtype), chosen
-    _, weights, chosen = gate(real)
+    out = gate(real)
+    if len(out) == 2:  # DeepSeek-V3 in 4.x: (experts, weights)
+        chosen, weights = out
+        return weights, chosen
+    _, weights, chosen = out
     return weights, chosen
 
 
-def moe_router(block: Any) -> tuple[Tensor, bool]:
-    """The router's weight ``[experts, hidden]`` and whether the chosen experts' weights are
-    renormalised to sum to 1 (a softmax over the chosen logits; else a softmax over all)."""
+def moe_router(block: Any) -> tuple[Tensor, bool, float | None]:
+    """The router's weight ``[experts, hidden]``; whether the chosen experts' weights are
+    renormalised to sum to 1 (a softmax over the chosen logits, else a softmax over all; or,
+    for sigmoid scores, divided by their sum); and for sigmoid scores (DeepSeek-V3) the factor
+    the weights are scaled by (None: a softmax router)."""
     gate = block.gate
     normalised = getattr(block, "norm_topk_prob", None) if isinstance(gate, nn.Linear) else None
     normalised = getattr(gate, "norm_topk_prob", True) if normalised is None else normalised
-    return gate.weight.detach(), bool(normalised)
+    sigmoid = getattr(gate, "routed_scaling_factor", None)  # DeepSeek-V3's sigmoid scores
+    return gate.weight.detach(), bool(normalised), None if sigmoid is None else float(sigmoid)
 
 
 def moe_experts(block: Any, names: tuple[str, str, str]) -> list[tuple[Tensor, Tensor, Tensor]]:

@@ -167,7 +167,8 @@ class Family:
 
     def head_dim(self, attention: nn.Module) -> int:
         """The size of one attention head of an attention module."""
-        size = getattr(attention, "head_dim", None) or getattr(attention, "head_size", None)
+        size = getattr(attention, "v_head_dim", None) or getattr(attention, "head_dim", None)
+        size = size or getattr(attention, "head_size", None)  # v_head_dim: a latent attention's values
         if size is None:
             raise UnsupportedModelError([f"{type(attention).__name__} has no head_dim ({self.name} family)"])
         return int(size)
@@ -359,6 +360,7 @@ def _module_problems(model: nn.Module, family: Family) -> list[str]:
 
 def _load_builtin() -> None:
     from . import (  # noqa: F401
+        deepseek,
         gemma,
         gpt2,
         gpt_neox,

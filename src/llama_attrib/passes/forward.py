@@ -93,9 +93,9 @@ class ForwardPass(Pass):
         (out, weights), scores = stock_attention(module, original, args, kwargs, skip=False)
         record = None if self.flow is None else self.flow.recorder(module)
         head_dim = family.head_dim(module)
+        rule = family.attention.bound(module, real)
         comps_out, res = rules.attention(
-            family.attention, module, head_dim, scores.rows(), comps, residual, cache, self.offset,
-            self.layout, record,
+            rule, module, head_dim, scores.rows(), comps, residual, cache, self.offset, self.layout, record,
         )  # fmt: skip
         return DecomposedTensor.wrap(out, comps_out, res), weights
 

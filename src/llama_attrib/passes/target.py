@@ -105,7 +105,13 @@ class TargetPass(Pass):
             scores = replace(scores, block=block, keep=kept)
         head_dim = family.head_dim(module)
         graph = rules.attention_graph(
-            family.attention, module, head_dim, scores, x, self.bias_leaf, self._keep(module)
+            family.attention.bound(module, x.detach().to(real)),
+            module,
+            head_dim,
+            scores,
+            x,
+            self.bias_leaf,
+            self._keep(module),
         )
         return graph, None
 

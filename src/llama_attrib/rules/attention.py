@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .. import _compat
 from ..errors import DecompositionError
 from .kernels import frozen_mix
+from .latent import BoundLatentValue, LatentValue
 from .linear import Layout, Proj, causal_chunks, first_nonzero, positionwise
 from .scores import FrozenProbabilities, mix
 
@@ -22,10 +23,18 @@ from .scores import FrozenProbabilities, mix
 @dataclass(frozen=True)
 class Attention:
     """``out(probs @ value(x))``: probabilities frozen (from the stock attention function,
-    after the family's rope, q/k norms, scaling, mask, sliding window and soft-cap)."""
+    after the family's rope, q/k norms, scaling, mask, sliding window and soft-cap). ``value``:
+    a projection, or a latent attention's map (:class:`.latent.LatentValue`), which a call
+    binds to its real input (:meth:`bound`)."""
 
-    value: Proj
+    value: Proj | LatentValue | BoundLatentValue
     out: Proj
+
+    def bound(self, module: nn.Module, real: Tensor) -> Attention:
+        """The rule for one call on ``real``: a value map with frozen factors gets them."""
+        if isinstance(self.value, LatentValue):
+            return replace(self, value=self.value.bind(module, real))
+        return self
 
 
 class ValueCache:
@@ -83,6 +92,12 @@ class ValueCache:
         self._values = new_values
 
 
+def _value_map(rule: Attention) -> Proj | BoundLatentValue:
+    if isinstance(rule.value, LatentValue):
+        raise DecompositionError("a latent attention's value map is used unbound: call Attention.bound first")
+    return rule.value
+
+
 def _value_heads(values: Tensor, hd: int) -> Tensor:
     """``[..., B, q, kv*hd]`` -> ``[..., B, kv, q, hd]``."""
     return values.view(*values.shape[:-1], -1, hd).transpose(-2, -3)
@@ -111,14 +126,13 @@ def attention(
     kv, groups = probs.shape[1], probs.shape[2]
     heads = kv * groups * hd
     probs = probs.to(comps.dtype)
-    values = positionwise(lambda part, _: rule.value.linear(module, part), comps, offset, kv * hd, layout)
+    value = _value_map(rule)
+    values = positionwise(lambda part, t0: value.linear(module, part, t0), comps, offset, kv * hd, layout)
     values = _value_heads(values, hd)  # [C, B, kv, q, hd]
-    b_v = rule.value.bias(module)
+    b_v = value.bias(module)
     res_values = None
     if residual is not None or b_v is not None:
-        res = (
-            comps.new_zeros((batch, q, kv * hd)) if residual is None else rule.value.linear(module, residual)
-        )
+        res = comps.new_zeros((batch, q, kv * hd)) if residual is None else value.linear(module, residual)
         res_values = _value_heads(res if b_v is None else res + b_v.to(res), hd)
     if cache is not None:
         values, res_values = cache.append(values, res_values)
@@ -170,8 +184,9 @@ def attention_graph(
     Outputs at query positions before ``keep_from`` are computed without a graph (in the
     last layer they reach no explained logit): the backward then skips them.
     """
-    values = rule.value.linear(module, x)
-    b_v = rule.value.bias(module)
+    value = _value_map(rule)
+    values = value.linear(module, x)
+    b_v = value.bias(module)
     if b_v is not None:
         values = values + bias(b_v.to(x).expand_as(values))
     values = _value_heads(values, hd)

@@ -190,8 +190,9 @@ class Proj:
         b = b.detach()
         return b if self.rows is None else b[self.rows(owner)]
 
-    def linear(self, owner: nn.Module, x: Tensor) -> Tensor:
-        """The bias-free map, in ``x``'s precision and on its device. A quantized layer's is
+    def linear(self, owner: nn.Module, x: Tensor, t0: int = 0) -> Tensor:
+        """The bias-free map, in ``x``'s precision and on its device (``t0``, the position ``x``
+        starts at, matters to maps with frozen factors only). A quantized layer's is
         its dequantized weight's; in target mode, what its kernel rounds is added as a leaf of
         the pass (:func:`rounding`, measured on ``x``, which holds the real input there)."""
         y = F.linear(x, self.weight(owner).to(device=x.device, dtype=x.dtype))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,25 +124,45 @@ Expert = tuple[Tensor, Tensor, Tensor]  # one expert's gate, up and down weights
 @dataclass(frozen=True)
 class MoEUniform:
     """:meth:`SparseMoE.uniform_factors`: ``gates`` per used expert; per position the routing
-    ``weights``, ``chosen`` experts and softmax ``reference`` ``[B, q, k]`` / ``[B, q, E]``;
+    ``weights``, ``chosen`` experts, ``slopes`` and ``reference`` ``[B, q, k]`` / ``[B, q, E]``
+    (:func:`_routing_step`);
     half the chosen experts' real ``outputs`` ``[B, q, k, hidden]``; the shared expert's
     ``(its halves, the sigmoid's slope, half its real output)``; the ``missing`` part."""
 
     gates: dict[int, Uniform]
     weights: Tensor
     chosen: Tensor
+    slopes: Tensor
     reference: Tensor
     outputs: Tensor
-    shared: tuple[Uniform, Tensor, Tensor] | None
+    shared: tuple[Uniform, Tensor | None, Tensor | None] | None
     missing: Tensor
 
 
-def _routing_step(logits: Tensor, weights: Tensor, chosen: Tensor, reference: Tensor) -> Tensor:
+def _routing_step(
+    logits: Tensor, weights: Tensor, chosen: Tensor, slopes: Tensor, reference: Tensor
+) -> Tensor:
     """The chosen experts' routing weights' Jacobian at the real logits times ``logits`` (a
-    linear map's output ``W x``): ``w_k (z_k - sum_j reference_j z_j)``, the reference the
-    chosen weights (a softmax over the chosen logits) or every expert's probability."""
+    linear map's output ``W x``): ``w_k (a_k z_k - sum_j r_j z_j)``. A softmax: ``a = 1`` and
+    ``r`` the chosen weights (a softmax over the chosen logits) or every expert's probability;
+    sigmoid scores ``s`` (DeepSeek-V3): ``a = 1 - s`` and, renormalised, ``r_j = (1 - s_j) s_j /
+    sum(s)`` over the chosen (else 0)."""
     mean = (logits * reference).sum(-1, keepdim=True)
-    return weights * (logits.gather(-1, chosen) - mean)
+    return weights * (slopes * logits.gather(-1, chosen) - mean)
+
+
+def _routing(
+    logits: Tensor, weights: Tensor, chosen: Tensor, router: tuple[Any, ...]
+) -> tuple[Tensor, Tensor]:
+    """:func:`_routing_step`'s ``(slopes [N, k], reference [N, E])`` at the real ``logits``."""
+    _, normalised, sigmoid = router
+    if sigmoid is None:
+        scattered = torch.zeros_like(logits).scatter(-1, chosen, weights)
+        return torch.ones_like(weights), scattered if normalised else torch.softmax(logits, -1)
+    slopes = 1 - torch.sigmoid(logits).gather(-1, chosen)
+    if not normalised:
+        return slopes, torch.zeros_like(logits)
+    return slopes, torch.zeros_like(logits).scatter(-1, chosen, slopes * weights / sigmoid)
 
 
 SHARED = -1  # the key of a shared expert's factor (Qwen2-MoE), beside the routed experts'
@@ -150,20 +171,23 @@ SHARED = -1  # the key of a shared expert's factor (Qwen2-MoE), beside the route
 @dataclass(frozen=True)
 class SparseMoE:
     """``sum_e w_e * down_e(act(gate_e(x)) * up_e(x))`` over the experts the router chose,
-    plus, where the block has one, a shared expert ``sigmoid(g(x)) * down(act(gate(x)) * up(x))``.
+    plus, where the block has one, a shared expert ``sigmoid(g(x)) * down(act(gate(x)) * up(x))``
+    (Qwen2-MoE) or one without a gate (DeepSeek-V3).
 
     The routing weights ``w_e`` (zero for an expert not chosen at a position), the shared
     expert's sigmoid gate and each expert's ``act(gate(x))`` are frozen factors. The block is
     read through :mod:`llama_attrib._compat` (its layout differs between transformers versions);
     ``expert_names``: a 4.x expert MLP's gate, up and down attributes; ``shared`` /
     ``shared_gate``: the shared expert MLP's and its gate's attributes, if any, and
-    ``shared_rule`` the shared expert's own rule.
+    ``shared_rule`` the shared expert's own rule; ``router_logits``: whether the 4.x block
+    returns ``(hidden states, router logits)`` (Mixtral's and Qwen's; DeepSeek-V3's does not).
     """
 
     expert_names: tuple[str, str, str]
     shared: str | None = None
     shared_gate: str | None = None
     shared_rule: GatedMLP | None = None
+    router_logits: bool = True
 
     def experts(self, module: nn.Module) -> list[Expert]:
         return _compat.moe_experts(module, self.expert_names)
@@ -186,8 +210,10 @@ class SparseMoE:
                 out[e] = (act(F.linear(real, gate.to(real))) * w.to(real)).to(dtype)
         if (shared := self._shared(module)) is not None:
             mlp, rule = shared
-            gate = torch.sigmoid(Proj(str(self.shared_gate)).affine(module, real))
-            out[SHARED] = (rule.factors(mlp, real, dtype) * gate.to(dtype)).to(dtype)
+            out[SHARED] = rule.factors(mlp, real, dtype)
+            if self.shared_gate is not None:
+                gate = torch.sigmoid(Proj(self.shared_gate).affine(module, real))
+                out[SHARED] = (out[SHARED] * gate.to(dtype)).to(dtype)
         return out
 
     def apply(self, module: nn.Module, gates: dict[int, Tensor], x: Tensor, t0: int = 0) -> Tensor:
@@ -218,10 +244,10 @@ class SparseMoE:
         flat = real.reshape(-1, d)
         weights, chosen = _compat.moe_route(module, flat)
         weights = weights.float()
-        router, normalised = _compat.moe_router(module)
-        logits = F.linear(flat.float(), router.float())
+        router = _compat.moe_router(module)
+        logits = F.linear(flat.float(), router[0].float())
         scattered = torch.zeros_like(logits).scatter(-1, chosen, weights)
-        reference = scattered if normalised else torch.softmax(logits, -1)
+        slopes, reference = _routing(logits, weights, chosen, router)
         act = _compat.moe_activation(module)
         gates: dict[int, Uniform] = {}
         outputs = flat.new_zeros((*chosen.shape, d), dtype=torch.float32)
@@ -238,10 +264,12 @@ class SparseMoE:
             outputs += (chosen == e).unsqueeze(-1) * output.unsqueeze(1)
         halves = 0.5 * outputs
         # the routing linearised at the real logits: J (W x), J the Jacobian of the weights
-        linear = _routing_step(logits, weights, chosen, reference)
+        linear = _routing_step(logits, weights, chosen, slopes, reference)
         missing = ((weights - linear).unsqueeze(-1) * halves).sum(1)
-        shared = None
-        if (found := self._shared(module)) is not None:
+        shared: tuple[Uniform, Tensor | None, Tensor | None] | None = None
+        if (found := self._shared(module)) is not None and self.shared_gate is None:
+            shared = (found[1].uniform_factors(found[0], real, dtype), None, None)  # added as it is
+        elif found is not None:
             mlp, rule = found
             g = Proj(str(self.shared_gate))
             z = g.affine(module, real).float()
@@ -263,6 +291,7 @@ class SparseMoE:
             gates=gates,
             weights=weights.view(*view, -1).to(dtype),
             chosen=chosen.view(*view, -1),
+            slopes=slopes.view(*view, -1).to(dtype),
             reference=reference.view(*view, -1).to(dtype),
             outputs=halves.view(*view, *halves.shape[1:]).to(dtype),
             shared=shared,
@@ -283,11 +312,12 @@ class SparseMoE:
             inner = inner + scale(F.linear(x, up.to(x)), through_up, t0)
             part = F.linear(inner, down.to(x))
             total = part if total is None else total + part
-        router, _ = _compat.moe_router(module)
+        router = _compat.moe_router(module)[0]
         step = _routing_step(
             F.linear(x, router.to(x)),
             factors.weights[:, t0:t1],
             factors.chosen[:, t0:t1],
+            factors.slopes[:, t0:t1],
             factors.reference[:, t0:t1],
         )
         routed = (step.unsqueeze(-1) * factors.outputs[:, t0:t1]).sum(-2)
@@ -296,8 +326,9 @@ class SparseMoE:
             mlp, rule = self._shared(module)  # type: ignore[misc]
             halves, slope, output = factors.shared
             total = total + rule.uniform(mlp, halves, x, t0)
-            gate = Proj(str(self.shared_gate)).linear(module, x)
-            total = total + scale(gate, slope, t0) * output[:, t0:t1]
+            if slope is not None and output is not None:
+                gate = Proj(str(self.shared_gate)).linear(module, x)
+                total = total + scale(gate, slope, t0) * output[:, t0:t1]
         return total
 
     def uniform_bias(self, module: nn.Module, factors: MoEUniform) -> Tensor | None:
@@ -312,4 +343,4 @@ class SparseMoE:
         return 2 * int(self.experts(module)[0][1].shape[0])
 
     def returns_router_logits(self, module: nn.Module) -> bool:
-        return _compat.moe_returns_router_logits(module)
+        return self.router_logits and _compat.moe_returns_router_logits(module)
