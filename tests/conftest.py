@@ -256,37 +256,74 @@ def _gate_columns(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.where(gate, gate_up.detach(), gate_up)
 
 
+def _stock_gate_4x(self: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """GPT-OSS 4.57's inline gate arithmetic (5.x's ``_apply_gate``), as its CPU loop has it."""
+    gate = gate_up[..., ::2].clamp(min=None, max=self.limit)
+    up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
 def _experts_4x(
     self: nn.Module, hidden: torch.Tensor, router_indices: Any = None, routing_weights: Any = None
 ) -> Any:
-    """GPT-OSS's 4.57 experts (its CPU loop, whose gate/up split is inline) with the gate
-    columns detached: the same arithmetic as the stock loop (checked equal by
-    test_families' GPT-OSS test), so that the gate's side is a constant of the backward."""
+    """GPT-OSS's 4.57 experts: its CPU loop, the gate arithmetic through the instance's
+    ``_apply_gate`` (which a reference hook sets; the stock one by default). Checked equal to
+    the stock loop by tests/test_gpt_oss.py."""
     shape = hidden.shape
     flat = hidden.reshape(-1, shape[-1])
     out = torch.zeros_like(flat)
+    apply_gate = getattr(self, "_apply_gate", None) or (lambda gate_up: _stock_gate_4x(self, gate_up))
     for e in torch.unique(router_indices).tolist():
         rows = (router_indices == e).any(-1).nonzero()[:, 0]
-        gate_up = _gate_columns(flat[rows] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e])
-        gate = gate_up[..., ::2].clamp(min=None, max=self.limit)
-        up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
-        y = ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))) @ self.down_proj[e] + self.down_proj_bias[
-            e
-        ]
+        gate_up = flat[rows] @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
+        y = apply_gate(gate_up) @ self.down_proj[e] + self.down_proj_bias[e]
         out = out.index_add(0, rows, y * routing_weights[rows, e, None])
     return out.view(shape)
 
 
-def _gate_frozen(module: nn.Module) -> Any:
-    """GPT-OSS's experts with the gate's side detached (clamps and all; up stays live): 5.x's
-    own ``_apply_gate`` given gate columns without a graph, 4.x's loop by :func:`_experts_4x`.
-    Returns the handle that puts the module back."""
-    if hasattr(module, "_apply_gate"):
+def _credited_gate(own: Any) -> Any:
+    """GPT-OSS's ``(clamp(u) + 1) * glu(min(g, L))`` by the uniform rule, from the stock gate
+    arithmetic ``own``: half the gradient through ``u`` (the gate's columns detached), half
+    through the gate by the identity rule on its whole chain (``glu = g * (glu / g)``, the
+    ratio and ``clamp(u) + 1`` detached); the result's gradient halved again (the expert's
+    half of its output x its routing weight)."""
+
+    def apply_gate(gate_up: torch.Tensor) -> torch.Tensor:
+        columns = torch.arange(gate_up.shape[-1], device=gate_up.device)
+        through_up = own(_gate_columns(gate_up))
+        glu = own(torch.where(columns % 2 == 1, torch.zeros_like(gate_up), gate_up)).detach()  # up = 0
+        g = gate_up[..., ::2]
+        safe = torch.where(g == 0, torch.full_like(g, 1e-20), g).detach()
+        other = (through_up / torch.where(glu == 0, torch.ones_like(glu), glu)).detach()  # clamp(u) + 1
+        through_gate = other * g * (glu / safe)
+        return _half(0.5 * through_up + 0.5 * through_gate)
+
+    return apply_gate
+
+
+def _gpt_oss_experts(module: nn.Module, credited: bool) -> Any:
+    """GPT-OSS's experts with the gate's side detached (clamps and all; up stays live), or by
+    the uniform rule (:func:`_credited_gate`): 5.x's own ``_apply_gate`` wrapped, 4.x's loop
+    by :func:`_experts_4x`. Returns the handle that puts the module back."""
+    handles = []
+    if not hasattr(module, "_apply_gate"):  # 4.57: the loop, with the arithmetic as it has it
+        module.forward = types.MethodType(_experts_4x, module)
+        handles.append(_Restore(module))
+        own = lambda gate_up: _stock_gate_4x(module, gate_up)  # noqa: E731
+    else:
         own = module._apply_gate
-        module._apply_gate = lambda gate_up: own(_gate_columns(gate_up))
-        return _Restore(module, "_apply_gate")
-    module.forward = types.MethodType(_experts_4x, module)
-    return _Restore(module)
+    module._apply_gate = _credited_gate(own) if credited else (lambda gate_up: own(_gate_columns(gate_up)))
+    handles.append(_Restore(module, "_apply_gate"))
+    return _Handles(handles)
+
+
+class _Handles:
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in reversed(self.handles):
+            h.remove()
 
 
 def _latent_keys_detached(config: Any, name: str) -> Any:
@@ -333,7 +370,7 @@ def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             kv = config.num_key_value_heads
             handles.append(module.register_forward_hook(_detach_queries_and_keys(kv, config.head_dim, False)))
         elif kind == "GptOssExperts":
-            handles.append(_gate_frozen(module))
+            handles.append(_gpt_oss_experts(module, credited=False))
         elif name.endswith(("q_a_proj", "q_b_proj")):  # a latent attention's queries
             handles.append(module.register_forward_hook(_detach_output))
         elif name.endswith(("kv_a_proj_with_mqa", "kv_b_proj")):  # its keys' columns
@@ -385,9 +422,12 @@ def _half(t: torch.Tensor) -> torch.Tensor:
 
 def _half_router(module: nn.Module, args: Any, out: Any) -> Any:
     # the router's half of (routing weight x expert output): 4.x's nn.Linear gives the logits,
-    # 5.x's router module (logits, weights, experts); the softmax is differentiated as it is
-    if isinstance(out, tuple):
+    # 5.x's router module (logits, weights, experts), 4.x's GPT-OSS (weights, experts) and
+    # DeepSeek-V3 (experts, weights); the softmax is differentiated as it is
+    if isinstance(out, tuple) and len(out) == 3:
         return (out[0], _half(out[1]), *out[2:])
+    if isinstance(out, tuple):
+        return tuple(_half(o) if o.is_floating_point() else o for o in out)
     return _half(out)
 
 
@@ -455,10 +495,12 @@ def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handles.append(module.register_forward_hook(_scaled_gradient(0.5, up)))
         elif name.endswith(("up_proj", ".w3")):  # Mixtral 4.x's experts call up w3
             handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
-        elif name.endswith((".gate", "shared_expert_gate")):  # a router, a shared expert's gate
+        elif name.endswith((".gate", ".router", "shared_expert_gate")):  # a router, a shared expert's gate
             handles.append(module.register_forward_hook(_half_router))
         elif name.endswith("shared_expert") or re.search(r"experts\.\d+$", name):  # an expert's output
             handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
+        elif kind == "GptOssExperts":
+            handles.append(_gpt_oss_experts(module, credited=True))
         elif kind.endswith("Experts") and hasattr(module, "gate_up_proj"):  # 5.x's fused experts
             module.forward = types.MethodType(_credited_experts, module)
             handles.append(_Restore(module))

@@ -10,7 +10,7 @@ import torch
 
 import llama_attrib
 from conftest import _experts_4x, gradient_x_input, prompt
-from test_families import family_model
+from test_families import GEN, family_model
 
 
 def test_the_sinks_and_the_offsets_belong_to_no_token() -> None:
@@ -38,8 +38,8 @@ def test_the_sinks_and_the_offsets_belong_to_no_token() -> None:
 
 
 def test_the_4x_reference_loop_is_the_stock_one() -> None:
-    """conftest's 4.57 GPT-OSS experts (the stock CPU loop with the gate's side detached) give
-    the stock experts' output exactly."""
+    """conftest's 4.57 GPT-OSS experts (the stock CPU loop, its gate arithmetic as written in
+    conftest) give the stock experts' output exactly."""
     model = family_model("gpt_oss")
     mlp = model.model.layers[1].mlp
     if hasattr(mlp.experts, "_apply_gate"):
@@ -52,16 +52,37 @@ def test_the_4x_reference_loop_is_the_stock_one() -> None:
     assert torch.equal(ours.view(stock.shape), stock)
 
 
-@pytest.mark.parametrize("ruleset", ["attnlrp", "attnlrp-path"])
-def test_the_rules_that_credit_queries_refuse_it_before_any_work(ruleset: str) -> None:
+def test_attnlrp_keeps_an_exact_account_and_generates_the_same_tokens() -> None:
+    """Under attnlrp (the sinks inside the softmax the rule differentiates, the clamped experts'
+    gate x up and each routing weight x its expert's output half to each side; components
+    against the rules as hooks: tests/test_rule_sets.py): generate's tokens are plain
+    generation's, and components + bias + unassigned = the stock logit."""
+    model = family_model("gpt_oss")
+    ids = prompt(9)
+    plain = model.generate(ids, **GEN, output_logits=True)
+    with llama_attrib.decompose(model, rules="attnlrp"):
+        out = model.generate(ids, decompose=True, **GEN)
+    assert torch.equal(out.sequences, plain.sequences)
+    for k, c in enumerate(out["attentions"]):
+        token = int(out.sequences[0, 9 + k])
+        got = c[token]
+        logit = float(plain.logits[k][0, token])
+        parts = float(got.components.sum()) + sum(float(v) for v in got.shares.values())
+        assert abs(parts - logit) <= 1e-5 * float(plain.logits[k][0].abs().max())
+        assert abs(float(got.shares["unassigned"])) > 1e-4 and abs(float(got.shares["bias"])) > 1e-3
+
+
+def test_the_path_rule_set_refuses_the_sinks_before_any_work() -> None:
     model = family_model("gpt_oss")
     ids = prompt(9)
     before = model(ids).logits
     calls: list[int] = []
     handle = model.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
     try:
-        with pytest.raises(llama_attrib.UnsupportedOptionError, match="ClampedExperts\\) has no rule"):
-            llama_attrib.decompose_sequence(model, ids[0], 5, rules=ruleset)
+        with pytest.raises(llama_attrib.UnsupportedOptionError, match=r"attention sinks.*rules='attnlrp'"):
+            llama_attrib.decompose_sequence(model, ids[0], 5, rules="attnlrp-path")
+        with pytest.raises(llama_attrib.UnsupportedOptionError, match="attention sinks"):
+            llama_attrib.wrap(model, rules="attnlrp-path")
     finally:
         handle.remove()
     assert calls == [] and not llama_attrib.is_wrapped(model)

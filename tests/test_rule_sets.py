@@ -125,8 +125,6 @@ def test_attnlrp_matches_hooks_on_the_stock_model(name: str) -> None:
     model = family_model(name)
     if name == "qwen2_moe" and not _compat.uses_attention_interface(model.model.layers[0].self_attn):
         pytest.skip("Qwen2-MoE's 4.x attention is computed inline: refused (tests/test_families.py)")
-    if name == "gpt_oss":
-        pytest.skip("GPT-OSS's sinks and clamped experts have the exact rules only (tests/test_gpt_oss.py)")
     if name == "gemma2":
         # the hooks differentiate a soft-cap as it is, the rule set by the identity rule: compare
         # without it here (the exact account with it is tested below)

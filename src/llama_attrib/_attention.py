@@ -82,19 +82,21 @@ def attention_function(
     scaling, softcap = kwargs.get("scaling"), kwargs.get("softcap")
     probe.called = True
     if probe.credit is not None:
-        if kwargs.get("s_aux") is not None:
-            raise UnsupportedOptionError(
-                f"{type(module).__name__} has attention sinks, which the rules that credit queries "
-                "and keys do not handle yet: use rules='exact'"
-            )
         rule, unassigned, block = probe.credit
+        sinks = kwargs.get("s_aux")
+        if sinks is not None and rule.path:
+            raise UnsupportedOptionError(
+                f"{type(module).__name__} has attention sinks, whose constant logit the path from "
+                "uniform attention does not pass: use rules='attnlrp' (or 'exact')"
+            )
         # the forward's value is the model's own implementation's (on these queries, keys and
         # values): the pass then replays the layer as the model computed it
         with torch.no_grad():
             real = _implementation(module, probe.original)(
                 module, query.detach(), key.detach(), value.detach(), attention_mask, **kwargs
             )[0]
-        spec = rules.lrp.Spec(attention_mask, scaling, softcap, real, rule, block)
+        sinks = None if sinks is None else sinks.detach()
+        spec = rules.lrp.Spec(attention_mask, scaling, softcap, real, rule, block, sinks)
         return rules.lrp.attend(query, key, value, unassigned, spec), None
     sinks = kwargs.get("s_aux")  # GPT-OSS: a learned logit per head in the softmax
     probe.scores = rules.FrozenProbabilities.of(module, query, key, attention_mask, scaling, softcap, sinks)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import _compat, _offload, quantized, rules
 from .._offload import offloading_hook
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, UnsupportedOptionError
 from .placement import (
     check_length,
     component_dtype,
@@ -248,10 +248,18 @@ def roles(model: nn.Module, family: Family) -> Iterator[tuple[str, nn.Module]]:
 
 def refuse_missing_rules(model: nn.Module, family: Family, rule_set: rules.RuleSet) -> None:
     """Refuse, before any work, a model with a kind of module ``rule_set`` has no rule for
-    (:meth:`rules.RuleSet.mlp` says which)."""
+    (:meth:`rules.RuleSet.mlp` says which), and attention sinks under a path from uniform
+    attention (whose constant logit the path does not pass)."""
+    path = getattr(rule_set.attention, "path", 0)
     for role, module in roles(model, family):
         if role == MLP:
             rule_set.mlp(family.mlp_rule(module), module)
+        if role == ATTENTION and path and isinstance(getattr(module, "sinks", None), Tensor):
+            raise UnsupportedOptionError(
+                f"rules={rule_set.name!r}: {type(module).__name__} has attention sinks, whose "
+                "constant logit the path from uniform attention does not pass: use rules='attnlrp' "
+                "(or 'exact')"
+            )
 
 
 def check(model: nn.Module) -> Family:

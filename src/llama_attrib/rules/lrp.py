@@ -44,6 +44,7 @@ class Spec:
     output: Tensor  # the model's implementation's output [B, q, heads, hd]: the forward's value
     rule: Credited
     block: int | None = None
+    sinks: Tensor | None = None  # GPT-OSS's attention sinks (a logit per head), detached
 
 
 class _Attend(torch.autograd.Function):
@@ -53,7 +54,13 @@ class _Attend(torch.autograd.Function):
     ) -> Tensor:  # type: ignore[override]
         scaling = spec.scaling if spec.scaling is not None else float(query.shape[-1]) ** -0.5
         scores = FrozenProbabilities(
-            query.detach(), key.detach(), spec.mask, float(scaling), spec.softcap, block=spec.block
+            query.detach(),
+            key.detach(),
+            spec.mask,
+            float(scaling),
+            spec.softcap,
+            block=spec.block,
+            sinks=spec.sinks,
         )
         ctx.scores, ctx.value, ctx.spec = scores, value.detach(), spec
         ctx.dtypes = (query.dtype, key.dtype, value.dtype, unassigned.dtype)
@@ -110,7 +117,10 @@ def _pull(
     # and dq from keys so shifted; shifted by their mean, the products add up terms of smaller
     # size (float32 rounding), and sum(P * dP) takes the shift's part back
     v_mean = v.mean(-2, keepdim=True)  # [B * kv, 1, hd]
-    v, k_centred = v - v_mean, key - key.mean(-2, keepdim=True)
+    sinks = scores.sinks is not None  # a row of P sums to less than 1 (GPT-OSS): no shift cancels
+    if sinks:
+        v_mean = torch.zeros_like(v_mean)
+    v, k_centred = v - v_mean, key if sinks else key - key.mean(-2, keepdim=True)
     credited = rules.query or rules.key
     dq = g.new_zeros((n, batch, kv, groups, q, d)) if rules.query else None  # the output's layout
     dk = g.new_zeros((bk * n, s, d))  # times rules.key * scaling at the end
@@ -177,7 +187,7 @@ def _pull(
         del kept
         # sum(dz * z), each row's scores shifted by their largest (dz sums to 0 over a row, so
         # the sum is the same, without adding up large terms of opposite signs)
-        shifted = z.sub_(z.amax(-1, keepdim=True)).reshape(bk, groups * r * k, 1)  # z is not needed after
+        shifted = (z if sinks else z.sub_(z.amax(-1, keepdim=True))).reshape(bk, groups * r * k, 1)
         flat = dz.view(bk, n, groups * r * k)
         du -= (rules.query + rules.key) * (flat @ shifted).view(batch, kv, n).double()
         if ratio is not None:

@@ -125,7 +125,7 @@ Expert = tuple[Tensor, Tensor, Tensor]  # one expert's gate, up and down weights
 class MoEUniform:
     """:meth:`SparseMoE.uniform_factors`: ``gates`` per used expert; per position the routing
     ``weights``, ``chosen`` experts, ``slopes`` and ``reference`` ``[B, q, k]`` / ``[B, q, E]``
-    (:func:`_routing_step`);
+    (:func:`routing_step`);
     half the chosen experts' real ``outputs`` ``[B, q, k, hidden]``; the shared expert's
     ``(its halves, the sigmoid's slope, half its real output)``; the ``missing`` part."""
 
@@ -137,9 +137,24 @@ class MoEUniform:
     outputs: Tensor
     shared: tuple[Uniform, Tensor | None, Tensor | None] | None
     missing: Tensor
+    bias: Tensor | None = None  # the bias share, where the experts have biases (GPT-OSS)
 
 
-def _routing_step(
+def through_router(router: Tensor, factors: MoEUniform, x: Tensor, t0: int = 0) -> Tensor:
+    """The router's half: ``sum_k (J_k W x) E_k / 2`` (``router``: its weight ``W``, the
+    chosen experts' halved real outputs ``E_k`` in ``factors``)."""
+    t1 = t0 + x.shape[-2]
+    step = routing_step(
+        F.linear(x, router.to(x)),
+        factors.weights[:, t0:t1],
+        factors.chosen[:, t0:t1],
+        factors.slopes[:, t0:t1],
+        factors.reference[:, t0:t1],
+    )
+    return (step.unsqueeze(-1) * factors.outputs[:, t0:t1]).sum(-2)
+
+
+def routing_step(
     logits: Tensor, weights: Tensor, chosen: Tensor, slopes: Tensor, reference: Tensor
 ) -> Tensor:
     """The chosen experts' routing weights' Jacobian at the real logits times ``logits`` (a
@@ -151,10 +166,10 @@ def _routing_step(
     return weights * (slopes * logits.gather(-1, chosen) - mean)
 
 
-def _routing(
+def routing(
     logits: Tensor, weights: Tensor, chosen: Tensor, router: tuple[Any, ...]
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_routing_step`'s ``(slopes [N, k], reference [N, E])`` at the real ``logits``."""
+    """:func:`routing_step`'s ``(slopes [N, k], reference [N, E])`` at the real ``logits``."""
     _, normalised, sigmoid = router
     if sigmoid is None:
         scattered = torch.zeros_like(logits).scatter(-1, chosen, weights)
@@ -247,7 +262,7 @@ class SparseMoE:
         router = _compat.moe_router(module)
         logits = F.linear(flat.float(), router[0].float())
         scattered = torch.zeros_like(logits).scatter(-1, chosen, weights)
-        slopes, reference = _routing(logits, weights, chosen, router)
+        slopes, reference = routing(logits, weights, chosen, router)
         act = _compat.moe_activation(module)
         gates: dict[int, Uniform] = {}
         outputs = flat.new_zeros((*chosen.shape, d), dtype=torch.float32)
@@ -264,7 +279,7 @@ class SparseMoE:
             outputs += (chosen == e).unsqueeze(-1) * output.unsqueeze(1)
         halves = 0.5 * outputs
         # the routing linearised at the real logits: J (W x), J the Jacobian of the weights
-        linear = _routing_step(logits, weights, chosen, slopes, reference)
+        linear = routing_step(logits, weights, chosen, slopes, reference)
         missing = ((weights - linear).unsqueeze(-1) * halves).sum(1)
         shared: tuple[Uniform, Tensor | None, Tensor | None] | None = None
         if (found := self._shared(module)) is not None and self.shared_gate is None:
@@ -312,15 +327,7 @@ class SparseMoE:
             inner = inner + scale(F.linear(x, up.to(x)), through_up, t0)
             part = F.linear(inner, down.to(x))
             total = part if total is None else total + part
-        router = _compat.moe_router(module)[0]
-        step = _routing_step(
-            F.linear(x, router.to(x)),
-            factors.weights[:, t0:t1],
-            factors.chosen[:, t0:t1],
-            factors.slopes[:, t0:t1],
-            factors.reference[:, t0:t1],
-        )
-        routed = (step.unsqueeze(-1) * factors.outputs[:, t0:t1]).sum(-2)
+        routed = through_router(_compat.moe_router(module)[0], factors, x, t0)
         total = routed if total is None else total + routed
         if factors.shared is not None:
             mlp, rule = self._shared(module)  # type: ignore[misc]

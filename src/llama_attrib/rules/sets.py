@@ -178,7 +178,13 @@ EXACT = RuleSet(
 )
 ATTNLRP = RuleSet(
     "attnlrp",
-    {ATTENTION: Credited(), GatedMLP: UNIFORM_GATE, MLP: FROZEN_GATE, SparseMoE: UNIFORM_GATE},
+    {
+        ATTENTION: Credited(),
+        GatedMLP: UNIFORM_GATE,
+        MLP: FROZEN_GATE,
+        SparseMoE: UNIFORM_GATE,
+        ClampedExperts: UNIFORM_GATE,
+    },
     summary="AttnLRP (Achtibat et al., ICML 2024): values 1/2, queries and keys 1/4 each, gate x up 1/2 "
     "each, a routing weight x its expert's output 1/2 each",
 )
