@@ -185,6 +185,7 @@ def tiny_tokenizer(kind: str = "bytelevel") -> Any:
 # modules whose output is a frozen factor's input or the factor itself: q/k, activations, routers
 DETACHED = ("q_proj", "k_proj", "act_fn", "activation_fn", "mlp.gate", "block_sparse_moe.gate")
 DETACHED += ("shared_expert_gate", "mlp.router")  # Qwen2-MoE's shared expert's gate, GPT-OSS's router
+DETACHED += ("block_sparse_moe.router", "shared_mlp.activation")  # Granite 4.0's hybrids
 
 
 def _detach_output(module: nn.Module, args: Any, out: Any) -> Any:
@@ -342,6 +343,48 @@ def _latent_keys_detached(config: Any, name: str) -> Any:
     return hook
 
 
+def _frozen_gated_norm(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    # a gated norm norm(y * silu(z)): its whole factor out / y frozen (z reaches nothing else)
+    y = args[0]
+    safe = torch.where(y == 0, torch.full_like(y, 1e-20), y).detach()
+    return y.to(out.dtype) * (out / safe).detach()
+
+
+class _Frozen_Mamba:
+    """The Mamba-2 layers' selection frozen (a handle): the modeling module's convolution
+    function with the activation on the ``x`` channels by the identity rule (its ratio
+    detached) and ``B``, ``C`` detached; its chunked scan given ``dt`` detached; put back by
+    :meth:`remove`."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        import importlib
+
+        from transformers.activations import ACT2FN
+
+        self.module = importlib.import_module(type(layer).__module__)
+        self.own = (self.module.causal_conv1d_fn, self.module.mamba2_chunk_scan)
+        x_channels = int(layer.intermediate_size)
+        act = ACT2FN[layer.activation]
+        conv_own, scan_own = self.own
+
+        def conv(
+            hidden: torch.Tensor, weight: Any, bias: Any = None, activation: Any = None, **kw: Any
+        ) -> Any:
+            u = conv_own(hidden, weight, bias, activation=None, **kw)  # [B, channels, T]
+            y = act(u)
+            x = u[:, :x_channels]
+            safe = torch.where(x == 0, torch.full_like(x, 1e-20), x).detach()
+            return torch.cat([x * (y[:, :x_channels] / safe).detach(), y[:, x_channels:].detach()], 1)
+
+        def scan(hidden: torch.Tensor, dt: torch.Tensor, *args: Any, **kw: Any) -> Any:
+            return scan_own(hidden, dt.detach(), *args, **kw)
+
+        self.module.causal_conv1d_fn, self.module.mamba2_chunk_scan = conv, scan
+
+    def remove(self) -> None:
+        self.module.causal_conv1d_fn, self.module.mamba2_chunk_scan = self.own
+
+
 @contextmanager
 def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Forward hooks on the stock model that know no formula: RMSNorm outputs become
@@ -371,6 +414,10 @@ def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handles.append(module.register_forward_hook(_detach_queries_and_keys(kv, config.head_dim, False)))
         elif kind == "GptOssExperts":
             handles.append(_gpt_oss_experts(module, credited=False))
+        elif kind.endswith("RMSNormGated"):
+            handles.append(module.register_forward_hook(_frozen_gated_norm))
+        elif kind.endswith("MambaLayer") and not any(isinstance(h, _Frozen_Mamba) for h in handles):
+            handles.append(_Frozen_Mamba(module))
         elif name.endswith(("q_a_proj", "q_b_proj")):  # a latent attention's queries
             handles.append(module.register_forward_hook(_detach_output))
         elif name.endswith(("kv_a_proj_with_mqa", "kv_b_proj")):  # its keys' columns

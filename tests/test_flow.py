@@ -11,8 +11,7 @@ from torch import nn
 
 import llama_attrib
 from conftest import frozen_factors, prompt, tiny_model, tiny_tokenizer
-from llama_attrib import _compat
-from test_families import FAMILIES, family_model
+from test_families import FAMILIES, family_model, refused_here
 
 POST_NORMS = {"gemma2", "gemma3_text", "olmo2"}  # norms on the block outputs, before the add
 
@@ -117,8 +116,16 @@ def direct_logit_attribution(
 @pytest.mark.parametrize("name", ["llama", *FAMILIES])
 def test_flow_matches_direct_logit_attribution(name: str) -> None:
     model = tiny_model(2) if name == "llama" else family_model(name)
-    if name == "qwen2_moe" and not _compat.uses_attention_interface(model.model.layers[0].self_attn):
-        pytest.skip("Qwen2-MoE is refused on transformers 4.x (test_families checks the refusal)")
+    if refused_here(name):
+        pytest.skip(f"{refused_here(name)}: refused (tests/test_families.py)")
+    if name == "granitemoehybrid":  # its Mamba-2 layers are neither heads nor MLPs
+        calls: list[int] = []
+        handle = model.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
+        with pytest.raises(llama_attrib.UnsupportedOptionError, match="state-space layers"):
+            llama_attrib.flow(model, prompt(9))
+        handle.remove()
+        assert calls == []
+        return
     ids = prompt(9)
     result = llama_attrib.flow(model, ids)
     token = int(result.target)

@@ -71,9 +71,15 @@ def drop_cache(out: Any) -> None:
 # and returns the hidden states alone.
 
 
+def moe_gate(block: Any) -> Any:
+    """A block's router: ``gate`` (most families), or ``router`` (Granite 4.0's hybrids)."""
+    gate = getattr(block, "gate", None)
+    return block.router if gate is None else gate
+
+
 def moe_route(block: Any, real: Tensor) -> tuple[Tensor, Tensor]:
     """The stock router's choice for ``real [N, hidden]``: ``(weights [N, k], experts [N, k])``."""
-    gate = block.gate
+    gate = moe_gate(block)
     if isinstance(gate, nn.Linear):
         probs = torch.softmax(gate(real).float(), dim=-1)
         weights, chosen = torch.topk(probs, int(block.top_k), dim=-1)
@@ -93,7 +99,7 @@ def moe_router(block: Any) -> tuple[Tensor, bool, float | None]:
     renormalised to sum to 1 (a softmax over the chosen logits, else a softmax over all; or,
     for sigmoid scores, divided by their sum); and for sigmoid scores (DeepSeek-V3) the factor
     the weights are scaled by (None: a softmax router)."""
-    gate = block.gate
+    gate = moe_gate(block)
     normalised = getattr(block, "norm_topk_prob", None) if isinstance(gate, nn.Linear) else None
     normalised = getattr(gate, "norm_topk_prob", True) if normalised is None else normalised
     sigmoid = getattr(gate, "routed_scaling_factor", None)  # DeepSeek-V3's sigmoid scores

@@ -73,6 +73,11 @@ def flow(
     families.check_length(model, position + 1)
     with attached(model) as session:
         family = session.family
+        if family.mixer is not None:
+            raise UnsupportedOptionError(
+                f"flow() splits a logit over attention heads and MLPs; the state-space layers of "
+                f"{type(model).__name__} are neither: use llama_attrib.decompose_sequence for this model"
+            )
         dtype = session.dtype
         records, logits = _run(model, session, ids, mask, position, dtype, max_memory)
     return _assemble(model, family, records, logits, target, position, list(labels or []))

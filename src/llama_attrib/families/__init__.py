@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 NORM, ATTENTION, MLP, EMBEDDING, LM_HEAD = "norm", "attention", "mlp", "embedding", "lm_head"
+MIXER = "mixer"  # a state-space layer in attention's place (Mamba-2: rules.mamba)
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 STANDARD_LAYER = {
     "input_layernorm": NORM,
@@ -111,6 +112,10 @@ class Family:
     inner: tuple[str, ...] = ()
     checks: Callable[[nn.Module], list[str]] | None = None
     notes: str = ""
+    # decoder-layer attributes a layer may hold as None (a hybrid's attention or Mamba layer,
+    # a dense layer's experts): those layers go without that role
+    optional: tuple[str, ...] = ()
+    mixer: Any = None  # the rule of a MIXER role (rules.mamba.Mamba2)
 
     # -- the topology: every module the engines touch, found here and nowhere else --------
     def _find(self, owner: nn.Module, attr: str) -> Any:
@@ -152,6 +157,8 @@ class Family:
     def layer_modules(self, layer: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
         """``(attribute, role, module)`` of a decoder layer, in :attr:`layer_roles`' order."""
         for attr, role in self.layer_roles.items():
+            if attr in self.optional and getattr(layer, attr, None) is None:
+                continue
             yield attr, role, self._find(layer, attr)
 
     def block(self, layer: nn.Module, role: str) -> nn.Module:
@@ -254,6 +261,8 @@ def refuse_missing_rules(model: nn.Module, family: Family, rule_set: rules.RuleS
     for role, module in roles(model, family):
         if role == MLP:
             rule_set.mlp(family.mlp_rule(module), module)
+        if role == MIXER:
+            rule_set.mlp(family.mixer, module)
         if role == ATTENTION and path and isinstance(getattr(module, "sinks", None), Tensor):
             raise UnsupportedOptionError(
                 f"rules={rule_set.name!r}: {type(module).__name__} has attention sinks, whose "
@@ -313,7 +322,7 @@ def _module_problems(model: nn.Module, family: Family) -> list[str]:
             inline = True
             continue
         inner = [("", module)] if role == LM_HEAD else []
-        if role in (ATTENTION, MLP):
+        if role in (ATTENTION, MLP, MIXER):
             inner = [(f".{n}", c) for n, c in module.named_children()]
         for suffix, sub in inner:
             has_weights = any(True for _ in sub.parameters())
@@ -374,6 +383,7 @@ def _load_builtin() -> None:
         gpt_neox,
         gpt_oss,
         granite,
+        granite_hybrid,
         llama,
         mistral,
         mixtral,

@@ -65,6 +65,9 @@ class Pass:
     def attention(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         return original(*args, **kwargs)
 
+    def mixer(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
+        return original(*args, **kwargs)
+
     def mlp(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         return original(*args, **kwargs)
 

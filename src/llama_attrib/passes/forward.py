@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _compat, rules
+from ..errors import UnsupportedOptionError
 from ..stream import DecomposedTensor, split
 from .base import Args, Kwargs, Pass, hidden_states, replace_hidden, stock_attention
 
@@ -98,6 +99,31 @@ class ForwardPass(Pass):
             rule, module, head_dim, scores.rows(), comps, residual, cache, self.offset, self.layout, record,
         )  # fmt: skip
         return DecomposedTensor.wrap(out, comps_out, res), weights
+
+    def mixer(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
+        """A state-space layer over the whole sequence in one call (:mod:`..rules.mamba`)."""
+        if self.offset:
+            raise UnsupportedOptionError(
+                f"{type(module).__name__}: forward mode decomposes a state-space layer over a whole "
+                "sequence in one call, not step by step from a cache: use decompose=True (target "
+                "mode) to generate, or llama_attrib.decompose_sequence(..., mode='forward')"
+            )
+        if self.flow is not None:
+            raise UnsupportedOptionError(
+                f"flow() splits attention heads and MLPs; {type(module).__name__} is neither: use "
+                "llama_attrib.decompose_sequence for this model"
+            )
+        rule = self.session.family.mixer
+        real, comps, residual = split(hidden_states(args, kwargs))
+        args, kwargs = replace_hidden(args, kwargs, real)
+        stock = original(*args, **kwargs)
+        frozen = rule.factors(module, real, kwargs.get("attention_mask"), comps.dtype)
+        comps_out = rule.apply(module, frozen, comps)
+        res = None if residual is None else rule.apply(module, frozen, residual)
+        bias = rule.bias(module, frozen, comps)
+        if bias is not None:
+            res = bias if res is None else res + bias
+        return DecomposedTensor.wrap(stock, comps_out, res)
 
     def mlp(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         rule: Any = self.session.family.mlp_rule(module)  # GatedMLP, MLP or SparseMoE: one interface

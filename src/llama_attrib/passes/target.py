@@ -171,6 +171,18 @@ class TargetPass(Pass):
             )
         return None
 
+    def mixer(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
+        """A state-space layer (:mod:`llama_attrib.rules.mamba`): its selection frozen from the
+        real input, a linear map of the pass's tensor; its biases as a leaf."""
+        rule = self.session.family.mixer
+        self.rule_set.mlp(rule, module)  # a rule set without one refuses (before any work: families)
+        x = hidden_states(args, kwargs)
+        real = model_dtype(module, self.session.model_dtype)
+        frozen = rule.factors(module, x.detach().to(real), kwargs.get("attention_mask"), x.dtype)
+        out: Tensor = rule.apply(module, frozen, x)
+        bias = rule.bias(module, frozen, x)
+        return out if bias is None else out + self.bias_leaf(bias.to(out))
+
     def mlp(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
         maths: Any = self.session.family.mlp_rule(module)
         rule = self.rule_set.mlp(maths, module)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedOptionError
 from .experts import ClampedExperts
+from .mamba import Mamba2
 from .mlp import MLP, GatedMLP, SparseMoE
 
 ATTENTION = "attention"  # the role of attention in a rule set's map; MLPs are keyed by their maths' class
@@ -173,6 +174,7 @@ EXACT = RuleSet(
         MLP: FROZEN_GATE,
         SparseMoE: FROZEN_GATE,
         ClampedExperts: FROZEN_GATE,
+        Mamba2: FROZEN_GATE,  # its selection (dt, B, C), activation ratio and gate frozen
     },
     summary="probabilities and gate frozen: everything flows through values and up (= LXT's CP-LRP)",
 )

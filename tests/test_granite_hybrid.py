@@ -1,0 +1,89 @@
+"""Granite 4.0's hybrid (Mamba-2 layers beside attention) beyond the families' common tests
+(tests/test_families.py: both modes against the independent reference, a left-padded batch):
+a dense config, the rule sets without a rule for a Mamba layer, and a stock model whose
+cached steps differ from its full forward (refused, never explained wrongly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llama_attrib
+from conftest import gradient_x_input, prompt
+from llama_attrib import _compat
+from test_families import GEN, family_model
+
+pytestmark = pytest.mark.skipif(
+    _compat.TRANSFORMERS_VERSION.major < 5, reason="refused on transformers 4.x (tests/test_families.py)"
+)
+
+
+def _model(**config: object) -> torch.nn.Module:
+    model = family_model("granitemoehybrid")
+    if not config:
+        return model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from test_families import BASE, FAMILIES
+
+    built = AutoConfig.for_model("granitemoehybrid", **{**BASE, **FAMILIES["granitemoehybrid"], **config})
+    built._attn_implementation = "eager"
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(built)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("mode", ["target", "forward"])
+def test_a_dense_hybrid_with_mamba_layers_only_matches_the_reference(mode: str) -> None:
+    """No experts (``block_sparse_moe`` is None: the shared MLP alone) and two Mamba-2 layers."""
+    model = _model(num_local_experts=0, layer_types=["mamba", "mamba"])
+    assert model.model.layers[0].block_sparse_moe is None and model.model.layers[1].self_attn is None
+    ids = prompt(9)
+    for k, c in enumerate(llama_attrib.decompose_sequence(model, ids[0], 5, mode=mode)):
+        token = int(ids[0, 5 + k])
+        components, bias, logit = gradient_x_input(model, ids[:, : 5 + k], token)
+        scale = float(components.abs().max())
+        assert torch.allclose(c[token].components, components, atol=1e-5 * scale, rtol=0), (mode, k)
+        assert abs(float(c[token].residual) - bias) <= 1e-5 * max(scale, abs(logit))
+        assert abs(float(c[token].components.sum() + c[token].residual) - logit) <= 1e-5 * max(
+            scale, abs(logit)
+        )
+
+
+@pytest.mark.parametrize("ruleset", ["attnlrp", "attnlrp-path"])
+def test_the_rule_sets_without_a_mamba_rule_refuse_before_any_work(ruleset: str) -> None:
+    model = family_model("granitemoehybrid")
+    ids = prompt(9)
+    calls: list[int] = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(llama_attrib.UnsupportedOptionError, match="GraniteMoeHybridMambaLayer"):
+            llama_attrib.decompose_sequence(model, ids[0], 5, rules=ruleset)
+        with pytest.raises(llama_attrib.UnsupportedOptionError, match="GraniteMoeHybridMambaLayer"):
+            llama_attrib.wrap(model, rules=ruleset)
+    finally:
+        handle.remove()
+    assert calls == [] and not llama_attrib.is_wrapped(model)
+
+
+def test_a_model_whose_cached_steps_differ_is_refused_not_explained_wrongly() -> None:
+    """With a ``time_step_limit`` the model reaches, transformers 5's recurrent step (generate's
+    cached steps) ignores the limit its chunked scan applies: generate's logits then differ
+    from a full forward's. Target mode's replay check finds it and says what to do; the
+    teacher-forced decomposition of the same sequence still matches the reference."""
+    model = _model(time_step_limit=(0.0, 1.5))
+    ids = prompt(9)
+    plain = model.generate(ids, **GEN, output_logits=True)
+    with torch.no_grad():
+        full = model(plain.sequences[:, :10]).logits[0, -1]
+    assert float((plain.logits[1][0] - full).abs().max()) > 1e-2  # the stock model's own difference
+    with pytest.raises(llama_attrib.DecompositionError, match="with a cache than without"):
+        llama_attrib.wrap(model).generate(ids, decompose=True, **GEN)
+    llama_attrib.unwrap(model)
+    (c,) = llama_attrib.decompose_sequence(model, plain.sequences[0, :11], 10)  # token 10 from 0..9
+    token = int(plain.sequences[0, 10])
+    components, _, _ = gradient_x_input(model, plain.sequences[:, :10], token)
+    assert torch.allclose(c[token].components, components, atol=1e-5 * float(components.abs().max()), rtol=0)
