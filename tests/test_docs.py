@@ -164,6 +164,8 @@ def test_supported_md_lists_every_registered_model_class() -> None:
     text = (ROOT / "docs" / "supported.md").read_text()
     missing = [name for name in families.FAMILIES if f"`{name}`" not in text]
     assert not missing, f"docs/supported.md does not list {missing}"
+    rows = {line.split("|")[1].strip(" `") for line in text.splitlines() if line.startswith("| `")}
+    assert rows == set(families.FAMILIES), "the per-family table has one row per registered model class"
 
 
 NAME = re.compile(r"\bllama_attrib(?:\.[A-Za-z_]\w*)+")

@@ -1,8 +1,9 @@
 """Trained weights in other families' layouts: SmolLM2-135M-Instruct's weights moved into Mistral,
-Qwen2 (zero q/k/v biases) and Granite (unit multipliers), layouts with identical
-maths. No small checkpoint of those families ships in a package here, so this is how each
-family's code path meets trained weight statistics, not only random ones: the stock logits
-must equal SmolLM2's, and the decomposition must be exact against the independent reference."""
+Qwen2 (zero q/k/v biases), Granite (unit multipliers) and the language model of Mistral Small 3
+as published (Mistral3ForConditionalGeneration), layouts with identical maths. No small
+checkpoint of those families ships in a package here, so this is how each family's code path
+meets trained weight statistics, not only random ones: the stock logits must equal SmolLM2's,
+and the decomposition must be exact against the independent reference, in both modes."""
 
 from __future__ import annotations
 
@@ -44,10 +45,36 @@ SAME_MATHS: dict[str, dict[str, Any]] = {
 }
 
 
+def published_mistral3(llama: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """``llama``'s weights as the language model of Mistral Small 3 as published
+    (``Mistral3ForConditionalGeneration``: a tiny random vision tower beside it, unused)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    vision = {"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}
+    vision |= {"num_attention_heads": 2, "head_dim": 8, "image_size": 28, "patch_size": 14}
+    config = Mistral3Config(
+        text_config={"model_type": "mistral", **options, "sliding_window": None}, vision_config=vision
+    )
+    config._attn_implementation = "sdpa"
+    model = Mistral3ForConditionalGeneration(config)
+    state = {
+        f"model.language_model.{k.removeprefix('model.')}": v
+        for k, v in llama.state_dict().items()
+        if k.startswith("model.")
+    }
+    state["lm_head.weight"] = llama.get_output_embeddings().weight.detach()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected, unexpected
+    assert all(".vision_tower." in n or ".multi_modal_projector." in n for n in missing), missing
+    return model.eval()
+
+
 def moved(llama: nn.Module, family: str) -> nn.Module:
     """``llama``'s weights in ``family``'s layout (extra parameters zero, e.g. Qwen2's biases)."""
     source = llama.config.to_dict()
     options = {k: source[k] for k in SHARED if source.get(k) is not None}
+    if family == "mistral3":
+        return published_mistral3(llama, options)
     options.update(SAME_MATHS[family])
     if family == "granite":
         options["attention_multiplier"] = float(llama.config.head_dim) ** -0.5
@@ -66,7 +93,7 @@ def moved(llama: nn.Module, family: str) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("family", list(SAME_MATHS))
+@pytest.mark.parametrize("family", [*SAME_MATHS, "mistral3"])
 def test_smollm2_in_another_layout_is_decomposed_exactly(smollm2: tuple[Any, Any], family: str) -> None:
     llama, tokenizer = smollm2
     model = moved(llama, family)

@@ -146,7 +146,7 @@ def test_attnlrp_matches_hooks_on_the_stock_model(name: str) -> None:
 
 
 @pytest.mark.parametrize("ruleset", sorted(rules.RULE_SETS))
-@pytest.mark.parametrize("name", ["gemma2", "mistral", "phi3", "gpt2", "mixtral"])
+@pytest.mark.parametrize("name", ["gemma2", "mistral", "phi3", "gpt2", "mixtral", "deepseek_v3"])
 def test_every_rule_set_keeps_an_exact_account(name: str, ruleset: str) -> None:
     """components + bias + rounding + unassigned = the stock logit (Gemma 2 with its soft-caps,
     sliding windows shorter than the prompt), generate's tokens unchanged, and generate's
