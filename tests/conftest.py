@@ -350,6 +350,15 @@ def _frozen_gated_norm(module: nn.Module, args: Any, out: torch.Tensor) -> torch
     return y.to(out.dtype) * (out / safe).detach()
 
 
+def _credited_gated_norm(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+    # a gated norm norm(y * silu(z)) by the uniform rule: half through y (the rest frozen), half
+    # through z by the identity rule (y frozen)
+    y, z = args[0], args[1]
+    safe_y = torch.where(y == 0, torch.full_like(y, 1e-20), y).detach()
+    safe_z = torch.where(z == 0, torch.full_like(z, 1e-20), z).detach()
+    return 0.5 * y.to(out.dtype) * (out / safe_y).detach() + 0.5 * z.to(out.dtype) * (out / safe_z).detach()
+
+
 class _Frozen_Mamba:
     """The Mamba-2 layers' selection frozen (a handle): the modeling module's convolution
     function with the activation on the ``x`` channels by the identity rule (its ratio
@@ -535,9 +544,9 @@ def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handles.append(module.register_forward_hook(_scaled_gradient(0.5, value)))
         elif name.endswith("v_proj"):
             handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
-        elif name.endswith(("act_fn", "activation_fn")):
+        elif name.endswith(("act_fn", "activation_fn", "shared_mlp.activation")):
             handles.append(module.register_forward_hook(_identity_half))
-        elif name.endswith("gate_up_proj"):  # Phi-3: the gate's rows, then up's
+        elif name.endswith(("gate_up_proj", "input_linear")):  # Phi-3, Granite 4's shared MLP: gate, then up
             up = lambda o: torch.arange(o.shape[-1]) >= o.shape[-1] // 2  # noqa: E731
             handles.append(module.register_forward_hook(_scaled_gradient(0.5, up)))
         elif name.endswith(("up_proj", ".w3")):  # Mixtral 4.x's experts call up w3
@@ -548,6 +557,10 @@ def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
         elif kind == "GptOssExperts":
             handles.append(_gpt_oss_experts(module, credited=True))
+        elif kind.endswith("RMSNormGated"):
+            handles.append(module.register_forward_hook(_credited_gated_norm))
+        elif kind.endswith("MambaLayer") and not any(isinstance(h, _Frozen_Mamba) for h in handles):
+            handles.append(_Frozen_Mamba(module))
         elif kind.endswith("Experts") and hasattr(module, "gate_up_proj"):  # 5.x's fused experts
             module.forward = types.MethodType(_credited_experts, module)
             handles.append(_Restore(module))

@@ -1,7 +1,7 @@
 """Granite 4.0's hybrid (Mamba-2 layers beside attention) beyond the families' common tests
 (tests/test_families.py: both modes against the independent reference, a left-padded batch):
-a dense config, the rule sets without a rule for a Mamba layer, and a stock model whose
-cached steps differ from its full forward (refused, never explained wrongly)."""
+a dense config, the credited rule sets, and a stock model whose cached steps differ from its
+full forward (refused, never explained wrongly)."""
 
 from __future__ import annotations
 
@@ -54,19 +54,25 @@ def test_a_dense_hybrid_with_mamba_layers_only_matches_the_reference(mode: str) 
 
 
 @pytest.mark.parametrize("ruleset", ["attnlrp", "attnlrp-path"])
-def test_the_rule_sets_without_a_mamba_rule_refuse_before_any_work(ruleset: str) -> None:
+def test_the_credited_rule_sets_keep_an_exact_account(ruleset: str) -> None:
+    """Under AttnLRP's rules (MambaLRP's for the Mamba-2 layers: the gate's product half to
+    each side, the selection frozen; components against the rules as hooks in
+    tests/test_rule_sets.py): generate's tokens are plain generation's, and components + shares
+    = the stock logit, with the softmaxes' unassigned share."""
     model = family_model("granitemoehybrid")
     ids = prompt(9)
-    calls: list[int] = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
-    try:
-        with pytest.raises(llama_attrib.UnsupportedOptionError, match="GraniteMoeHybridMambaLayer"):
-            llama_attrib.decompose_sequence(model, ids[0], 5, rules=ruleset)
-        with pytest.raises(llama_attrib.UnsupportedOptionError, match="GraniteMoeHybridMambaLayer"):
-            llama_attrib.wrap(model, rules=ruleset)
-    finally:
-        handle.remove()
-    assert calls == [] and not llama_attrib.is_wrapped(model)
+    plain = model.generate(ids, **GEN, output_logits=True)
+    with llama_attrib.decompose(model, rules=ruleset):
+        out = model.generate(ids, decompose=True, **GEN)
+    assert torch.equal(out.sequences, plain.sequences)
+    for k, c in enumerate(out["attentions"]):
+        token = int(out.sequences[0, 9 + k])
+        got = c[token]
+        # the logit the model returns (after logits_scaling), which the parts sum to
+        logit = float(plain.logits[k][0, token])
+        parts = float(got.components.sum()) + sum(float(v) for v in got.shares.values())
+        assert abs(parts - logit) <= 1e-5 * float(plain.logits[k][0].abs().max()), (ruleset, k)
+        assert abs(float(got.shares["unassigned"])) > 1e-5
 
 
 def test_a_model_whose_cached_steps_differ_is_refused_not_explained_wrongly() -> None:

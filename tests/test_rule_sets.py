@@ -125,8 +125,6 @@ def test_attnlrp_matches_hooks_on_the_stock_model(name: str) -> None:
     model = family_model(name)
     if refused_here(name):
         pytest.skip(f"{refused_here(name)}: refused (tests/test_families.py)")
-    if name == "granitemoehybrid":
-        pytest.skip("Mamba-2 layers have the exact rules only: refused (tests/test_granite_hybrid.py)")
     if name == "gemma2":
         # the hooks differentiate a soft-cap as it is, the rule set by the identity rule: compare
         # without it here (the exact account with it is tested below)

@@ -175,10 +175,11 @@ class TargetPass(Pass):
         """A state-space layer (:mod:`llama_attrib.rules.mamba`): its selection frozen from the
         real input, a linear map of the pass's tensor; its biases as a leaf."""
         rule = self.session.family.mixer
-        self.rule_set.mlp(rule, module)  # a rule set without one refuses (before any work: families)
+        # a rule set without a rule refuses (before any work: families.refuse_missing_rules)
+        uniform = not self.rule_set.mlp(rule, module).frozen
         x = hidden_states(args, kwargs)
         real = model_dtype(module, self.session.model_dtype)
-        frozen = rule.factors(module, x.detach().to(real), kwargs.get("attention_mask"), x.dtype)
+        frozen = rule.factors(module, x.detach().to(real), kwargs.get("attention_mask"), x.dtype, uniform)
         out: Tensor = rule.apply(module, frozen, x)
         bias = rule.bias(module, frozen, x)
         return out if bias is None else out + self.bias_leaf(bias.to(out))

@@ -15,6 +15,11 @@ over the last few positions), the state-space mix ``M[t, s] = (C_t . B_s) exp(..
 attention matrix that is not normalised, per head), the ``D`` skip and ``out_proj``. The
 biases (``in_proj``'s ``x`` rows through the convolution, the convolution's own, and
 ``out_proj``'s) pass through the same frozen factors into the bias share.
+
+Under the uniform rule (AttnLRP; MambaLRP's rules, Jafari et al., NeurIPS 2024), the gate's
+product ``y * silu(z)`` is credited half to each side: through ``y`` with the gate frozen, and
+through ``z`` (``in_proj``'s gate rows) with ``y`` frozen and ``silu`` by the identity rule;
+the selection stays frozen, as MambaLRP freezes it. Both sides are conservative.
 """
 
 from __future__ import annotations
@@ -30,6 +35,13 @@ from .linear import Proj
 from .mlp import identity_ratio
 
 IN, OUT = Proj("in_proj"), Proj("out_proj")
+
+
+def _z_rows(layer: Any) -> slice:
+    return slice(0, int(layer.intermediate_size))  # in_proj's rows of the gate z
+
+
+Z_ROWS = Proj("in_proj", _z_rows)
 
 
 def _x_rows(layer: Any) -> slice:
@@ -51,6 +63,8 @@ class MambaFrozen:
     skip: Tensor
     gate: Tensor
     keep: Tensor | None  # the padding mask [B, T, 1], which the layer applies to its input
+    # the uniform rule's side through z: ``y * silu(z) / z / 2`` times the norm's scale [B, T, I]
+    through_z: Tensor | None = None
 
 
 def _sizes(layer: Any) -> tuple[int, int, int, int, int]:
@@ -80,7 +94,11 @@ class Mamba2:
     """The rule of a Mamba-2 layer (attribute names as transformers' Granite 4.0 hybrid)."""
 
     @torch.no_grad()
-    def factors(self, layer: nn.Module, real: Tensor, mask: Tensor | None, dtype: torch.dtype) -> MambaFrozen:
+    def factors(
+        self, layer: nn.Module, real: Tensor, mask: Tensor | None, dtype: torch.dtype, uniform: bool = False
+    ) -> MambaFrozen:
+        """The frozen factors from the real input; ``uniform``: the gate's product by the uniform
+        rule (half through ``z``)."""
         mod: Any = layer
         inter, gn, heads, hd, groups = _sizes(mod)
         h = real.float() if mask is None else real.float() * mask[..., None].float()
@@ -113,26 +131,36 @@ class Mamba2:
         size = int(norm.group_size)
         grouped = gated.view(batch, t, inter // size, size)
         scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + float(norm.variance_epsilon))
-        gate = (F.silu(z).view_as(grouped) * scale).view(batch, t, inter) * norm.weight.detach().float()
+        post = scale.expand_as(grouped).reshape(batch, t, inter) * norm.weight.detach().float()
+        gate = F.silu(z) * post
+        through_z = None
+        if uniform:
+            gate = 0.5 * gate
+            through_z = (0.5 * y.reshape(batch, t, inter) * identity_ratio(F.silu, z) * post).to(dtype)
         kept = None if mask is None else keep.to(dtype)
-        return MambaFrozen(ratio.to(dtype), mix.to(dtype), skip.to(dtype), gate.to(dtype), kept)
+        return MambaFrozen(ratio.to(dtype), mix.to(dtype), skip.to(dtype), gate.to(dtype), kept, through_z)
 
     def _mixed(self, layer: nn.Module, frozen: MambaFrozen, conv: Tensor) -> Tensor:
         """After the convolution (``conv [..., B, T, I]``): the frozen ratio, the state-space mix
-        and skip, the frozen gate and ``out_proj`` (bias-free)."""
+        and skip, and the frozen gate (before ``out_proj``)."""
         mod: Any = layer
         _, _, heads, hd, _ = _sizes(mod)
         x = conv * frozen.ratio
         per_head = x.view(*x.shape[:-1], heads, hd)
         y = torch.einsum("bhts,...bshp->...bthp", frozen.mix, per_head) + frozen.skip[:, None] * per_head
-        return OUT.linear(layer, y.reshape(x.shape) * frozen.gate)
+        return y.reshape(x.shape) * frozen.gate
 
     def apply(self, layer: nn.Module, frozen: MambaFrozen, x: Tensor) -> Tensor:
         """The layer's linear map of ``x [..., B, T, hidden]`` (components or a graph's input)."""
         mod: Any = layer
         inter = _sizes(mod)[0]
-        rows = X_ROWS.linear(layer, x if frozen.keep is None else x * frozen.keep)
-        return self._mixed(layer, frozen, _conv(mod, rows, slice(0, inter), bias=False))
+        masked = x if frozen.keep is None else x * frozen.keep
+        out = self._mixed(
+            layer, frozen, _conv(mod, X_ROWS.linear(layer, masked), slice(0, inter), bias=False)
+        )
+        if frozen.through_z is not None:
+            out = out + Z_ROWS.linear(layer, masked) * frozen.through_z
+        return OUT.linear(layer, out)
 
     def bias(self, layer: nn.Module, frozen: MambaFrozen, like: Tensor) -> Tensor | None:
         """The bias share ``[B, T, hidden]``: ``in_proj``'s ``x``-row bias through the
@@ -140,12 +168,17 @@ class Mamba2:
         mod: Any = layer
         inter = _sizes(mod)[0]
         b_in, b_conv, b_out = X_ROWS.bias(layer), mod.conv1d.bias, OUT.bias(layer)
-        if b_in is None and b_conv is None and b_out is None:
+        b_z = None if frozen.through_z is None else Z_ROWS.bias(layer)
+        if b_in is None and b_conv is None and b_out is None and b_z is None:
             return None
         batch, t = frozen.ratio.shape[:2]
         out = like.new_zeros((batch, t, int(mod.hidden_size)))
         if b_in is not None or b_conv is not None:
             rows = like.new_zeros((batch, t, inter))
             rows = rows if b_in is None else rows + b_in.to(rows)
-            out = out + self._mixed(layer, frozen, _conv(mod, rows, slice(0, inter), bias=True))
+            out = out + OUT.linear(
+                layer, self._mixed(layer, frozen, _conv(mod, rows, slice(0, inter), bias=True))
+            )
+        if b_z is not None and frozen.through_z is not None:
+            out = out + OUT.linear(layer, b_z.to(out) * frozen.through_z)
         return out if b_out is None else out + b_out.to(out)

@@ -186,13 +186,20 @@ ATTNLRP = RuleSet(
         MLP: FROZEN_GATE,
         SparseMoE: UNIFORM_GATE,
         ClampedExperts: UNIFORM_GATE,
+        Mamba2: UNIFORM_GATE,  # MambaLRP: the gate's product half to each side, the selection frozen
     },
     summary="AttnLRP (Achtibat et al., ICML 2024): values 1/2, queries and keys 1/4 each, gate x up 1/2 "
     "each, a routing weight x its expert's output 1/2 each",
 )
 PATH = RuleSet(
     "attnlrp-path",
-    {ATTENTION: Credited(path=4), GatedMLP: UNIFORM_GATE, MLP: FROZEN_GATE, SparseMoE: UNIFORM_GATE},
+    {
+        ATTENTION: Credited(path=4),
+        GatedMLP: UNIFORM_GATE,
+        MLP: FROZEN_GATE,
+        SparseMoE: UNIFORM_GATE,
+        Mamba2: UNIFORM_GATE,
+    },
     summary="AttnLRP's shares, the probabilities' half along the path from uniform attention: "
     "nearly conservative",
 )
