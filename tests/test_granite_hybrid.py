@@ -79,7 +79,8 @@ def test_a_model_whose_cached_steps_differ_is_refused_not_explained_wrongly() ->
     """With a ``time_step_limit`` the model reaches, transformers 5's recurrent step (generate's
     cached steps) ignores the limit its chunked scan applies: generate's logits then differ
     from a full forward's. Target mode's replay check finds it and says what to do; the
-    teacher-forced decomposition of the same sequence still matches the reference."""
+    teacher-forced decomposition of the same sequence still matches the reference. Forward
+    mode's own check (components against the real hidden state) finds it as well."""
     model = _model(time_step_limit=(0.0, 1.5))
     ids = prompt(9)
     plain = model.generate(ids, **GEN, output_logits=True)
@@ -88,8 +89,35 @@ def test_a_model_whose_cached_steps_differ_is_refused_not_explained_wrongly() ->
     assert float((plain.logits[1][0] - full).abs().max()) > 1e-2  # the stock model's own difference
     with pytest.raises(llama_attrib.DecompositionError, match="with a cache than without"):
         llama_attrib.wrap(model).generate(ids, decompose=True, **GEN)
+    # forward mode follows the cache with the limit applied: its check finds the difference
+    with pytest.raises(llama_attrib.DecompositionError, match="do not add up"):
+        model.generate(ids, decompose="forward", **GEN)
     llama_attrib.unwrap(model)
     (c,) = llama_attrib.decompose_sequence(model, plain.sequences[0, :11], 10)  # token 10 from 0..9
     token = int(plain.sequences[0, 10])
     components, _, _ = gradient_x_input(model, plain.sequences[:, :10], token)
     assert torch.allclose(c[token].components, components, atol=1e-5 * float(components.abs().max()), rtol=0)
+
+
+def test_forward_mode_follows_a_padded_batch_generation_step_by_step() -> None:
+    """Forward mode keeps each Mamba layer's past (its convolution window and values per
+    component) from step to step: on a left-padded batch its components equal target mode's
+    (checked against the reference in tests/test_families.py) at every step and row."""
+    model = family_model("granitemoehybrid")
+    pad = torch.zeros(1, 3, dtype=torch.long)
+    ids = torch.cat([prompt(9, seed=1), torch.cat([pad, prompt(6, seed=2)], 1)])
+    mask = (torch.arange(9)[None] >= torch.tensor([[0], [3]])).long()
+    options = {"attention_mask": mask, "pad_token_id": 0, **GEN}
+    plain = model.generate(ids, **options)
+    with llama_attrib.decompose(model):
+        forward = model.generate(ids, decompose="forward", **options)
+        target = model.generate(ids, decompose=True, **options)
+    assert torch.equal(forward.sequences, plain.sequences) and torch.equal(target.sequences, plain.sequences)
+    for k, (a, b) in enumerate(zip(forward["attentions"], target["attentions"], strict=True)):
+        for row in range(2):
+            token = int(plain.sequences[row, 9 + k])
+            scale = float(b[row, token].components.abs().max())
+            assert torch.allclose(
+                a[row, token].components, b[row, token].components, atol=1e-5 * scale, rtol=0
+            )
+            assert abs(float(a[row, token].residual - b[row, token].residual)) <= 1e-5 * scale

@@ -97,13 +97,6 @@ def generate_adapter(session: Session, model: nn.Module, original: Forward) -> F
                 "strategy)"
             )
         refuse_forward_rules(options.rules)
-        if session.family.mixer is not None:
-            raise UnsupportedOptionError(
-                f'decompose="forward" follows generate step by step from the cache, which the '
-                f"state-space layers of {type(model).__name__} are not decomposed from yet: use "
-                "decompose=True (target mode decomposes the generated sequence exactly), or "
-                "llama_attrib.decompose_sequence(..., mode='forward') on it"
-            )
         target_only = sorted(set(options.replace(rules=None).given()) - {"max_memory"})
         if target_only:
             raise UnsupportedOptionError(

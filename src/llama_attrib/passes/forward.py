@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import _compat, rules
-from ..errors import UnsupportedOptionError
+from ..errors import DecompositionError, UnsupportedOptionError
 from ..stream import DecomposedTensor, split
 from .base import Args, Kwargs, Pass, hidden_states, replace_hidden, stock_attention
 
@@ -101,28 +101,26 @@ class ForwardPass(Pass):
         return DecomposedTensor.wrap(out, comps_out, res), weights
 
     def mixer(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:
-        """A state-space layer over the whole sequence in one call (:mod:`..rules.mamba`)."""
-        if self.offset:
-            raise UnsupportedOptionError(
-                f"{type(module).__name__}: forward mode decomposes a state-space layer over a whole "
-                "sequence in one call, not step by step from a cache: use decompose=True (target "
-                "mode) to generate, or llama_attrib.decompose_sequence(..., mode='forward')"
-            )
+        """A state-space layer (:mod:`..rules.mamba`), step by step as the stock layer runs from
+        its cache: its past lives in the session's caches, beside the attention's values."""
         if self.flow is not None:
             raise UnsupportedOptionError(
                 f"flow() splits attention heads and MLPs; {type(module).__name__} is neither: use "
                 "llama_attrib.decompose_sequence for this model"
             )
-        rule = self.session.family.mixer
         real, comps, residual = split(hidden_states(args, kwargs))
         args, kwargs = replace_hidden(args, kwargs, real)
         stock = original(*args, **kwargs)
-        frozen = rule.factors(module, real, kwargs.get("attention_mask"), comps.dtype)
-        comps_out = rule.apply(module, frozen, comps)
-        res = None if residual is None else rule.apply(module, frozen, residual)
-        bias = rule.bias(module, frozen, comps)
-        if bias is not None:
-            res = bias if res is None else res + bias
+        states = self.session.caches.states
+        past = states.get(id(module)) if self.offset else None
+        if self.offset and (past is None or past.length != self.offset):
+            raise DecompositionError(
+                f"{type(module).__name__}: the cache holds {self.offset} positions that this model's "
+                "decomposed calls did not see; decompose from an empty cache (or none)"
+            )
+        comps_out, res, states[id(module)] = rules.mamba.forward_step(
+            module, past, real, kwargs.get("attention_mask"), comps, residual
+        )
         return DecomposedTensor.wrap(stock, comps_out, res)
 
     def mlp(self, module: nn.Module, original: Any, args: Args, kwargs: Kwargs) -> Any:

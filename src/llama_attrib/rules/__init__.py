@@ -7,7 +7,7 @@ See :mod:`.linear` for what the rules share. The sizes target mode works in (``s
 ``scores.KEEP_BYTES``, ``mlp.ROWS``, ``linear.CHUNK_ELEMENTS``) are read from their modules at run time.
 """
 
-from . import experts, linear, lrp, mlp, scores, sets
+from . import experts, linear, lrp, mamba, mlp, scores, sets
 from .attention import Attention, ValueCache, attention, attention_graph
 from .experts import ClampedExperts
 from .kernels import frozen_mix
@@ -46,6 +46,7 @@ __all__ = [
     "frozen_mix",
     "linear",
     "lrp",
+    "mamba",
     "mix",
     "mlp",
     "positionwise",

@@ -211,10 +211,12 @@ class ValueCaches:
     def __init__(self) -> None:
         self._caches: dict[int, ValueCache] = {}
         self._owners: dict[int, weakref.ref[Any]] = {}
+        self.states: dict[int, Any] = {}  # a state-space layer's past (rules.mamba.MambaState), by module
 
     def clear(self) -> None:
         self._caches.clear()
         self._owners.clear()
+        self.states.clear()
 
     def of(self, layer_idx: int, cache: Any, offset: int, expected_length: int) -> ValueCache | None:
         """This layer's decomposed cache, checked against the transformers cache it mirrors

@@ -182,3 +182,130 @@ class Mamba2:
         if b_z is not None and frozen.through_z is not None:
             out = out + OUT.linear(layer, b_z.to(out) * frozen.through_z)
         return out if b_out is None else out + b_out.to(out)
+
+
+@dataclass
+class MambaState:
+    """Forward mode's past of one Mamba-2 layer, positions ``0 : length``: the real convolution
+    window (the last ``K - 1`` inputs, zeros before the start), the real ``x``, ``B`` (per
+    head), ``dt`` and its running sum times ``A``; and, row 0 the bias share and rows ``1:``
+    the components, ``in_proj``'s ``x`` rows over the window and the values after the
+    activation ratio. Grows with every call, as a value cache does."""
+
+    length: int
+    window: Tensor  # [B, K - 1, conv_dim]
+    x: Tensor  # [B, S, I]
+    b: Tensor  # [B, S, H, N]
+    dt: Tensor  # [B, S, H]
+    cum: Tensor  # [B, S, H]
+    lin_window: Tensor  # [1 + C, B, K - 1, I]
+    lin: Tensor  # [1 + C, B, S, I]
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    """``t`` with zero rows appended along dim 0 up to ``rows`` (new components had no past)."""
+    return t if t.shape[0] >= rows else torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+
+
+@torch.no_grad()
+def forward_step(
+    layer: nn.Module,
+    past: MambaState | None,
+    real: Tensor,
+    mask: Tensor | None,
+    comps: Tensor,
+    residual: Tensor | None,
+) -> tuple[Tensor, Tensor, MambaState]:
+    """Forward mode: the layer on ``q`` new positions after ``past`` (None: the first call),
+    exactly as the stock layer runs them from its cache. Returns the components
+    ``[C, B, q, hidden]``, the bias share ``[B, q, hidden]`` and the grown state. The
+    bias share's path (``in_proj``'s ``x``-row bias, the convolution's, the previous bias share)
+    is row 0 of one stack with the components, so both go through the same maps."""
+    mod: Any = layer
+    inter, gn, heads, hd, groups = _sizes(mod)
+    batch, q, _ = real.shape
+    c_count = comps.shape[0]
+    k1 = int(mod.conv1d.weight.shape[-1]) - 1
+    keep = torch.ones((batch, q, 1), device=real.device) if mask is None else mask[:, -q:, None].float()
+    # -- the real side: the frozen factors at the new positions --------------------------------
+    z, xbc, dt = IN.affine(layer, real.float() * keep).float().split([inter, inter + 2 * gn, heads], dim=-1)
+    window = real.new_zeros((batch, k1, inter + 2 * gn), dtype=torch.float32) if past is None else past.window
+    weight = mod.conv1d.weight.detach().float()
+    bias = None if mod.conv1d.bias is None else mod.conv1d.bias.detach().float()
+    full = torch.cat([window, xbc], 1).transpose(1, 2)  # [B, conv_dim, K - 1 + q]
+    u = F.conv1d(full, weight, bias, groups=full.shape[1]).transpose(1, 2)  # [B, q, conv_dim]
+    act: Any = mod.act
+    ratio = identity_ratio(act, u[..., :inter]) * keep
+    x = act(u[..., :inter]) * keep
+    b, c = (act(part) * keep for part in u[..., inter:].split([gn, gn], dim=-1))
+    dt = F.softplus(dt + mod.dt_bias.detach().float())
+    low, high = mod.time_step_limit or (0.0, float("inf"))
+    dt = dt.clamp(min=low, max=high)
+    a = -torch.exp(mod.A_log.detach().float())
+    state = gn // groups
+    b = b.view(batch, q, groups, state).repeat_interleave(heads // groups, dim=2)
+    c = c.view(batch, q, groups, state).repeat_interleave(heads // groups, dim=2)
+    start = torch.zeros((batch, 1, heads), device=real.device) if past is None else past.cum[:, -1:]
+    cum = start + torch.cumsum(dt * a, dim=1)
+    old = 0 if past is None else past.length
+    all_x = x if past is None else torch.cat([past.x, x], 1)
+    all_b = b if past is None else torch.cat([past.b, b], 1)
+    all_dt = dt if past is None else torch.cat([past.dt, dt], 1)
+    all_cum = cum if past is None else torch.cat([past.cum, cum], 1)
+    s_len = old + q
+    seen = (
+        torch.arange(s_len, device=real.device)[None, :]
+        <= (old + torch.arange(q, device=real.device))[:, None]
+    )
+    gap = (cum.transpose(1, 2)[..., :, None] - all_cum.transpose(1, 2)[..., None, :]).masked_fill(
+        ~seen, -torch.inf
+    )
+    mix = torch.einsum("bthn,bshn->bhts", c, all_b) * torch.exp(gap) * all_dt.transpose(1, 2)[:, :, None, :]
+    skip = mod.D.detach().float()
+    per_head = all_x.view(batch, s_len, heads, hd)
+    y = torch.einsum("bhts,bshp->bthp", mix, per_head) + skip[:, None] * x.view(batch, q, heads, hd)
+    gated = y.reshape(batch, q, inter) * F.silu(z)
+    norm: Any = mod.norm
+    size = int(norm.group_size)
+    grouped = gated.view(batch, q, inter // size, size)
+    scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + float(norm.variance_epsilon))
+    post = scale.expand_as(grouped).reshape(batch, q, inter) * norm.weight.detach().float()
+    gate = (F.silu(z) * post).to(comps.dtype)
+    # -- the linear side: the bias path (row 0) and the components, through the same maps ------
+    rows = c_count + 1
+    dtype = comps.dtype
+    lin_new = X_ROWS.linear(layer, comps * keep.to(dtype))  # [C, B, q, I]
+    b_in = X_ROWS.bias(layer)
+    bias_row = comps.new_zeros((1, batch, q, inter))
+    bias_row = bias_row if b_in is None else bias_row + b_in.to(dtype)  # in_proj(h * mask) keeps its bias
+    if residual is not None:
+        bias_row = bias_row + X_ROWS.linear(layer, residual * keep.to(dtype))
+    lin_new = torch.cat([bias_row, lin_new])
+    lin_window = (
+        comps.new_zeros((rows, batch, k1, inter)) if past is None else _pad_rows(past.lin_window, rows)
+    )
+    stacked = torch.cat([lin_window, lin_new], 2)  # [1 + C, B, K - 1 + q, I]
+    flat = stacked.reshape(rows * batch, k1 + q, inter).transpose(1, 2)
+    conv = (
+        F.conv1d(flat, weight[:inter].to(dtype), groups=inter).transpose(1, 2).reshape(rows, batch, q, inter)
+    )
+    conv[0] = conv[0] + (0 if bias is None else bias[:inter].to(dtype))  # the convolution's own bias
+    values = conv * ratio.to(dtype)
+    all_values = values if past is None else torch.cat([_pad_rows(past.lin, rows), values], 2)
+    mixed = torch.einsum(
+        "bhts,nbshp->nbthp", mix.to(dtype), all_values.view(rows, batch, s_len, heads, hd)
+    ) + skip.to(dtype)[:, None] * values.view(rows, batch, q, heads, hd)
+    out = OUT.linear(layer, mixed.reshape(rows, batch, q, inter) * gate)
+    b_out = OUT.bias(layer)
+    res = out[0] if b_out is None else out[0] + b_out.to(dtype)
+    new_state = MambaState(
+        length=s_len,
+        window=torch.cat([window, xbc], 1)[:, -k1:] if k1 else window,
+        x=all_x,
+        b=all_b,
+        dt=all_dt,
+        cum=all_cum,
+        lin_window=stacked[:, :, -k1:] if k1 else stacked[:, :, :0],
+        lin=all_values,
+    )
+    return out[1:], res, new_state
