@@ -185,7 +185,7 @@ def tiny_tokenizer(kind: str = "bytelevel") -> Any:
 # modules whose output is a frozen factor's input or the factor itself: q/k, activations, routers
 DETACHED = ("q_proj", "k_proj", "act_fn", "activation_fn", "mlp.gate", "block_sparse_moe.gate")
 DETACHED += ("shared_expert_gate", "mlp.router")  # Qwen2-MoE's shared expert's gate, GPT-OSS's router
-DETACHED += ("block_sparse_moe.router", "shared_mlp.activation")  # Granite 4.0's hybrids
+DETACHED += ("block_sparse_moe.router", "shared_mlp.activation", "block_sparse_moe.activation")  # Granite 4.0
 
 
 def _detach_output(module: nn.Module, args: Any, out: Any) -> Any:
@@ -359,20 +359,50 @@ def _credited_gated_norm(module: nn.Module, args: Any, out: torch.Tensor) -> tor
     return 0.5 * y.to(out.dtype) * (out / safe_y).detach() + 0.5 * z.to(out.dtype) * (out / safe_z).detach()
 
 
-class _Frozen_Mamba:
-    """The Mamba-2 layers' selection frozen (a handle): the modeling module's convolution
-    function with the activation on the ``x`` channels by the identity rule (its ratio
-    detached) and ``B``, ``C`` detached; its chunked scan given ``dt`` detached; put back by
-    :meth:`remove`."""
+def _mamba_act(x_channels: int) -> Any:
+    """A forward hook on a Mamba-2 layer's activation (4.x calls the module on the convolution's
+    output, channels last): the ``x`` channels by the identity rule, ``B`` and ``C`` detached."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        u = args[0][..., :x_channels]
+        safe = torch.where(u == 0, torch.full_like(u, 1e-20), u).detach()
+        return torch.cat([u * (out[..., :x_channels] / safe).detach(), out[..., x_channels:].detach()], -1)
+
+    return hook
+
+
+def _detach_last(columns: int) -> Any:
+    """A forward hook detaching the output's last ``columns`` (a Mamba-2 ``in_proj``'s dt)."""
+
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+        keep = torch.arange(out.shape[-1], device=out.device) < out.shape[-1] - columns
+        return torch.where(keep, out, out.detach())
+
+    return hook
+
+
+class _Frozen_Mamba:
+    """The Mamba-2 layers' selection frozen (a handle). 5.x: the modeling module's convolution
+    function with the activation on the ``x`` channels by the identity rule (its ratio
+    detached) and ``B``, ``C`` detached, its chunked scan given ``dt`` detached. 4.x (the
+    convolution and scan inline): hooks on each layer's activation (:func:`_mamba_act`) and
+    on its ``in_proj``'s ``dt`` columns. Put back by :meth:`remove`."""
+
+    def __init__(self, layer: nn.Module, model: nn.Module) -> None:
         import importlib
 
         from transformers.activations import ACT2FN
 
         self.module = importlib.import_module(type(layer).__module__)
-        self.own = (self.module.causal_conv1d_fn, self.module.mamba2_chunk_scan)
+        self.hooks: list[Any] = []
         x_channels = int(layer.intermediate_size)
+        if getattr(self.module, "mamba2_chunk_scan", None) is None:  # 4.x
+            self.own = None
+            for m in (x for x in model.modules() if type(x).__name__ == type(layer).__name__):
+                self.hooks.append(m.act.register_forward_hook(_mamba_act(x_channels)))
+                self.hooks.append(m.in_proj.register_forward_hook(_detach_last(int(m.num_heads))))
+            return
+        self.own = (self.module.causal_conv1d_fn, self.module.mamba2_chunk_scan)
         act = ACT2FN[layer.activation]
         conv_own, scan_own = self.own
 
@@ -391,7 +421,10 @@ class _Frozen_Mamba:
         self.module.causal_conv1d_fn, self.module.mamba2_chunk_scan = conv, scan
 
     def remove(self) -> None:
-        self.module.causal_conv1d_fn, self.module.mamba2_chunk_scan = self.own
+        for h in self.hooks:
+            h.remove()
+        if self.own is not None:
+            self.module.causal_conv1d_fn, self.module.mamba2_chunk_scan = self.own
 
 
 @contextmanager
@@ -426,7 +459,7 @@ def frozen_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
         elif kind.endswith("RMSNormGated"):
             handles.append(module.register_forward_hook(_frozen_gated_norm))
         elif kind.endswith("MambaLayer") and not any(isinstance(h, _Frozen_Mamba) for h in handles):
-            handles.append(_Frozen_Mamba(module))
+            handles.append(_Frozen_Mamba(module, model))
         elif name.endswith(("q_a_proj", "q_b_proj")):  # a latent attention's queries
             handles.append(module.register_forward_hook(_detach_output))
         elif name.endswith(("kv_a_proj_with_mqa", "kv_b_proj")):  # its keys' columns
@@ -483,7 +516,7 @@ def _half_router(module: nn.Module, args: Any, out: Any) -> Any:
     if isinstance(out, tuple) and len(out) == 3:
         return (out[0], _half(out[1]), *out[2:])
     if isinstance(out, tuple):
-        return tuple(_half(o) if o.is_floating_point() else o for o in out)
+        return tuple(_half(o) if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
     return _half(out)
 
 
@@ -544,7 +577,9 @@ def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handles.append(module.register_forward_hook(_scaled_gradient(0.5, value)))
         elif name.endswith("v_proj"):
             handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
-        elif name.endswith(("act_fn", "activation_fn", "shared_mlp.activation")):
+        elif name.endswith(
+            ("act_fn", "activation_fn", "shared_mlp.activation", "block_sparse_moe.activation")
+        ):
             handles.append(module.register_forward_hook(_identity_half))
         elif name.endswith(("gate_up_proj", "input_linear")):  # Phi-3, Granite 4's shared MLP: gate, then up
             up = lambda o: torch.arange(o.shape[-1]) >= o.shape[-1] // 2  # noqa: E731
@@ -553,14 +588,17 @@ def credited_factors(model: nn.Module) -> Iterator[list[torch.Tensor]]:
             handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
         elif name.endswith((".gate", ".router", "shared_expert_gate")):  # a router, a shared expert's gate
             handles.append(module.register_forward_hook(_half_router))
-        elif name.endswith("shared_expert") or re.search(r"experts\.\d+$", name):  # an expert's output
+        elif name.endswith(("shared_expert", "block_sparse_moe.output_linear")) or re.search(
+            r"experts\.\d+$", name
+        ):
+            # an expert's output (Granite 4.0 in 4.x: every expert's, before its routing weight)
             handles.append(module.register_forward_hook(_scaled_gradient(0.5)))
         elif kind == "GptOssExperts":
             handles.append(_gpt_oss_experts(module, credited=True))
         elif kind.endswith("RMSNormGated"):
             handles.append(module.register_forward_hook(_credited_gated_norm))
         elif kind.endswith("MambaLayer") and not any(isinstance(h, _Frozen_Mamba) for h in handles):
-            handles.append(_Frozen_Mamba(module))
+            handles.append(_Frozen_Mamba(module, model))
         elif kind.endswith("Experts") and hasattr(module, "gate_up_proj"):  # 5.x's fused experts
             module.forward = types.MethodType(_credited_experts, module)
             handles.append(_Restore(module))

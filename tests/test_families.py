@@ -133,8 +133,6 @@ def refused_here(name: str) -> str | None:
         return None
     if name == "qwen2_moe":
         return "Qwen2-MoE's 4.x attention is computed inline"
-    if name == "granitemoehybrid":
-        return "Granite 4.0's hybrid writes its experts, router and cache another way in 4.x"
     return None
 
 
@@ -176,12 +174,6 @@ def test_family_matches_the_independent_reference(name: str, mode: str) -> None:
     model = family_model(name)
     if name == "qwen2_moe" and not _compat.uses_attention_interface(model.model.layers[0].self_attn):
         # transformers 4.x: its attention is computed inline, refused with what to do
-        with pytest.raises(llama_attrib.UnsupportedModelError, match=r"upgrade transformers to 5\.x"):
-            llama_attrib.wrap(model)
-        assert not llama_attrib.is_wrapped(model)
-        return
-    if name == "granitemoehybrid" and _compat.TRANSFORMERS_VERSION.major < 5:
-        # 4.x writes its experts, router and cache another way: refused with what to do
         with pytest.raises(llama_attrib.UnsupportedModelError, match=r"upgrade transformers to 5\.x"):
             llama_attrib.wrap(model)
         assert not llama_attrib.is_wrapped(model)

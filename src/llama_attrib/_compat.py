@@ -35,6 +35,10 @@ def cache_length(cache: Any, layer_idx: int = 0) -> int:
     """Number of positions a transformers cache already holds for one layer."""
     if cache is None:
         return 0
+    if getattr(cache, "has_previous_state", None) is False:
+        # 4.x's hybrid Mamba cache before its first call: its attention layers' empty key
+        # caches are [batch, 0], whose length it reports as the batch size
+        return 0
     return int(cache.get_seq_length(layer_idx))
 
 
@@ -90,6 +94,13 @@ def moe_route(block: Any, real: Tensor) -> tuple[Tensor, Tensor]:
     if len(out) == 2:  # DeepSeek-V3 in 4.x: (experts, weights)
         chosen, weights = out
         return weights, chosen
+    if len(out) == 5:  # Granite 4.0's hybrid in 4.x: the chosen pairs sorted by expert
+        order, _, gates, sizes, logits = out
+        k = order.numel() // logits.shape[0]
+        flat_weights = gates.new_zeros(order.numel()).index_copy(0, order, gates)
+        experts = torch.repeat_interleave(torch.arange(len(sizes), device=order.device), torch.tensor(sizes))
+        flat_chosen = torch.zeros_like(order).index_copy(0, order, experts.to(order.device))
+        return flat_weights.view(-1, k), flat_chosen.view(-1, k)
     _, weights, chosen = out
     return weights, chosen
 
@@ -103,12 +114,17 @@ def moe_router(block: Any) -> tuple[Tensor, bool, float | None]:
     normalised = getattr(block, "norm_topk_prob", None) if isinstance(gate, nn.Linear) else None
     normalised = getattr(gate, "norm_topk_prob", True) if normalised is None else normalised
     sigmoid = getattr(gate, "routed_scaling_factor", None)  # DeepSeek-V3's sigmoid scores
-    return gate.weight.detach(), bool(normalised), None if sigmoid is None else float(sigmoid)
+    weight = gate.layer.weight if hasattr(gate, "layer") else gate.weight  # Granite 4.0 in 4.x: .layer
+    return weight.detach(), bool(normalised), None if sigmoid is None else float(sigmoid)
 
 
 def moe_experts(block: Any, names: tuple[str, str, str]) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Each expert's ``(gate, up, down)`` weights; ``names``: the 4.x expert MLP's attributes."""
-    experts = block.experts
+    experts = getattr(block, "experts", None)
+    if experts is None:  # Granite 4.0's hybrid in 4.x: input_linear / output_linear [E, out, in]
+        gate_up, down = block.input_linear.weight.detach(), block.output_linear.weight.detach()
+        half = gate_up.shape[1] // 2
+        return [(gate_up[e, :half], gate_up[e, half:], down[e]) for e in range(gate_up.shape[0])]
     if isinstance(experts, nn.ModuleList):
         mlps: list[Any] = list(experts)
         return [tuple(getattr(e, n).weight.detach() for n in names) for e in mlps]  # type: ignore[misc]
@@ -118,10 +134,21 @@ def moe_experts(block: Any, names: tuple[str, str, str]) -> list[tuple[Tensor, T
 
 
 def moe_activation(block: Any) -> Any:
-    experts = block.experts
+    experts = getattr(block, "experts", None)
+    if experts is None:  # Granite 4.0's hybrid in 4.x
+        return block.activation
     return experts[0].act_fn if isinstance(experts, nn.ModuleList) else experts.act_fn
 
 
 def moe_returns_router_logits(block: Any) -> bool:
     """Whether the block returns ``(hidden states, router logits)`` (4.x)."""
-    return isinstance(getattr(block, "experts", None), nn.ModuleList)
+    experts = getattr(block, "experts", None)
+    return isinstance(experts, nn.ModuleList) or (experts is None and hasattr(block, "input_linear"))
+
+
+def mamba_mask(mask: Tensor | None) -> Tensor | None:
+    """The padding mask a Mamba-2 layer applies to its input: 4.x applies it only to a batch
+    of several rows over several positions; 5.x whenever it is given."""
+    if mask is None or TRANSFORMERS_VERSION.major >= 5:
+        return mask
+    return mask if mask.shape[0] > 1 and mask.shape[1] > 1 else None

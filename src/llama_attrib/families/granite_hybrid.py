@@ -8,15 +8,13 @@ activation ratio and the gated norm's factors frozen from the real hidden state,
 and the output are linear in the sources, as attention is with its probabilities frozen. The
 experts as Granite's router gives them (a softmax over its top-k logits, frozen); the shared
 MLP a SwiGLU whose gate and up rows are the two halves of one fused ``input_linear``.
-
-transformers 5.x only: 4.x writes the experts, the router and the cache another way.
+(transformers 4.x writes the experts, the router and the cache another way:
+:mod:`llama_attrib._compat` reads both.)
 """
 
 from typing import Any
 
-from torch import nn
-
-from .. import _compat, rules
+from .. import rules
 from ..rules.mamba import Mamba2
 from . import ATTENTION, EMBEDDING, LLAMA_EXPERTS, MIXER, MLP, NORM, Family, register_family
 
@@ -27,16 +25,6 @@ def _half(index: int):  # type: ignore[no-untyped-def]
         return slice(0, half) if index == 0 else slice(half, None)
 
     return rows
-
-
-def _refuse_4x(model: nn.Module) -> list[str]:
-    if _compat.TRANSFORMERS_VERSION.major >= 5:
-        return []
-    return [
-        f"{type(model).__name__} on transformers {_compat.TRANSFORMERS_VERSION}: its experts, router "
-        "and cache are written another way than in 5.x, which llama_attrib reads: upgrade "
-        "transformers to 5.x"
-    ]
 
 
 SHARED_MLP = rules.GatedMLP(
@@ -66,7 +54,7 @@ GRANITE_HYBRID = register_family(
             "shared_mlp": MLP,
         },
         optional=("mamba", "self_attn", "block_sparse_moe"),
-        mlp=rules.SparseMoE(LLAMA_EXPERTS, router_logits=False),
+        mlp=rules.SparseMoE(LLAMA_EXPERTS),  # 4.x's block returns (hidden states, router logits)
         mlps={"GraniteMoeHybridMLP": SHARED_MLP},
         mixer=Mamba2(),
         logits_scaling="logits_scaling",
@@ -74,10 +62,11 @@ GRANITE_HYBRID = register_family(
         inner=(
             "GraniteMoeHybridTopKRouter",
             "GraniteMoeHybridExperts",
+            "GraniteMoeHybridTopKGating",  # 4.x's router and experts
+            "GraniteMoeHybridParallelExperts",
             "Conv1d",
             "GraniteMoeHybridRMSNormGated",
         ),
-        checks=_refuse_4x,
         notes=(
             "Mamba-2 layers with dt, B, C, the convolution's activation ratio and the gated norm frozen "
             "(the state-space mix an attention matrix that is not normalised); experts and a shared "

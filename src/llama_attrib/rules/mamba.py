@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _compat
 from .linear import Proj
 from .mlp import identity_ratio
 
@@ -101,6 +102,7 @@ class Mamba2:
         rule (half through ``z``)."""
         mod: Any = layer
         inter, gn, heads, hd, groups = _sizes(mod)
+        mask = _compat.mamba_mask(mask)
         h = real.float() if mask is None else real.float() * mask[..., None].float()
         z, xbc, dt = IN.affine(layer, h).float().split([inter, inter + 2 * gn, heads], dim=-1)
         u = _conv(mod, xbc, slice(None), bias=True)
@@ -128,7 +130,7 @@ class Mamba2:
         )
         gated = y.reshape(batch, t, inter) * F.silu(z)
         norm: Any = mod.norm
-        size = int(norm.group_size)
+        size = int(getattr(norm, "group_size", inter))  # 4.x's gated norm has one group
         grouped = gated.view(batch, t, inter // size, size)
         scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + float(norm.variance_epsilon))
         post = scale.expand_as(grouped).reshape(batch, t, inter) * norm.weight.detach().float()
@@ -226,6 +228,7 @@ def forward_step(
     batch, q, _ = real.shape
     c_count = comps.shape[0]
     k1 = int(mod.conv1d.weight.shape[-1]) - 1
+    mask = _compat.mamba_mask(mask)
     keep = torch.ones((batch, q, 1), device=real.device) if mask is None else mask[:, -q:, None].float()
     # -- the real side: the frozen factors at the new positions --------------------------------
     z, xbc, dt = IN.affine(layer, real.float() * keep).float().split([inter, inter + 2 * gn, heads], dim=-1)
@@ -266,7 +269,7 @@ def forward_step(
     y = torch.einsum("bhts,bshp->bthp", mix, per_head) + skip[:, None] * x.view(batch, q, heads, hd)
     gated = y.reshape(batch, q, inter) * F.silu(z)
     norm: Any = mod.norm
-    size = int(norm.group_size)
+    size = int(getattr(norm, "group_size", inter))
     grouped = gated.view(batch, q, inter // size, size)
     scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + float(norm.variance_epsilon))
     post = scale.expand_as(grouped).reshape(batch, q, inter) * norm.weight.detach().float()

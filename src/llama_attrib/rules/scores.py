@@ -47,6 +47,10 @@ def _additive_mask(
         rows = torch.arange(t0, t1, device=device)[:, None] + past
         allowed = torch.arange(s, device=device)[None, :] <= rows
         return torch.where(allowed, 0.0, neg)[None, None].expand(batch, 1, t1 - t0, s)
+    if mask.shape[-1] > s and mask.shape[-2] == q:
+        # a mask built for a longer cache than the keys (Granite 4.0's hybrid in 4.x): the keys'
+        # columns, as the stock eager attention slices it
+        mask = mask[..., :s]
     if mask.shape[-1] != s or mask.shape[-2] != q:
         raise DecompositionError(
             f"attention mask of shape {tuple(mask.shape)} does not match {q} queries over {s} keys"
