@@ -219,3 +219,40 @@ def test_the_sink_and_what_lies_outside_the_sentences_do_not_set_the_colour_scal
         assert float(browser.find_element(By.CSS_SELECTOR, ".la-max").text) == pytest.approx(cited)
         sink = browser.find_elements(By.CSS_SELECTOR, ".la-tok")[0]
         assert sink.value_of_css_property("background-color") != TRANSPARENT  # still coloured
+
+
+def test_verified_citations_show_share_and_measured_drop(browser: Any, tmp_path: Path) -> None:
+    """``to_html(citations=view.ranking(k, verify=m, model=model))``: the list shows each cited
+    paragraph with its share and its measured drop, in the verified order; one whose removal
+    does not lower the answer's log-probability is marked unsupported (struck through); the
+    drop of all of them removed together is stated."""
+    from llama_attrib.verify import Citation, Citations
+
+    document = "the cat sat on the mat.\n\nthe dog sat on the rug.\n\nparis is the capital of france."
+    model = tiny_model()
+    result = attribute(model, tiny_tokenizer(), f"{document}\nwhere is the cat", max_new_tokens=3)
+    view = result.sentences("paragraph", within=result.find(document))
+    cited = view.ranking(k=3, verify=3, model=model)
+    page = tmp_path / "cited.html"
+    view.to_html(page, citations=cited)
+    browser.get(page.as_uri())
+    items = browser.find_elements(By.CSS_SELECTOR, ".la-ranking li")
+    assert len(items) == len(cited)
+    for li, c in zip(items, cited, strict=True):
+        assert float(li.get_attribute("data-drop")) == pytest.approx(c.drop, abs=1e-9)
+        assert f"{100 * c.share:.1f}%" in li.text and f"drop {c.drop:.3f}" in li.text
+        assert ("la-unsupported" in li.get_attribute("class")) == (not c.supported)
+    together = browser.find_element(By.CSS_SELECTOR, ".la-together").text
+    assert f"{cited.together:.3f} nats" in together
+    # a citation whose removal raised the answer's log-probability is shown as no support
+    labels = [label for label, _, _ in view.ranking()]
+    made = Citations([Citation(labels[0], 1.0, 0.6, 0.5), Citation(labels[1], 0.5, 0.3, -0.2)])
+    made.together = 0.25
+    view.to_html(page, citations=made)
+    browser.get(page.as_uri())
+    first, second = browser.find_elements(By.CSS_SELECTOR, ".la-ranking li")
+    assert "la-unsupported" not in first.get_attribute("class") and "(not supported)" not in first.text
+    assert "la-unsupported" in second.get_attribute("class") and "(not supported)" in second.text
+    assert second.value_of_css_property("text-decoration-line") == "line-through"
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []

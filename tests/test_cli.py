@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,12 +194,14 @@ def test_cli_loading_and_decomposition_flags(
     assert np.allclose(totals, result.logits, atol=bound * scale, rtol=0)
 
 
-def test_cli_verifies_the_ranking(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_verifies_the_ranking(folder: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     """--verify M: each ranked sentence with the measured drop of the answer's log-probability
-    without it (as ranking(verify=M) gives), and the drop without all of them."""
+    without it (as ranking(verify=M) gives), and the drop without all of them; --html writes
+    the same citations into the HTML view."""
     message = "the cat sat on the mat.\nthe dogs ran off.\nwhere are the cats"
     args = [message, "--model", str(folder), "--chat", "--max-new-tokens", "3", "--no-progress"]
-    main([*args, "--by", "sentence", "--rank", "2", "--verify", "3"])
+    page = tmp_path / "cited.html"
+    main([*args, "--by", "sentence", "--rank", "2", "--verify", "3", "--html", str(page)])
     out, _ = capsys.readouterr()
     model, tokenizer = load(str(folder))
     result = attribute(model, tokenizer, message, 3, chat=True)
@@ -207,3 +211,10 @@ def test_cli_verifies_the_ranking(folder: Path, capsys: pytest.CaptureFixture[st
         assert c.label in line and f"drop {c.drop:+8.3f}" in line
         assert ("(not supported)" in line) == (c.drop <= 0)
     assert f"all 2 removed together: drop {cited.together:+8.3f}" in out
+    html = page.read_text(encoding="utf-8")
+    data = json.loads(
+        re.search(r'<script type="application/json" class="la-data">(.*?)</script>', html, re.S)[1]
+    )
+    assert [(r["label"], r["drop"], r["supported"]) for r in data["citations"]["rows"]] == [
+        (c.label, pytest.approx(c.drop, abs=1e-6), c.supported) for c in cited
+    ]

@@ -38,6 +38,8 @@ STYLE = """
 .la-attrib .la-ranking{font-family:system-ui,sans-serif;font-size:12px;margin:6px 0;padding-left:2em}
 .la-attrib .la-ranking li{cursor:pointer}
 .la-attrib .la-ranking li:hover{text-decoration:underline}
+.la-attrib .la-ranking li.la-unsupported{color:#888;text-decoration:line-through}
+.la-attrib .la-together{font-family:system-ui,sans-serif;font-size:12px;color:#555}
 .la-attrib .la-marked{outline:2px solid #e6a100}
 """
 
@@ -133,12 +135,19 @@ SCRIPT = r"""function(uid){
       ' generated tokens, scores summed; colours: '+data.unit;
   }
   var list=root.querySelector('.la-ranking');
-  data.ranking.forEach(function(r){
+  var cited=data.citations;  /* verified: share and measured drop each, re-ranked by the drop */
+  (cited?cited.rows:data.ranking).forEach(function(r){
     var li=document.createElement('li');
     var label=r.label.replace(/\s+/g,' ').trim();
     li.textContent=(100*r.share).toFixed(1)+'%  '+fmt(r.score)+'  '+
+      (cited?'drop '+r.drop.toFixed(3)+' nats  '+(r.supported?'':'(not supported)  '):'')+
       (label.length>90?label.slice(0,90)+'…':label);
     li.title=r.label;
+    if(cited){
+      li.classList.add(r.supported?'la-supported':'la-unsupported');
+      li.setAttribute('data-drop',String(r.drop));
+      li.title+=r.supported?'':'\nremoving it does not lower the answer\'s log-probability';
+    }
     li.addEventListener('click',function(){
       for(var i=0;i<toks.length;i++){toks[i].classList.remove('la-marked');}
       r.tokens.forEach(function(i){toks[i].classList.add('la-marked');});
@@ -147,6 +156,14 @@ SCRIPT = r"""function(uid){
     });
     list.appendChild(li);
   });
+  if(cited){
+    var together=document.createElement('div');
+    together.className='la-together';
+    together.textContent='verified: each source removed from the prompt in turn; the drop of '+
+      'the answer\'s log-probability, re-ranked by it; all '+cited.rows.length+' removed at once: '+
+      cited.together.toFixed(3)+' nats';
+    list.parentNode.insertBefore(together,list);
+  }
   answerButton.addEventListener('click',answer);
   fold.addEventListener('change',function(){
     if(current==='answer'){answer();}else if(current!==null){select(current);}

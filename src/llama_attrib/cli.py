@@ -78,23 +78,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     view = result.by(unit, within)
     if args.share or args.drop_first:
         view = view.normalize("share" if args.share else "logit", drop_first=args.drop_first)
+    # verified citations are measured once, for the HTML view and the table
+    cited = view.ranking(k=args.rank, verify=args.verify, model=model) if args.rank and args.verify else None
     if args.html:  # files first: printing may stop early (a closed pipe)
-        view.to_html(args.html)
+        view.to_html(args.html, citations=cited)
         print(f"HTML view written to {args.html}", file=sys.stderr)
     if args.rank:
-        print(ranking_table(view, args.rank, args.verify, model))
+        print(ranking_table(view, args.rank, args.verify, model, cited))
         print()
     print(view.table(top=args.top))
     return 0
 
 
-def ranking_table(result: Attribution, k: int, verify: int = 0, model: Any = None) -> str:
+def ranking_table(result: Attribution, k: int, verify: int = 0, model: Any = None, cited: Any = None) -> str:
     """The ``k`` sources of the whole answer, largest first: rank, share, score, text; with
-    ``verify``, the measured drop of the answer's log-probability without each (re-ranked)."""
+    ``verify``, the measured drop of the answer's log-probability without each (re-ranked;
+    ``cited``: those citations, already measured)."""
     lines = [
         f"sources of the answer {result.generation.strip()!r} (summed over its {result.n_generated} tokens):"
     ]
-    ranked = result.ranking(k=k, verify=verify, model=model)
+    ranked = cited if cited is not None else result.ranking(k=k, verify=verify, model=model)
     for i, (label, score, share, *drop) in enumerate(ranked, 1):
         text = " ".join(label.split())
         text = text[:100] + ("…" if len(text) > 100 else "")

@@ -83,11 +83,13 @@ class Attribution(Scores):
             f"unit={self.unit!r}, drop_first={self.drop_first}{view})"
         )
 
-    def to_html(self, path: str | Path | None = None) -> str:
-        """Self-contained interactive HTML (inline CSS and JS); written to ``path`` if given."""
+    def to_html(self, path: str | Path | None = None, citations: Any = None) -> str:
+        """Self-contained interactive HTML (inline CSS and JS); written to ``path`` if given.
+        ``citations``: ``self.ranking(k, verify=m, model=model)``'s result, listed with each
+        source's share and measured drop (:func:`llama_attrib.views.to_html`)."""
         from .views import to_html
 
-        html = to_html(self)
+        html = to_html(self, citations=citations)
         if path is not None:
             Path(path).write_text(html, encoding="utf-8")
         return html

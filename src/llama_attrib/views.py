@@ -132,6 +132,26 @@ def _ranking(result: Scores) -> list[dict[str, Any]]:
     return ranked
 
 
+def _citations(result: Scores, cited: Any) -> dict[str, Any] | None:
+    """Verified citations (:class:`~llama_attrib.verify.Citations`) for the view: each with its
+    share, score, measured drop, whether the drop supports it and its token positions."""
+    if cited is None:
+        return None
+    where = {label: j for j, label in reversed(list(enumerate(result.sources)))}
+    rows = [
+        {
+            "label": c.label,
+            "score": c.score,
+            "share": c.share,
+            "drop": c.drop,
+            "supported": c.supported,
+            "tokens": list(result.columns[where[c.label]]),
+        }
+        for c in cited
+    ]
+    return {"rows": rows, "together": float(cited.together)}
+
+
 def _token_spans(result: Scores) -> str:
     spans = []
     for i, text in enumerate(result.tokens):
@@ -171,14 +191,18 @@ def _overview(result: Scores) -> str:
     return f'<table class="la-overview" title="sources x generated tokens">{"".join(rows)}</table>'
 
 
-def to_html(result: Scores, full_page: bool = True) -> str:
+def to_html(result: Scores, full_page: bool = True, citations: Any = None) -> str:
     """Self-contained HTML: the text, where clicking a generated token colours every earlier
-    token by its signed contribution (diverging colours, a legend, values on hover)."""
+    token by its signed contribution (diverging colours, a legend, values on hover).
+    ``citations``: what ``result.ranking(k, verify=m, model=model)`` returned; the view then
+    lists them, with each one's share and measured drop, in place of the plain ranking (a
+    citation whose removal does not lower the answer's log-probability marked unsupported)."""
     rows, labels = _display(result)
     data = {
         "scores": rows,
         "answer": _answer(result),
         "ranking": _ranking(result),
+        "citations": _citations(result, citations),
         "apart": _apart(result),
         "collapse": len(result.tokens) > COLLAPSE_FROM,
         "labels": labels,
