@@ -147,6 +147,25 @@ def family_model(name: str, attn: str = "eager") -> nn.Module:
     return model.eval()
 
 
+def generated_under(model: nn.Module, ruleset: str) -> list[Any]:
+    """Generate plain and, under ``ruleset``, decomposed from a 9-token prompt: the same tokens,
+    and every step's components + shares equal to the stock logit (1e-5 of the largest logit).
+    Returns each step's explained Contributions."""
+    ids = prompt(9)
+    plain = model.generate(ids, **GEN, output_logits=True)
+    with llama_attrib.decompose(model, rules=ruleset):
+        out = model.generate(ids, decompose=True, **GEN)
+    assert torch.equal(out.sequences, plain.sequences), "tokens differ from plain generation"
+    explained = []
+    for k, c in enumerate(out["attentions"]):
+        got = c[int(out.sequences[0, 9 + k])]
+        logit = float(plain.logits[k][0, int(out.sequences[0, 9 + k])])
+        parts = float(got.components.sum()) + sum(float(v) for v in got.shares.values())
+        assert abs(parts - logit) <= 1e-5 * float(plain.logits[k][0].abs().max()), (ruleset, k)
+        explained.append(got)
+    return explained
+
+
 def matches_the_reference(model: nn.Module, mode: str, name: str) -> Any:
     """Generate plain and decomposed from a 9-token prompt: the same tokens, and every step's
     components, bias share and sum equal to gradient x input on the stock model (1e-5 of the

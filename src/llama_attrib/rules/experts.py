@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .linear import scale
-from .mlp import MoEUniform, identity_ratio, routing, routing_step, through_router
+from .mlp import MoEUniform, identity_ratio, routing, through_router
 
 Frozen = tuple[dict[int, Tensor], Tensor]  # per used expert w * m * glu [B, q, I]; the bias share
 
@@ -127,21 +127,8 @@ class ClampedExperts:
             bias += w * (F.linear(constant, down) + b_down)
             output = F.linear((clamped + 1) * glu, down) + b_down
             outputs += (chosen == e).unsqueeze(-1) * output.unsqueeze(1)
-        halves = 0.5 * outputs
-        linear = routing_step(logits, weights, chosen, slopes, reference)
-        missing = ((weights - linear).unsqueeze(-1) * halves).sum(1)
-        view = (batch, q)
-        return MoEUniform(
-            gates=gates,
-            weights=weights.view(*view, -1).to(dtype),
-            chosen=chosen.view(*view, -1),
-            slopes=slopes.view(*view, -1).to(dtype),
-            reference=reference.view(*view, -1).to(dtype),
-            outputs=halves.view(*view, *halves.shape[1:]).to(dtype),
-            shared=None,
-            missing=missing.view(batch, q, d).to(dtype),
-            bias=bias.view(batch, q, d).to(dtype),
-        )
+        route = (logits, weights, chosen, slopes, reference)
+        return MoEUniform.of(gates, route, outputs, (batch, q), dtype, bias=bias)
 
     def uniform(self, module: nn.Module, factors: MoEUniform, x: Tensor, t0: int = 0) -> Tensor:
         """Through each expert's gate and up (the routing weight's half) and through the router."""

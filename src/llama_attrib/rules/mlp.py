@@ -139,6 +139,39 @@ class MoEUniform:
     missing: Tensor
     bias: Tensor | None = None  # the bias share, where the experts have biases (GPT-OSS)
 
+    @staticmethod
+    def of(
+        gates: dict[int, Uniform],
+        routing: tuple[Tensor, Tensor, Tensor, Tensor, Tensor],
+        outputs: Tensor,
+        shape: tuple[int, int],
+        dtype: torch.dtype,
+        shared: tuple[Uniform, Tensor | None, Tensor | None] | None = None,
+        missing: Tensor | None = None,
+        bias: Tensor | None = None,
+    ) -> MoEUniform:
+        """From the flat ``[N, ...]`` float32 factors: ``routing`` the real ``(logits, weights,
+        chosen, slopes, reference)``, ``outputs`` the chosen experts' real outputs ``[N, k,
+        hidden]``; what the routing's linearisation at the real logits misses is added to
+        ``missing`` (another part's, such as a shared expert's gate)."""
+        logits, weights, chosen, slopes, reference = routing
+        halves = 0.5 * outputs
+        linear = routing_step(logits, weights, chosen, slopes, reference)  # J (W x) at the real x
+        lost = ((weights - linear).unsqueeze(-1) * halves).sum(1)
+        lost = lost if missing is None else lost + missing
+        batch, q = shape
+        return MoEUniform(
+            gates=gates,
+            weights=weights.view(batch, q, -1).to(dtype),
+            chosen=chosen.view(batch, q, -1),
+            slopes=slopes.view(batch, q, -1).to(dtype),
+            reference=reference.view(batch, q, -1).to(dtype),
+            outputs=halves.view(batch, q, *halves.shape[1:]).to(dtype),
+            shared=shared,
+            missing=lost.view(batch, q, -1).to(dtype),
+            bias=None if bias is None else bias.view(batch, q, -1).to(dtype),
+        )
+
 
 def through_router(router: Tensor, factors: MoEUniform, x: Tensor, t0: int = 0) -> Tensor:
     """The router's half: ``sum_k (J_k W x) E_k / 2`` (``router``: its weight ``W``, the
@@ -277,10 +310,7 @@ class SparseMoE:
             gates[e] = tuple((f * half).view(batch, q, -1).to(dtype) for f in (through_gate, through_up))  # type: ignore[assignment]
             output = F.linear((act(z) * u).float(), down.float())
             outputs += (chosen == e).unsqueeze(-1) * output.unsqueeze(1)
-        halves = 0.5 * outputs
-        # the routing linearised at the real logits: J (W x), J the Jacobian of the weights
-        linear = routing_step(logits, weights, chosen, slopes, reference)
-        missing = ((weights - linear).unsqueeze(-1) * halves).sum(1)
+        missing: Tensor | None = None
         shared: tuple[Uniform, Tensor | None, Tensor | None] | None = None
         if (found := self._shared(module)) is not None and self.shared_gate is None:
             shared = (found[1].uniform_factors(found[0], real, dtype), None, None)  # added as it is
@@ -295,23 +325,14 @@ class SparseMoE:
                 rule.down.weight(mlp).float(),
             )
             slope = sig * (1 - sig)  # the sigmoid's derivative at the real gate
-            missing = missing + (0.5 * (sig - slope * g.linear(module, real).float()) * output).reshape(-1, d)
+            missing = (0.5 * (sig - slope * g.linear(module, real).float()) * output).reshape(-1, d)
             shared = (
                 ((0.5 * sig * through_gate).to(dtype), (0.5 * sig * through_up).to(dtype)),
                 slope.to(dtype),
                 (0.5 * output).to(dtype),
             )
-        view = (batch, q)
-        return MoEUniform(
-            gates=gates,
-            weights=weights.view(*view, -1).to(dtype),
-            chosen=chosen.view(*view, -1),
-            slopes=slopes.view(*view, -1).to(dtype),
-            reference=reference.view(*view, -1).to(dtype),
-            outputs=halves.view(*view, *halves.shape[1:]).to(dtype),
-            shared=shared,
-            missing=missing.view(batch, q, d).to(dtype),
-        )
+        route = (logits, weights, chosen, slopes, reference)
+        return MoEUniform.of(gates, route, outputs, (batch, q), dtype, shared, missing)
 
     def uniform(self, module: nn.Module, factors: MoEUniform, x: Tensor, t0: int = 0) -> Tensor:
         """``sum_e (w_e / 2) uniform_e(x) + sum_e (J_e W x) E_e / 2``: through each expert (its
