@@ -46,10 +46,29 @@ def test_batched_and_padded_equals_one_at_a_time() -> None:
     model, tokenizer = tiny_model(), tiny_tokenizer()
     ids = tokenizer("the cat sat on the mat and the dog", return_tensors="pt").input_ids[0].tolist()
     removals = [[], [1, 2], [3], [1, 4, 5]]
-    batched = answer_logprob(model, ids, 7, removals, batch=3)
+    batched = answer_logprob(model, ids, 7, removals, batch=3, reuse=False)
     for removed, got in zip(removals, batched, strict=True):
         kept = [t for i, t in enumerate(ids) if i not in set(removed)]
         assert got == pytest.approx(_logprob(model, kept, len(ids) - 7), abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "granitemoehybrid"])
+def test_reusing_the_prefix_s_cache_equals_a_forward_without_each_removal(name: str) -> None:
+    """AttriBoT's saving (the unchanged prefix from one forward's cache, cropped before each
+    removal) against a plain forward of the shortened sequence: removals at the start, in the
+    middle and right before the answer. Where the cache cannot be cropped (a sliding window
+    that slid, a hybrid's recurrent state, a removal at position 0) it falls back to full
+    forwards, with the same numbers."""
+    from test_families import family_model
+
+    model = tiny_model() if name == "llama" else family_model(name)
+    ids = [1, 5, 9, 13, 17, 21, 25, 29, 33, 37, 41, 45]
+    removals = [[], [1, 2], [4], [5, 6, 7], [8], [2, 7]]
+    for chosen in (removals, [*removals, [0]]):  # with a removal at 0: the fallback
+        got = answer_logprob(model, ids, 9, chosen)
+        for removed, value in zip(chosen, got, strict=True):
+            kept = [t for i, t in enumerate(ids) if i not in set(removed)]
+            assert value == pytest.approx(_logprob(model, kept, 3), abs=1e-4), (name, removed)
 
 
 def test_verify_needs_the_model_and_removes_prompt_tokens_only() -> None:

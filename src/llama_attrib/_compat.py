@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -20,6 +21,12 @@ ATTENTION_SCALING_PASSED = Version("5.0") <= TRANSFORMERS_VERSION
 # transformers renamed the cache keyword from ``past_key_values`` to ``cache`` in 5.24
 # (the old name is still accepted, with a FutureWarning, until 5.40).
 CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword a model's forward takes its cache under (``cache`` from 5.24 on)."""
+    forward = getattr(model.forward, "__wrapped__", model.forward)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def find_cache(kwargs: dict[str, Any], keywords: tuple[str, ...] = CACHE_KEYWORDS) -> Any:
