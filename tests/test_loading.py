@@ -73,19 +73,25 @@ def test_the_flags_reach_from_pretrained(folders: dict[str, Path], monkeypatch: 
         models.load(str(folders["llama"]), max_memory={"cpu": "4GiB"})
 
 
-@pytest.mark.parametrize("name", ["gpt_oss", "deepseek_v3", "granitemoehybrid"])
+@pytest.mark.parametrize("name", ["gpt_oss", "deepseek_v3", "granitemoehybrid", "gemma3", "mistral3"])
 def test_load_and_the_cli_on_each_new_class(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``load()`` with its defaults loads a saved tiny checkpoint of each family added for the
-    checkpoints people download (GPT-OSS: eager, it has no sdpa), which decomposes as the model
-    it was saved from, and the CLI explains a generation from the folder."""
+    """``load()`` with its defaults loads a saved tiny checkpoint of each class added for the
+    checkpoints people download (GPT-OSS: eager, it has no sdpa; Gemma 3 and Mistral Small 3 as
+    published: their multimodal classes), which decomposes as the model it was saved from, and
+    the CLI explains a generation from the folder."""
     from llama_attrib.cli import main
     from test_families import refused_here
 
     if refused_here(name):
         pytest.skip(f"{refused_here(name)}: refused (tests/test_families.py)")
-    model = family_model(name)
+    if name in ("gemma3", "mistral3"):  # Gemma 3 and Mistral Small 3 as published
+        from test_published import published
+
+        model = published(name)
+    else:
+        model = family_model(name)
     model.save_pretrained(tmp_path)
     tiny_tokenizer().save_pretrained(tmp_path)
     loaded, _ = models.load(str(tmp_path))
