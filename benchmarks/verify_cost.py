@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import llama_attrib
+from llama_attrib.models import load
 from llama_attrib.verify import answer_logprob
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +35,7 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    model, tokenizer = llama_attrib.models.load()
+    model, tokenizer = load()
     document = (ROOT / "LICENSE").read_text(encoding="utf-8")
     messages = [{"role": "user", "content": f"{document}\n\n{QUESTION}"}]
     with torch.enable_grad():
