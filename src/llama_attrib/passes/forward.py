@@ -146,8 +146,7 @@ class ForwardPass(Pass):
                 comps_out[:, :, t].clone(),
                 None if res is None else res[:, t].clone(),
             )
-        if getattr(rule, "returns_router_logits", None) and rule.returns_router_logits(module):
-            # (hidden, router logits or scores)
+        if rule.returns_router_logits(module):  # (hidden, router logits or scores)
             return (DecomposedTensor.wrap(stock[0], comps_out, res), *stock[1:])
         return DecomposedTensor.wrap(stock, comps_out, res)
 

@@ -195,7 +195,7 @@ class TargetPass(Pass):
         out = out if bias is None else out + self.bias_leaf(bias.to(out))
         missing = rule.unassigned(maths, module, factors)
         out = out if missing is None else out + _leaf(missing.to(out), self.unassigned_leaves)
-        if getattr(maths, "returns_router_logits", None) and maths.returns_router_logits(module):
+        if maths.returns_router_logits(module):
             return out, None
         return out
 

@@ -40,6 +40,9 @@ class _ScaledMLP:
     def width(self, module: nn.Module) -> int:
         return 2 * int(self.up.weight(module).shape[0])
 
+    def returns_router_logits(self, module: nn.Module) -> bool:
+        return False  # a dense MLP returns its output alone
+
 
 def identity_ratio(act: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
     """``act(z) / z`` in float32 (the identity rule's factor), at ``z = 0`` its limit, the
