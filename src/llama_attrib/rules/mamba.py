@@ -25,7 +25,7 @@ the selection stays frozen, as MambaLRP freezes it. Both sides are conservative.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +90,85 @@ def _conv(layer: Any, x: Tensor, channels: slice, bias: bool) -> Tensor:
     return out.transpose(1, 2).reshape(*lead, t, c)
 
 
+class _Selection(NamedTuple):
+    """The real side of a call on ``q`` new positions after ``past`` positions: the frozen
+    factors (``ratio``, ``mix [B, H, q, S]``, ``skip``, ``y`` before the gate, ``z`` and the
+    gated norm's ``post`` scale), the padding ``keep``, the convolution's ``window`` after the
+    call (its last ``K - 1`` inputs), and every position's real ``x``, ``b``, ``dt`` and ``cum``
+    (for a state)."""
+
+    keep: Tensor
+    z: Tensor
+    window: Tensor
+    ratio: Tensor
+    mix: Tensor
+    skip: Tensor
+    y: Tensor
+    post: Tensor
+    x: Tensor
+    b: Tensor
+    dt: Tensor
+    cum: Tensor
+
+
+@torch.no_grad()
+def _select(layer: Any, real: Tensor, mask: Tensor | None, past: MambaState | None) -> _Selection:
+    """The stock layer's selection on ``real [B, q, hidden]`` after ``past`` (None: a whole
+    sequence from its start), in float32, as :meth:`Mamba2.factors` and :func:`forward_step`
+    freeze it."""
+    inter, gn, heads, hd, groups = _sizes(layer)
+    batch, q, _ = real.shape
+    k1 = int(layer.conv1d.weight.shape[-1]) - 1
+    mask = _compat.mamba_mask(mask)
+    keep = torch.ones((batch, q, 1), device=real.device) if mask is None else mask[:, -q:, None].float()
+    z, conv_in, dt = (
+        IN.affine(layer, real.float() * keep).float().split([inter, inter + 2 * gn, heads], dim=-1)
+    )
+    window = real.new_zeros((batch, k1, inter + 2 * gn), dtype=torch.float32) if past is None else past.window
+    grown = torch.cat([window, conv_in], 1)  # [B, K - 1 + q, conv_dim]
+    full = grown.transpose(1, 2)
+    bias = None if layer.conv1d.bias is None else layer.conv1d.bias.detach().float()
+    u = F.conv1d(full, layer.conv1d.weight.detach().float(), bias, groups=full.shape[1]).transpose(1, 2)
+    act: Any = layer.act
+    ratio = identity_ratio(act, u[..., :inter]) * keep
+    x = act(u[..., :inter]) * keep
+    b, c = (act(part) * keep for part in u[..., inter:].split([gn, gn], dim=-1))
+    dt = F.softplus(dt + layer.dt_bias.detach().float())
+    low, high = layer.time_step_limit or (0.0, float("inf"))
+    dt = dt.clamp(min=low, max=high)  # [B, q, H]
+    a = -torch.exp(layer.A_log.detach().float())  # [H]
+    state = gn // groups
+    b = b.view(batch, q, groups, state).repeat_interleave(heads // groups, dim=2)
+    c = c.view(batch, q, groups, state).repeat_interleave(heads // groups, dim=2)
+    start = torch.zeros((batch, 1, heads), device=real.device) if past is None else past.cum[:, -1:]
+    cum = start + torch.cumsum(dt * a, dim=1)
+    if past is not None:
+        x, b, dt, cum = (
+            torch.cat([old, new], 1)
+            for old, new in ((past.x, x), (past.b, b), (past.dt, dt), (past.cum, cum))
+        )
+    old = 0 if past is None else past.length
+    s_len = old + q
+    seen = (
+        torch.arange(s_len, device=real.device)[None, :]
+        <= (old + torch.arange(q, device=real.device))[:, None]
+    )
+    gap = (cum[:, old:].transpose(1, 2)[..., :, None] - cum.transpose(1, 2)[..., None, :]).masked_fill(
+        ~seen, -torch.inf
+    )
+    mix = torch.einsum("bthn,bshn->bhts", c, b) * torch.exp(gap) * dt.transpose(1, 2)[:, :, None, :]
+    skip = layer.D.detach().float()
+    y = torch.einsum("bhts,bshp->bthp", mix, x.view(batch, s_len, heads, hd))
+    y = (y + skip[:, None] * x[:, old:].view(batch, q, heads, hd)).reshape(batch, q, inter)
+    norm: Any = layer.norm
+    size = int(getattr(norm, "group_size", inter))  # 4.x's gated norm has one group
+    grouped = (y * F.silu(z)).view(batch, q, inter // size, size)
+    scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + float(norm.variance_epsilon))
+    post = scale.expand_as(grouped).reshape(batch, q, inter) * norm.weight.detach().float()
+    window = grown[:, grown.shape[1] - k1 :]
+    return _Selection(keep, z, window, ratio, mix, skip, y, post, x, b, dt, cum)
+
+
 @dataclass(frozen=True)
 class Mamba2:
     """The rule of a Mamba-2 layer (attribute names as transformers' Granite 4.0 hybrid)."""
@@ -100,47 +179,15 @@ class Mamba2:
     ) -> MambaFrozen:
         """The frozen factors from the real input; ``uniform``: the gate's product by the uniform
         rule (half through ``z``)."""
-        mod: Any = layer
-        inter, gn, heads, hd, groups = _sizes(mod)
-        mask = _compat.mamba_mask(mask)
-        h = real.float() if mask is None else real.float() * mask[..., None].float()
-        z, xbc, dt = IN.affine(layer, h).float().split([inter, inter + 2 * gn, heads], dim=-1)
-        u = _conv(mod, xbc, slice(None), bias=True)
-        act: Any = mod.act
-        keep = torch.ones_like(u[..., :1]) if mask is None else mask[..., None].float()
-        ratio = identity_ratio(act, u[..., :inter]) * keep
-        x = act(u[..., :inter]) * keep
-        b, c = (act(part) * keep for part in u[..., inter:].split([gn, gn], dim=-1))
-        dt = F.softplus(dt + mod.dt_bias.detach().float())
-        low, high = mod.time_step_limit or (0.0, float("inf"))
-        dt = dt.clamp(min=low, max=high)  # [B, T, H]
-        a = -torch.exp(mod.A_log.detach().float())  # [H]
-        batch, t = real.shape[:2]
-        state = gn // groups
-        b = b.view(batch, t, groups, state).repeat_interleave(heads // groups, dim=2)
-        c = c.view(batch, t, groups, state).repeat_interleave(heads // groups, dim=2)
-        scores = torch.einsum("bthn,bshn->bhts", c, b)
-        cum = torch.cumsum(dt * a, dim=1).transpose(1, 2)  # [B, H, T]
-        causal = torch.ones(t, t, dtype=torch.bool, device=real.device).tril()
-        gap = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, -torch.inf)
-        mix = scores * torch.exp(gap) * dt.transpose(1, 2)[:, :, None, :]
-        skip = mod.D.detach().float()
-        y = torch.einsum("bhts,bshp->bthp", mix, x.view(batch, t, heads, hd)) + skip[:, None] * x.view(
-            batch, t, heads, hd
-        )
-        gated = y.reshape(batch, t, inter) * F.silu(z)
-        norm: Any = mod.norm
-        size = int(getattr(norm, "group_size", inter))  # 4.x's gated norm has one group
-        grouped = gated.view(batch, t, inter // size, size)
-        scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + float(norm.variance_epsilon))
-        post = scale.expand_as(grouped).reshape(batch, t, inter) * norm.weight.detach().float()
-        gate = F.silu(z) * post
+        sel = _select(layer, real, mask, None)
+        gate = F.silu(sel.z) * sel.post
         through_z = None
         if uniform:
             gate = 0.5 * gate
-            through_z = (0.5 * y.reshape(batch, t, inter) * identity_ratio(F.silu, z) * post).to(dtype)
-        kept = None if mask is None else keep.to(dtype)
-        return MambaFrozen(ratio.to(dtype), mix.to(dtype), skip.to(dtype), gate.to(dtype), kept, through_z)
+            through_z = (0.5 * sel.y * identity_ratio(F.silu, sel.z) * sel.post).to(dtype)
+        kept = None if _compat.mamba_mask(mask) is None else sel.keep.to(dtype)
+        mix, skip = sel.mix.to(dtype), sel.skip.to(dtype)
+        return MambaFrozen(sel.ratio.to(dtype), mix, skip, gate.to(dtype), kept, through_z)
 
     def _mixed(self, layer: nn.Module, frozen: MambaFrozen, conv: Tensor) -> Tensor:
         """After the convolution (``conv [..., B, T, I]``): the frozen ratio, the state-space mix
@@ -224,58 +271,16 @@ def forward_step(
     bias share's path (``in_proj``'s ``x``-row bias, the convolution's, the previous bias share)
     is row 0 of one stack with the components, so both go through the same maps."""
     mod: Any = layer
-    inter, gn, heads, hd, groups = _sizes(mod)
+    inter, _, heads, hd, _ = _sizes(mod)
     batch, q, _ = real.shape
-    c_count = comps.shape[0]
     k1 = int(mod.conv1d.weight.shape[-1]) - 1
-    mask = _compat.mamba_mask(mask)
-    keep = torch.ones((batch, q, 1), device=real.device) if mask is None else mask[:, -q:, None].float()
-    # -- the real side: the frozen factors at the new positions --------------------------------
-    z, xbc, dt = IN.affine(layer, real.float() * keep).float().split([inter, inter + 2 * gn, heads], dim=-1)
-    window = real.new_zeros((batch, k1, inter + 2 * gn), dtype=torch.float32) if past is None else past.window
+    sel = _select(mod, real, mask, past)
+    keep, ratio, mix, skip, s_len = sel.keep, sel.ratio, sel.mix, sel.skip, sel.x.shape[1]
+    gate = (F.silu(sel.z) * sel.post).to(comps.dtype)
     weight = mod.conv1d.weight.detach().float()
     bias = None if mod.conv1d.bias is None else mod.conv1d.bias.detach().float()
-    full = torch.cat([window, xbc], 1).transpose(1, 2)  # [B, conv_dim, K - 1 + q]
-    u = F.conv1d(full, weight, bias, groups=full.shape[1]).transpose(1, 2)  # [B, q, conv_dim]
-    act: Any = mod.act
-    ratio = identity_ratio(act, u[..., :inter]) * keep
-    x = act(u[..., :inter]) * keep
-    b, c = (act(part) * keep for part in u[..., inter:].split([gn, gn], dim=-1))
-    dt = F.softplus(dt + mod.dt_bias.detach().float())
-    low, high = mod.time_step_limit or (0.0, float("inf"))
-    dt = dt.clamp(min=low, max=high)
-    a = -torch.exp(mod.A_log.detach().float())
-    state = gn // groups
-    b = b.view(batch, q, groups, state).repeat_interleave(heads // groups, dim=2)
-    c = c.view(batch, q, groups, state).repeat_interleave(heads // groups, dim=2)
-    start = torch.zeros((batch, 1, heads), device=real.device) if past is None else past.cum[:, -1:]
-    cum = start + torch.cumsum(dt * a, dim=1)
-    old = 0 if past is None else past.length
-    all_x = x if past is None else torch.cat([past.x, x], 1)
-    all_b = b if past is None else torch.cat([past.b, b], 1)
-    all_dt = dt if past is None else torch.cat([past.dt, dt], 1)
-    all_cum = cum if past is None else torch.cat([past.cum, cum], 1)
-    s_len = old + q
-    seen = (
-        torch.arange(s_len, device=real.device)[None, :]
-        <= (old + torch.arange(q, device=real.device))[:, None]
-    )
-    gap = (cum.transpose(1, 2)[..., :, None] - all_cum.transpose(1, 2)[..., None, :]).masked_fill(
-        ~seen, -torch.inf
-    )
-    mix = torch.einsum("bthn,bshn->bhts", c, all_b) * torch.exp(gap) * all_dt.transpose(1, 2)[:, :, None, :]
-    skip = mod.D.detach().float()
-    per_head = all_x.view(batch, s_len, heads, hd)
-    y = torch.einsum("bhts,bshp->bthp", mix, per_head) + skip[:, None] * x.view(batch, q, heads, hd)
-    gated = y.reshape(batch, q, inter) * F.silu(z)
-    norm: Any = mod.norm
-    size = int(getattr(norm, "group_size", inter))
-    grouped = gated.view(batch, q, inter // size, size)
-    scale = torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + float(norm.variance_epsilon))
-    post = scale.expand_as(grouped).reshape(batch, q, inter) * norm.weight.detach().float()
-    gate = (F.silu(z) * post).to(comps.dtype)
     # -- the linear side: the bias path (row 0) and the components, through the same maps ------
-    rows = c_count + 1
+    rows = comps.shape[0] + 1
     dtype = comps.dtype
     lin_new = X_ROWS.linear(layer, comps * keep.to(dtype))  # [C, B, q, I]
     b_in = X_ROWS.bias(layer)
@@ -303,11 +308,11 @@ def forward_step(
     res = out[0] if b_out is None else out[0] + b_out.to(dtype)
     new_state = MambaState(
         length=s_len,
-        window=torch.cat([window, xbc], 1)[:, -k1:] if k1 else window,
-        x=all_x,
-        b=all_b,
-        dt=all_dt,
-        cum=all_cum,
+        window=sel.window,
+        x=sel.x,
+        b=sel.b,
+        dt=sel.dt,
+        cum=sel.cum,
         lin_window=stacked[:, :, -k1:] if k1 else stacked[:, :, :0],
         lin=all_values,
     )
