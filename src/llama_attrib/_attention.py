@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from . import rules
-from .errors import UnsupportedOptionError
 
 ATTENTION_NAME = "llama_attrib"
 PROBE = "_llama_attrib_probe"  # per-instance attribute of a wrapped attention module
@@ -83,12 +82,9 @@ def attention_function(
     probe.called = True
     if probe.credit is not None:
         rule, unassigned, block = probe.credit
+        # attention sinks under a path from uniform attention were refused before any work
+        # (families.refuse_missing_rules, which every target-mode run calls first)
         sinks = kwargs.get("s_aux")
-        if sinks is not None and rule.path:
-            raise UnsupportedOptionError(
-                f"{type(module).__name__} has attention sinks, whose constant logit the path from "
-                "uniform attention does not pass: use rules='attnlrp' (or 'exact')"
-            )
         # the forward's value is the model's own implementation's (on these queries, keys and
         # values): the pass then replays the layer as the model computed it
         with torch.no_grad():
