@@ -12,27 +12,11 @@ MLP a SwiGLU whose gate and up rows are the two halves of one fused ``input_line
 :mod:`llama_attrib._compat` reads both.)
 """
 
-from typing import Any
-
 from .. import rules
 from ..rules.mamba import Mamba2
 from . import ATTENTION, EMBEDDING, LLAMA_EXPERTS, MIXER, MLP, NORM, Family, register_family
 
-
-def _half(index: int):  # type: ignore[no-untyped-def]
-    def rows(mlp: Any) -> slice:
-        half = mlp.input_linear.out_features // 2
-        return slice(0, half) if index == 0 else slice(half, None)
-
-    return rows
-
-
-SHARED_MLP = rules.GatedMLP(
-    gate=rules.Proj("input_linear", _half(0)),
-    up=rules.Proj("input_linear", _half(1)),
-    down=rules.Proj("output_linear"),
-    act="activation",
-)
+SHARED_MLP = rules.mlp.fused_gated_mlp("input_linear", "output_linear", act="activation")
 
 GRANITE_HYBRID = register_family(
     Family(

@@ -14,24 +14,11 @@ def _value_rows(attention: Any) -> slice:
     return slice(start, None)
 
 
-def _half(index: int):  # type: ignore[no-untyped-def]
-    def rows(mlp: Any) -> slice:
-        half = mlp.gate_up_proj.out_features // 2
-        return slice(0, half) if index == 0 else slice(half, None)
-
-    return rows
-
-
 PHI3 = register_family(
     standard(
         "Phi3",
         attention=rules.Attention(value=rules.Proj("qkv_proj", _value_rows), out=rules.Proj("o_proj")),
-        mlp=rules.GatedMLP(
-            gate=rules.Proj("gate_up_proj", _half(0)),
-            up=rules.Proj("gate_up_proj", _half(1)),
-            down=rules.Proj("down_proj"),
-            act="activation_fn",
-        ),
+        mlp=rules.mlp.fused_gated_mlp("gate_up_proj", "down_proj", act="activation_fn"),
         notes="fused projections: the value and the up rows are read from qkv_proj / gate_up_proj",
     )
 )

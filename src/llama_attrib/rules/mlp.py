@@ -105,6 +105,21 @@ class GatedMLP(_ScaledMLP):
         return out if b_down is None else out + b_down.to(out)
 
 
+def _half_of(attr: str, index: int) -> Callable[[nn.Module], slice]:
+    def rows(mlp: nn.Module) -> slice:
+        fused: Any = mlp.get_submodule(attr)
+        half = int(fused.out_features) // 2
+        return slice(0, half) if index == 0 else slice(half, None)
+
+    return rows
+
+
+def fused_gated_mlp(fused: str, down: str, act: str) -> GatedMLP:
+    """A gated MLP whose gate and up maps are the two halves of one fused projection's rows
+    (gate first: Phi-3's ``gate_up_proj``, Granite 4.0's shared ``input_linear``)."""
+    return GatedMLP(Proj(fused, _half_of(fused, 0)), Proj(fused, _half_of(fused, 1)), Proj(down), act)
+
+
 @dataclass(frozen=True)
 class MLP(_ScaledMLP):
     """``down(act(up(x)))`` without a gate (GPT-2, GPT-NeoX): ``act(z)`` is ``z * (act(z) / z)``
